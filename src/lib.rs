@@ -1,0 +1,13 @@
+//! kck: a cache that keeps itself fresh from Postgres logical replication.
+//!
+//! See `ARCHITECTURE.md` for the code map. Data flows one way:
+//! [`replication`] → [`deps`] → [`queue`] → [`refresh`] → [`store`] ← [`http`].
+
+pub mod config;
+pub mod deps;
+pub mod lsn;
+pub mod primer;
+pub mod queue;
+pub mod refresh;
+pub mod replication;
+pub mod store;

@@ -1,0 +1,2 @@
+//! The replication slot and the change stream.
+pub mod pgoutput;

@@ -1,0 +1,1 @@
+//! The embedded store: one redb file, nothing to install.

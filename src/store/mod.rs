@@ -1,0 +1,143 @@
+//! The store: cache entries, the per-primer key index, and the durable refresh queue.
+//!
+//! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default) implements it, and
+//! [`conformance`] is the test suite every backend must pass.
+//!
+//! # Contract
+//! - **Entries never go backwards.** [`Store::store_result`] writes an entry only if no entry with a higher
+//!   LSN is stored for that key (an equal LSN replaces: it is a recomputation of the same state).
+//! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash. The replication
+//!   stream acknowledges a position to Postgres only after that.
+//! - **Tasks coalesce.** One pending task per [`Task::id`]; enqueuing an id that is pending raises its LSN to
+//!   the larger of the two and keeps its place in line.
+//! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
+//!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
+//!   it was claimed keeps it queued (the newer change still needs a refresh).
+
+pub mod embedded;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+
+/// One cached value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The JSON document, exactly as served.
+    pub value: Bytes,
+    /// Every published change up to this LSN is reflected in `value`.
+    pub lsn: Lsn,
+    /// When the value was computed, in milliseconds since the Unix epoch.
+    pub computed_at_ms: i64,
+    /// When the entry stops being fresh, in milliseconds since the Unix epoch.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// A unit of refresh work. Its `id` says what to do (see [`crate::queue::TaskKind`]); the store treats it as
+/// opaque text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub id: String,
+    /// The commit LSN of the newest change that asked for this task: the refresh must see it.
+    pub lsn: Lsn,
+}
+
+/// A task handed to one worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub id: String,
+    /// The task's LSN when it was claimed.
+    pub lsn: Lsn,
+    /// How many times it was claimed before and not finished.
+    pub attempts: u32,
+    /// When the task was first enqueued (ms since the Unix epoch).
+    pub enqueued_at_ms: i64,
+}
+
+/// What [`Store::store_result`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The entry was written.
+    Written,
+    /// A newer entry (of this LSN) was kept.
+    KeptNewer(Lsn),
+}
+
+/// Size and age of the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub claimed: u64,
+    /// `enqueued_at_ms` of the oldest pending task.
+    pub oldest_enqueued_at_ms: Option<i64>,
+}
+
+/// The backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend error: {0}")]
+    Backend(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A cache store and refresh queue. See the module docs for the contract.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The entry for `key`, if one is stored.
+    async fn get(&self, key: &str) -> StoreResult<Option<Entry>>;
+
+    /// Whether `key` is in the key index (stored, or registered by [`Store::register_key`]).
+    async fn is_registered(&self, key: &str) -> StoreResult<bool>;
+
+    /// Put `key` in the index of `primer` without a value, so that changes to it are refreshed while its
+    /// first value is being computed.
+    async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()>;
+
+    /// Store `entry` for `key` (and index it under `primer`) unless a newer entry is stored.
+    async fn store_result(&self, primer: &str, key: &str, entry: Entry) -> StoreResult<Stored>;
+
+    /// Remove `key`'s entry and its index record.
+    async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()>;
+
+    /// Keys indexed under `primer`, in key order, after `after` (exclusive), at most `limit`.
+    async fn keys(&self, primer: &str, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
+
+    /// Durably add tasks, coalescing by id.
+    async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()>;
+
+    /// Claim up to `max` pending tasks that are not claimed and are due, oldest first. A claim lasts
+    /// `lease`; past it another worker may claim the task again.
+    async fn claim(&self, max: usize, lease: Duration) -> StoreResult<Vec<Claim>>;
+
+    /// Finish a claim: in one atomic write, store `result` (as [`Store::store_result`] would), enqueue
+    /// `follow_up`, and remove the task unless its LSN was raised after it was claimed.
+    async fn finish(
+        &self,
+        claim: &Claim,
+        result: Option<(&str, &str, Entry)>,
+        follow_up: Vec<Task>,
+    ) -> StoreResult<Option<Stored>>;
+
+    /// Give a claim back to be retried no sooner than `delay` from now.
+    async fn retry(&self, claim: &Claim, delay: Duration) -> StoreResult<()>;
+
+    /// Wait until a task may be claimable or `timeout` passes.
+    async fn wait_for_tasks(&self, timeout: Duration);
+
+    async fn queue_stats(&self) -> StoreResult<QueueStats>;
+
+    /// Small named values kck keeps about itself (for example the config fingerprint).
+    async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>>;
+    async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()>;
+}
