@@ -1,1 +1,284 @@
-//! Changes to keys.
+//! Dependencies: which cached keys a changed row affects.
+//!
+//! [`DepIndex`] is built once from the primers. When the stream describes a table (a pgoutput Relation
+//! message) [`DepIndex::resolve`] turns every dependency on that table into column positions, once; then
+//! [`DepIndex::map_row`] runs per changed row and only indexes into the row images.
+//!
+//! Rules (see `docs/config.md`):
+//! - INSERT maps the new row, DELETE the old row, UPDATE both (two keys when a row moves between keys).
+//! - An unchanged TOASTed value (`'u'`) is taken from the old row image when there is one.
+//! - When a value a mapping needs was not sent (an UPDATE without an old image, a key-only old image under
+//!   `REPLICA IDENTITY DEFAULT` while the mapping reads a non-key column, or a `'u'` with no old value),
+//!   the row cannot be mapped to exact keys, so every cached key of that primer is refreshed instead. That
+//!   is always correct, but costly: [`ResolvedTable::warnings`] says so, with the `ALTER TABLE` that fixes it.
+//!
+//! **Architecture invariant:** nothing here does IO; lookups become [`TaskKind::Lookup`] tasks that the
+//! refresh workers run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::primer::{Catalog, Mapping, TableName};
+use crate::queue::TaskKind;
+use crate::replication::pgoutput::{Relation, Tuple, Value};
+
+/// One changed row, as pgoutput sent it. `old_is_key`: the old image holds only the replica identity key
+/// columns (the others read as NULL because they were not sent).
+#[derive(Debug, Clone, Copy)]
+pub enum RowChange<'a> {
+    Insert { new: &'a Tuple },
+    Update { old: Option<&'a Tuple>, old_is_key: bool, new: &'a Tuple },
+    Delete { old: &'a Tuple, old_is_key: bool },
+}
+
+/// Every primer dependency, by table.
+#[derive(Debug, Clone)]
+pub struct DepIndex {
+    catalog: Arc<Catalog>,
+    /// Table → (primer index, dependency index).
+    by_table: HashMap<TableName, Vec<(usize, usize)>>,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    /// Column positions in template parameter order.
+    Columns { primer: usize, columns: Vec<usize>, all_key: bool },
+    Lookup { primer: usize, dependency: usize, columns: Vec<usize>, all_key: bool },
+    AllKeys { primer: usize },
+}
+
+/// The dependencies on one table, resolved against its current column list.
+#[derive(Debug, Clone)]
+pub struct ResolvedTable {
+    pub table: TableName,
+    targets: Vec<Target>,
+    /// Dependencies that name a column the table does not have. They fall back to refreshing all keys.
+    pub errors: Vec<String>,
+    /// Mappings that will often fall back to refreshing all keys, with the fix.
+    pub warnings: Vec<String>,
+}
+
+impl ResolvedTable {
+    /// Whether any primer depends on this table.
+    pub fn is_relevant(&self) -> bool {
+        !self.targets.is_empty()
+    }
+}
+
+impl DepIndex {
+    pub fn new(catalog: Arc<Catalog>) -> DepIndex {
+        let mut by_table: HashMap<TableName, Vec<(usize, usize)>> = HashMap::new();
+        for (p, primer) in catalog.primers.iter().enumerate() {
+            for (d, dep) in primer.dependencies.iter().enumerate() {
+                by_table.entry(dep.table.clone()).or_default().push((p, d));
+            }
+        }
+        DepIndex { catalog, by_table }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// Every table some primer reads.
+    pub fn tables(&self) -> impl Iterator<Item = &TableName> {
+        self.by_table.keys()
+    }
+
+    /// Names of the primers that read `table`, each once.
+    pub fn primers_reading(&self, table: &TableName) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .by_table
+            .get(table)
+            .into_iter()
+            .flatten()
+            .map(|(p, _)| self.catalog.primers[*p].name.as_str())
+            .collect();
+        names.dedup();
+        names
+    }
+
+    /// Resolve the dependencies on the relation's table to column positions.
+    pub fn resolve(&self, relation: &Relation) -> ResolvedTable {
+        let table = TableName {
+            schema: relation.namespace.clone(),
+            name: relation.name.clone(),
+        };
+        let mut resolved = ResolvedTable {
+            table: table.clone(),
+            targets: Vec::new(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        let position = |name: &str| relation.columns.iter().position(|c| c.name == name);
+        let is_key = |i: usize| relation.columns[i].flags & 1 == 1;
+        let full = relation.replica_identity == b'f';
+        for &(p, d) in self.by_table.get(&table).into_iter().flatten() {
+            let primer = &self.catalog.primers[p];
+            let names: Vec<&str> = match &primer.dependencies[d].mapping {
+                Mapping::AllKeys => {
+                    resolved.targets.push(Target::AllKeys { primer: p });
+                    continue;
+                }
+                Mapping::Columns(pairs) => {
+                    let mut by_param: Vec<(usize, &str)> =
+                        pairs.iter().map(|(i, c)| (*i, c.as_str())).collect();
+                    by_param.sort_by_key(|(i, _)| *i);
+                    by_param.into_iter().map(|(_, c)| c).collect()
+                }
+                Mapping::Lookup { args, .. } => args.iter().map(String::as_str).collect(),
+            };
+            let mut columns = Vec::with_capacity(names.len());
+            for name in &names {
+                match position(name) {
+                    Some(i) => columns.push(i),
+                    None => resolved.errors.push(format!(
+                        "primer '{}' depends on column '{}' of table {}, which the table no longer has; \
+                         every change to {} now refreshes all of the primer's keys. Fix the primer's \
+                         depends_on and restart kck.",
+                        primer.name, name, table, table
+                    )),
+                }
+            }
+            if columns.len() != names.len() {
+                resolved.targets.push(Target::AllKeys { primer: p });
+                continue;
+            }
+            let all_key = columns.iter().all(|&i| is_key(i));
+            if !all_key && !full {
+                resolved.warnings.push(format!(
+                    "table {table} has REPLICA IDENTITY {} and primer '{}' maps its non-key column(s) {}: \
+                     Postgres does not send their old values, so every UPDATE and DELETE of {table} \
+                     refreshes all of the primer's cached keys. To refresh only the affected keys run: \
+                     ALTER TABLE {table} REPLICA IDENTITY FULL;",
+                    identity_name(relation.replica_identity),
+                    primer.name,
+                    names.join(", "),
+                ));
+            }
+            resolved.targets.push(match &primer.dependencies[d].mapping {
+                Mapping::Lookup { .. } => Target::Lookup {
+                    primer: p,
+                    dependency: d,
+                    columns,
+                    all_key,
+                },
+                _ => Target::Columns {
+                    primer: p,
+                    columns,
+                    all_key,
+                },
+            });
+        }
+        resolved
+    }
+
+    /// Map one changed row to tasks.
+    pub fn map_row(&self, table: &ResolvedTable, change: RowChange<'_>, emit: &mut dyn FnMut(TaskKind)) {
+        for target in &table.targets {
+            let (primer, columns, all_key) = match target {
+                Target::AllKeys { primer } => {
+                    emit(self.all_keys(*primer));
+                    continue;
+                }
+                Target::Columns {
+                    primer,
+                    columns,
+                    all_key,
+                }
+                | Target::Lookup {
+                    primer,
+                    columns,
+                    all_key,
+                    ..
+                } => (*primer, columns.as_slice(), *all_key),
+            };
+            // The images to map, each with the image that may stand in for its unchanged TOAST values; and
+            // whether an image that was needed is missing (then the exact keys are unknown).
+            let mut images: [Option<(&Tuple, Option<&Tuple>)>; 2] = [None, None];
+            let mut exact = true;
+            match change {
+                RowChange::Insert { new } => images[0] = Some((new, None)),
+                RowChange::Update { old, old_is_key, new } => {
+                    let full_old = old.filter(|_| !old_is_key);
+                    images[0] = Some((new, full_old));
+                    match old {
+                        Some(old) if !old_is_key || all_key => images[1] = Some((old, None)),
+                        // Without an old image the key columns did not change; the old values of non-key
+                        // columns are unknown.
+                        None if all_key => {}
+                        _ => exact = false,
+                    }
+                }
+                RowChange::Delete { old, old_is_key } => {
+                    if !old_is_key || all_key {
+                        images[0] = Some((old, None));
+                    } else {
+                        exact = false;
+                    }
+                }
+            }
+            for (image, stand_in) in images.into_iter().flatten() {
+                let Some(values) = values(image, stand_in, columns) else {
+                    exact = false;
+                    continue;
+                };
+                match target {
+                    Target::Columns { .. } => {
+                        if let Some(key) = self.catalog.key_from_text(primer, &values) {
+                            emit(TaskKind::Key(self.catalog.render(&key)));
+                        }
+                    }
+                    Target::Lookup { dependency, .. } => {
+                        if values.iter().any(Option::is_some) {
+                            emit(TaskKind::Lookup {
+                                primer: self.catalog.primers[primer].name.clone(),
+                                dependency: *dependency,
+                                args: values.iter().map(|v| v.map(str::to_string)).collect(),
+                            });
+                        }
+                    }
+                    Target::AllKeys { .. } => {}
+                }
+            }
+            if !exact {
+                emit(self.all_keys(primer));
+            }
+        }
+    }
+
+    fn all_keys(&self, primer: usize) -> TaskKind {
+        TaskKind::Primer {
+            primer: self.catalog.primers[primer].name.clone(),
+            after: None,
+        }
+    }
+}
+
+/// The text values at `columns` of `image`; an unchanged TOAST value is taken from `other`. `None` when a
+/// value is not available as text (unchanged TOAST with no other image, binary, not UTF-8).
+fn values<'a>(image: &'a Tuple, other: Option<&'a Tuple>, columns: &[usize]) -> Option<Vec<Option<&'a str>>> {
+    columns
+        .iter()
+        .map(|&i| match image.0.get(i)? {
+            Value::Null => Some(None),
+            Value::Text(bytes) => std::str::from_utf8(bytes).ok().map(Some),
+            Value::UnchangedToast => match other?.0.get(i)? {
+                Value::Text(bytes) => std::str::from_utf8(bytes).ok().map(Some),
+                Value::Null => Some(None),
+                _ => None,
+            },
+            Value::Binary(_) => None,
+        })
+        .collect()
+}
+
+fn identity_name(code: u8) -> &'static str {
+    match code {
+        b'd' => "DEFAULT",
+        b'n' => "NOTHING",
+        b'i' => "USING INDEX",
+        b'f' => "FULL",
+        _ => "(unknown)",
+    }
+}

@@ -3,11 +3,14 @@
 //! See `ARCHITECTURE.md` for the code map. Data flows one way:
 //! [`replication`] → [`deps`] → [`queue`] → [`refresh`] → [`store`] ← [`http`].
 
+pub mod app;
 pub mod config;
 pub mod deps;
+pub mod http;
 pub mod lsn;
 pub mod primer;
 pub mod queue;
 pub mod refresh;
 pub mod replication;
 pub mod store;
+pub mod visibility;

@@ -1,2 +1,729 @@
 //! The replication slot and the change stream.
+//!
+//! [`preflight`] checks the source before anything runs (wal_level, privilege, publication, the tables the
+//! primers read, the slot) and creates the slot (and, when configured, the publication). [`Stream`] then
+//! reads the slot with pgwire-replication, decodes each pgoutput message ([`pgoutput`]), maps changed rows
+//! to refresh tasks ([`crate::deps`]) and hands them to the store in batches.
+//!
+//! # Progress tracking
+//!
+//! Postgres is told a position (the slot's confirmed LSN) only once every task derived from changes up to
+//! it is durable in the store: the stream loop fills a [`TaskBatch`]; a flusher task writes one batch at a
+//! time with [`Store::enqueue`] and only then publishes the batch's `ack`, which the loop passes to
+//! [`ReplicationClient::update_applied_lsn`]. A batch's `ack` is the end LSN of the last commit it
+//! completes, or, between transactions, the position a keepalive reports (so a slot on a database whose
+//! published tables are quiet does not hold WAL). While the flusher is busy the loop keeps collecting into
+//! the next batch, up to a bound; past it, the loop stops reading, the bounded event channel fills, and the
+//! server waits: the slot keeps the WAL, memory stays flat. pgwire-replication keeps sending status
+//! updates meanwhile, so `wal_sender_timeout` does not end the session.
+//!
+//! A crash anywhere loses nothing: what was not acknowledged is sent again on restart, and the queue
+//! coalesces the repeats.
+
 pub mod pgoutput;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::NoTls;
+
+use crate::config::SourceConfig;
+use crate::deps::{DepIndex, ResolvedTable, RowChange};
+use crate::lsn::Lsn;
+use crate::primer::TableName;
+use crate::queue::{TaskBatch, TaskKind};
+use crate::store::{Store, StoreError};
+use crate::visibility::VisibilityClock;
+use pgoutput::{DecodeError, Message, Relation};
+
+/// The replication side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("the source connection string is not valid: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to Postgres at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("query failed while {doing}: {source}")]
+    Query {
+        doing: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "Postgres has wal_level = '{actual}', but kck needs 'logical'. Set wal_level = logical in \
+         postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart Postgres."
+    )]
+    WalLevel { actual: String },
+    #[error(
+        "role '{role}' may not stream changes: it needs the REPLICATION attribute. Run: ALTER ROLE \
+         \"{role}\" REPLICATION;"
+    )]
+    NoReplicationPrivilege { role: String },
+    #[error(
+        "publication '{publication}' does not exist in database '{database}'. Create it with: CREATE \
+         PUBLICATION \"{publication}\" FOR TABLE {tables}; (or set source.create_publication: true)"
+    )]
+    PublicationMissing {
+        publication: String,
+        database: String,
+        tables: String,
+    },
+    #[error(
+        "publication '{publication}' does not include table(s) that primers read: {tables}. Add them \
+         with: ALTER PUBLICATION \"{publication}\" ADD TABLE {tables};"
+    )]
+    TablesNotPublished { publication: String, tables: String },
+    #[error(
+        "replication slot '{slot}' is in use by another process (pid {pid}); is another kck running \
+         with this slot? Stop it, or give this one its own source.slot."
+    )]
+    SlotInUse { slot: String, pid: String },
+    #[error(
+        "replication slot '{slot}' uses output plugin '{plugin}', not pgoutput; drop it (SELECT \
+         pg_drop_replication_slot('{slot}')) or choose another source.slot"
+    )]
+    SlotPlugin { slot: String, plugin: String },
+    #[error("replication slot '{slot}' belongs to database '{database}', not this one; choose another source.slot")]
+    SlotOtherDatabase { slot: String, database: String },
+    #[error(
+        "replication slot '{slot}' has lost WAL it needed (wal_status = lost; see max_slot_wal_keep_size), \
+         so changes were missed. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and the kck \
+         store, then start kck again to rebuild the cache."
+    )]
+    SlotLost { slot: String },
+    #[error("replication stream failed: {0}")]
+    Stream(#[from] PgWireError),
+    #[error("cannot decode the replication stream: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("replication stream out of order: {0}")]
+    Protocol(String),
+    #[error("cannot queue refreshes: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ReplicationError {
+    /// Whether retrying (reconnecting) may help. Definite errors need a person.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::Query { .. }
+            | ReplicationError::Protocol(_)
+            | ReplicationError::Store(_) => true,
+            ReplicationError::Stream(e) => !matches!(e, PgWireError::Auth(_) | PgWireError::Tls(_)),
+            _ => false,
+        }
+    }
+}
+
+/// Connection parameters of the source, parsed once from `source.url`.
+#[derive(Clone)]
+pub struct Source {
+    pub pg: tokio_postgres::Config,
+    pub config: SourceConfig,
+    host: String,
+    port: u16,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        write!(f, "Source({})", self.display())
+    }
+}
+
+impl Source {
+    pub fn new(config: &SourceConfig) -> Result<Source, ReplicationError> {
+        let pg = tokio_postgres::Config::from_str(&config.url)
+            .map_err(|e| ReplicationError::BadUrl(e.to_string()))?;
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        Ok(Source {
+            pg,
+            config: config.clone(),
+            host,
+            port,
+        })
+    }
+
+    pub fn user(&self) -> String {
+        self.pg
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".into())
+    }
+
+    pub fn database(&self) -> String {
+        self.pg
+            .get_dbname()
+            .map(str::to_string)
+            .unwrap_or_else(|| self.user())
+    }
+
+    /// `user@host:port/db`, for messages.
+    pub fn display(&self) -> String {
+        format!("{}@{}:{}/{}", self.user(), self.host, self.port, self.database())
+    }
+
+    /// An ordinary (non-replication) connection; its driver runs on a spawned task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ReplicationError> {
+        let (client, connection) =
+            self.pg
+                .connect(NoTls)
+                .await
+                .map_err(|source| ReplicationError::Connect {
+                    target: self.display(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "Postgres connection closed.");
+            }
+        });
+        Ok(client)
+    }
+
+    fn replication_config(&self, start: Lsn) -> ReplicationConfig {
+        let password = self
+            .pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        ReplicationConfig::new(
+            self.host.clone(),
+            self.user(),
+            password,
+            self.database(),
+            self.config.slot.clone(),
+            self.config.publication.clone(),
+        )
+        .with_port(self.port)
+        .with_start_lsn(start.into())
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(1))
+        .with_buffer_size(1024)
+        .with_application_name("kck")
+    }
+}
+
+/// The slot as preflight found (or made) it.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    /// Where streaming resumes: every change before it is already queued.
+    pub confirmed_flush: Lsn,
+    pub created: bool,
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_table(t: &TableName) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
+
+/// Check the source and prepare the slot. `slot_wait` is how long to wait for a slot that another session
+/// holds (a previous kck that just died) before reporting [`ReplicationError::SlotInUse`].
+pub async fn preflight(
+    source: &Source,
+    deps: &DepIndex,
+    slot_wait: Duration,
+) -> Result<SlotState, ReplicationError> {
+    let client = source.connect().await?;
+    let q = |doing| move |source| ReplicationError::Query { doing, source };
+
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(q("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(ReplicationError::WalLevel { actual: wal_level });
+    }
+
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper, current_database()::text \
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(q("reading the role's privileges"))?;
+    let (role, may_replicate, database): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+    if !may_replicate {
+        return Err(ReplicationError::NoReplicationPrivilege { role });
+    }
+
+    let publication = &source.config.publication;
+    let mut tables: Vec<&TableName> = deps.tables().collect();
+    tables.sort();
+    let table_list = tables.iter().map(|t| quote_table(t)).collect::<Vec<_>>().join(", ");
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
+        .await
+        .map_err(q("looking for the publication"))?
+        .is_some();
+    if !exists {
+        if !source.config.create_publication {
+            return Err(ReplicationError::PublicationMissing {
+                publication: publication.clone(),
+                database,
+                tables: table_list,
+            });
+        }
+        let sql = format!("CREATE PUBLICATION {} FOR TABLE {table_list}", quote_ident(publication));
+        client.batch_execute(&sql).await.map_err(q("creating the publication"))?;
+        tracing::info!(%publication, tables = %table_list, "Created the publication.");
+    }
+    let published: Vec<TableName> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(q("listing the publication's tables"))?
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect();
+    let missing: Vec<String> = tables
+        .iter()
+        .filter(|t| !published.contains(t))
+        .map(|t| quote_table(t))
+        .collect();
+    if !missing.is_empty() {
+        return Err(ReplicationError::TablesNotPublished {
+            publication: publication.clone(),
+            tables: missing.join(", "),
+        });
+    }
+
+    let slot = &source.config.slot;
+    let deadline = tokio::time::Instant::now() + slot_wait;
+    loop {
+        let row = client
+            .query_opt(
+                "SELECT plugin::text, database::text, active, active_pid::text, \
+                 confirmed_flush_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await
+            .map_err(q("reading the replication slot"))?;
+        let Some(row) = row else {
+            let lsn: String = client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[slot],
+                )
+                .await
+                .map_err(q("creating the replication slot"))?
+                .get(0);
+            let confirmed_flush = parse_lsn(&lsn)?;
+            tracing::info!(%slot, lsn = %confirmed_flush, "Created the replication slot.");
+            return Ok(SlotState {
+                confirmed_flush,
+                created: true,
+            });
+        };
+        let plugin: Option<String> = row.get(0);
+        let slot_db: Option<String> = row.get(1);
+        let active: bool = row.get(2);
+        let pid: Option<String> = row.get(3);
+        let confirmed: Option<String> = row.get(4);
+        let wal_status: Option<String> = row.get(5);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(ReplicationError::SlotPlugin {
+                slot: slot.clone(),
+                plugin: plugin.unwrap_or_else(|| "(physical slot)".into()),
+            });
+        }
+        if slot_db.as_deref() != Some(database.as_str()) {
+            return Err(ReplicationError::SlotOtherDatabase {
+                slot: slot.clone(),
+                database: slot_db.unwrap_or_default(),
+            });
+        }
+        if wal_status.as_deref() == Some("lost") {
+            return Err(ReplicationError::SlotLost { slot: slot.clone() });
+        }
+        if active {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ReplicationError::SlotInUse {
+                    slot: slot.clone(),
+                    pid: pid.unwrap_or_else(|| "unknown".into()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        let confirmed_flush = match confirmed {
+            Some(text) => parse_lsn(&text)?,
+            None => Lsn::ZERO,
+        };
+        return Ok(SlotState {
+            confirmed_flush,
+            created: false,
+        });
+    }
+}
+
+fn parse_lsn(text: &str) -> Result<Lsn, ReplicationError> {
+    text.parse()
+        .map_err(|e: crate::lsn::ParseLsnError| ReplicationError::Protocol(e.to_string()))
+}
+
+/// Counters of the stream, for status and logs.
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    pub transactions: AtomicU64,
+    pub rows: AtomicU64,
+    pub tasks_queued: AtomicU64,
+    /// The last position acknowledged to Postgres.
+    pub acked: AtomicU64,
+    /// The last position received (commit end or keepalive).
+    pub received: AtomicU64,
+}
+
+/// Bounds of the stream loop.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Tasks collected in memory before the loop waits for the store.
+    pub batch_tasks: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits { batch_tasks: 10_000 }
+    }
+}
+
+struct OpenTransaction {
+    xid: u32,
+    final_lsn: Lsn,
+}
+
+/// One replication session: reads the slot until `shutdown` or an error.
+pub struct Stream {
+    pub source: Source,
+    pub deps: Arc<DepIndex>,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<VisibilityClock>,
+    pub stats: Arc<StreamStats>,
+    pub limits: StreamLimits,
+}
+
+impl Stream {
+    /// Stream from the slot's confirmed position `start` until `shutdown` becomes true (then flush what was
+    /// read, acknowledge it, and return `Ok`) or the session fails.
+    /// `started` is taken and signalled once the server accepted START_REPLICATION (the slot is held).
+    pub async fn run(
+        &self,
+        start: Lsn,
+        mut shutdown: watch::Receiver<bool>,
+        started: &mut Option<oneshot::Sender<()>>,
+    ) -> Result<(), ReplicationError> {
+        let mut client = ReplicationClient::connect(self.source.replication_config(start)).await?;
+        if let Err(e) = client.wait_started().await {
+            return Err(slot_error(e, &self.source.config.slot));
+        }
+        if let Some(started) = started.take() {
+            let _ = started.send(());
+        }
+        tracing::info!(slot = %self.source.config.slot, from = %start, "Streaming changes.");
+
+        let (batch_tx, mut batch_rx) = mpsc::channel::<(Vec<crate::store::Task>, Option<Lsn>)>(1);
+        let (durable_tx, mut durable_rx) = watch::channel(start);
+        let store = self.store.clone();
+        let stats = self.stats.clone();
+        let flusher = tokio::spawn(async move {
+            while let Some((tasks, ack)) = batch_rx.recv().await {
+                if !tasks.is_empty() {
+                    let n = tasks.len() as u64;
+                    store.enqueue(tasks).await?;
+                    stats.tasks_queued.fetch_add(n, Ordering::Relaxed);
+                }
+                if let Some(ack) = ack {
+                    durable_tx.send_if_modified(|d| {
+                        let raise = ack > *d;
+                        if raise {
+                            *d = ack;
+                        }
+                        raise
+                    });
+                }
+            }
+            Ok::<(), StoreError>(())
+        });
+
+        let mut session = Session {
+            stream: self,
+            relations: HashMap::new(),
+            warned: std::collections::HashSet::new(),
+            open: None,
+            batch: TaskBatch::new(self.limits.batch_tasks),
+        };
+        let result = loop {
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break Ok(());
+                    }
+                }
+                Ok(()) = durable_rx.changed() => {
+                    let durable = *durable_rx.borrow_and_update();
+                    client.update_applied_lsn(durable.into());
+                    self.stats.acked.store(durable.0, Ordering::Relaxed);
+                }
+                permit = batch_tx.reserve(), if !session.batch.is_empty() => {
+                    match permit {
+                        Ok(permit) => permit.send(session.batch.take()),
+                        Err(_) => break Err(ReplicationError::Protocol("the queue writer stopped".into())),
+                    }
+                }
+                event = client.recv(), if !session.batch.is_full() => {
+                    match event {
+                        Ok(Some(event)) => {
+                            if let Err(e) = session.handle(event).await {
+                                break Err(e);
+                            }
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e.into()),
+                    }
+                }
+            }
+        };
+
+        // Hand over what was read, wait until it is durable, acknowledge it, and close the session.
+        let rest = session.batch.take();
+        let flushed = if result.is_ok() && (!rest.0.is_empty() || rest.1.is_some()) {
+            batch_tx.send(rest).await.is_ok()
+        } else {
+            true
+        };
+        drop(batch_tx);
+        let flush_result = flusher
+            .await
+            .map_err(|e| ReplicationError::Protocol(format!("queue writer failed: {e}")))?;
+        let durable = *durable_rx.borrow();
+        client.update_applied_lsn(durable.into());
+        self.stats.acked.store(durable.0, Ordering::Relaxed);
+        if result.is_ok() {
+            // Give the worker a moment to report the final position before the connection closes.
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
+        } else {
+            client.abort();
+        }
+        flush_result?;
+        if !flushed {
+            return Err(ReplicationError::Protocol("the queue writer stopped".into()));
+        }
+        result
+    }
+}
+
+fn slot_error(e: PgWireError, slot: &str) -> ReplicationError {
+    let text = e.to_string();
+    if text.contains("is active for PID") {
+        let pid = text
+            .split("is active for PID")
+            .nth(1)
+            .map(|s| s.trim().trim_end_matches(|c: char| !c.is_ascii_digit()).to_string())
+            .unwrap_or_default();
+        return ReplicationError::SlotInUse {
+            slot: slot.to_string(),
+            pid,
+        };
+    }
+    e.into()
+}
+
+struct Session<'a> {
+    stream: &'a Stream,
+    relations: HashMap<u32, (Relation, ResolvedTable)>,
+    warned: std::collections::HashSet<String>,
+    open: Option<OpenTransaction>,
+    batch: TaskBatch,
+}
+
+impl Session<'_> {
+    async fn handle(&mut self, event: ReplicationEvent) -> Result<(), ReplicationError> {
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, .. } => {
+                if self.open.is_some() {
+                    return Err(ReplicationError::Protocol("BEGIN inside a transaction".into()));
+                }
+                self.open = Some(OpenTransaction {
+                    xid,
+                    final_lsn: final_lsn.into(),
+                });
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, .. } => {
+                let Some(open) = self.open.take() else {
+                    return Err(ReplicationError::Protocol("COMMIT without BEGIN".into()));
+                };
+                let (lsn, end_lsn) = (Lsn::from(lsn), Lsn::from(end_lsn));
+                if lsn != open.final_lsn {
+                    return Err(ReplicationError::Protocol(format!(
+                        "COMMIT at {lsn} does not match BEGIN's final LSN {}",
+                        open.final_lsn
+                    )));
+                }
+                self.stream.clock.record_commit(end_lsn, open.xid).await;
+                self.batch.advance_ack(end_lsn);
+                let stats = &self.stream.stats;
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats.received.fetch_max(end_lsn.0, Ordering::Relaxed);
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = pgoutput::decode(&data)?;
+                self.handle_message(message);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if self.open.is_none() {
+                    let wal_end = Lsn::from(wal_end);
+                    self.batch.advance_ack(wal_end);
+                    self.stream.clock.record_idle(wal_end);
+                    self.stream.stats.received.fetch_max(wal_end.0, Ordering::Relaxed);
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The LSN tasks from the current message carry: the open transaction's commit LSN.
+    fn lsn(&self) -> Lsn {
+        self.open.as_ref().map_or(self.stream.clock.visible(), |t| t.final_lsn)
+    }
+
+    fn handle_message(&mut self, message: Message) {
+        let deps = &self.stream.deps;
+        let lsn = self.lsn();
+        match message {
+            Message::Relation(relation) => {
+                let resolved = deps.resolve(&relation);
+                let table = resolved.table.clone();
+                for error in &resolved.errors {
+                    tracing::error!(table = %table, "{error}");
+                }
+                for warning in &resolved.warnings {
+                    if self.warned.insert(warning.clone()) {
+                        tracing::warn!(table = %table, "{warning}");
+                    }
+                }
+                let changed = self
+                    .relations
+                    .get(&relation.id)
+                    .is_some_and(|(old, _)| !same_shape(old, &relation));
+                if changed {
+                    tracing::info!(table = %table, "Table changed shape; refreshing every key that reads it.");
+                    for primer in deps.primers_reading(&table) {
+                        let kind = TaskKind::Primer {
+                            primer: primer.to_string(),
+                            after: None,
+                        };
+                        self.batch.add(&kind, lsn);
+                    }
+                }
+                self.relations.insert(relation.id, (relation, resolved));
+            }
+            Message::Insert { relation_id, new } => {
+                self.map(relation_id, lsn, RowChange::Insert { new: &new });
+            }
+            Message::Update {
+                relation_id,
+                old,
+                old_is_key,
+                new,
+            } => {
+                let change = RowChange::Update {
+                    old: old.as_ref(),
+                    old_is_key,
+                    new: &new,
+                };
+                self.map(relation_id, lsn, change);
+            }
+            Message::Delete {
+                relation_id,
+                old,
+                old_is_key,
+            } => {
+                self.map(relation_id, lsn, RowChange::Delete { old: &old, old_is_key });
+            }
+            Message::Truncate { relation_ids, .. } => {
+                for id in relation_ids {
+                    let Some((_, resolved)) = self.relations.get(&id) else {
+                        continue;
+                    };
+                    for primer in deps.primers_reading(&resolved.table) {
+                        let kind = TaskKind::Primer {
+                            primer: primer.to_string(),
+                            after: None,
+                        };
+                        self.batch.add(&kind, lsn);
+                    }
+                }
+            }
+            Message::Begin { .. }
+            | Message::Commit { .. }
+            | Message::Origin { .. }
+            | Message::Type { .. }
+            | Message::LogicalMessage { .. } => {}
+        }
+    }
+
+    fn map(&mut self, relation_id: u32, lsn: Lsn, change: RowChange<'_>) {
+        self.stream.stats.rows.fetch_add(1, Ordering::Relaxed);
+        let Some((_, resolved)) = self.relations.get(&relation_id) else {
+            // pgoutput always describes a table before its first change in a session; a change to an
+            // unknown table cannot be mapped, so refresh every primer rather than lose it.
+            tracing::error!(relation_id, "Change to a table the stream never described; refreshing all primers.");
+            for primer in &self.stream.deps.catalog().primers {
+                let kind = TaskKind::Primer {
+                    primer: primer.name.clone(),
+                    after: None,
+                };
+                self.batch.add(&kind, lsn);
+            }
+            return;
+        };
+        if !resolved.is_relevant() {
+            return;
+        }
+        let batch = &mut self.batch;
+        self.stream
+            .deps
+            .map_row(resolved, change, &mut |kind| batch.add(&kind, lsn));
+    }
+}
+
+/// Whether two descriptions of a table have the same columns (names and types) and identity.
+fn same_shape(a: &Relation, b: &Relation) -> bool {
+    a.namespace == b.namespace
+        && a.name == b.name
+        && a.replica_identity == b.replica_identity
+        && a.columns.len() == b.columns.len()
+        && a
+            .columns
+            .iter()
+            .zip(&b.columns)
+            .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.flags == y.flags)
+}

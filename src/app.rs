@@ -1,0 +1,283 @@
+//! The running process: wires the modules together and stops them in order.
+//!
+//! [`start`] opens the store, checks the source ([`replication::preflight`]), starts the replication
+//! stream, the visibility prover, the refresh workers and the HTTP server, and returns once the slot is held
+//! and the server listens, or with the first error. [`Running::shutdown`] stops taking requests (in-flight
+//! ones finish), flushes and acknowledges what the stream read, and stops the workers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, StoreConfig};
+use crate::deps::DepIndex;
+use crate::http::{AppState, app};
+use crate::lsn::Lsn;
+use crate::queue::TaskKind;
+use crate::refresh::{Refresher, prove_visibility};
+use crate::replication::{self, ReplicationError, Source, Stream, StreamLimits, StreamStats};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{Store, StoreError};
+use crate::visibility::VisibilityClock;
+
+/// kck could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Replication(#[from] ReplicationError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the refresh workers: {0}")]
+    Refresh(#[from] crate::refresh::RefreshError),
+    #[error("a kck task failed: {0}")]
+    Task(String),
+}
+
+/// Knobs that are not part of the user's config (tests and benchmarks set them).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// How long to wait for a slot another session holds before giving up.
+    pub slot_wait: Duration,
+    pub limits: StreamLimits,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            slot_wait: Duration::from_secs(10),
+            limits: StreamLimits::default(),
+        }
+    }
+}
+
+/// A started kck.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    pub stats: Arc<StreamStats>,
+    pub clock: Arc<VisibilityClock>,
+    shutdown: watch::Sender<bool>,
+    replication: JoinHandle<Result<(), ReplicationError>>,
+    others: Vec<JoinHandle<()>>,
+    http: JoinHandle<std::io::Result<()>>,
+}
+
+/// Open the configured store.
+pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    match &config.store {
+        StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
+    }
+}
+
+/// Start kck. See the module docs.
+pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppError> {
+    let store = open_store(&config)?;
+    let source = Source::new(&config.source)?;
+    let catalog = Arc::new(config.catalog.clone());
+    let deps = Arc::new(DepIndex::new(catalog.clone()));
+    let slot = replication::preflight(&source, &deps, options.slot_wait).await?;
+    let clock = Arc::new(VisibilityClock::new(slot.confirmed_flush, 100_000));
+    let stats = Arc::new(StreamStats::default());
+    stats.acked.store(slot.confirmed_flush.0, Ordering::Relaxed);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let workers = config.refresh.workers;
+    let refresher = Arc::new(Refresher::new(
+        &source,
+        workers + 4,
+        catalog.clone(),
+        store.clone(),
+        clock.clone(),
+        config.refresh.visibility_timeout,
+    )?);
+    let mut others = Vec::new();
+    for worker in 0..workers {
+        others.push(tokio::spawn(refresher.clone().work(worker, shutdown_rx.clone())));
+    }
+    others.push(tokio::spawn(prove_visibility(
+        source.clone(),
+        clock.clone(),
+        shutdown_rx.clone(),
+    )));
+
+    let stream = Stream {
+        source: source.clone(),
+        deps: deps.clone(),
+        store: store.clone(),
+        clock: clock.clone(),
+        stats: stats.clone(),
+        limits: options.limits,
+    };
+    let (started_tx, started_rx) = oneshot::channel();
+    let mut replication = tokio::spawn(supervise(
+        stream,
+        slot.confirmed_flush,
+        options.slot_wait,
+        started_tx,
+        shutdown_rx.clone(),
+    ));
+    tokio::select! {
+        started = started_rx => {
+            if started.is_err() {
+                // The supervisor ended before the stream started: report its error.
+                let _ = shutdown.send(true);
+                return Err(match (&mut replication).await {
+                    Ok(Err(e)) => e.into(),
+                    Ok(Ok(())) => AppError::Task("replication ended before it started".into()),
+                    Err(e) => AppError::Task(e.to_string()),
+                });
+            }
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.http.bind)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: config.http.bind,
+            source,
+        });
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = shutdown.send(true);
+            return Err(e);
+        }
+    };
+    let http_addr = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: config.http.bind,
+        source,
+    })?;
+    let state = AppState {
+        store: store.clone(),
+        catalog,
+        primer: config.prime_on_cache_miss.then(|| refresher.clone()),
+    };
+    let mut http_shutdown = shutdown_rx.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    tracing::info!(%http_addr, "kck is serving.");
+    Ok(Running {
+        http_addr,
+        store,
+        stats,
+        clock,
+        shutdown,
+        replication,
+        others,
+        http,
+    })
+}
+
+/// Keep a replication session running: reconnect after transient failures, with backoff. Returns the
+/// error of a first session that never started, or `Ok` on shutdown.
+async fn supervise(
+    stream: Stream,
+    confirmed: Lsn,
+    slot_wait: Duration,
+    started: oneshot::Sender<()>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ReplicationError> {
+    let mut started = Some(started);
+    let mut failures = 0u32;
+    loop {
+        let start = Lsn(stream.stats.acked.load(Ordering::Relaxed)).max(confirmed);
+        let result = stream.run(start, shutdown.clone(), &mut started).await;
+        if *shutdown.borrow() {
+            return result;
+        }
+        let error = match result {
+            Ok(()) => ReplicationError::Protocol("the server ended the replication stream".into()),
+            Err(e) => e,
+        };
+        if started.is_some() {
+            return Err(error);
+        }
+        failures += 1;
+        let delay = Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000));
+        tracing::error!(%error, retry_in = ?delay, "Replication stopped; reconnecting.");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+        // The slot may have been dropped meanwhile: then changes were missed, and every key is rebuilt.
+        match replication::preflight(&stream.source, &stream.deps, slot_wait).await {
+            Ok(slot) if slot.created => {
+                tracing::error!(
+                    slot = %stream.source.config.slot,
+                    "The replication slot had disappeared and was created again: changes may have been \
+                     missed, so every cached key is being refreshed."
+                );
+                let tasks = stream
+                    .deps
+                    .catalog()
+                    .primers
+                    .iter()
+                    .map(|p| {
+                        TaskKind::Primer {
+                            primer: p.name.clone(),
+                            after: None,
+                        }
+                        .task(slot.confirmed_flush)
+                    })
+                    .collect();
+                if let Err(error) = stream.store.enqueue(tasks).await {
+                    tracing::error!(%error, "Cannot queue the rebuild.");
+                }
+                stream.stats.acked.store(slot.confirmed_flush.0, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "The source is not ready."),
+        }
+        if failures > 0 && stream.stats.acked.load(Ordering::Relaxed) > start.0 {
+            failures = 0;
+        }
+    }
+}
+
+impl Running {
+    /// Ask every part to stop.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Wait until everything stopped (after [`Running::shutdown`], or after a fatal error).
+    pub async fn wait(self) -> Result<(), AppError> {
+        let replication = self.replication.await;
+        let _ = self.shutdown.send(true);
+        for task in self.others {
+            let _ = task.await;
+        }
+        let http = self.http.await;
+        match replication {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(AppError::Task(e.to_string())),
+        }
+        match http {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(AppError::Task(format!("HTTP server: {e}"))),
+            Err(e) => Err(AppError::Task(e.to_string())),
+        }
+    }
+
+    /// Stop and wait.
+    pub async fn stop(self) -> Result<(), AppError> {
+        self.shutdown();
+        self.wait().await
+    }
+}
