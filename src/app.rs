@@ -102,7 +102,9 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     )?);
     let mut others = Vec::new();
     for worker in 0..workers {
-        others.push(tokio::spawn(refresher.clone().work(worker, shutdown_rx.clone())));
+        others.push(tokio::spawn(
+            refresher.clone().work(worker, shutdown_rx.clone()),
+        ));
     }
     others.push(tokio::spawn(prove_visibility(
         source.clone(),
@@ -238,7 +240,10 @@ async fn supervise(
                 if let Err(error) = stream.store.enqueue(tasks).await {
                     tracing::error!(%error, "Cannot queue the rebuild.");
                 }
-                stream.stats.acked.store(slot.confirmed_flush.0, Ordering::Relaxed);
+                stream
+                    .stats
+                    .acked
+                    .store(slot.confirmed_flush.0, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(error) => tracing::error!(%error, "The source is not ready."),

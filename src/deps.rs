@@ -26,9 +26,18 @@ use crate::replication::pgoutput::{Relation, Tuple, Value};
 /// columns (the others read as NULL because they were not sent).
 #[derive(Debug, Clone, Copy)]
 pub enum RowChange<'a> {
-    Insert { new: &'a Tuple },
-    Update { old: Option<&'a Tuple>, old_is_key: bool, new: &'a Tuple },
-    Delete { old: &'a Tuple, old_is_key: bool },
+    Insert {
+        new: &'a Tuple,
+    },
+    Update {
+        old: Option<&'a Tuple>,
+        old_is_key: bool,
+        new: &'a Tuple,
+    },
+    Delete {
+        old: &'a Tuple,
+        old_is_key: bool,
+    },
 }
 
 /// Every primer dependency, by table.
@@ -42,9 +51,20 @@ pub struct DepIndex {
 #[derive(Debug, Clone)]
 enum Target {
     /// Column positions in template parameter order.
-    Columns { primer: usize, columns: Vec<usize>, all_key: bool },
-    Lookup { primer: usize, dependency: usize, columns: Vec<usize>, all_key: bool },
-    AllKeys { primer: usize },
+    Columns {
+        primer: usize,
+        columns: Vec<usize>,
+        all_key: bool,
+    },
+    Lookup {
+        primer: usize,
+        dependency: usize,
+        columns: Vec<usize>,
+        all_key: bool,
+    },
+    AllKeys {
+        primer: usize,
+    },
 }
 
 /// The dependencies on one table, resolved against its current column list.
@@ -156,25 +176,32 @@ impl DepIndex {
                     names.join(", "),
                 ));
             }
-            resolved.targets.push(match &primer.dependencies[d].mapping {
-                Mapping::Lookup { .. } => Target::Lookup {
-                    primer: p,
-                    dependency: d,
-                    columns,
-                    all_key,
-                },
-                _ => Target::Columns {
-                    primer: p,
-                    columns,
-                    all_key,
-                },
-            });
+            resolved
+                .targets
+                .push(match &primer.dependencies[d].mapping {
+                    Mapping::Lookup { .. } => Target::Lookup {
+                        primer: p,
+                        dependency: d,
+                        columns,
+                        all_key,
+                    },
+                    _ => Target::Columns {
+                        primer: p,
+                        columns,
+                        all_key,
+                    },
+                });
         }
         resolved
     }
 
     /// Map one changed row to tasks.
-    pub fn map_row(&self, table: &ResolvedTable, change: RowChange<'_>, emit: &mut dyn FnMut(TaskKind)) {
+    pub fn map_row(
+        &self,
+        table: &ResolvedTable,
+        change: RowChange<'_>,
+        emit: &mut dyn FnMut(TaskKind),
+    ) {
         for target in &table.targets {
             let (primer, columns, all_key) = match target {
                 Target::AllKeys { primer } => {
@@ -199,7 +226,11 @@ impl DepIndex {
             let mut exact = true;
             match change {
                 RowChange::Insert { new } => images[0] = Some((new, None)),
-                RowChange::Update { old, old_is_key, new } => {
+                RowChange::Update {
+                    old,
+                    old_is_key,
+                    new,
+                } => {
                     let full_old = old.filter(|_| !old_is_key);
                     images[0] = Some((new, full_old));
                     match old {
@@ -257,7 +288,11 @@ impl DepIndex {
 
 /// The text values at `columns` of `image`; an unchanged TOAST value is taken from `other`. `None` when a
 /// value is not available as text (unchanged TOAST with no other image, binary, not UTF-8).
-fn values<'a>(image: &'a Tuple, other: Option<&'a Tuple>, columns: &[usize]) -> Option<Vec<Option<&'a str>>> {
+fn values<'a>(
+    image: &'a Tuple,
+    other: Option<&'a Tuple>,
+    columns: &[usize],
+) -> Option<Vec<Option<&'a str>>> {
     columns
         .iter()
         .map(|&i| match image.0.get(i)? {

@@ -88,14 +88,22 @@ impl From<KeyError> for ApiError {
 
 fn internal(error: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(%error, "Request failed.");
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see kck's log")
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "internal error; see kck's log",
+    )
 }
 
 /// The key text of a `/fetch/...` path, percent-encoding kept (a text parameter may hold an encoded `/`).
 fn key_text(uri: &Uri) -> Result<&str, ApiError> {
     let text = uri.path().strip_prefix("/fetch/").unwrap_or_default();
     if text.is_empty() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_key", "no key given: use /fetch/{key}"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            "no key given: use /fetch/{key}",
+        ));
     }
     Ok(text)
 }
@@ -104,7 +112,12 @@ async fn fetch(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiE
     let raw = key_text(&uri)?;
     let key = state.catalog.parse_key(raw)?;
     let canonical = state.catalog.render(&key);
-    if let Some(entry) = state.store.get(&canonical).await.map_err(|e| internal(&e))? {
+    if let Some(entry) = state
+        .store
+        .get(&canonical)
+        .await
+        .map_err(|e| internal(&e))?
+    {
         return Ok(entry_response(entry, "hit"));
     }
     let Some(refresher) = &state.primer else {
@@ -127,7 +140,10 @@ async fn fetch(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiE
 
 fn entry_response(entry: Entry, cache: &'static str) -> Response {
     let mut headers = HeaderMap::with_capacity(4);
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&entry.lsn.to_string()) {
         headers.insert("kck-lsn", v);
     }

@@ -45,7 +45,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("kck: cannot start the async runtime: {e}");
@@ -64,7 +67,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -77,7 +82,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let running = app::start(config, RunOptions::default()).await?;
             let stop = running_signal().await;
-            tracing::info!(signal = stop, "Stopping: finishing requests and flushing the stream.");
+            tracing::info!(
+                signal = stop,
+                "Stopping: finishing requests and flushing the stream."
+            );
             running.stop().await?;
             tracing::info!("Stopped.");
             Ok(())

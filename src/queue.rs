@@ -23,7 +23,10 @@ pub enum TaskKind {
         args: Vec<Option<String>>,
     },
     /// Refresh every cached key of a primer, one page at a time: keys after `after`.
-    Primer { primer: String, after: Option<String> },
+    Primer {
+        primer: String,
+        after: Option<String>,
+    },
 }
 
 const SEP: char = '\u{1f}';
@@ -78,7 +81,8 @@ impl TaskKind {
                 let mut parts = rest.splitn(3, SEP);
                 let primer = parts.next().ok_or_else(bad)?;
                 let dependency = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-                let args = serde_json::from_str(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
+                let args =
+                    serde_json::from_str(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
                 Ok(TaskKind::Lookup {
                     primer: primer.to_string(),
                     dependency,

@@ -187,7 +187,10 @@ impl Refresher {
         if visible >= needed {
             return Ok(visible);
         }
-        let visible = self.clock.wait_visible(needed, self.visibility_timeout).await;
+        let visible = self
+            .clock
+            .wait_visible(needed, self.visibility_timeout)
+            .await;
         if visible >= needed {
             Ok(visible)
         } else {
@@ -201,7 +204,8 @@ impl Refresher {
         let primer = &self.catalog.primers[key.primer];
         let texts: Vec<String> = key.params.iter().map(param_text).collect();
         let params: Vec<TextParam<'_>> = texts.iter().map(|t| TextParam(Some(t))).collect();
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let query_error = |source| RefreshError::Query {
             primer: primer.name.clone(),
             source,
@@ -211,7 +215,10 @@ impl Refresher {
             .prepare_cached(&wrapped_query(&primer.query, primer.shape))
             .await
             .map_err(query_error)?;
-        let row = client.query_one(&statement, &refs).await.map_err(query_error)?;
+        let row = client
+            .query_one(&statement, &refs)
+            .await
+            .map_err(query_error)?;
         let json: Option<String> = row.get(0);
         Ok(Entry {
             value: Bytes::from(json.unwrap_or_else(|| "null".to_string())),
@@ -230,9 +237,11 @@ impl Refresher {
         let result = cell
             .get_or_try_init(|| async {
                 let primer = &self.catalog.primers[key.primer].name;
-                // Registered before the query runs: a change that lands meanwhile is refreshed too.
+                // Registered first: the stream queues refreshes only for registered keys, so a change it
+                // decodes from now on is refreshed. Then the computation waits until everything the stream
+                // decoded before is visible, so no change falls between the two.
                 self.store.register_key(primer, text).await?;
-                let entry = self.compute(key, Lsn::ZERO).await?;
+                let entry = self.compute(key, self.clock.decoded()).await?;
                 match self.store.store_result(primer, text, entry.clone()).await? {
                     Stored::Written => Ok(entry),
                     Stored::KeptNewer(_) => Ok(self.store.get(text).await?.unwrap_or(entry)),
@@ -315,13 +324,15 @@ impl Refresher {
         let Some((index, primer)) = self.catalog.primer(primer_name) else {
             return Ok(Vec::new());
         };
-        let Some(Mapping::Lookup { query, .. }) = primer.dependencies.get(dependency).map(|d| &d.mapping)
+        let Some(Mapping::Lookup { query, .. }) =
+            primer.dependencies.get(dependency).map(|d| &d.mapping)
         else {
             return Ok(Vec::new());
         };
         self.ensure_visible(needed).await?;
         let params: Vec<TextParam<'_>> = args.iter().map(|a| TextParam(a.as_deref())).collect();
-        let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let lookup_error = |source| RefreshError::Lookup {
             primer: primer_name.to_string(),
             dependency,
@@ -332,11 +343,16 @@ impl Refresher {
             .prepare_cached(&wrapped_lookup(query))
             .await
             .map_err(lookup_error)?;
-        let rows = client.query(&statement, &refs).await.map_err(lookup_error)?;
+        let rows = client
+            .query(&statement, &refs)
+            .await
+            .map_err(lookup_error)?;
         let mut tasks = Vec::new();
         for row in rows {
             let json: Option<String> = row.get(0);
-            let Some(Ok(serde_json::Value::Object(object))) = json.map(|j| serde_json::from_str(&j)) else {
+            let Some(Ok(serde_json::Value::Object(object))) =
+                json.map(|j| serde_json::from_str(&j))
+            else {
                 continue;
             };
             let texts: Vec<Option<String>> = primer
@@ -393,7 +409,10 @@ impl Refresher {
                 let result = result
                     .as_ref()
                     .map(|(primer, key, entry)| (primer.as_str(), key.as_str(), entry.clone()));
-                self.store.finish(claim, result, follow_up).await.map(|_| ())
+                self.store
+                    .finish(claim, result, follow_up)
+                    .await
+                    .map(|_| ())
             }
             Err(error) => {
                 let delay = backoff(claim.attempts);
@@ -437,7 +456,11 @@ async fn sleep_or_shutdown(duration: Duration, shutdown: &mut watch::Receiver<bo
 
 /// Prove commits visible as they are decoded, so refreshes rarely wait: one `pg_current_snapshot()` per
 /// batch of commits.
-pub async fn prove_visibility(source: Source, clock: Arc<VisibilityClock>, mut shutdown: watch::Receiver<bool>) {
+pub async fn prove_visibility(
+    source: Source,
+    clock: Arc<VisibilityClock>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let client = match source.connect().await {
             Ok(client) => client,

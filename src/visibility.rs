@@ -41,7 +41,10 @@ impl Snapshot {
         let xmax = parts.next()?.parse().ok()?;
         let xip = match parts.next()? {
             "" => Vec::new(),
-            list => list.split(',').map(|x| x.parse().ok()).collect::<Option<Vec<u64>>>()?,
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
         };
         Some(Snapshot { xmin, xmax, xip })
     }
@@ -110,6 +113,12 @@ impl VisibilityClock {
         // A panic while holding this lock cannot leave the state inconsistent (every update is one push,
         // pop or max), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest position the stream has decoded (a commit's end, or an idle keepalive position). A
+    /// computation that must see everything decoded so far waits for [`VisibilityClock::visible`] to reach it.
+    pub fn decoded(&self) -> Lsn {
+        self.lock().upper
     }
 
     /// Number of commits waiting to be proven visible.
@@ -254,7 +263,10 @@ mod tests {
         clock.record_commit(Lsn(50), 102).await;
         clock.record_idle(Lsn(60));
         assert_eq!(clock.visible(), Lsn(40));
-        assert_eq!(clock.observe(&Snapshot::parse("103:103:").unwrap()), Lsn(60));
+        assert_eq!(
+            clock.observe(&Snapshot::parse("103:103:").unwrap()),
+            Lsn(60)
+        );
         assert_eq!(clock.wait_visible(Lsn(60), Duration::ZERO).await, Lsn(60));
     }
 }

@@ -92,7 +92,9 @@ pub enum ReplicationError {
          pg_drop_replication_slot('{slot}')) or choose another source.slot"
     )]
     SlotPlugin { slot: String, plugin: String },
-    #[error("replication slot '{slot}' belongs to database '{database}', not this one; choose another source.slot")]
+    #[error(
+        "replication slot '{slot}' belongs to database '{database}', not this one; choose another source.slot"
+    )]
     SlotOtherDatabase { slot: String, database: String },
     #[error(
         "replication slot '{slot}' has lost WAL it needed (wal_status = lost; see max_slot_wal_keep_size), \
@@ -175,7 +177,13 @@ impl Source {
 
     /// `user@host:port/db`, for messages.
     pub fn display(&self) -> String {
-        format!("{}@{}:{}/{}", self.user(), self.host, self.port, self.database())
+        format!(
+            "{}@{}:{}/{}",
+            self.user(),
+            self.host,
+            self.port,
+            self.database()
+        )
     }
 
     /// An ordinary (non-replication) connection; its driver runs on a spawned task.
@@ -262,7 +270,8 @@ pub async fn preflight(
         )
         .await
         .map_err(q("reading the role's privileges"))?;
-    let (role, may_replicate, database): (String, bool, String) = (row.get(0), row.get(1), row.get(2));
+    let (role, may_replicate, database): (String, bool, String) =
+        (row.get(0), row.get(1), row.get(2));
     if !may_replicate {
         return Err(ReplicationError::NoReplicationPrivilege { role });
     }
@@ -270,9 +279,16 @@ pub async fn preflight(
     let publication = &source.config.publication;
     let mut tables: Vec<&TableName> = deps.tables().collect();
     tables.sort();
-    let table_list = tables.iter().map(|t| quote_table(t)).collect::<Vec<_>>().join(", ");
+    let table_list = tables
+        .iter()
+        .map(|t| quote_table(t))
+        .collect::<Vec<_>>()
+        .join(", ");
     let exists = client
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
         .await
         .map_err(q("looking for the publication"))?
         .is_some();
@@ -284,8 +300,14 @@ pub async fn preflight(
                 tables: table_list,
             });
         }
-        let sql = format!("CREATE PUBLICATION {} FOR TABLE {table_list}", quote_ident(publication));
-        client.batch_execute(&sql).await.map_err(q("creating the publication"))?;
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {table_list}",
+            quote_ident(publication)
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(q("creating the publication"))?;
         tracing::info!(%publication, tables = %table_list, "Created the publication.");
     }
     let published: Vec<TableName> = client
@@ -408,7 +430,9 @@ pub struct StreamLimits {
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        StreamLimits { batch_tasks: 10_000 }
+        StreamLimits {
+            batch_tasks: 10_000,
+        }
     }
 }
 
@@ -476,6 +500,7 @@ impl Stream {
             warned: std::collections::HashSet::new(),
             open: None,
             batch: TaskBatch::new(self.limits.batch_tasks),
+            row_tasks: Vec::new(),
         };
         let result = loop {
             tokio::select! {
@@ -532,7 +557,9 @@ impl Stream {
         }
         flush_result?;
         if !flushed {
-            return Err(ReplicationError::Protocol("the queue writer stopped".into()));
+            return Err(ReplicationError::Protocol(
+                "the queue writer stopped".into(),
+            ));
         }
         result
     }
@@ -544,7 +571,11 @@ fn slot_error(e: PgWireError, slot: &str) -> ReplicationError {
         let pid = text
             .split("is active for PID")
             .nth(1)
-            .map(|s| s.trim().trim_end_matches(|c: char| !c.is_ascii_digit()).to_string())
+            .map(|s| {
+                s.trim()
+                    .trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .to_string()
+            })
             .unwrap_or_default();
         return ReplicationError::SlotInUse {
             slot: slot.to_string(),
@@ -560,6 +591,8 @@ struct Session<'a> {
     warned: std::collections::HashSet<String>,
     open: Option<OpenTransaction>,
     batch: TaskBatch,
+    /// Reused buffer for one row's tasks.
+    row_tasks: Vec<TaskKind>,
 }
 
 impl Session<'_> {
@@ -567,7 +600,9 @@ impl Session<'_> {
         match event {
             ReplicationEvent::Begin { final_lsn, xid, .. } => {
                 if self.open.is_some() {
-                    return Err(ReplicationError::Protocol("BEGIN inside a transaction".into()));
+                    return Err(ReplicationError::Protocol(
+                        "BEGIN inside a transaction".into(),
+                    ));
                 }
                 self.open = Some(OpenTransaction {
                     xid,
@@ -593,14 +628,17 @@ impl Session<'_> {
             }
             ReplicationEvent::XLogData { data, .. } => {
                 let message = pgoutput::decode(&data)?;
-                self.handle_message(message);
+                self.handle_message(message).await?;
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 if self.open.is_none() {
                     let wal_end = Lsn::from(wal_end);
                     self.batch.advance_ack(wal_end);
                     self.stream.clock.record_idle(wal_end);
-                    self.stream.stats.received.fetch_max(wal_end.0, Ordering::Relaxed);
+                    self.stream
+                        .stats
+                        .received
+                        .fetch_max(wal_end.0, Ordering::Relaxed);
                 }
             }
             ReplicationEvent::Message { .. } => {}
@@ -611,10 +649,12 @@ impl Session<'_> {
 
     /// The LSN tasks from the current message carry: the open transaction's commit LSN.
     fn lsn(&self) -> Lsn {
-        self.open.as_ref().map_or(self.stream.clock.visible(), |t| t.final_lsn)
+        self.open
+            .as_ref()
+            .map_or(self.stream.clock.visible(), |t| t.final_lsn)
     }
 
-    fn handle_message(&mut self, message: Message) {
+    async fn handle_message(&mut self, message: Message) -> Result<(), ReplicationError> {
         let deps = &self.stream.deps;
         let lsn = self.lsn();
         match message {
@@ -646,7 +686,8 @@ impl Session<'_> {
                 self.relations.insert(relation.id, (relation, resolved));
             }
             Message::Insert { relation_id, new } => {
-                self.map(relation_id, lsn, RowChange::Insert { new: &new });
+                self.map(relation_id, lsn, RowChange::Insert { new: &new })
+                    .await?;
             }
             Message::Update {
                 relation_id,
@@ -659,14 +700,22 @@ impl Session<'_> {
                     old_is_key,
                     new: &new,
                 };
-                self.map(relation_id, lsn, change);
+                self.map(relation_id, lsn, change).await?;
             }
             Message::Delete {
                 relation_id,
                 old,
                 old_is_key,
             } => {
-                self.map(relation_id, lsn, RowChange::Delete { old: &old, old_is_key });
+                self.map(
+                    relation_id,
+                    lsn,
+                    RowChange::Delete {
+                        old: &old,
+                        old_is_key,
+                    },
+                )
+                .await?;
             }
             Message::Truncate { relation_ids, .. } => {
                 for id in relation_ids {
@@ -688,14 +737,26 @@ impl Session<'_> {
             | Message::Type { .. }
             | Message::LogicalMessage { .. } => {}
         }
+        Ok(())
     }
 
-    fn map(&mut self, relation_id: u32, lsn: Lsn, change: RowChange<'_>) {
+    /// Map a changed row to tasks and add them to the batch. A key nobody cached (not registered) is not
+    /// queued: computing it would be waste, and a fetch that registers it later computes it from a snapshot
+    /// that sees this change (see [`crate::refresh::Refresher::prime`]).
+    async fn map(
+        &mut self,
+        relation_id: u32,
+        lsn: Lsn,
+        change: RowChange<'_>,
+    ) -> Result<(), ReplicationError> {
         self.stream.stats.rows.fetch_add(1, Ordering::Relaxed);
         let Some((_, resolved)) = self.relations.get(&relation_id) else {
             // pgoutput always describes a table before its first change in a session; a change to an
             // unknown table cannot be mapped, so refresh every primer rather than lose it.
-            tracing::error!(relation_id, "Change to a table the stream never described; refreshing all primers.");
+            tracing::error!(
+                relation_id,
+                "Change to a table the stream never described; refreshing all primers."
+            );
             for primer in &self.stream.deps.catalog().primers {
                 let kind = TaskKind::Primer {
                     primer: primer.name.clone(),
@@ -703,15 +764,25 @@ impl Session<'_> {
                 };
                 self.batch.add(&kind, lsn);
             }
-            return;
+            return Ok(());
         };
         if !resolved.is_relevant() {
-            return;
+            return Ok(());
         }
-        let batch = &mut self.batch;
+        let mut kinds = std::mem::take(&mut self.row_tasks);
         self.stream
             .deps
-            .map_row(resolved, change, &mut |kind| batch.add(&kind, lsn));
+            .map_row(resolved, change, &mut |kind| kinds.push(kind));
+        for kind in kinds.drain(..) {
+            if let TaskKind::Key(key) = &kind
+                && !self.stream.store.is_registered(key).await?
+            {
+                continue;
+            }
+            self.batch.add(&kind, lsn);
+        }
+        self.row_tasks = kinds;
+        Ok(())
     }
 }
 
@@ -721,8 +792,7 @@ fn same_shape(a: &Relation, b: &Relation) -> bool {
         && a.name == b.name
         && a.replica_identity == b.replica_identity
         && a.columns.len() == b.columns.len()
-        && a
-            .columns
+        && a.columns
             .iter()
             .zip(&b.columns)
             .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.flags == y.flags)

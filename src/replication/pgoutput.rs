@@ -14,27 +14,54 @@ use bytes::Bytes;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     /// `B`: start of a transaction.
-    Begin { final_lsn: u64, commit_time_micros: i64, xid: u32 },
+    Begin {
+        final_lsn: u64,
+        commit_time_micros: i64,
+        xid: u32,
+    },
     /// `C`: end of a transaction.
-    Commit { flags: u8, commit_lsn: u64, end_lsn: u64, commit_time_micros: i64 },
+    Commit {
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_time_micros: i64,
+    },
     /// `O`: replication origin of the following changes (ignored by kck).
     Origin { commit_lsn: u64, name: String },
     /// `R`: the shape of a table. Sent before the first change to it in a session, and again after any
     /// schema change.
     Relation(Relation),
     /// `Y`: a data type (ignored by kck; values are in text form).
-    Type { id: u32, namespace: String, name: String },
+    Type {
+        id: u32,
+        namespace: String,
+        name: String,
+    },
     /// `I`: a new row.
     Insert { relation_id: u32, new: Tuple },
     /// `U`: a changed row. `old` is present when the replica identity is FULL (`old_is_key == false`) or
     /// when the key columns changed (`old_is_key == true`, only key columns are non-null).
-    Update { relation_id: u32, old: Option<Tuple>, old_is_key: bool, new: Tuple },
+    Update {
+        relation_id: u32,
+        old: Option<Tuple>,
+        old_is_key: bool,
+        new: Tuple,
+    },
     /// `D`: a deleted row: the old key (`old_is_key == true`) or the whole old row (REPLICA IDENTITY FULL).
-    Delete { relation_id: u32, old: Tuple, old_is_key: bool },
+    Delete {
+        relation_id: u32,
+        old: Tuple,
+        old_is_key: bool,
+    },
     /// `T`: one TRUNCATE of one or more tables.
     Truncate { options: u8, relation_ids: Vec<u32> },
     /// `M`: a logical decoding message from `pg_logical_emit_message` (ignored by kck).
-    LogicalMessage { transactional: bool, lsn: u64, prefix: String, content: Bytes },
+    LogicalMessage {
+        transactional: bool,
+        lsn: u64,
+        prefix: String,
+        content: Bytes,
+    },
 }
 
 /// A table's shape as pgoutput describes it.
@@ -82,14 +109,29 @@ pub enum DecodeError {
     Empty,
     #[error("unknown pgoutput message type {0:?}")]
     UnknownMessage(char),
-    #[error("pgoutput message {message:?} ends early: needed {needed} more bytes at offset {offset}")]
-    Truncated { message: char, offset: usize, needed: usize },
-    #[error("pgoutput message {message:?} has {0} bytes left over after decoding", extra)]
+    #[error(
+        "pgoutput message {message:?} ends early: needed {needed} more bytes at offset {offset}"
+    )]
+    Truncated {
+        message: char,
+        offset: usize,
+        needed: usize,
+    },
+    #[error(
+        "pgoutput message {message:?} has {0} bytes left over after decoding",
+        extra
+    )]
     TrailingBytes { message: char, extra: usize },
-    #[error("pgoutput message {message:?} has a string that is not NUL-terminated UTF-8 at offset {offset}")]
+    #[error(
+        "pgoutput message {message:?} has a string that is not NUL-terminated UTF-8 at offset {offset}"
+    )]
     BadString { message: char, offset: usize },
     #[error("pgoutput message {message:?} has unexpected tag {tag:?} at offset {offset}")]
-    UnexpectedTag { message: char, tag: char, offset: usize },
+    UnexpectedTag {
+        message: char,
+        tag: char,
+        offset: usize,
+    },
 }
 
 /// Decode one pgoutput message.
