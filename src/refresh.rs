@@ -61,7 +61,7 @@ pub enum RefreshError {
 /// A value bound as a query parameter in text form: Postgres parses it with the parameter's own type, so a
 /// key's `42` binds to an `int4`, `int8` or `numeric` column alike. Never spliced into SQL.
 #[derive(Debug)]
-struct TextParam<'a>(Option<&'a str>);
+pub struct TextParam<'a>(pub Option<&'a str>);
 
 impl ToSql for TextParam<'_> {
     fn to_sql(
@@ -105,7 +105,7 @@ fn wrapped_lookup(query: &str) -> String {
 }
 
 /// A key parameter in Postgres's text input form.
-fn param_text(value: &ParamValue) -> String {
+pub fn param_text(value: &ParamValue) -> String {
     match value {
         ParamValue::Int(i) => i.to_string(),
         ParamValue::Text(s) | ParamValue::Uuid(s) => s.clone(),

@@ -632,19 +632,28 @@ impl Session<'_> {
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 if self.open.is_none() {
-                    let wal_end = Lsn::from(wal_end);
-                    self.batch.advance_ack(wal_end);
-                    self.stream.clock.record_idle(wal_end);
-                    self.stream
-                        .stats
-                        .received
-                        .fetch_max(wal_end.0, Ordering::Relaxed);
+                    self.idle_position(wal_end.into());
                 }
             }
+            // A non-transactional message (`pg_logical_emit_message(false, ...)`) is sent when the decoder
+            // reaches it, after every commit before it: between transactions it is a position as safe to
+            // acknowledge as a keepalive's, and it lets a client wait until kck has read up to it.
+            ReplicationEvent::Message {
+                transactional: false,
+                lsn,
+                ..
+            } if self.open.is_none() => self.idle_position(lsn.into()),
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
+    }
+
+    /// The server vouched, between transactions, that every commit before `lsn` was sent.
+    fn idle_position(&mut self, lsn: Lsn) {
+        self.batch.advance_ack(lsn);
+        self.stream.clock.record_idle(lsn);
+        self.stream.stats.received.fetch_max(lsn.0, Ordering::Relaxed);
     }
 
     /// The LSN tasks from the current message carry: the open transaction's commit LSN.

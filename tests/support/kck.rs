@@ -1,0 +1,157 @@
+//! Running kck in tests: configs, in-process instances, HTTP calls, and the convergence oracle.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kck::app::{self, RunOptions, Running};
+use kck::config::Config;
+use kck::lsn::Lsn;
+use serde_json::Value;
+
+/// Write a config for `url` with the given primers (YAML, the `primers:` list) and load it.
+pub fn config(dir: &Path, url: &str, publication: &str, slot: &str, primers_yaml: &str) -> Config {
+    config_with(dir, url, publication, slot, primers_yaml, "")
+}
+
+/// Like [`config`], with extra top-level YAML (for example `prime_on_cache_miss: false`).
+pub fn config_with(
+    dir: &Path,
+    url: &str,
+    publication: &str,
+    slot: &str,
+    primers_yaml: &str,
+    extra: &str,
+) -> Config {
+    let path = write_config(dir, url, publication, slot, primers_yaml, extra);
+    Config::load(&path).unwrap_or_else(|e| panic!("test config does not load: {e}"))
+}
+
+pub fn write_config(
+    dir: &Path,
+    url: &str,
+    publication: &str,
+    slot: &str,
+    primers_yaml: &str,
+    extra: &str,
+) -> PathBuf {
+    let text = format!(
+        "source:\n  url: \"{url}\"\n  publication: {publication}\n  slot: {slot}\n\
+         store:\n  kind: embedded\n  path: {store}\n\
+         http:\n  bind: 127.0.0.1:0\n\
+         refresh:\n  workers: 3\n\
+         {extra}\n\
+         primers:\n{primers_yaml}\n",
+        store = dir.join("store").display(),
+    );
+    let path = dir.join("kck.yaml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+pub async fn start(config: Config) -> Running {
+    app::start(config, RunOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("kck did not start: {e}"))
+}
+
+/// GET /fetch/{key}: status and JSON body.
+pub async fn fetch(addr: std::net::SocketAddr, key: &str) -> (u16, Value) {
+    let url = format!("http://{addr}/fetch/{key}");
+    let response = reqwest::get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: body {text:?} is not JSON: {e}"));
+    (status, body)
+}
+
+/// Fetch `key` until it equals `expected` or `timeout` passes.
+pub async fn eventually_equals(addr: std::net::SocketAddr, key: &str, expected: &Value, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (status, body) = fetch(addr, key).await;
+        if status == 200 && &body == expected {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("{key}: expected {expected} within {timeout:?}, last got {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Mark a position in the stream and wait until kck has read past it and the queue is empty: after
+/// this, every cached key must equal its primer run fresh.
+pub async fn wait_drained(running: &Running, client: &tokio_postgres::Client, timeout: Duration) {
+    let text: String = client
+        .query_one("SELECT pg_logical_emit_message(false, 'kck-test-sync', '')::text", &[])
+        .await
+        .expect("emit sync message")
+        .get(0);
+    let mark: Lsn = text.parse().expect("lsn");
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let received = Lsn(running.stats.received.load(std::sync::atomic::Ordering::Relaxed));
+        let stats = running.store.queue_stats().await.expect("queue stats");
+        let acked = Lsn(running.stats.acked.load(std::sync::atomic::Ordering::Relaxed));
+        if received >= mark && acked >= mark && stats.depth == 0 && stats.claimed == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "kck did not drain within {timeout:?}: received {received}, acked {acked}, mark {mark}, queue {stats:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The primer's result for `key` computed directly against Postgres, as kck would store it.
+pub async fn oracle(client: &tokio_postgres::Client, config: &Config, key: &str) -> Value {
+    let catalog = &config.catalog;
+    let parsed = catalog.parse_key(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+    let primer = &catalog.primers[parsed.primer];
+    let sql = kck::refresh::wrapped_query(&primer.query, primer.shape);
+    // Bind parameters the way kck does: as text, typed by Postgres.
+    let texts: Vec<String> = parsed.params.iter().map(kck::refresh::param_text).collect();
+    let params: Vec<kck::refresh::TextParam<'_>> =
+        texts.iter().map(|t| kck::refresh::TextParam(Some(t))).collect();
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+    let row = client
+        .query_one(sql.as_str(), &refs)
+        .await
+        .unwrap_or_else(|e| panic!("oracle for {key}: {e}"));
+    let json: Option<String> = row.get(0);
+    serde_json::from_str(json.as_deref().unwrap_or("null")).expect("oracle json")
+}
+
+/// Compare every cached key of every primer with the oracle; returns how many keys were checked.
+pub async fn assert_converged(running: &Running, client: &tokio_postgres::Client, config: &Config) -> usize {
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for primer in &config.catalog.primers {
+        let mut after: Option<String> = None;
+        loop {
+            let keys = running.store.keys(&primer.name, after.as_deref(), 500).await.expect("keys");
+            for key in &keys {
+                let Some(entry) = running.store.get(key).await.expect("get") else {
+                    continue;
+                };
+                let cached: Value = serde_json::from_slice(&entry.value).expect("cached json");
+                let fresh = oracle(client, config, key).await;
+                checked += 1;
+                if cached != fresh {
+                    wrong.push(format!("{key} (lsn {}): cached {cached} fresh {fresh}", entry.lsn));
+                }
+            }
+            if keys.len() < 500 {
+                break;
+            }
+            after = keys.last().cloned();
+        }
+    }
+    assert!(wrong.is_empty(), "{} of {checked} keys differ from Postgres:\n{}", wrong.len(), wrong.join("\n"));
+    checked
+}
