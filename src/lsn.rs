@@ -23,7 +23,9 @@ impl fmt::Display for Lsn {
 
 /// The text could not be read as an LSN.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("'{0}' is not an LSN (expected two hexadecimal numbers separated by '/', such as 16/B374D848)")]
+#[error(
+    "'{0}' is not an LSN (expected two hexadecimal numbers separated by '/', such as 16/B374D848)"
+)]
 pub struct ParseLsnError(pub String);
 
 impl FromStr for Lsn {

@@ -122,7 +122,12 @@ pub enum KeyError {
     #[error("key '{key}' does not match the template '{template}'")]
     Shape { key: String, template: String },
     #[error("key parameter '{param}' of '{key}' must be {expected}, got '{value}'")]
-    ParamType { key: String, param: String, expected: &'static str, value: String },
+    ParamType {
+        key: String,
+        param: String,
+        expected: &'static str,
+        value: String,
+    },
 }
 
 /// All primers of a config, indexed for key parsing.
@@ -139,12 +144,17 @@ impl Catalog {
 
     /// Look a primer up by name.
     pub fn primer(&self, name: &str) -> Option<(usize, &Primer)> {
-        self.primers.iter().enumerate().find(|(_, p)| p.name == name)
+        self.primers
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == name)
     }
 
     /// Parse key text (as in `/fetch/{key}`, percent-encoded parameter values) into a typed key.
     pub fn parse_key(&self, text: &str) -> Result<Key, KeyError> {
-        Err(KeyError::UnknownPrimer { key: text.to_string() })
+        Err(KeyError::UnknownPrimer {
+            key: text.to_string(),
+        })
     }
 
     /// The canonical text of a key.
