@@ -111,7 +111,12 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()>;
 
     /// Keys indexed under `primer`, in key order, after `after` (exclusive), at most `limit`.
-    async fn keys(&self, primer: &str, after: Option<&str>, limit: usize) -> StoreResult<Vec<String>>;
+    async fn keys(
+        &self,
+        primer: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>>;
 
     /// Durably add tasks, coalescing by id.
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()>;
