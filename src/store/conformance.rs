@@ -732,7 +732,9 @@ async fn concurrent_enqueue_and_finish_lose_nothing<S: Store>(s: S) {
                     );
                     let (primer, follow_up) = if let Some(n) = c.id.strip_prefix("c0-") {
                         let n: usize = n.parse().unwrap();
-                        let f = n.is_multiple_of(5).then(|| task(&format!("f-{n}"), c.lsn.0));
+                        let f = n
+                            .is_multiple_of(5)
+                            .then(|| task(&format!("f-{n}"), c.lsn.0));
                         ("conc", f.into_iter().collect())
                     } else if c.id.starts_with('f') {
                         ("conc-f", Vec::new())

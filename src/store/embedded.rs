@@ -1145,6 +1145,74 @@ mod tests {
         assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["a", "b", "d"]);
     }
 
+    /// Set in the environment of the child process that [`survives_a_crash`] starts.
+    const CRASH_DIR_ENV: &str = "KCK_STORE_TEST_CRASH_DIR";
+
+    /// Not a test of its own: in the child process of [`survives_a_crash`] it writes and then aborts,
+    /// with no destructor or clean shutdown; otherwise it does nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crash_helper_process() {
+        let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+            return;
+        };
+        let s = EmbeddedStore::open(Path::new(&dir)).unwrap();
+        s.store_result("p", "p/1", entry(7, "one")).await.unwrap();
+        s.register_key("p", "p/2").await.unwrap();
+        s.put_meta("fingerprint", Bytes::from_static(b"f1"))
+            .await
+            .unwrap();
+        s.enqueue((0..100).map(|i| task(&format!("t{i}"), i)).collect())
+            .await
+            .unwrap();
+        let c = s.claim(1, LONG).await.unwrap().remove(0);
+        s.finish(
+            &c,
+            Some(("p", "p/3", entry(9, "three"))),
+            vec![task("f", 9)],
+        )
+        .await
+        .unwrap();
+        std::process::abort();
+    }
+
+    /// What `enqueue`, `finish` and the other writes acknowledged survives the process dying.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::embedded::tests::crash_helper_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_DIR_ENV, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the helper process was meant to abort");
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("p/1").await.unwrap(), Some(entry(7, "one")));
+        assert_eq!(s.get("p/3").await.unwrap(), Some(entry(9, "three")));
+        assert_eq!(
+            s.keys("p", None, 10).await.unwrap(),
+            vec!["p/1", "p/2", "p/3"]
+        );
+        assert_eq!(
+            s.get_meta("fingerprint").await.unwrap(),
+            Some(Bytes::from_static(b"f1"))
+        );
+        assert_eq!(s.queue_stats().await.unwrap().depth, 100);
+        let claims = s.claim(1000, LONG).await.unwrap();
+        assert_eq!(claims.len(), 100);
+        assert_eq!(claims[0].id, "t1", "t0 was finished");
+        assert_eq!(claims[99].id, "f");
+        // The store still writes after recovery.
+        s.enqueue(vec![task("after", 1)]).await.unwrap();
+        assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["after"]);
+    }
+
     #[tokio::test]
     async fn opening_an_open_store_again_says_so() {
         let dir = tempfile::tempdir().unwrap();
