@@ -1,1 +1,826 @@
 //! The conformance suite every [`super::Store`] backend must pass.
+//!
+//! The [`Store`] contract (see [`super`]) is what the replication reader, the refresh workers and
+//! `/fetch` rely on, whatever backend holds the data. This suite checks it from the outside, through
+//! the trait alone, so that one suite serves every backend: a backend's tests call [`run_all`] with a
+//! function that makes a fresh, empty store. Each property runs on its own store, and a failure panics
+//! with the property's name and what was expected.
+//!
+//! The suite makes no claim about speed and uses the clock only with wide margins: short leases and
+//! delays (1 ms) are waited out generously, long ones (60 s) are never reached, and waits are only
+//! bounded from above.
+//!
+//! Compiled for tests and under the `test-utils` feature (for integration tests and other crates).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+
+use super::{Claim, Entry, QueueStats, Store, Stored, Task};
+use crate::lsn::Lsn;
+
+/// A lease no property outlives.
+const LONG: Duration = Duration::from_secs(60);
+/// How long a property waits for something that should happen at once.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Runs every property, each on a fresh store from `make`. Panics at the first failure, naming it.
+pub async fn run_all<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    macro_rules! properties {
+        ($($name:ident),* $(,)?) => {
+            $( run_one(stringify!($name), async { $name(make().await).await }).await; )*
+        };
+    }
+    properties!(
+        get_missing_is_none,
+        get_round_trips_what_was_stored,
+        entries_never_go_backwards,
+        store_result_indexes_the_key,
+        register_key_and_keys_paging,
+        remove_key_removes_entry_and_index,
+        enqueue_coalesces_by_id,
+        claim_is_oldest_first_and_skips_claimed,
+        claim_reports_task_fields,
+        expired_lease_makes_a_task_claimable_again,
+        finish_removes_the_task,
+        finish_keeps_a_task_raised_after_its_claim,
+        finish_stores_result_and_follow_ups,
+        finish_result_never_goes_backwards,
+        retry_delays_the_task,
+        queue_stats_track_depth_claims_and_age,
+        meta_round_trips,
+        wait_for_tasks_wakes_and_times_out,
+        concurrent_enqueue_and_finish_lose_nothing,
+        concurrent_writes_to_one_key_keep_the_newest,
+    );
+}
+
+async fn run_one(name: &str, property: impl Future<Output = ()>) {
+    if let Err(panic) = AssertUnwindSafe(property).catch_unwind().await {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        panic!("store conformance: property `{name}` failed: {msg}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Helpers
+
+fn entry(lsn: u64, value: &str) -> Entry {
+    Entry {
+        value: Bytes::from(value.to_owned()),
+        lsn: Lsn(lsn),
+        computed_at_ms: 1_700_000_000_000 + lsn as i64,
+        expires_at_ms: None,
+    }
+}
+
+fn task(id: &str, lsn: u64) -> Task {
+    Task {
+        id: id.to_owned(),
+        lsn: Lsn(lsn),
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn ids(claims: &[Claim]) -> Vec<&str> {
+    claims.iter().map(|c| c.id.as_str()).collect()
+}
+
+async fn claim<S: Store>(s: &S, max: usize, lease: Duration) -> Vec<Claim> {
+    s.claim(max, lease).await.expect("claim failed")
+}
+
+async fn stats<S: Store>(s: &S) -> QueueStats {
+    s.queue_stats().await.expect("queue_stats failed")
+}
+
+async fn keys<S: Store>(s: &S, primer: &str, after: Option<&str>, limit: usize) -> Vec<String> {
+    s.keys(primer, after, limit).await.expect("keys failed")
+}
+
+/// Claims until `id` comes back or `PATIENCE` runs out.
+async fn claim_eventually<S: Store>(s: &S, id: &str) -> Claim {
+    let start = Instant::now();
+    loop {
+        let claims = claim(s, 100, LONG).await;
+        if let Some(c) = claims.iter().find(|c| c.id == id) {
+            return c.clone();
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "task {id} did not become claimable within {PATIENCE:?} (claimed instead: {:?})",
+            ids(&claims)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Entries
+
+async fn get_missing_is_none<S: Store>(s: S) {
+    assert_eq!(s.get("nothing/here").await.unwrap(), None);
+    assert!(!s.is_registered("nothing/here").await.unwrap());
+}
+
+async fn get_round_trips_what_was_stored<S: Store>(s: S) {
+    let cases = [
+        Entry {
+            value: Bytes::from_static(br#"{"id":42,"items":[1,2,3]}"#),
+            lsn: Lsn(0x16_B374_D848),
+            computed_at_ms: 1_700_000_000_123,
+            expires_at_ms: Some(1_700_000_060_123),
+        },
+        Entry {
+            value: Bytes::new(),
+            lsn: Lsn(1),
+            computed_at_ms: 0,
+            expires_at_ms: None,
+        },
+        Entry {
+            value: Bytes::from(vec![b'x'; 300_000]),
+            lsn: Lsn(u64::MAX),
+            computed_at_ms: -5,
+            expires_at_ms: Some(i64::MIN),
+        },
+    ];
+    for (i, e) in cases.iter().enumerate() {
+        let key = format!("p/ключ-{i}");
+        assert_eq!(
+            s.store_result("p", &key, e.clone()).await.unwrap(),
+            Stored::Written,
+            "storing entry {i} into an empty key"
+        );
+        let got = s.get(&key).await.unwrap();
+        assert_eq!(got.as_ref(), Some(e), "entry {i} read back differs");
+    }
+    assert_eq!(s.get("p/other").await.unwrap(), None);
+}
+
+async fn entries_never_go_backwards<S: Store>(s: S) {
+    let k = "orders_by_user/42";
+    assert_eq!(
+        s.store_result("o", k, entry(10, "ten")).await.unwrap(),
+        Stored::Written
+    );
+    assert_eq!(
+        s.store_result("o", k, entry(5, "five")).await.unwrap(),
+        Stored::KeptNewer(Lsn(10)),
+        "an older LSN must be refused"
+    );
+    assert_eq!(
+        s.get(k).await.unwrap(),
+        Some(entry(10, "ten")),
+        "older write changed the entry"
+    );
+
+    let mut same = entry(10, "ten again");
+    same.computed_at_ms += 1;
+    assert_eq!(
+        s.store_result("o", k, same.clone()).await.unwrap(),
+        Stored::Written,
+        "an equal LSN must replace"
+    );
+    assert_eq!(
+        s.get(k).await.unwrap(),
+        Some(same),
+        "equal LSN did not replace"
+    );
+
+    assert_eq!(
+        s.store_result("o", k, entry(11, "eleven")).await.unwrap(),
+        Stored::Written
+    );
+    assert_eq!(
+        s.get(k).await.unwrap(),
+        Some(entry(11, "eleven")),
+        "newer LSN did not replace"
+    );
+    assert_eq!(
+        s.store_result("o", k, entry(0, "zero")).await.unwrap(),
+        Stored::KeptNewer(Lsn(11))
+    );
+}
+
+async fn store_result_indexes_the_key<S: Store>(s: S) {
+    s.store_result("users", "users/1", entry(1, "{}"))
+        .await
+        .unwrap();
+    assert!(
+        s.is_registered("users/1").await.unwrap(),
+        "a stored key must be registered"
+    );
+    assert_eq!(keys(&s, "users", None, 10).await, vec!["users/1"]);
+    // Refused writes leave the index as it was.
+    s.store_result("users", "users/1", entry(0, "{}"))
+        .await
+        .unwrap();
+    assert_eq!(keys(&s, "users", None, 10).await, vec!["users/1"]);
+}
+
+async fn register_key_and_keys_paging<S: Store>(s: S) {
+    // Registered out of order, under two primers whose names share a prefix.
+    for k in ["p/c", "p/a", "p/e", "p/b", "p/d"] {
+        s.register_key("p", k).await.unwrap();
+    }
+    for k in ["p2/z", "p2/a"] {
+        s.register_key("p2", k).await.unwrap();
+    }
+    s.register_key("p", "p/a").await.unwrap(); // again: no duplicate
+    assert!(s.is_registered("p/c").await.unwrap());
+    assert!(s.is_registered("p2/z").await.unwrap());
+    assert!(!s.is_registered("p/f").await.unwrap());
+    assert!(!s.is_registered("p/").await.unwrap());
+    assert!(!s.is_registered("p").await.unwrap());
+    assert_eq!(
+        s.get("p/c").await.unwrap(),
+        None,
+        "registering stores no value"
+    );
+
+    assert_eq!(
+        keys(&s, "p", None, 100).await,
+        vec!["p/a", "p/b", "p/c", "p/d", "p/e"]
+    );
+    assert_eq!(keys(&s, "p2", None, 100).await, vec!["p2/a", "p2/z"]);
+    assert!(keys(&s, "p3", None, 100).await.is_empty());
+    assert!(keys(&s, "", None, 100).await.is_empty());
+
+    // Paging: `after` is exclusive, `limit` caps.
+    assert_eq!(keys(&s, "p", None, 2).await, vec!["p/a", "p/b"]);
+    assert_eq!(keys(&s, "p", Some("p/b"), 2).await, vec!["p/c", "p/d"]);
+    assert_eq!(keys(&s, "p", Some("p/d"), 2).await, vec!["p/e"]);
+    assert!(keys(&s, "p", Some("p/e"), 2).await.is_empty());
+    assert!(keys(&s, "p", None, 0).await.is_empty());
+    // `after` need not be a registered key.
+    assert_eq!(
+        keys(&s, "p", Some("p/bb"), 10).await,
+        vec!["p/c", "p/d", "p/e"]
+    );
+    assert_eq!(keys(&s, "p", Some(""), 1).await, vec!["p/a"]);
+    assert_eq!(
+        keys(&s, "p2", Some("p/zzz"), 10).await,
+        vec!["p2/a", "p2/z"]
+    );
+
+    // Walking all pages gives every key once.
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = keys(&s, "p", after.as_deref(), 2).await;
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        all.extend(page);
+    }
+    assert_eq!(all, vec!["p/a", "p/b", "p/c", "p/d", "p/e"]);
+}
+
+async fn remove_key_removes_entry_and_index<S: Store>(s: S) {
+    s.store_result("p", "p/1", entry(3, "one")).await.unwrap();
+    s.register_key("p", "p/2").await.unwrap();
+    s.remove_key("p", "p/1").await.unwrap();
+    assert_eq!(
+        s.get("p/1").await.unwrap(),
+        None,
+        "entry still there after remove_key"
+    );
+    assert!(
+        !s.is_registered("p/1").await.unwrap(),
+        "key still registered after remove_key"
+    );
+    assert_eq!(keys(&s, "p", None, 10).await, vec!["p/2"]);
+    s.remove_key("p", "p/2").await.unwrap();
+    assert!(!s.is_registered("p/2").await.unwrap());
+    assert!(keys(&s, "p", None, 10).await.is_empty());
+    // Removing what is not there is not an error.
+    s.remove_key("p", "p/404").await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Queue
+
+async fn enqueue_coalesces_by_id<S: Store>(s: S) {
+    s.enqueue(vec![task("a", 5)]).await.unwrap();
+    s.enqueue(vec![task("b", 1)]).await.unwrap();
+    s.enqueue(vec![task("a", 9), task("c", 2), task("a", 3)])
+        .await
+        .unwrap();
+    s.enqueue(vec![task("a", 7)]).await.unwrap();
+    s.enqueue(Vec::new()).await.unwrap();
+    assert_eq!(stats(&s).await.depth, 3, "one task per id");
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(
+        ids(&claims),
+        vec!["a", "b", "c"],
+        "coalescing must keep a's place in line"
+    );
+    assert_eq!(claims[0].lsn, Lsn(9), "coalesced LSN must be the largest");
+    assert_eq!(claims[1].lsn, Lsn(1));
+    assert_eq!(claims[2].lsn, Lsn(2));
+}
+
+async fn claim_is_oldest_first_and_skips_claimed<S: Store>(s: S) {
+    for i in 0..4 {
+        s.enqueue(vec![task(&format!("t{i}"), i + 1)])
+            .await
+            .unwrap();
+    }
+    s.enqueue((4..10).map(|i| task(&format!("t{i}"), i + 1)).collect())
+        .await
+        .unwrap();
+    assert!(
+        claim(&s, 0, LONG).await.is_empty(),
+        "claim(0) must claim nothing"
+    );
+    assert_eq!(ids(&claim(&s, 3, LONG).await), vec!["t0", "t1", "t2"]);
+    assert_eq!(
+        ids(&claim(&s, 3, LONG).await),
+        vec!["t3", "t4", "t5"],
+        "claimed tasks must be skipped"
+    );
+    assert_eq!(
+        ids(&claim(&s, 100, LONG).await),
+        vec!["t6", "t7", "t8", "t9"]
+    );
+    assert!(
+        claim(&s, 100, LONG).await.is_empty(),
+        "every task is claimed"
+    );
+    // A task enqueued now is claimable while the others stay claimed.
+    s.enqueue(vec![task("late", 1)]).await.unwrap();
+    assert_eq!(ids(&claim(&s, 100, LONG).await), vec!["late"]);
+    assert_eq!(stats(&s).await.depth, 11);
+}
+
+async fn claim_reports_task_fields<S: Store>(s: S) {
+    let before = now_ms();
+    s.enqueue(vec![task("x", 77)]).await.unwrap();
+    let after = now_ms();
+    let claims = claim(&s, 1, LONG).await;
+    assert_eq!(claims.len(), 1);
+    let c = &claims[0];
+    assert_eq!((c.id.as_str(), c.lsn, c.attempts), ("x", Lsn(77), 0));
+    assert!(
+        (before..=after).contains(&c.enqueued_at_ms),
+        "enqueued_at_ms {} is not within [{before}, {after}]",
+        c.enqueued_at_ms
+    );
+    // Raising the LSN keeps the enqueue time.
+    s.enqueue(vec![task("x", 80)]).await.unwrap();
+    let c2 = finish_and_reclaim(&s, c).await;
+    assert_eq!(c2.lsn, Lsn(80));
+    assert_eq!(
+        c2.enqueued_at_ms, c.enqueued_at_ms,
+        "coalescing must keep the enqueue time"
+    );
+}
+
+/// Finishes `c` (whose LSN was raised), so the task stays, and claims it again.
+async fn finish_and_reclaim<S: Store>(s: &S, c: &Claim) -> Claim {
+    s.finish(c, None, Vec::new()).await.unwrap();
+    claim_eventually(s, &c.id).await
+}
+
+async fn expired_lease_makes_a_task_claimable_again<S: Store>(s: S) {
+    s.enqueue(vec![task("short", 1), task("long", 1)])
+        .await
+        .unwrap();
+    let first = claim(&s, 1, Duration::from_millis(1)).await;
+    assert_eq!(ids(&first), vec!["short"]);
+    let long = claim(&s, 1, LONG).await;
+    assert_eq!(ids(&long), vec!["long"]);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let again = claim_eventually(&s, "short").await;
+    assert!(again.attempts >= first[0].attempts);
+    assert_eq!(again.lsn, Lsn(1));
+    // The long lease has not run out, and the re-claim took a fresh (long) lease.
+    assert!(
+        claim(&s, 10, LONG).await.is_empty(),
+        "a live claim was handed out twice"
+    );
+    assert_eq!(stats(&s).await.depth, 2);
+}
+
+async fn finish_removes_the_task<S: Store>(s: S) {
+    s.enqueue(vec![task("a", 1), task("b", 1)]).await.unwrap();
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&claims), vec!["a", "b"]);
+    assert_eq!(s.finish(&claims[0], None, Vec::new()).await.unwrap(), None);
+    let st = stats(&s).await;
+    assert_eq!((st.depth, st.claimed), (1, 1), "after finishing a");
+    // Finishing again (a duplicate delivery) is harmless.
+    assert_eq!(s.finish(&claims[0], None, Vec::new()).await.unwrap(), None);
+    s.finish(&claims[1], None, Vec::new()).await.unwrap();
+    assert_eq!(
+        stats(&s).await,
+        QueueStats::default(),
+        "queue must be empty"
+    );
+    assert!(claim(&s, 10, LONG).await.is_empty());
+}
+
+async fn finish_keeps_a_task_raised_after_its_claim<S: Store>(s: S) {
+    s.enqueue(vec![task("a", 5)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("a", 8)]).await.unwrap();
+    assert_eq!(stats(&s).await.depth, 1, "coalesced into the claimed task");
+    s.finish(&c, Some(("p", "p/a", entry(5, "five"))), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(stats(&s).await.depth, 1, "the raised task must stay queued");
+    // It is released, not left claimed until its lease runs out.
+    let again = claim(&s, 10, LONG).await;
+    assert_eq!(
+        ids(&again),
+        vec!["a"],
+        "the raised task must be claimable again at once"
+    );
+    assert_eq!(again[0].lsn, Lsn(8));
+    s.finish(&again[0], None, Vec::new()).await.unwrap();
+    assert_eq!(stats(&s).await.depth, 0);
+    // A raise to an LSN not above the claim's does not keep it.
+    s.enqueue(vec![task("b", 5)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("b", 5), task("b", 4)]).await.unwrap();
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    assert_eq!(
+        stats(&s).await.depth,
+        0,
+        "task with an unchanged LSN must be removed"
+    );
+}
+
+async fn finish_stores_result_and_follow_ups<S: Store>(s: S) {
+    s.enqueue(vec![task("refresh:p/1", 10)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    let stored = s
+        .finish(
+            &c,
+            Some(("p", "p/1", entry(10, "v10"))),
+            vec![task("f1", 10), task("f2", 10), task("f1", 11)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(Stored::Written));
+    assert_eq!(s.get("p/1").await.unwrap(), Some(entry(10, "v10")));
+    assert!(s.is_registered("p/1").await.unwrap());
+    assert_eq!(keys(&s, "p", None, 10).await, vec!["p/1"]);
+    let st = stats(&s).await;
+    assert_eq!(
+        (st.depth, st.claimed),
+        (2, 0),
+        "finished task gone, follow-ups queued"
+    );
+    let next = claim(&s, 10, LONG).await;
+    assert_eq!(
+        ids(&next),
+        vec!["f1", "f2"],
+        "follow-ups in order, coalesced"
+    );
+    assert_eq!(next[0].lsn, Lsn(11));
+
+    // A follow-up with the finished task's own id is a new task.
+    let stored = s
+        .finish(&next[0], None, vec![task("f1", 11)])
+        .await
+        .unwrap();
+    assert_eq!(stored, None);
+    assert_eq!(ids(&claim(&s, 10, LONG).await), vec!["f1"]);
+}
+
+async fn finish_result_never_goes_backwards<S: Store>(s: S) {
+    s.store_result("p", "p/1", entry(20, "v20")).await.unwrap();
+    s.enqueue(vec![task("t", 15)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    let stored = s
+        .finish(
+            &c,
+            Some(("p", "p/1", entry(15, "v15"))),
+            vec![task("g", 15)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(Stored::KeptNewer(Lsn(20))));
+    assert_eq!(s.get("p/1").await.unwrap(), Some(entry(20, "v20")));
+    // The task is still finished and the follow-ups still queued.
+    assert_eq!(ids(&claim(&s, 10, LONG).await), vec!["g"]);
+    assert_eq!(stats(&s).await.depth, 1);
+    // Equal LSN replaces through finish too.
+    s.enqueue(vec![task("t2", 20)]).await.unwrap();
+    let c = claim_eventually(&s, "t2").await;
+    let stored = s
+        .finish(&c, Some(("p", "p/1", entry(20, "v20b"))), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(Stored::Written));
+    assert_eq!(s.get("p/1").await.unwrap(), Some(entry(20, "v20b")));
+}
+
+async fn retry_delays_the_task<S: Store>(s: S) {
+    s.enqueue(vec![task("slow", 1), task("quick", 2)])
+        .await
+        .unwrap();
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&claims), vec!["slow", "quick"]);
+    s.retry(&claims[0], LONG).await.unwrap();
+    s.retry(&claims[1], Duration::from_millis(1)).await.unwrap();
+    let st = stats(&s).await;
+    assert_eq!(
+        (st.depth, st.claimed),
+        (2, 0),
+        "retried tasks stay queued, released"
+    );
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let quick = claim_eventually(&s, "quick").await;
+    assert!(
+        quick.attempts >= 1,
+        "retry must count an attempt (got {})",
+        quick.attempts
+    );
+    assert_eq!(quick.lsn, Lsn(2));
+    assert_eq!(quick.enqueued_at_ms, claims[1].enqueued_at_ms);
+    assert!(
+        claim(&s, 10, LONG).await.is_empty(),
+        "a task retried with a 60 s delay must not be claimable"
+    );
+    // Retried again and again, the count grows.
+    s.retry(&quick, Duration::ZERO).await.unwrap();
+    let quick2 = claim_eventually(&s, "quick").await;
+    assert!(quick2.attempts > quick.attempts);
+    s.finish(&quick2, None, Vec::new()).await.unwrap();
+    assert_eq!(stats(&s).await.depth, 1);
+}
+
+async fn queue_stats_track_depth_claims_and_age<S: Store>(s: S) {
+    assert_eq!(stats(&s).await, QueueStats::default());
+    let before = now_ms();
+    s.enqueue(vec![task("a", 1), task("b", 1)]).await.unwrap();
+    let after = now_ms();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    s.enqueue(vec![task("c", 1)]).await.unwrap();
+    let st = stats(&s).await;
+    assert_eq!((st.depth, st.claimed), (3, 0));
+    let oldest = st
+        .oldest_enqueued_at_ms
+        .expect("oldest_enqueued_at_ms of a non-empty queue");
+    assert!(
+        (before..=after).contains(&oldest),
+        "oldest_enqueued_at_ms {oldest} is not within [{before}, {after}]"
+    );
+    let claims = claim(&s, 2, LONG).await;
+    let st = stats(&s).await;
+    assert_eq!((st.depth, st.claimed), (3, 2));
+    assert_eq!(
+        st.oldest_enqueued_at_ms,
+        Some(oldest),
+        "claimed tasks are still pending"
+    );
+    // Retried (delayed) tasks count too.
+    s.retry(&claims[0], LONG).await.unwrap();
+    let st = stats(&s).await;
+    assert_eq!(
+        (st.depth, st.claimed, st.oldest_enqueued_at_ms),
+        (3, 1, Some(oldest))
+    );
+    s.finish(&claims[1], None, Vec::new()).await.unwrap();
+    let st = stats(&s).await;
+    assert_eq!(
+        (st.depth, st.claimed, st.oldest_enqueued_at_ms),
+        (2, 0, Some(oldest))
+    );
+}
+
+async fn meta_round_trips<S: Store>(s: S) {
+    assert_eq!(s.get_meta("fingerprint").await.unwrap(), None);
+    s.put_meta("fingerprint", Bytes::from_static(b"abc"))
+        .await
+        .unwrap();
+    s.put_meta("binary", Bytes::from_static(&[0, 255, 0, 1]))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_meta("fingerprint").await.unwrap(),
+        Some(Bytes::from_static(b"abc"))
+    );
+    s.put_meta("fingerprint", Bytes::from_static(b"xyz"))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.get_meta("fingerprint").await.unwrap(),
+        Some(Bytes::from_static(b"xyz"))
+    );
+    assert_eq!(
+        s.get_meta("binary").await.unwrap(),
+        Some(Bytes::from_static(&[0, 255, 0, 1]))
+    );
+    s.put_meta("empty", Bytes::new()).await.unwrap();
+    assert_eq!(s.get_meta("empty").await.unwrap(), Some(Bytes::new()));
+    // Meta is not an entry.
+    assert_eq!(s.get("fingerprint").await.unwrap(), None);
+}
+
+async fn wait_for_tasks_wakes_and_times_out<S: Store>(s: S) {
+    let s = Arc::new(s);
+    // Nothing to wait for: it returns after its timeout.
+    tokio::time::timeout(PATIENCE, s.wait_for_tasks(Duration::from_millis(20)))
+        .await
+        .expect("wait_for_tasks overran its timeout");
+
+    // An enqueue while waiting wakes the waiter.
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move { s.wait_for_tasks(LONG).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.enqueue(vec![task("w", 1)]).await.unwrap();
+    tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("an enqueue did not wake wait_for_tasks")
+        .expect("waiter panicked");
+
+    // A claimable task is already there: no waiting.
+    tokio::time::timeout(PATIENCE, s.wait_for_tasks(LONG))
+        .await
+        .expect("wait_for_tasks waited although a task is claimable");
+
+    // A claim released by retry wakes a waiter.
+    let c = claim(&*s, 1, LONG).await.remove(0);
+    let waiter = {
+        let s = s.clone();
+        tokio::spawn(async move { s.wait_for_tasks(LONG).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.retry(&c, Duration::ZERO).await.unwrap();
+    tokio::time::timeout(PATIENCE, waiter)
+        .await
+        .expect("a retry did not wake wait_for_tasks")
+        .expect("waiter panicked");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Concurrency
+
+async fn concurrent_enqueue_and_finish_lose_nothing<S: Store>(s: S) {
+    const PRODUCERS: usize = 4;
+    const PER_PRODUCER: usize = 250;
+    const BATCH: usize = 25;
+    const WORKERS: usize = 4;
+    // Every 5th task of producer 0 asks for a follow-up.
+    const FOLLOW_UPS: usize = PER_PRODUCER / 5;
+    const TOTAL: usize = PRODUCERS * PER_PRODUCER + FOLLOW_UPS;
+
+    let s = Arc::new(s);
+    let claimed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut handles = Vec::new();
+    for p in 0..PRODUCERS {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            for start in (0..PER_PRODUCER).step_by(BATCH) {
+                let tasks = (start..start + BATCH)
+                    .map(|i| task(&format!("c{p}-{i}"), i as u64 + 1))
+                    .collect();
+                s.enqueue(tasks).await.expect("concurrent enqueue failed");
+            }
+        }));
+    }
+    for _ in 0..WORKERS {
+        let s = s.clone();
+        let claimed = claimed.clone();
+        handles.push(tokio::spawn(async move {
+            let start = Instant::now();
+            loop {
+                if claimed.lock().unwrap().len() == TOTAL {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "workers did not see every task within 120 s ({} of {TOTAL})",
+                    claimed.lock().unwrap().len()
+                );
+                let claims = s.claim(8, LONG).await.expect("concurrent claim failed");
+                if claims.is_empty() {
+                    s.wait_for_tasks(Duration::from_millis(20)).await;
+                    continue;
+                }
+                for c in claims {
+                    assert!(
+                        claimed.lock().unwrap().insert(c.id.clone()),
+                        "task {} was claimed twice while its lease was live",
+                        c.id
+                    );
+                    let (primer, follow_up) = if let Some(n) = c.id.strip_prefix("c0-") {
+                        let n: usize = n.parse().unwrap();
+                        let f = n
+                            .is_multiple_of(5)
+                            .then(|| task(&format!("f-{n}"), c.lsn.0));
+                        ("conc", f.into_iter().collect())
+                    } else if c.id.starts_with('f') {
+                        ("conc-f", Vec::new())
+                    } else {
+                        ("conc", Vec::new())
+                    };
+                    let stored = s
+                        .finish(&c, Some((primer, &c.id, entry(c.lsn.0, &c.id))), follow_up)
+                        .await
+                        .expect("concurrent finish failed");
+                    assert_eq!(stored, Some(Stored::Written));
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("a producer or worker panicked");
+    }
+
+    for p in 0..PRODUCERS {
+        for i in 0..PER_PRODUCER {
+            let id = format!("c{p}-{i}");
+            assert_eq!(
+                s.get(&id).await.unwrap(),
+                Some(entry(i as u64 + 1, &id)),
+                "entry {id}"
+            );
+        }
+    }
+    assert_eq!(
+        keys(&*s, "conc", None, 10_000).await.len(),
+        PRODUCERS * PER_PRODUCER
+    );
+    assert_eq!(keys(&*s, "conc-f", None, 10_000).await.len(), FOLLOW_UPS);
+    assert_eq!(
+        stats(&*s).await,
+        QueueStats::default(),
+        "queue must be empty"
+    );
+}
+
+async fn concurrent_writes_to_one_key_keep_the_newest<S: Store>(s: S) {
+    const WRITERS: u64 = 8;
+    const PER_WRITER: u64 = 25;
+    let s = Arc::new(s);
+    let mut handles = Vec::new();
+    for w in 0..WRITERS {
+        let s = s.clone();
+        handles.push(tokio::spawn(async move {
+            let mut results = HashMap::new();
+            for i in 0..PER_WRITER {
+                // A permutation of 1..=200 spread over the writers.
+                let lsn = ((w * PER_WRITER + i) * 73) % (WRITERS * PER_WRITER) + 1;
+                let stored = s
+                    .store_result("hot", "hot/1", entry(lsn, &lsn.to_string()))
+                    .await
+                    .expect("concurrent store_result failed");
+                results.insert(lsn, stored);
+                s.enqueue(vec![task("hot-task", lsn)])
+                    .await
+                    .expect("concurrent enqueue failed");
+            }
+            results
+        }));
+    }
+    let mut written_max = 0;
+    for h in handles {
+        for (lsn, stored) in h.await.expect("a writer panicked") {
+            match stored {
+                Stored::Written => written_max = written_max.max(lsn),
+                Stored::KeptNewer(newer) => assert!(newer.0 > lsn, "kept {newer} over {lsn}"),
+            }
+        }
+    }
+    let max = WRITERS * PER_WRITER;
+    assert_eq!(written_max, max);
+    assert_eq!(
+        s.get("hot/1").await.unwrap(),
+        Some(entry(max, &max.to_string()))
+    );
+    assert_eq!(keys(&*s, "hot", None, 10).await, vec!["hot/1"]);
+    let claims = claim(&*s, 10, LONG).await;
+    assert_eq!(
+        ids(&claims),
+        vec!["hot-task"],
+        "concurrent enqueues of one id coalesce"
+    );
+    assert_eq!(claims[0].lsn, Lsn(max));
+}

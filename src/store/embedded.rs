@@ -1,1 +1,1378 @@
 //! The embedded store: one redb file, nothing to install.
+//!
+//! [`EmbeddedStore`] keeps cache entries, the per-primer key index and the refresh queue in
+//! `DIR/kck.redb`, a [redb](https://docs.rs/redb) database, so that a single kck process needs no
+//! external service. It implements the [`Store`] contract (see [`super`]).
+//!
+//! # Tables
+//! | table                  | key                   | value                                          |
+//! |------------------------|-----------------------|------------------------------------------------|
+//! | `entries`              | key                   | encoded [`Entry`] (see below)                  |
+//! | `key_index`            | (primer, key)         | `()`: the keys of a primer, in key order       |
+//! | `key_primers`          | (key, primer)         | `()`: the reverse, for [`Store::is_registered`] |
+//! | `queue_tasks`          | task id               | (seq, lsn, enqueued_at_ms, attempts, not_before_ms) |
+//! | `queue_ready`          | seq                   | task id: tasks that are due, oldest first      |
+//! | `queue_delayed`        | (not_before_ms, seq)  | task id: retried tasks, soonest due first       |
+//! | `queue_delayed_by_seq` | seq                   | task id: the same tasks, oldest first          |
+//! | `meta`                 | name                  | bytes                                          |
+//!
+//! An encoded entry is a 26-byte header followed by the value: format byte (1), LSN (u64 LE),
+//! `computed_at_ms` (i64 LE), expiry flag (0 or 1), `expires_at_ms` (i64 LE, 0 without expiry).
+//!
+//! # Invariants
+//! - Every task in `queue_tasks` is in exactly one order table: `queue_ready` under its seq when its
+//!   `not_before_ms` is 0, otherwise `queue_delayed` under (`not_before_ms`, seq) and
+//!   `queue_delayed_by_seq` under seq. A retried task keeps its seq (its place among the oldest) and
+//!   stays in `queue_delayed` until it is finished, even once it is due: claims take due delayed
+//!   tasks first, then ready ones, so tasks waiting out a backoff are never scanned.
+//! - Seqs grow with every new task (the writer keeps the next one in memory, starting after the
+//!   largest stored one), so seq order is enqueue order and the oldest task is the smaller of the
+//!   first keys of `queue_ready` and `queue_delayed_by_seq`.
+//! - Every key in `key_index` is in `key_primers` and the reverse. `store_result` indexes the key.
+//! - An entry's LSN never decreases: the comparison runs inside the write transaction that replaces it.
+//!
+//! # Writes: group commit
+//! One writer thread owns every write. Callers send it a request and await a oneshot reply; the
+//! writer takes every request waiting in its channel (up to a budget), applies them in one write
+//! transaction, commits it durably, and only then answers them all. So concurrent `enqueue` and
+//! `finish` calls share fsyncs. If any request of a batch fails, the transaction is abandoned and the
+//! batch is redone one request per transaction, so one bad request fails alone.
+//!
+//! # Reads
+//! `get`, `is_registered`, `keys`, `queue_stats`, `get_meta`, `claim` read a snapshot with
+//! `begin_read` on the caller's thread: they are short point lookups or bounded scans.
+//!
+//! # Claims
+//! Claims live in memory (id → lease deadline and the claim's LSN and attempts): after a restart every
+//! task is claimable again, which is what at-least-once asks. A claim that outlives its lease is handed
+//! out again, with one more attempt. Claiming holds the claims lock while it reads, and the writer
+//! releases a claim only after the commit that finished or retried it, so a claim never sees a task
+//! that is released but not yet committed as finished.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
+};
+use tokio::sync::{Notify, oneshot};
+
+use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
+use crate::lsn::Lsn;
+
+/// The database file inside the store directory.
+pub const FILE_NAME: &str = "kck.redb";
+
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+const KEY_INDEX: TableDefinition<(&str, &str), ()> = TableDefinition::new("key_index");
+const KEY_PRIMERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("key_primers");
+const TASKS: TableDefinition<&str, TaskRow> = TableDefinition::new("queue_tasks");
+const READY: TableDefinition<u64, &str> = TableDefinition::new("queue_ready");
+const DELAYED: TableDefinition<(i64, u64), &str> = TableDefinition::new("queue_delayed");
+const DELAYED_BY_SEQ: TableDefinition<u64, &str> = TableDefinition::new("queue_delayed_by_seq");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// (seq, lsn, enqueued_at_ms, attempts, not_before_ms); `not_before_ms == 0` means ready.
+type TaskRow = (u64, u64, i64, u32, i64);
+
+/// Most work one write transaction takes: requests count 1, plus 1 per task or result they carry.
+const MAX_BATCH_WEIGHT: usize = 8192;
+
+// ---------------------------------------------------------------------------------------------------
+// Entry encoding
+
+const ENTRY_FORMAT: u8 = 1;
+const ENTRY_HEADER: usize = 1 + 8 + 8 + 1 + 8;
+
+fn encode_entry_into(entry: &Entry, buf: &mut [u8]) {
+    buf[0] = ENTRY_FORMAT;
+    buf[1..9].copy_from_slice(&entry.lsn.0.to_le_bytes());
+    buf[9..17].copy_from_slice(&entry.computed_at_ms.to_le_bytes());
+    buf[17] = u8::from(entry.expires_at_ms.is_some());
+    buf[18..26].copy_from_slice(&entry.expires_at_ms.unwrap_or(0).to_le_bytes());
+    buf[ENTRY_HEADER..].copy_from_slice(&entry.value);
+}
+
+fn read_u64(bytes: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn check_header(key: &str, bytes: &[u8]) -> StoreResult<()> {
+    if bytes.len() < ENTRY_HEADER {
+        return Err(StoreError::Corrupt(format!(
+            "entry '{key}' is {} bytes, shorter than its {ENTRY_HEADER}-byte header",
+            bytes.len()
+        )));
+    }
+    if bytes[0] != ENTRY_FORMAT {
+        return Err(StoreError::Corrupt(format!(
+            "entry '{key}' has unknown format {} (expected {ENTRY_FORMAT})",
+            bytes[0]
+        )));
+    }
+    if bytes[17] > 1 {
+        return Err(StoreError::Corrupt(format!(
+            "entry '{key}' has an invalid expiry flag {}",
+            bytes[17]
+        )));
+    }
+    Ok(())
+}
+
+fn decode_entry_lsn(key: &str, bytes: &[u8]) -> StoreResult<Lsn> {
+    check_header(key, bytes)?;
+    Ok(Lsn(read_u64(bytes, 1)))
+}
+
+fn decode_entry(key: &str, bytes: &[u8]) -> StoreResult<Entry> {
+    check_header(key, bytes)?;
+    Ok(Entry {
+        lsn: Lsn(read_u64(bytes, 1)),
+        computed_at_ms: read_u64(bytes, 9) as i64,
+        expires_at_ms: (bytes[17] == 1).then(|| read_u64(bytes, 18) as i64),
+        value: Bytes::copy_from_slice(&bytes[ENTRY_HEADER..]),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Errors
+
+/// Turns a redb error into a [`StoreError`] that says which operation failed.
+fn redb_error(op: &str, err: impl Into<redb::Error>) -> StoreError {
+    match err.into() {
+        redb::Error::Corrupted(msg) => StoreError::Corrupt(format!("{op}: {msg}")),
+        other => StoreError::Backend(format!("{op}: {other}")),
+    }
+}
+
+trait Context<T> {
+    fn ctx(self, op: &str) -> StoreResult<T>;
+}
+
+impl<T, E: Into<redb::Error>> Context<T> for Result<T, E> {
+    fn ctx(self, op: &str) -> StoreResult<T> {
+        self.map_err(|e| redb_error(op, e))
+    }
+}
+
+fn now_ms() -> i64 {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Shared state: claims and the wake-up signal
+
+/// A live (or expired, not yet replaced) claim.
+#[derive(Debug, Clone, Copy)]
+struct ClaimRecord {
+    deadline: Instant,
+    lsn: Lsn,
+    attempts: u32,
+}
+
+impl ClaimRecord {
+    fn matches(&self, claim: &Claim) -> bool {
+        self.lsn == claim.lsn && self.attempts == claim.attempts
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    claims: Mutex<HashMap<String, ClaimRecord>>,
+    /// Woken after every commit that may have made a task claimable.
+    tasks_changed: Notify,
+}
+
+impl Shared {
+    fn claims(&self) -> MutexGuard<'_, HashMap<String, ClaimRecord>> {
+        // The map holds plain data that no panic can leave half-updated.
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Writer requests
+
+enum Op {
+    RegisterKey {
+        primer: String,
+        key: String,
+    },
+    StoreResult {
+        primer: String,
+        key: String,
+        entry: Entry,
+    },
+    RemoveKey {
+        primer: String,
+        key: String,
+    },
+    Enqueue {
+        tasks: Vec<Task>,
+    },
+    Finish {
+        claim: Claim,
+        result: Option<(String, String, Entry)>,
+        follow_up: Vec<Task>,
+    },
+    Retry {
+        claim: Claim,
+        not_before_ms: i64,
+    },
+    PutMeta {
+        name: String,
+        value: Bytes,
+    },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::RegisterKey { .. } => "register_key",
+            Op::StoreResult { .. } => "store_result",
+            Op::RemoveKey { .. } => "remove_key",
+            Op::Enqueue { .. } => "enqueue",
+            Op::Finish { .. } => "finish",
+            Op::Retry { .. } => "retry",
+            Op::PutMeta { .. } => "put_meta",
+        }
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            Op::Enqueue { tasks } => 1 + tasks.len(),
+            Op::Finish { follow_up, .. } => 2 + follow_up.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// What a request answers.
+#[derive(Debug)]
+enum Reply {
+    Unit,
+    Stored(Stored),
+    Finished(Option<Stored>),
+}
+
+/// What to do once the transaction that applied a request has committed.
+enum Effect {
+    None,
+    /// The queue gained a task that may be claimable.
+    Wake,
+    /// Release the claim on this task (only if it is still this claim, unless the task is gone).
+    Release {
+        claim: Claim,
+        task_gone: bool,
+        wake: bool,
+    },
+}
+
+struct Request {
+    op: Op,
+    reply: oneshot::Sender<StoreResult<Reply>>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The writer thread
+
+/// Every table, opened for writing in one transaction.
+struct Tables<'t> {
+    entries: Table<'t, &'static str, &'static [u8]>,
+    key_index: Table<'t, (&'static str, &'static str), ()>,
+    key_primers: Table<'t, (&'static str, &'static str), ()>,
+    tasks: Table<'t, &'static str, TaskRow>,
+    ready: Table<'t, u64, &'static str>,
+    delayed: Table<'t, (i64, u64), &'static str>,
+    delayed_by_seq: Table<'t, u64, &'static str>,
+    meta: Table<'t, &'static str, &'static [u8]>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> StoreResult<Self> {
+        let op = "open tables for writing";
+        Ok(Tables {
+            entries: txn.open_table(ENTRIES).ctx(op)?,
+            key_index: txn.open_table(KEY_INDEX).ctx(op)?,
+            key_primers: txn.open_table(KEY_PRIMERS).ctx(op)?,
+            tasks: txn.open_table(TASKS).ctx(op)?,
+            ready: txn.open_table(READY).ctx(op)?,
+            delayed: txn.open_table(DELAYED).ctx(op)?,
+            delayed_by_seq: txn.open_table(DELAYED_BY_SEQ).ctx(op)?,
+            meta: txn.open_table(META).ctx(op)?,
+        })
+    }
+
+    fn index_key(&mut self, primer: &str, key: &str) -> StoreResult<()> {
+        let op = "index key";
+        if self.key_index.get((primer, key)).ctx(op)?.is_none() {
+            self.key_index.insert((primer, key), ()).ctx(op)?;
+        }
+        if self.key_primers.get((key, primer)).ctx(op)?.is_none() {
+            self.key_primers.insert((key, primer), ()).ctx(op)?;
+        }
+        Ok(())
+    }
+
+    fn store_result(&mut self, primer: &str, key: &str, entry: &Entry) -> StoreResult<Stored> {
+        let op = "store_result";
+        let stored_lsn = match self.entries.get(key).ctx(op)? {
+            Some(bytes) => Some(decode_entry_lsn(key, bytes.value())?),
+            None => None,
+        };
+        if let Some(stored) = stored_lsn
+            && stored > entry.lsn
+        {
+            return Ok(Stored::KeptNewer(stored));
+        }
+        let mut slot = self
+            .entries
+            .insert_reserve(key, ENTRY_HEADER + entry.value.len())
+            .ctx(op)?;
+        encode_entry_into(entry, slot.as_mut());
+        drop(slot);
+        self.index_key(primer, key)?;
+        Ok(Stored::Written)
+    }
+
+    fn remove_key(&mut self, primer: &str, key: &str) -> StoreResult<()> {
+        let op = "remove_key";
+        self.entries.remove(key).ctx(op)?;
+        self.key_index.remove((primer, key)).ctx(op)?;
+        self.key_primers.remove((key, primer)).ctx(op)?;
+        Ok(())
+    }
+
+    fn enqueue(&mut self, tasks: &[Task], next_seq: &mut u64, now: i64) -> StoreResult<()> {
+        let op = "enqueue";
+        for task in tasks {
+            let existing = self.tasks.get(task.id.as_str()).ctx(op)?.map(|g| g.value());
+            match existing {
+                Some((seq, lsn, enqueued_at, attempts, not_before)) => {
+                    if task.lsn.0 > lsn {
+                        let row: TaskRow = (seq, task.lsn.0, enqueued_at, attempts, not_before);
+                        self.tasks.insert(task.id.as_str(), row).ctx(op)?;
+                    }
+                }
+                None => {
+                    let seq = *next_seq;
+                    *next_seq += 1;
+                    let row: TaskRow = (seq, task.lsn.0, now, 0, 0);
+                    self.tasks.insert(task.id.as_str(), row).ctx(op)?;
+                    self.ready.insert(seq, task.id.as_str()).ctx(op)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `id` from whichever order table holds it.
+    fn unorder(&mut self, seq: u64, not_before: i64, op: &str) -> StoreResult<()> {
+        if not_before == 0 {
+            self.ready.remove(seq).ctx(op)?;
+        } else {
+            self.delayed.remove((not_before, seq)).ctx(op)?;
+            self.delayed_by_seq.remove(seq).ctx(op)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the task unless its LSN was raised past `claim.lsn`. Returns whether no task is left.
+    fn finish_task(&mut self, claim: &Claim) -> StoreResult<bool> {
+        let op = "finish";
+        let Some((seq, lsn, _, _, not_before)) = self
+            .tasks
+            .get(claim.id.as_str())
+            .ctx(op)?
+            .map(|g| g.value())
+        else {
+            return Ok(true);
+        };
+        if lsn > claim.lsn.0 {
+            return Ok(false);
+        }
+        self.tasks.remove(claim.id.as_str()).ctx(op)?;
+        self.unorder(seq, not_before, op)?;
+        Ok(true)
+    }
+
+    fn retry(&mut self, claim: &Claim, not_before_ms: i64) -> StoreResult<()> {
+        let op = "retry";
+        let Some((seq, lsn, enqueued_at, attempts, old_not_before)) = self
+            .tasks
+            .get(claim.id.as_str())
+            .ctx(op)?
+            .map(|g| g.value())
+        else {
+            return Ok(());
+        };
+        let not_before = not_before_ms.max(1);
+        let attempts = attempts.max(claim.attempts).saturating_add(1);
+        self.unorder(seq, old_not_before, op)?;
+        let row: TaskRow = (seq, lsn, enqueued_at, attempts, not_before);
+        self.tasks.insert(claim.id.as_str(), row).ctx(op)?;
+        self.delayed
+            .insert((not_before, seq), claim.id.as_str())
+            .ctx(op)?;
+        self.delayed_by_seq.insert(seq, claim.id.as_str()).ctx(op)?;
+        Ok(())
+    }
+
+    fn apply(&mut self, op: &Op, next_seq: &mut u64, now: i64) -> StoreResult<(Reply, Effect)> {
+        Ok(match op {
+            Op::RegisterKey { primer, key } => {
+                self.index_key(primer, key)?;
+                (Reply::Unit, Effect::None)
+            }
+            Op::StoreResult { primer, key, entry } => (
+                Reply::Stored(self.store_result(primer, key, entry)?),
+                Effect::None,
+            ),
+            Op::RemoveKey { primer, key } => {
+                self.remove_key(primer, key)?;
+                (Reply::Unit, Effect::None)
+            }
+            Op::Enqueue { tasks } => {
+                self.enqueue(tasks, next_seq, now)?;
+                (Reply::Unit, Effect::Wake)
+            }
+            Op::Finish {
+                claim,
+                result,
+                follow_up,
+            } => {
+                let stored = match result {
+                    Some((primer, key, entry)) => Some(self.store_result(primer, key, entry)?),
+                    None => None,
+                };
+                // The task goes first, so that a follow-up with the same id is a new task.
+                let task_gone = self.finish_task(claim)?;
+                self.enqueue(follow_up, next_seq, now)?;
+                (
+                    Reply::Finished(stored),
+                    Effect::Release {
+                        claim: claim.clone(),
+                        task_gone,
+                        wake: !task_gone || !follow_up.is_empty(),
+                    },
+                )
+            }
+            Op::Retry {
+                claim,
+                not_before_ms,
+            } => {
+                self.retry(claim, *not_before_ms)?;
+                (
+                    Reply::Unit,
+                    Effect::Release {
+                        claim: claim.clone(),
+                        task_gone: false,
+                        wake: true,
+                    },
+                )
+            }
+            Op::PutMeta { name, value } => {
+                self.meta
+                    .insert(name.as_str(), &value[..])
+                    .ctx("put_meta")?;
+                (Reply::Unit, Effect::None)
+            }
+        })
+    }
+}
+
+struct Writer {
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Request>,
+    next_seq: u64,
+}
+
+impl Writer {
+    fn run(mut self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut weight = first.op.weight();
+            let mut batch = vec![first];
+            while weight < MAX_BATCH_WEIGHT {
+                match self.rx.try_recv() {
+                    Ok(req) => {
+                        weight += req.op.weight();
+                        batch.push(req);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.process(batch);
+        }
+        // Every handle is gone and every request answered.
+    }
+
+    fn process(&mut self, batch: Vec<Request>) {
+        let ops: Vec<&Op> = batch.iter().map(|r| &r.op).collect();
+        match self.commit(&ops) {
+            Ok(outcomes) => self.complete(batch, outcomes),
+            Err(err) if batch.len() == 1 => {
+                if let Some(req) = batch.into_iter().next() {
+                    let _ = req.reply.send(Err(err));
+                }
+            }
+            Err(_) => {
+                // Redo one request per transaction, so that only the failing ones fail.
+                for req in batch {
+                    match self.commit(&[&req.op]) {
+                        Ok(outcomes) => self.complete(vec![req], outcomes),
+                        Err(err) => {
+                            let _ = req.reply.send(Err(err));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies `ops` in one durable transaction.
+    fn commit(&mut self, ops: &[&Op]) -> StoreResult<Vec<(Reply, Effect)>> {
+        let txn = self.db.begin_write().ctx("begin write transaction")?;
+        let now = now_ms();
+        let mut next_seq = self.next_seq;
+        let mut outcomes = Vec::with_capacity(ops.len());
+        {
+            let mut tables = Tables::open(&txn)?;
+            for op in ops {
+                let outcome = tables.apply(op, &mut next_seq, now).map_err(|e| match e {
+                    StoreError::Backend(m) => StoreError::Backend(format!("{}: {m}", op.name())),
+                    other => other,
+                })?;
+                outcomes.push(outcome);
+            }
+        }
+        // Seqs handed to a transaction that then fails to commit are skipped, never reused.
+        self.next_seq = next_seq;
+        txn.commit().ctx("commit")?;
+        Ok(outcomes)
+    }
+
+    fn complete(&self, batch: Vec<Request>, outcomes: Vec<(Reply, Effect)>) {
+        let mut wake = false;
+        {
+            let mut claims = None;
+            for (_, effect) in &outcomes {
+                match effect {
+                    Effect::None => {}
+                    Effect::Wake => wake = true,
+                    Effect::Release {
+                        claim,
+                        task_gone,
+                        wake: w,
+                    } => {
+                        wake |= *w;
+                        let claims = claims.get_or_insert_with(|| self.shared.claims());
+                        let mine = claims.get(&claim.id).is_some_and(|r| r.matches(claim));
+                        if *task_gone || mine {
+                            claims.remove(&claim.id);
+                        }
+                    }
+                }
+            }
+        }
+        if wake {
+            self.shared.tasks_changed.notify_waiters();
+        }
+        for (req, (reply, _)) in batch.into_iter().zip(outcomes) {
+            let _ = req.reply.send(Ok(reply));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The store
+
+/// The redb-backed [`Store`]. Cloning gives another handle to the same store; when the last handle
+/// is dropped, the writer finishes the queued writes and the file is closed.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    tx: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer drain what is queued and stop; joining it releases its
+        // handle on the database, so that the file is closed (and unlocked) when this returns.
+        drop(self.tx.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the store in `dir` (creating the directory and `dir/kck.redb` if needed).
+    pub fn open(dir: &Path) -> StoreResult<EmbeddedStore> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot create the store directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "cannot open the store {}: another kck process is using this store",
+                path.display()
+            )),
+            other => redb_error(&format!("cannot open the store {}", path.display()), other),
+        })?;
+        let next_seq = Self::prepare(&db).map_err(|e| match e {
+            StoreError::Backend(m) => {
+                StoreError::Backend(format!("opening the store {}: {m}", path.display()))
+            }
+            StoreError::Corrupt(m) => {
+                StoreError::Corrupt(format!("opening the store {}: {m}", path.display()))
+            }
+            StoreError::Closed => StoreError::Closed,
+        })?;
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            db: db.clone(),
+            shared: shared.clone(),
+            rx,
+            next_seq,
+        };
+        let writer = std::thread::Builder::new()
+            .name("kck-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| {
+                StoreError::Backend(format!("cannot start the store writer thread: {e}"))
+            })?;
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                path,
+                db,
+                shared,
+                tx: Some(tx),
+                writer: Some(writer),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Creates every table (so that readers can open them) and returns the next task seq.
+    fn prepare(db: &Database) -> StoreResult<u64> {
+        let txn = db.begin_write().ctx("begin write transaction")?;
+        let next_seq;
+        {
+            let tables = Tables::open(&txn)?;
+            let last_ready = tables
+                .ready
+                .last()
+                .ctx("read queue")?
+                .map(|(k, _)| k.value());
+            let last_delayed = tables
+                .delayed_by_seq
+                .last()
+                .ctx("read queue")?
+                .map(|(k, _)| k.value());
+            next_seq = last_ready.max(last_delayed).map_or(0, |s| s + 1);
+        }
+        txn.commit().ctx("commit")?;
+        Ok(next_seq)
+    }
+
+    async fn call(&self, op: Op) -> StoreResult<Reply> {
+        let (reply, rx) = oneshot::channel();
+        let tx = self.inner.tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(Request { op, reply })
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn read(&self) -> StoreResult<ReadTransaction> {
+        self.inner.db.begin_read().ctx("begin read transaction")
+    }
+
+    /// How long until some task may be claimable: zero if one is now, `None` if the queue is empty.
+    fn next_claimable_in(&self) -> StoreResult<Option<Duration>> {
+        let op = "wait_for_tasks";
+        let claims = self.inner.shared.claims();
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let live = |id: &str| claims.get(id).is_some_and(|r| r.deadline > now);
+        let txn = self.read()?;
+        let ready = txn.open_table(READY).ctx(op)?;
+        for item in ready.iter().ctx(op)? {
+            let (_, id) = item.ctx(op)?;
+            if !live(id.value()) {
+                return Ok(Some(Duration::ZERO));
+            }
+        }
+        let mut soonest: Option<Duration> = None;
+        let delayed = txn.open_table(DELAYED).ctx(op)?;
+        for item in delayed.iter().ctx(op)? {
+            let (k, id) = item.ctx(op)?;
+            if live(id.value()) {
+                continue;
+            }
+            let (not_before, _) = k.value();
+            let ms = u64::try_from(not_before.saturating_sub(now_ms)).unwrap_or(0);
+            soonest = Some(Duration::from_millis(ms));
+            break;
+        }
+        // A lease running out makes its task claimable again.
+        for record in claims.values() {
+            if record.deadline > now {
+                let left = record.deadline - now;
+                soonest = Some(soonest.map_or(left, |s| s.min(left)));
+            }
+        }
+        Ok(soonest)
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<Entry>> {
+        let txn = self.read()?;
+        let entries = txn.open_table(ENTRIES).ctx("get")?;
+        match entries.get(key).ctx("get")? {
+            Some(bytes) => Ok(Some(decode_entry(key, bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn is_registered(&self, key: &str) -> StoreResult<bool> {
+        let op = "is_registered";
+        let txn = self.read()?;
+        let table = txn.open_table(KEY_PRIMERS).ctx(op)?;
+        let mut range = table.range((key, "")..).ctx(op)?;
+        match range.next() {
+            Some(item) => {
+                let (k, _) = item.ctx(op)?;
+                Ok(k.value().0 == key)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()> {
+        self.call(Op::RegisterKey {
+            primer: primer.to_owned(),
+            key: key.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn store_result(&self, primer: &str, key: &str, entry: Entry) -> StoreResult<Stored> {
+        match self
+            .call(Op::StoreResult {
+                primer: primer.to_owned(),
+                key: key.to_owned(),
+                entry,
+            })
+            .await?
+        {
+            Reply::Stored(stored) => Ok(stored),
+            other => Err(unexpected("store_result", other)),
+        }
+    }
+
+    async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()> {
+        self.call(Op::RemoveKey {
+            primer: primer.to_owned(),
+            key: key.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn keys(
+        &self,
+        primer: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        let op = "keys";
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let txn = self.read()?;
+        let table = txn.open_table(KEY_INDEX).ctx(op)?;
+        let range = match after {
+            Some(after) => table.range((
+                std::ops::Bound::Excluded((primer, after)),
+                std::ops::Bound::Unbounded,
+            )),
+            None => table.range((
+                std::ops::Bound::Included((primer, "")),
+                std::ops::Bound::Unbounded,
+            )),
+        }
+        .ctx(op)?;
+        for item in range {
+            let (k, _) = item.ctx(op)?;
+            let (p, key) = k.value();
+            if p != primer {
+                break;
+            }
+            out.push(key.to_owned());
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        self.call(Op::Enqueue { tasks }).await.map(|_| ())
+    }
+
+    async fn claim(&self, max: usize, lease: Duration) -> StoreResult<Vec<Claim>> {
+        let op = "claim";
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        let mut claims = self.inner.shared.claims();
+        let now = Instant::now();
+        let now_ms = now_ms();
+        let deadline = now
+            .checked_add(lease)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let txn = self.read()?;
+        let tasks = txn.open_table(TASKS).ctx(op)?;
+        let delayed = txn.open_table(DELAYED).ctx(op)?;
+        let ready = txn.open_table(READY).ctx(op)?;
+
+        let mut take = |id: &str, out: &mut Vec<Claim>| -> StoreResult<()> {
+            let previous = claims.get(id).copied();
+            if previous.is_some_and(|r| r.deadline > now) {
+                return Ok(());
+            }
+            let Some((_, lsn, enqueued_at_ms, attempts, _)) =
+                tasks.get(id).ctx(op)?.map(|g| g.value())
+            else {
+                tracing::error!(
+                    task = id,
+                    "queue order names a task that does not exist; skipped"
+                );
+                return Ok(());
+            };
+            // A claim whose lease ran out counts as an attempt.
+            let attempts = match previous {
+                Some(r) if r.attempts >= attempts => r.attempts.saturating_add(1),
+                _ => attempts,
+            };
+            let lsn = Lsn(lsn);
+            claims.insert(
+                id.to_owned(),
+                ClaimRecord {
+                    deadline,
+                    lsn,
+                    attempts,
+                },
+            );
+            out.push(Claim {
+                id: id.to_owned(),
+                lsn,
+                attempts,
+                enqueued_at_ms,
+            });
+            Ok(())
+        };
+
+        // Retried tasks whose delay is over, then the rest, oldest first.
+        for item in delayed.range(..=(now_ms, u64::MAX)).ctx(op)? {
+            if out.len() == max {
+                return Ok(out);
+            }
+            let (_, id) = item.ctx(op)?;
+            take(id.value(), &mut out)?;
+        }
+        for item in ready.iter().ctx(op)? {
+            if out.len() == max {
+                break;
+            }
+            let (_, id) = item.ctx(op)?;
+            take(id.value(), &mut out)?;
+        }
+        Ok(out)
+    }
+
+    async fn finish(
+        &self,
+        claim: &Claim,
+        result: Option<(&str, &str, Entry)>,
+        follow_up: Vec<Task>,
+    ) -> StoreResult<Option<Stored>> {
+        let op = Op::Finish {
+            claim: claim.clone(),
+            result: result.map(|(p, k, e)| (p.to_owned(), k.to_owned(), e)),
+            follow_up,
+        };
+        match self.call(op).await? {
+            Reply::Finished(stored) => Ok(stored),
+            other => Err(unexpected("finish", other)),
+        }
+    }
+
+    async fn retry(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
+        let not_before_ms = now_ms().saturating_add(duration_ms(delay));
+        self.call(Op::Retry {
+            claim: claim.clone(),
+            not_before_ms,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn wait_for_tasks(&self, timeout: Duration) {
+        // Registered before looking, so that a commit after the look wakes us.
+        let notified = self.inner.shared.tasks_changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let wait = match self.next_claimable_in() {
+            Ok(Some(d)) => d.min(timeout),
+            Ok(None) => timeout,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot look at the queue; waiting");
+                timeout
+            }
+        };
+        if wait.is_zero() {
+            return;
+        }
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        let op = "queue_stats";
+        let claimed = {
+            let claims = self.inner.shared.claims();
+            let now = Instant::now();
+            claims.values().filter(|r| r.deadline > now).count() as u64
+        };
+        let txn = self.read()?;
+        let tasks = txn.open_table(TASKS).ctx(op)?;
+        let depth = tasks.len().ctx(op)?;
+        let first_ready = txn
+            .open_table(READY)
+            .ctx(op)?
+            .first()
+            .ctx(op)?
+            .map(|(k, v)| (k.value(), v.value().to_owned()));
+        let first_delayed = txn
+            .open_table(DELAYED_BY_SEQ)
+            .ctx(op)?
+            .first()
+            .ctx(op)?
+            .map(|(k, v)| (k.value(), v.value().to_owned()));
+        let oldest = match (first_ready, first_delayed) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let oldest_enqueued_at_ms = match oldest {
+            Some((_, id)) => tasks.get(id.as_str()).ctx(op)?.map(|g| g.value().2),
+            None => None,
+        };
+        Ok(QueueStats {
+            depth,
+            claimed: claimed.min(depth),
+            oldest_enqueued_at_ms,
+        })
+    }
+
+    async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>> {
+        let txn = self.read()?;
+        let meta = txn.open_table(META).ctx("get_meta")?;
+        Ok(meta
+            .get(name)
+            .ctx("get_meta")?
+            .map(|v| Bytes::copy_from_slice(v.value())))
+    }
+
+    async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()> {
+        self.call(Op::PutMeta {
+            name: name.to_owned(),
+            value,
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+fn unexpected(op: &str, reply: Reply) -> StoreError {
+    StoreError::Backend(format!(
+        "{op}: the store writer gave an unexpected reply {reply:?}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::store::conformance;
+
+    const LONG: Duration = Duration::from_secs(60);
+
+    fn entry(lsn: u64, value: &str) -> Entry {
+        Entry {
+            value: Bytes::from(value.to_owned()),
+            lsn: Lsn(lsn),
+            computed_at_ms: 1_700_000_000_000,
+            expires_at_ms: Some(1_700_000_060_000),
+        }
+    }
+
+    fn task(id: &str, lsn: u64) -> Task {
+        Task {
+            id: id.to_owned(),
+            lsn: Lsn(lsn),
+        }
+    }
+
+    fn ids(claims: &[Claim]) -> Vec<&str> {
+        claims.iter().map(|c| c.id.as_str()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::run_all(|| {
+            let path = dir
+                .path()
+                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopening_keeps_entries_index_queue_and_meta_and_resets_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let oldest;
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.store_result("p", "p/1", entry(7, "one")).await.unwrap();
+            s.register_key("p", "p/2").await.unwrap();
+            s.put_meta("fingerprint", Bytes::from_static(b"f1"))
+                .await
+                .unwrap();
+            s.enqueue(vec![task("a", 1), task("b", 2), task("c", 3)])
+                .await
+                .unwrap();
+            let claims = s.claim(10, LONG).await.unwrap();
+            assert_eq!(ids(&claims), vec!["a", "b", "c"]);
+            s.retry(&claims[2], LONG).await.unwrap();
+            oldest = s.queue_stats().await.unwrap().oldest_enqueued_at_ms;
+            assert!(oldest.is_some());
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("p/1").await.unwrap(), Some(entry(7, "one")));
+        assert!(s.is_registered("p/2").await.unwrap());
+        assert_eq!(s.keys("p", None, 10).await.unwrap(), vec!["p/1", "p/2"]);
+        assert_eq!(
+            s.get_meta("fingerprint").await.unwrap(),
+            Some(Bytes::from_static(b"f1"))
+        );
+        let st = s.queue_stats().await.unwrap();
+        assert_eq!(
+            st,
+            QueueStats {
+                depth: 3,
+                claimed: 0,
+                oldest_enqueued_at_ms: oldest
+            }
+        );
+        // New tasks line up after the stored ones (seqs are not reused).
+        s.enqueue(vec![task("d", 4)]).await.unwrap();
+        // Claims did not survive; the retried task is still delayed.
+        let claims = s.claim(10, LONG).await.unwrap();
+        assert_eq!(ids(&claims), vec!["a", "b", "d"]);
+        assert_eq!(claims[1].lsn, Lsn(2));
+        // Never backwards holds across the reopen.
+        assert_eq!(
+            s.store_result("p", "p/1", entry(6, "older")).await.unwrap(),
+            Stored::KeptNewer(Lsn(7))
+        );
+        drop(s);
+        // And a retried task keeps its attempts.
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.queue_stats().await.unwrap().depth, 4);
+        assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["a", "b", "d"]);
+    }
+
+    /// Set in the environment of the child process that [`survives_a_crash`] starts.
+    const CRASH_DIR_ENV: &str = "KCK_STORE_TEST_CRASH_DIR";
+
+    /// Not a test of its own: in the child process of [`survives_a_crash`] it writes and then aborts,
+    /// with no destructor or clean shutdown; otherwise it does nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crash_helper_process() {
+        let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+            return;
+        };
+        let s = EmbeddedStore::open(Path::new(&dir)).unwrap();
+        s.store_result("p", "p/1", entry(7, "one")).await.unwrap();
+        s.register_key("p", "p/2").await.unwrap();
+        s.put_meta("fingerprint", Bytes::from_static(b"f1"))
+            .await
+            .unwrap();
+        s.enqueue((0..100).map(|i| task(&format!("t{i}"), i)).collect())
+            .await
+            .unwrap();
+        let c = s.claim(1, LONG).await.unwrap().remove(0);
+        s.finish(
+            &c,
+            Some(("p", "p/3", entry(9, "three"))),
+            vec![task("f", 9)],
+        )
+        .await
+        .unwrap();
+        std::process::abort();
+    }
+
+    /// What `enqueue`, `finish` and the other writes acknowledged survives the process dying.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn survives_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::embedded::tests::crash_helper_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_DIR_ENV, dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the helper process was meant to abort");
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("p/1").await.unwrap(), Some(entry(7, "one")));
+        assert_eq!(s.get("p/3").await.unwrap(), Some(entry(9, "three")));
+        assert_eq!(
+            s.keys("p", None, 10).await.unwrap(),
+            vec!["p/1", "p/2", "p/3"]
+        );
+        assert_eq!(
+            s.get_meta("fingerprint").await.unwrap(),
+            Some(Bytes::from_static(b"f1"))
+        );
+        assert_eq!(s.queue_stats().await.unwrap().depth, 100);
+        let claims = s.claim(1000, LONG).await.unwrap();
+        assert_eq!(claims.len(), 100);
+        assert_eq!(claims[0].id, "t1", "t0 was finished");
+        assert_eq!(claims[99].id, "f");
+        // The store still writes after recovery.
+        s.enqueue(vec![task("after", 1)]).await.unwrap();
+        assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["after"]);
+    }
+
+    #[tokio::test]
+    async fn opening_an_open_store_again_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = EmbeddedStore::open(dir.path()).unwrap();
+        let err = EmbeddedStore::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("another kck process is using this store"),
+            "{err}"
+        );
+        assert!(
+            err.contains(&dir.path().join(FILE_NAME).display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn open_creates_missing_directories_and_names_a_bad_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b/c");
+        let s = EmbeddedStore::open(&nested).unwrap();
+        assert_eq!(s.path(), nested.join(FILE_NAME));
+        assert!(nested.join(FILE_NAME).is_file());
+
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = EmbeddedStore::open(&file).unwrap_err().to_string();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_entry_is_reported_and_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(EmbeddedStore::open(dir.path()).unwrap());
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(ENTRIES)
+                .unwrap()
+                .insert("bad", &b"xx"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        assert!(matches!(s.get("bad").await, Err(StoreError::Corrupt(_))));
+        // A bad write batched with good ones fails alone.
+        let mut handles = Vec::new();
+        for i in 0..20u64 {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                if i % 5 == 0 {
+                    let r = s.store_result("p", "bad", entry(i, "v")).await;
+                    assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
+                } else {
+                    s.enqueue(vec![task(&format!("t{i}"), i)]).await.unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        assert_eq!(s.queue_stats().await.unwrap().depth, 16);
+        // Removing the key clears it.
+        s.remove_key("p", "bad").await.unwrap();
+        assert_eq!(s.get("bad").await.unwrap(), None);
+    }
+
+    #[test]
+    fn entry_encoding_round_trips_and_rejects_garbage() {
+        for e in [
+            entry(1, "x"),
+            Entry {
+                value: Bytes::new(),
+                lsn: Lsn(u64::MAX),
+                computed_at_ms: i64::MIN,
+                expires_at_ms: None,
+            },
+        ] {
+            let mut buf = vec![0; ENTRY_HEADER + e.value.len()];
+            encode_entry_into(&e, &mut buf);
+            assert_eq!(decode_entry("k", &buf).unwrap(), e);
+            assert_eq!(decode_entry_lsn("k", &buf).unwrap(), e.lsn);
+        }
+        assert!(matches!(
+            decode_entry("k", &[1, 2]),
+            Err(StoreError::Corrupt(_))
+        ));
+        let mut bad_format = vec![0; ENTRY_HEADER];
+        bad_format[0] = 9;
+        assert!(matches!(
+            decode_entry("k", &bad_format),
+            Err(StoreError::Corrupt(_))
+        ));
+        let mut bad_flag = vec![0; ENTRY_HEADER];
+        bad_flag[0] = ENTRY_FORMAT;
+        bad_flag[17] = 2;
+        assert!(matches!(
+            decode_entry_lsn("k", &bad_flag),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_wakes_when_a_retried_task_falls_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        s.enqueue(vec![task("a", 1)]).await.unwrap();
+        let c = s.claim(1, LONG).await.unwrap().remove(0);
+        s.retry(&c, Duration::from_millis(100)).await.unwrap();
+        let start = Instant::now();
+        s.wait_for_tasks(LONG).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "waited for the timeout"
+        );
+        let start = Instant::now();
+        loop {
+            let claims = s.claim(1, LONG).await.unwrap();
+            if !claims.is_empty() {
+                assert_eq!(claims[0].attempts, 1);
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // And when a lease runs out.
+        let start = Instant::now();
+        s.enqueue(vec![task("b", 1)]).await.unwrap();
+        let _ = s.claim(1, Duration::from_millis(100)).await.unwrap();
+        s.wait_for_tasks(LONG).await;
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "waited for the timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_whose_writer_is_gone_says_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        // Stand-in for a writer thread that died: its channel is closed.
+        let (tx, rx) = mpsc::channel::<Request>();
+        drop(rx);
+        let broken = EmbeddedStore {
+            inner: Arc::new(Inner {
+                path: s.inner.path.clone(),
+                db: s.inner.db.clone(),
+                shared: s.inner.shared.clone(),
+                tx: Some(tx),
+                writer: None,
+            }),
+        };
+        assert!(matches!(
+            broken.enqueue(vec![task("a", 1)]).await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(
+            broken.put_meta("x", Bytes::new()).await,
+            Err(StoreError::Closed)
+        ));
+        // Reads still work.
+        assert_eq!(broken.get("k").await.unwrap(), None);
+    }
+}
