@@ -143,7 +143,7 @@ impl Config {
         path: &Path,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = from_yaml(text, path, "")?;
+        let raw: RawConfig = from_yaml(text, path)?;
         Loader {
             file: path,
             text,
@@ -287,8 +287,18 @@ struct RawPrimer {
 #[serde(deny_unknown_fields)]
 struct RawDependency {
     table: Option<Spanned<String>>,
+    /// `columns:` with no value is an error rather than absent (which would mean "all keys").
+    #[serde(default, deserialize_with = "present")]
     columns: Option<Spanned<ColumnPairs>>,
+    #[serde(default, deserialize_with = "present")]
     lookup: Option<Spanned<RawLookup>>,
+}
+
+/// For a field whose explicit null must not read as "absent": deserialize the value as `T` even if null.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,8 +347,8 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Deserialize `text` (read from `file`) into `T`; a serde error becomes [`ConfigError::Invalid`] with its
-/// line and the dotted path of the field (prefixed by `prefix`).
-fn from_yaml<T: DeserializeOwned>(text: &str, file: &Path, prefix: &str) -> Result<T, ConfigError> {
+/// line and the dotted path of the field.
+fn from_yaml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
     let mut path = None;
     let options = serde_saphyr::options! {
         strict_booleans: true,
@@ -370,7 +380,7 @@ fn from_yaml<T: DeserializeOwned>(text: &str, file: &Path, prefix: &str) -> Resu
             }
             serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
                 if let Some(key) = key {
-                    if field.is_empty() || field.ends_with('?') {
+                    if field.is_empty() {
                         field = key.clone();
                     }
                     format!("`{key}` is given twice in the same mapping")
@@ -386,11 +396,6 @@ fn from_yaml<T: DeserializeOwned>(text: &str, file: &Path, prefix: &str) -> Resu
                 format!("expected {}", friendly_type(expected))
             }
             other => strip_location(&other.to_string()).to_owned(),
-        };
-        let field = if field.is_empty() {
-            prefix.trim_end_matches('.').to_owned()
-        } else {
-            format!("{prefix}{field}")
         };
         let field = if field.is_empty() {
             "(document)".to_owned()
@@ -925,7 +930,7 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         line += 1;
     }
     let body = &text[offset..];
-    let raw: RawPrimer = from_yaml(&header, file, "")?;
+    let raw: RawPrimer = from_yaml(&header, file)?;
     if let Some(q) = &raw.query {
         return Err(invalid(
             file,
@@ -1711,6 +1716,21 @@ primers:
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let c = Config::from_yaml_str(
+            include_str!("../config/example.yaml"),
+            Path::new("config/example.yaml"),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.catalog.primers.len(), 3);
+        assert_eq!(
+            c.source.redacted_url(),
+            "postgres://kck:***@127.0.0.1:5432/app"
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = load(BASE).unwrap();
         assert_eq!(c.source.publication, "kck");
@@ -2151,6 +2171,18 @@ primers:
             9,
             "primers[0].depends_on[0].columns.user_id",
             "'user id' is not valid as a column name",
+        );
+        assert_invalid(
+            &base_with(" { user_id: user_id }", ""),
+            9,
+            "primers[0].depends_on[0].columns",
+            "",
+        );
+        assert_invalid(
+            &base_with("columns: { user_id: user_id }", "lookup:"),
+            9,
+            "primers[0].depends_on[0].lookup",
+            "",
         );
         assert_invalid(
             &base_with("{ user_id: user_id }", "{}"),
