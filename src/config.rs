@@ -3,12 +3,20 @@
 //! Loading runs in two stages (as ripgrep's flags do): serde reads a raw form that mirrors the file
 //! (`deny_unknown_fields`), then [`Config::load`] validates it once into [`Config`]. Every error names the
 //! file, the line and the field, and says what would be right.
+//!
+//! `docs/config.md` is the user-facing reference of every field; keep the two in step.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::primer::Catalog;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_saphyr::Spanned;
+
+use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -25,7 +33,9 @@ pub struct Config {
 }
 
 /// Where the data comes from.
-#[derive(Debug, Clone)]
+///
+/// `Debug` hides the password of `url`; use [`SourceConfig::redacted_url`] to log the URL.
+#[derive(Clone)]
 pub struct SourceConfig {
     /// A libpq-style connection string or URL (`postgres://user:pass@host:5432/db`). `KCK_SOURCE_URL`.
     pub url: String,
@@ -38,6 +48,8 @@ pub struct SourceConfig {
 }
 
 /// Where cache entries and the refresh queue live.
+///
+/// Chosen by `store.kind`; each kind has its own fields in the `store` section.
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     /// redb in one file under `path` (a directory; created if missing).
@@ -70,7 +82,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// `field` is a dotted path such as `primers[2].key`.
+    /// `field` is a dotted path such as `primers[2].key`. For a `.sql` primer file, `path` and `line` refer
+    /// to that file and `field` is relative to its header (`key`, `depends_on[0].table`).
     #[error("{}:{line}: {field}: {message}", path.display())]
     Invalid {
         path: PathBuf,
@@ -78,12 +91,2509 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    /// An environment variable that overrides a field (`var`, e.g. `KCK_HTTP_BIND`) has a bad value.
+    #[error("environment variable {var} (overrides {field} of {}): {message}", path.display())]
+    Env {
+        /// The config file whose field the variable overrides.
+        path: PathBuf,
+        var: String,
+        field: String,
+        message: String,
+    },
 }
+
+/// The default of `source.publication` and `source.slot`.
+pub const DEFAULT_PUBLICATION: &str = "kck";
+pub const DEFAULT_SLOT: &str = "kck";
+pub const DEFAULT_STORE_PATH: &str = "./kck-data";
+pub const DEFAULT_HTTP_BIND: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+pub const DEFAULT_WORKERS: usize = 4;
+pub const MAX_WORKERS: usize = 256;
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The environment variables that override fields, with the field each overrides.
+pub const ENV_OVERRIDES: [(&str, &str); 5] = [
+    ("KCK_SOURCE_URL", "source.url"),
+    ("KCK_SOURCE_PUBLICATION", "source.publication"),
+    ("KCK_SOURCE_SLOT", "source.slot"),
+    ("KCK_STORE_PATH", "store.path"),
+    ("KCK_HTTP_BIND", "http.bind"),
+];
 
 impl Config {
     /// Read, override from the environment (`KCK_*`), and validate.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let _ = path;
-        todo!()
+        Config::load_with_env(path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] with the environment given as a function (`env("KCK_SOURCE_URL")`), for tests.
+    pub fn load_with_env(
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = read_text(path)?;
+        Config::from_yaml_str(&text, path, env)
+    }
+
+    /// Validate YAML text as if it had been read from `path` (which names the file in messages and anchors
+    /// relative paths; `primers_dir` is read from disk).
+    pub fn from_yaml_str(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = from_yaml(text, path)?;
+        Loader {
+            file: path,
+            text,
+            env: &env,
+        }
+        .load(raw)
+    }
+}
+
+impl SourceConfig {
+    /// `url` with any password replaced by `***`, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &self.redacted_url())
+            .field("publication", &self.publication)
+            .field("create_publication", &self.create_publication)
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+/// Replace the password of a `postgres://user:password@host/db` URL or of a `password=...` key/value
+/// connection string with `***`.
+fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@')
+            && let Some(colon) = authority[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            let end = scheme_end + 3 + at;
+            return format!("{}***{}", &url[..start], &url[end..]);
+        }
+        return url.to_owned();
+    }
+    // key=value form: `host=... password=secret` or `password='se cret'`.
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(i) = rest.find("password") {
+        let (before, after) = rest.split_at(i);
+        out.push_str(before);
+        let at_word_start = before.is_empty() || before.ends_with(char::is_whitespace);
+        let value = after["password".len()..].trim_start();
+        if at_word_start && let Some(value) = value.strip_prefix('=') {
+            let value = value.trim_start();
+            let end = if let Some(quoted) = value.strip_prefix('\'') {
+                let mut end = quoted.len();
+                let mut chars = quoted.char_indices();
+                while let Some((j, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '\'' => {
+                            end = j + 1;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                1 + end
+            } else {
+                value.find(char::is_whitespace).unwrap_or(value.len())
+            };
+            out.push_str("password=***");
+            rest = &value[end..];
+        } else {
+            out.push_str("password");
+            rest = &after["password".len()..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The raw form: mirrors the file. Every field is optional so that a missing one gets our own message (with
+// the enclosing mapping's line); values that need checking are kept as text with their location.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    source: Option<Spanned<RawSource>>,
+    store: Option<Spanned<RawStore>>,
+    http: Option<Spanned<RawHttp>>,
+    refresh: Option<Spanned<RawRefresh>>,
+    prime_on_cache_miss: Option<Spanned<bool>>,
+    primers_dir: Option<Spanned<String>>,
+    primers: Option<Spanned<Vec<Spanned<RawPrimer>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    url: Option<Spanned<String>>,
+    publication: Option<Spanned<String>>,
+    create_publication: Option<Spanned<bool>>,
+    slot: Option<Spanned<String>>,
+}
+
+/// One struct for every store kind: a field of another kind is rejected by validation, by name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    kind: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    bind: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    workers: Option<Spanned<i64>>,
+    visibility_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrimer {
+    name: Option<Spanned<String>>,
+    key: Option<Spanned<String>>,
+    shape: Option<Spanned<String>>,
+    query: Option<Spanned<String>>,
+    depends_on: Option<Spanned<Vec<Spanned<RawDependency>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDependency {
+    table: Option<Spanned<String>>,
+    /// `columns:` with no value is an error rather than absent (which would mean "all keys").
+    #[serde(default, deserialize_with = "present")]
+    columns: Option<Spanned<ColumnPairs>>,
+    #[serde(default, deserialize_with = "present")]
+    lookup: Option<Spanned<RawLookup>>,
+}
+
+/// For a field whose explicit null must not read as "absent": deserialize the value as `T` even if null.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(deserializer).map(Some)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLookup {
+    query: Option<Spanned<String>>,
+    args: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// A `columns` mapping (key parameter → column), in file order.
+#[derive(Debug)]
+struct ColumnPairs(Vec<(String, Spanned<String>)>);
+
+impl<'de> Deserialize<'de> for ColumnPairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ColumnPairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping from key parameter to column, such as { user_id: user_id }")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ColumnPairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value()?;
+                    pairs.push((key, value));
+                }
+                Ok(ColumnPairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Deserialization with locations.
+
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Deserialize `text` (read from `file`) into `T`; a serde error becomes [`ConfigError::Invalid`] with its
+/// line and the dotted path of the field.
+fn from_yaml<T: DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    let mut path = None;
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        with_snippet: false,
+    };
+    let result = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = Some(e.path().clone());
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let line = e.location().map_or(0, |l| l.line() as usize);
+        let mut field = path.as_ref().map(field_path).unwrap_or_default();
+        let e = e.without_snippet();
+        let message = match e {
+            serde_saphyr::Error::SerdeUnknownField {
+                field: name,
+                expected,
+                ..
+            } => {
+                let known = expected.join(", ");
+                match closest(name, expected) {
+                    Some(best) => format!(
+                        "unknown field `{name}`; did you mean `{best}`? (known fields: {known})"
+                    ),
+                    None => format!("unknown field `{name}` (known fields: {known})"),
+                }
+            }
+            serde_saphyr::Error::DuplicateMappingKey { key, .. } => {
+                if let Some(key) = key {
+                    if field.is_empty() {
+                        field = key.clone();
+                    }
+                    format!("`{key}` is given twice in the same mapping")
+                } else {
+                    "a key is given twice in the same mapping".to_owned()
+                }
+            }
+            serde_saphyr::Error::InvalidScalar { ty, .. } => {
+                format!("expected {}", friendly_type(ty))
+            }
+            serde_saphyr::Error::InvalidBooleanStrict { .. } => "expected true or false".to_owned(),
+            serde_saphyr::Error::Unexpected { expected, .. } => {
+                format!("expected {}", friendly_type(expected))
+            }
+            other => strip_location(&other.to_string()).to_owned(),
+        };
+        let field = if field.is_empty() {
+            "(document)".to_owned()
+        } else {
+            field
+        };
+        ConfigError::Invalid {
+            path: file.to_owned(),
+            line,
+            field,
+            message,
+        }
+    })
+}
+
+/// The dotted field path of a serde error. `Spanned<T>` reads its value as a field named `value`, which is
+/// dropped (no field of the file format is called `value`; a key parameter called `value` in a `columns`
+/// mapping is dropped too, which only makes the path of such an error one segment shorter).
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+            }
+            serde_path_to_error::Segment::Map { key } if key == "value" => {}
+            serde_path_to_error::Segment::Map { key }
+            | serde_path_to_error::Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+fn friendly_type(ty: &str) -> &str {
+    match ty {
+        "i64" | "i32" | "u64" | "u32" | "usize" => "an integer",
+        "bool" => "true or false",
+        "mapping start" | "mapping" => "a mapping (`key: value` entries)",
+        "sequence start" | "sequence" => "a list (`- item` entries or `[a, b]`)",
+        "string scalar" | "string" => "a string",
+        other => other,
+    }
+}
+
+/// Drop saphyr's " at line N, column M" (our messages carry the line themselves).
+fn strip_location(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(i) if message[i..].contains(", column ") => &message[..i],
+        _ => message,
+    }
+}
+
+/// The known name closest to `name`, if it is plausibly a misspelling of it.
+fn closest<'a>(name: &str, known: &[&'a str]) -> Option<&'a str> {
+    let (best, distance) = known
+        .iter()
+        .map(|k| (*k, edit_distance(name, k)))
+        .min_by_key(|(_, d)| *d)?;
+    (distance <= 2.max(name.chars().count() / 3)).then_some(best)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+fn line_of<T>(s: &Spanned<T>) -> usize {
+    s.referenced.line() as usize
+}
+
+/// The line of a top-level `key:` in YAML text (for errors about a section that is absent or null).
+fn top_level_key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
+}
+
+/// Whether the scalar whose content starts on `line` is a literal block (`key: |`, `|-`, `|+`, `|2`): the
+/// line before it ends with the indicator.
+fn is_literal_block(text: &str, line: usize) -> bool {
+    line >= 2
+        && text.lines().nth(line - 2).is_some_and(|l| {
+            let l = l.find(" #").map_or(l, |i| &l[..i]).trim_end();
+            l.trim_end_matches(|c: char| c == '-' || c == '+' || c.is_ascii_digit())
+                .ends_with('|')
+        })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Validation.
+
+struct Loader<'a> {
+    file: &'a Path,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+/// Where a primer came from, for messages about it.
+struct PrimerOrigin {
+    file: PathBuf,
+    /// `primers[2].` for YAML primers, empty for `.sql` files.
+    prefix: String,
+    name_line: usize,
+    key_line: usize,
+}
+
+fn invalid(
+    file: &Path,
+    line: usize,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        path: file.to_owned(),
+        line,
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Loader<'_> {
+    fn err(
+        &self,
+        line: usize,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        invalid(self.file, line, field, message)
+    }
+
+    fn env_err(&self, var: &str, message: impl Into<String>) -> ConfigError {
+        let field = ENV_OVERRIDES
+            .iter()
+            .find(|(v, _)| *v == var)
+            .map_or("", |(_, f)| f);
+        ConfigError::Env {
+            path: self.file.to_owned(),
+            var: var.to_owned(),
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// The line of a section: its mapping if present, else its key, else line 1.
+    fn section_line<T>(&self, section: &Option<Spanned<T>>, key: &str) -> usize {
+        section
+            .as_ref()
+            .map(line_of)
+            .or_else(|| top_level_key_line(self.text, key))
+            .unwrap_or(1)
+    }
+
+    /// The value of a string field: the environment variable `var` if set, else the file's value, parsed
+    /// by `parse`. `None` if neither gives one.
+    fn string_field<T>(
+        &self,
+        var: &str,
+        field: &str,
+        value: Option<&Spanned<String>>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        if let Some(v) = (self.env)(var) {
+            return parse(&v).map(Some).map_err(|m| self.env_err(var, m));
+        }
+        match value {
+            Some(v) => parse(&v.value)
+                .map(Some)
+                .map_err(|m| self.err(line_of(v), field, m)),
+            None => Ok(None),
+        }
+    }
+
+    fn load(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let source = self.source(&raw)?;
+        let store = self.store(&raw)?;
+        let http = self.http(&raw)?;
+        let refresh = self.refresh(&raw)?;
+        let prime_on_cache_miss = raw.prime_on_cache_miss.as_ref().is_none_or(|s| s.value);
+        let catalog = self.primers(raw)?;
+        Ok(Config {
+            file: self.file.to_owned(),
+            source,
+            store,
+            http,
+            refresh,
+            prime_on_cache_miss,
+            catalog,
+        })
+    }
+
+    fn source(&self, raw: &RawConfig) -> Result<SourceConfig, ConfigError> {
+        let line = self.section_line(&raw.source, "source");
+        let section = raw.source.as_ref().map(|s| &s.value);
+        let url = self
+            .string_field("KCK_SOURCE_URL", "source.url", section.and_then(|s| s.url.as_ref()), check_url)?
+            .ok_or_else(|| {
+                self.err(
+                    line,
+                    "source.url",
+                    "required: the Postgres connection URL, such as postgres://kck:secret@127.0.0.1:5432/app \
+                     (or set KCK_SOURCE_URL)",
+                )
+            })?;
+        let publication = self
+            .string_field(
+                "KCK_SOURCE_PUBLICATION",
+                "source.publication",
+                section.and_then(|s| s.publication.as_ref()),
+                |v| check_pg_name(v, "a publication name"),
+            )?
+            .unwrap_or_else(|| DEFAULT_PUBLICATION.to_owned());
+        let slot = self
+            .string_field(
+                "KCK_SOURCE_SLOT",
+                "source.slot",
+                section.and_then(|s| s.slot.as_ref()),
+                check_slot_name,
+            )?
+            .unwrap_or_else(|| DEFAULT_SLOT.to_owned());
+        let create_publication = section
+            .and_then(|s| s.create_publication.as_ref())
+            .is_some_and(|s| s.value);
+        Ok(SourceConfig {
+            url,
+            publication,
+            create_publication,
+            slot,
+        })
+    }
+
+    fn store(&self, raw: &RawConfig) -> Result<StoreConfig, ConfigError> {
+        let section = raw.store.as_ref().map(|s| &s.value);
+        let kind = section.and_then(|s| s.kind.as_ref());
+        match kind.map(|k| k.value.as_str()) {
+            None | Some("embedded") => {}
+            Some(other) => {
+                return Err(self.err(
+                    kind.map_or(0, line_of),
+                    "store.kind",
+                    format!("unknown store kind '{other}': the only kind is 'embedded'"),
+                ));
+            }
+        }
+        // Only the embedded kind exists; a new kind adds an arm above, its fields to `RawStore`, and checks
+        // that the other kinds' fields are absent.
+        let path = match (self.env)("KCK_STORE_PATH") {
+            Some(v) => {
+                if v.is_empty() {
+                    return Err(self.env_err("KCK_STORE_PATH", "is empty: give a directory"));
+                }
+                // Relative to the working directory, like any path given to a command.
+                PathBuf::from(v)
+            }
+            None => match section.and_then(|s| s.path.as_ref()) {
+                Some(p) if p.value.is_empty() => {
+                    return Err(self.err(line_of(p), "store.path", "is empty: give a directory"));
+                }
+                Some(p) => self.relative(&p.value),
+                None => self.relative(DEFAULT_STORE_PATH),
+            },
+        };
+        Ok(StoreConfig::Embedded { path })
+    }
+
+    /// A path from the file, relative to the file's directory.
+    fn relative(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    fn http(&self, raw: &RawConfig) -> Result<HttpConfig, ConfigError> {
+        let section = raw.http.as_ref().map(|s| &s.value);
+        let bind = self
+            .string_field(
+                "KCK_HTTP_BIND",
+                "http.bind",
+                section.and_then(|s| s.bind.as_ref()),
+                parse_bind,
+            )?
+            .unwrap_or(DEFAULT_HTTP_BIND);
+        Ok(HttpConfig { bind })
+    }
+
+    fn refresh(&self, raw: &RawConfig) -> Result<RefreshConfig, ConfigError> {
+        let section = raw.refresh.as_ref().map(|s| &s.value);
+        let workers = match section.and_then(|s| s.workers.as_ref()) {
+            None => DEFAULT_WORKERS,
+            Some(w) => match usize::try_from(w.value) {
+                Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(w),
+                        "refresh.workers",
+                        format!("must be between 1 and {MAX_WORKERS}, got {}", w.value),
+                    ));
+                }
+            },
+        };
+        let visibility_timeout = match section.and_then(|s| s.visibility_timeout.as_ref()) {
+            None => DEFAULT_VISIBILITY_TIMEOUT,
+            Some(t) => parse_duration(&t.value)
+                .map_err(|m| self.err(line_of(t), "refresh.visibility_timeout", m))?,
+        };
+        Ok(RefreshConfig {
+            workers,
+            visibility_timeout,
+        })
+    }
+
+    fn primers(&self, raw: RawConfig) -> Result<Catalog, ConfigError> {
+        let mut primers = Vec::new();
+        let mut origins = Vec::new();
+        let primers_line = self.section_line(&raw.primers, "primers");
+        if let Some(list) = raw.primers {
+            for (i, item) in list.value.into_iter().enumerate() {
+                let origin = PrimerOrigin {
+                    file: self.file.to_owned(),
+                    prefix: format!("primers[{i}]."),
+                    name_line: line_of(&item),
+                    key_line: line_of(&item),
+                };
+                let line = line_of(&item);
+                let query_is_literal_block = item
+                    .value
+                    .query
+                    .as_ref()
+                    .is_some_and(|q| is_literal_block(self.text, line_of(q)));
+                let (primer, origin) =
+                    build_primer(item.value, line, origin, None, query_is_literal_block)?;
+                primers.push(primer);
+                origins.push(origin);
+            }
+        }
+        if let Some(dir) = &raw.primers_dir {
+            let line = line_of(dir);
+            let path = self.relative(&dir.value);
+            for file in sql_files(&path).map_err(|e| {
+                self.err(
+                    line,
+                    "primers_dir",
+                    format!("cannot read the directory {}: {e}", path.display()),
+                )
+            })? {
+                let (primer, origin) = load_sql_primer(&file)?;
+                primers.push(primer);
+                origins.push(origin);
+            }
+        }
+        if primers.is_empty() {
+            return Err(self.err(
+                primers_line,
+                "primers",
+                "at least one primer is required: list them under `primers:` or put `.sql` primer files in \
+                 the directory named by `primers_dir`",
+            ));
+        }
+        // Names are unique across the file and the `.sql` files.
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, primer) in primers.iter().enumerate() {
+            if let Some(&j) = seen.get(primer.name.as_str()) {
+                let (here, there) = (&origins[i], &origins[j]);
+                return Err(invalid(
+                    &here.file,
+                    here.name_line,
+                    format!("{}name", here.prefix),
+                    format!(
+                        "the primer name '{}' is already used at {}:{}; primer names must be unique",
+                        primer.name,
+                        there.file.display(),
+                        there.name_line
+                    ),
+                ));
+            }
+            seen.insert(&primer.name, i);
+        }
+        // No two templates may match the same key text.
+        for i in 0..primers.len() {
+            for j in 0..i {
+                if primers[j].template.overlaps(&primers[i].template) {
+                    let (here, there) = (&origins[i], &origins[j]);
+                    return Err(invalid(
+                        &here.file,
+                        here.key_line,
+                        format!("{}key", here.prefix),
+                        format!(
+                            "the key template '{}' can match the same key text as '{}' of primer '{}' ({}:{}): \
+                             templates with the same number of segments need a different literal in some \
+                             position",
+                            primers[i].template.source,
+                            primers[j].template.source,
+                            primers[j].name,
+                            there.file.display(),
+                            there.key_line
+                        ),
+                    ));
+                }
+            }
+        }
+        Catalog::new(primers).map_err(|m| self.err(primers_line, "primers", m))
+    }
+}
+
+fn check_url(url: &str) -> Result<String, String> {
+    if url.trim().is_empty() {
+        return Err("is empty: give a Postgres connection URL such as postgres://kck:secret@127.0.0.1:5432/app".into());
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| url.to_owned())
+        .map_err(|e| format!("is not a valid Postgres connection string or URL: {e}"))
+}
+
+/// A name Postgres folds to itself when unquoted: `[a-z_][a-z0-9_$]*`, at most 63 bytes.
+fn check_pg_name(name: &str, what: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '$'))
+        && name.len() <= 63;
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{name}' is not valid as {what}: use lower-case letters, digits, '_' and '$' (not first), at most 63 characters"
+        ))
+    }
+}
+
+/// Postgres' rule for replication slot names.
+fn check_slot_name(name: &str) -> Result<String, String> {
+    if !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid replication slot name: use 1 to 63 lower-case letters, digits and '_'"
+        ))
+    }
+}
+
+fn parse_bind(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<SocketAddr>().map_err(|_| {
+        format!("'{text}' is not an IP address and port, such as 127.0.0.1:8080, 0.0.0.0:8080 or [::]:8080")
+    })
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d.is_zero() => Err(format!(
+            "'{text}' is zero; give a positive duration such as 5s"
+        )),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!(
+            "'{text}' is not a duration ({e}); write a number with a unit, such as 200ms, 5s or 1m"
+        )),
+    }
+}
+
+/// The `*.sql` files of a directory, sorted by name.
+fn sql_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "sql") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The first line of a `.sql` primer file.
+const SQL_MARKER: &str = "-- kck:primer";
+
+/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
+fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
+    let text = read_text(file)?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let mut lines = text.split_inclusive('\n');
+    let first = lines.next().unwrap_or("");
+    if first.trim_end() != SQL_MARKER {
+        return Err(invalid(
+            file,
+            1,
+            "header",
+            format!(
+                "a primer file must start with the line `{SQL_MARKER}` (found `{}`)",
+                first.trim_end().chars().take(60).collect::<String>()
+            ),
+        ));
+    }
+    // The header as YAML, with the marker line blanked so that YAML line numbers are the file's.
+    let mut header = String::from("\n");
+    let mut offset = first.len();
+    let mut line = 1;
+    for l in lines {
+        let Some(content) = l.strip_prefix("--") else {
+            break;
+        };
+        header.push_str(
+            content
+                .strip_prefix(' ')
+                .unwrap_or(content)
+                .trim_end_matches(['\n', '\r']),
+        );
+        header.push('\n');
+        offset += l.len();
+        line += 1;
+    }
+    let body = &text[offset..];
+    let raw: RawPrimer = from_yaml(&header, file)?;
+    if let Some(q) = &raw.query {
+        return Err(invalid(
+            file,
+            line_of(q),
+            "query",
+            "the query of a .sql primer is the body of the file, after the header: remove `query` from the header",
+        ));
+    }
+    let default_name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let origin = PrimerOrigin {
+        file: file.to_owned(),
+        prefix: String::new(),
+        name_line: 1,
+        key_line: 1,
+    };
+    build_primer(
+        raw,
+        1,
+        origin,
+        Some(SqlBody {
+            default_name,
+            query: body.to_owned(),
+            line: line + 1,
+        }),
+        false,
+    )
+}
+
+/// What a `.sql` file gives a primer besides its header.
+struct SqlBody {
+    default_name: String,
+    query: String,
+    /// The line of the file where the query starts (after the header).
+    line: usize,
+}
+
+/// Validate one primer. `line` is the line of the primer as a whole (its mapping, or 1 for a `.sql` file).
+///
+/// `query_is_literal_block`: the YAML `query` is a `|` block scalar, whose lines are the file's lines (then
+/// a message about a placeholder names the placeholder's line).
+fn build_primer(
+    raw: RawPrimer,
+    line: usize,
+    mut origin: PrimerOrigin,
+    sql: Option<SqlBody>,
+    query_is_literal_block: bool,
+) -> Result<(Primer, PrimerOrigin), ConfigError> {
+    let file = origin.file.clone();
+    let prefix = origin.prefix.clone();
+    let err = |line: usize, field: &str, message: String| {
+        invalid(&file, line, format!("{prefix}{field}"), message)
+    };
+
+    // name
+    let (name, name_line) = match (&raw.name, &sql) {
+        (Some(n), _) => (n.value.clone(), line_of(n)),
+        (None, Some(sql)) => (sql.default_name.clone(), 1),
+        (None, None) => {
+            return Err(err(
+                line,
+                "name",
+                "required: the primer's name, such as orders_by_user".into(),
+            ));
+        }
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    {
+        let hint = if raw.name.is_none() {
+            " (the name comes from the file name; set `name` in the header)"
+        } else {
+            ""
+        };
+        return Err(err(
+            name_line,
+            "name",
+            format!(
+                "'{name}' is not a valid primer name: use lower-case letters, digits and '_'{hint}"
+            ),
+        ));
+    }
+    origin.name_line = name_line;
+
+    // key
+    let Some(key) = &raw.key else {
+        return Err(err(
+            line,
+            "key",
+            "required: the key template, such as orders_by_user/{user_id:int}".into(),
+        ));
+    };
+    let key_line = line_of(key);
+    origin.key_line = key_line;
+    let template = KeyTemplate::parse(&key.value).map_err(|m| {
+        err(
+            key_line,
+            "key",
+            format!("invalid key template '{}': {m}", key.value),
+        )
+    })?;
+
+    // shape
+    let shape = match &raw.shape {
+        None => Shape::Rows,
+        Some(s) => match s.value.as_str() {
+            "rows" => Shape::Rows,
+            "row" => Shape::Row,
+            "value" => Shape::Value,
+            other => {
+                return Err(err(
+                    line_of(s),
+                    "shape",
+                    format!(
+                        "unknown shape '{other}': expected rows (all rows as an array), row (the first row) or value (the first column of the first row)"
+                    ),
+                ));
+            }
+        },
+    };
+
+    // query
+    let (query_text, query_line, exact_lines) = match (&raw.query, &sql) {
+        (Some(q), _) => (q.value.as_str(), line_of(q), query_is_literal_block),
+        (None, Some(sql)) => (sql.query.as_str(), sql.line, true),
+        (None, None) => {
+            return Err(err(
+                line,
+                "query",
+                "required: the SQL query whose result is cached".into(),
+            ));
+        }
+    };
+    let scan = scan_sql(query_text).map_err(|(offset, m)| {
+        let l = if exact_lines {
+            line_at(query_text, offset, query_line)
+        } else {
+            query_line
+        };
+        err(l, "query", m)
+    })?;
+    let names: Vec<&str> = template.params.iter().map(|p| p.name.as_str()).collect();
+    check_placeholders(&scan, &names, "the key template", "key parameter").map_err(
+        |(offset, m)| {
+            let first_token = query_text.len() - query_text.trim_start().len();
+            let l = if exact_lines {
+                line_at(query_text, offset.unwrap_or(first_token), query_line)
+            } else {
+                query_line
+            };
+            err(l, "query", m)
+        },
+    )?;
+    let query = query_text[..scan.end].trim_start().to_owned();
+
+    // depends_on
+    let Some(deps) = &raw.depends_on else {
+        return Err(err(
+            line,
+            "depends_on",
+            "required: list the tables the query reads, e.g. `depends_on: [{ table: orders, columns: { user_id: user_id } }]`; \
+             without dependencies the primer's cached keys would never be refreshed"
+                .into(),
+        ));
+    };
+    if deps.value.is_empty() {
+        return Err(err(
+            line_of(deps),
+            "depends_on",
+            "must list at least one table: without dependencies the primer's cached keys would never be refreshed"
+                .into(),
+        ));
+    }
+    let mut dependencies = Vec::with_capacity(deps.value.len());
+    for (d, dep) in deps.value.iter().enumerate() {
+        let field = |f: &str| format!("depends_on[{d}]{f}");
+        let dep_line = line_of(dep);
+        let dep = &dep.value;
+        let Some(table) = &dep.table else {
+            return Err(err(
+                dep_line,
+                &field(".table"),
+                "required: the table, as `table` or `schema.table`".into(),
+            ));
+        };
+        let table_name =
+            parse_table(&table.value).map_err(|m| err(line_of(table), &field(".table"), m))?;
+        let mapping = match (&dep.columns, &dep.lookup) {
+            (Some(_), Some(l)) => {
+                return Err(err(
+                    line_of(l),
+                    &field(""),
+                    "give either `columns` or `lookup`, not both".into(),
+                ));
+            }
+            (None, None) => Mapping::AllKeys,
+            (Some(columns), None) => {
+                let mut mapped: Vec<Option<(String, usize)>> = vec![None; template.params.len()];
+                for (param, column) in &columns.value.0 {
+                    let column_line = line_of(column);
+                    let f = field(&format!(".columns.{param}"));
+                    let Some(p) = template.param_index(param) else {
+                        return Err(err(
+                            column_line,
+                            &f,
+                            format!(
+                                "'{param}' is not a parameter of the key template '{}' (its parameters: {}); \
+                                 `columns` maps each key parameter to a column of the changed row",
+                                template.source,
+                                list_or_none(&names)
+                            ),
+                        ));
+                    };
+                    if let Some((_, first)) = &mapped[p] {
+                        return Err(err(
+                            column_line,
+                            &f,
+                            format!(
+                                "key parameter '{param}' is mapped twice (first on line {first})"
+                            ),
+                        ));
+                    }
+                    let column_name = parse_identifier(&column.value, "a column name")
+                        .map_err(|m| err(column_line, &f, m))?;
+                    mapped[p] = Some((column_name, column_line));
+                }
+                let mut pairs = Vec::with_capacity(mapped.len());
+                for (p, m) in mapped.into_iter().enumerate() {
+                    match m {
+                        Some((column, _)) => pairs.push((p, column)),
+                        None => {
+                            return Err(err(
+                                line_of(columns),
+                                &field(".columns"),
+                                format!(
+                                    "key parameter '{}' is not mapped: `columns` must give a column of the changed \
+                                     row for every key parameter ({}); use `lookup` when the row does not hold them",
+                                    names[p],
+                                    names.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Mapping::Columns(pairs)
+            }
+            (None, Some(lookup)) => {
+                let lookup_line = line_of(lookup);
+                let Some(q) = &lookup.value.query else {
+                    return Err(err(
+                        lookup_line,
+                        &field(".lookup.query"),
+                        "required: the query that turns the changed row into key parameters".into(),
+                    ));
+                };
+                let Some(args) = &lookup.value.args else {
+                    return Err(err(
+                        lookup_line,
+                        &field(".lookup.args"),
+                        "required: the columns of the changed row bound as $1..$n".into(),
+                    ));
+                };
+                if args.value.is_empty() {
+                    return Err(err(
+                        line_of(args),
+                        &field(".lookup.args"),
+                        "must list at least one column of the changed row (bound as $1..$n of the lookup query)".into(),
+                    ));
+                }
+                let mut arg_names = Vec::with_capacity(args.value.len());
+                for (a, arg) in args.value.iter().enumerate() {
+                    arg_names.push(parse_identifier(&arg.value, "a column name").map_err(|m| {
+                        err(line_of(arg), &field(&format!(".lookup.args[{a}]")), m)
+                    })?);
+                }
+                let q_line = line_of(q);
+                let scan =
+                    scan_sql(&q.value).map_err(|(_, m)| err(q_line, &field(".lookup.query"), m))?;
+                let arg_refs: Vec<&str> = arg_names.iter().map(String::as_str).collect();
+                check_placeholders(&scan, &arg_refs, "`lookup.args`", "argument")
+                    .map_err(|(_, m)| err(q_line, &field(".lookup.query"), m))?;
+                Mapping::Lookup {
+                    query: q.value[..scan.end].trim_start().to_owned(),
+                    args: arg_names,
+                }
+            }
+        };
+        dependencies.push(Dependency {
+            table: table_name,
+            mapping,
+        });
+    }
+
+    Ok((
+        Primer {
+            name,
+            template,
+            query,
+            shape,
+            dependencies,
+        },
+        origin,
+    ))
+}
+
+fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The line of byte `offset` of `text`, whose first line is `first_line`.
+fn line_at(text: &str, offset: usize, first_line: usize) -> usize {
+    first_line
+        + text[..offset.min(text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+}
+
+/// `[A-Za-z_][A-Za-z0-9_$]*`, returned lower-case (as Postgres folds an unquoted identifier).
+fn parse_identifier(text: &str, what: &str) -> Result<String, String> {
+    let mut chars = text.chars();
+    let ok = matches!(chars.next(), Some('a'..='z' | 'A'..='Z' | '_'))
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+    if ok {
+        Ok(text.to_ascii_lowercase())
+    } else if text.starts_with('"') {
+        Err(format!(
+            "'{text}' is not valid as {what}: quoted identifiers are not supported; write the name unquoted"
+        ))
+    } else {
+        Err(format!(
+            "'{text}' is not valid as {what}: use letters, digits, '_' and '$', not starting with a digit"
+        ))
+    }
+}
+
+/// `table` or `schema.table`; the schema defaults to `public`.
+fn parse_table(text: &str) -> Result<TableName, String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    let (schema, name) = match parts.as_slice() {
+        [name] => ("public".to_owned(), *name),
+        [schema, name] => (parse_identifier(schema, "a schema name")?, *name),
+        _ => {
+            return Err(format!(
+                "'{text}' is not a table name: write `table` or `schema.table`"
+            ));
+        }
+    };
+    Ok(TableName {
+        schema,
+        name: parse_identifier(name, "a table name")?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SQL scanning: just enough lexing to find `$n` placeholders, a second statement and the end of the query.
+
+/// What [`scan_sql`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct SqlScan {
+    /// `used[n - 1]`: whether `$n` appears.
+    used: Vec<bool>,
+    /// Byte offset of the first occurrence of the highest placeholder.
+    max_offset: usize,
+    /// The end of the statement: trailing whitespace, comments and `;` excluded.
+    end: usize,
+}
+
+impl SqlScan {
+    fn max(&self) -> usize {
+        self.used.len()
+    }
+}
+
+/// Scan a query: placeholders outside string literals, quoted identifiers, comments and dollar-quoted
+/// strings. Errors (with a byte offset) for an empty query, a second statement, and unterminated quotes.
+fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let mut scan = SqlScan::default();
+    let mut i = 0;
+    // Offset of the first `;` outside quotes and comments.
+    let mut semicolon: Option<usize> = None;
+    while i < b.len() {
+        let c = b[i];
+        let start = i;
+        if c.is_ascii_whitespace() {
+            i += 1;
+            continue;
+        }
+        if c == b'-' && b.get(i + 1) == Some(&b'-') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let mut depth = 0;
+            loop {
+                if i + 1 >= b.len() {
+                    return Err((start, "unterminated /* comment */".into()));
+                }
+                if b[i] == b'/' && b[i + 1] == b'*' {
+                    depth += 1;
+                    i += 2;
+                } else if b[i] == b'*' && b[i + 1] == b'/' {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            continue;
+        }
+        if let Some(s) = semicolon {
+            if c != b';' {
+                return Err((
+                    start,
+                    format!(
+                        "the query holds more than one statement (a `;` at byte {s} is followed by more SQL); a primer runs one query"
+                    ),
+                ));
+            }
+            i += 1;
+            continue;
+        }
+        match c {
+            b';' => {
+                semicolon = Some(i);
+                i += 1;
+                continue;
+            }
+            b'\'' => {
+                let escapes =
+                    i > 0 && matches!(b[i - 1], b'e' | b'E') && !(i > 1 && ident(b[i - 2]));
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return Err((start, "unterminated string literal ('...')".into())),
+                        Some(b'\\') if escapes => i += 2,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'"' => {
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => {
+                            return Err((start, "unterminated quoted identifier (\"...\")".into()));
+                        }
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+            }
+            b'$' if i > 0 && ident(b[i - 1]) => i += 1,
+            b'$' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                i += 1;
+                let digits = i;
+                while i < b.len() && b[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let n: usize = sql[digits..i].parse().unwrap_or(usize::MAX);
+                if n == 0 {
+                    return Err((
+                        start,
+                        "$0 is not a parameter: parameters are numbered from $1".into(),
+                    ));
+                }
+                if n > 65_535 {
+                    return Err((
+                        start,
+                        format!(
+                            "${} is beyond Postgres' limit of 65535 parameters",
+                            &sql[digits..i]
+                        ),
+                    ));
+                }
+                if n > scan.used.len() {
+                    scan.used.resize(n, false);
+                    scan.max_offset = start;
+                }
+                scan.used[n - 1] = true;
+            }
+            b'$' => {
+                // A dollar quote `$tag$...$tag$` (tag empty or an identifier without `$`), else a lone `$`.
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80))
+                    .map(|p| i + 1 + p);
+                match tag_end {
+                    Some(e) if b[e] == b'$' && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                        let tag = &sql[i..=e];
+                        match sql[e + 1..].find(tag) {
+                            Some(p) => i = e + 1 + p + tag.len(),
+                            None => {
+                                return Err((
+                                    start,
+                                    format!("unterminated dollar-quoted string {tag}...{tag}"),
+                                ));
+                            }
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            _ => {
+                i += 1;
+                if ident(c) {
+                    while i < b.len() && ident(b[i]) {
+                        i += 1;
+                    }
+                }
+            }
+        }
+        scan.end = i;
+    }
+    if scan.end == 0 {
+        return Err((0, "the query is empty".into()));
+    }
+    Ok(scan)
+}
+
+/// The rule: the highest `$n` equals the number of values bound (`names`), and each of `$1..$n` appears.
+/// The error carries the offset of the offending placeholder when there is one.
+fn check_placeholders(
+    scan: &SqlScan,
+    names: &[&str],
+    bound_by: &str,
+    kind: &str,
+) -> Result<(), (Option<usize>, String)> {
+    let n = names.len();
+    let plural = |k: usize, word: &str| {
+        if k == 1 {
+            format!("1 {word}")
+        } else {
+            format!("{k} {word}s")
+        }
+    };
+    if scan.max() != n {
+        let uses = if scan.max() == 0 {
+            "no $n placeholder".to_owned()
+        } else {
+            format!("${}", scan.max())
+        };
+        let offset = (scan.max() > n).then_some(scan.max_offset);
+        let message = if n == 0 {
+            format!(
+                "the query uses {uses} but {bound_by} has no {kind}s, so the query cannot use $n placeholders"
+            )
+        } else {
+            format!(
+                "the query uses {uses} but {bound_by} has {} ({}): they are bound as $1..$n in order, so the \
+                 highest placeholder must be ${n}",
+                plural(n, kind),
+                names.join(", ")
+            )
+        };
+        return Err((offset, message));
+    }
+    if let Some(missing) = scan.used.iter().position(|u| !u) {
+        return Err((
+            None,
+            format!(
+                "the query does not use ${} ({kind} '{}'): each of $1..${n} must appear, as Postgres cannot infer the type of a parameter the query does not use",
+                missing + 1,
+                names[missing]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/kck/kck.yaml";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load(yaml: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_str(yaml, Path::new(FILE), no_env)
+    }
+
+    fn load_env(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_yaml_str(yaml, Path::new(FILE), |name| vars.get(name).cloned())
+    }
+
+    /// Assert an `Invalid` error at `path:line` for `field` whose message contains `needle`.
+    fn assert_invalid_at(
+        result: Result<Config, ConfigError>,
+        path: &Path,
+        line: usize,
+        field: &str,
+        needle: &str,
+    ) {
+        let err = result.expect_err("expected an error");
+        let text = err.to_string();
+        match &err {
+            ConfigError::Invalid {
+                path: p,
+                line: l,
+                field: f,
+                message,
+            } => {
+                assert_eq!((p.as_path(), *l, f.as_str()), (path, line, field), "{text}");
+                assert!(message.contains(needle), "message lacks {needle:?}: {text}");
+                assert!(
+                    text.starts_with(&format!("{}:{line}: {field}: ", path.display())),
+                    "{text}"
+                );
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    fn assert_invalid(yaml: &str, line: usize, field: &str, needle: &str) {
+        assert_invalid_at(load(yaml), Path::new(FILE), line, field, needle);
+    }
+
+    /// A valid config; tests replace parts of it. Lines:
+    /// 1 source, 2 url, 3 primers, 4 - name, 5 key, 6 query, 7 depends_on, 8 - table, 9 columns.
+    const BASE: &str = "\
+source:
+  url: postgres://kck:secret@127.0.0.1:5432/app
+primers:
+  - name: orders_by_user
+    key: orders_by_user/{user_id:int}
+    query: SELECT id, total FROM orders WHERE user_id = $1
+    depends_on:
+      - table: orders
+        columns: { user_id: user_id }
+";
+
+    fn base_with(from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from}");
+        BASE.replacen(from, to, 1)
+    }
+
+    const FULL: &str = r#"
+source:
+  url: "postgres://kck:secret@127.0.0.1:5432/app"   # required; env KCK_SOURCE_URL overrides
+  publication: kck_pub
+  create_publication: true
+  slot: kck_slot
+store:
+  kind: embedded
+  path: data/cache
+http:
+  bind: 0.0.0.0:9090
+refresh:
+  workers: 8
+  visibility_timeout: 200ms
+prime_on_cache_miss: false
+primers:
+  - name: orders_by_user
+    key: "orders_by_user/{user_id:int}"
+    shape: rows
+    query: |
+      SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
+    depends_on:
+      - table: orders
+        columns: { user_id: user_id }
+      - table: Line_Items
+        lookup:
+          query: "SELECT o.user_id FROM orders o WHERE o.id = $1"
+          args: [order_id]
+      - table: app.users
+  - name: user
+    key: user/{id:uuid}/{lang}
+    shape: row
+    query: "SELECT * FROM users WHERE id = $1 AND lang = $2"
+    depends_on:
+      - table: users
+        columns:
+          lang: lang
+          id: ID
+  - name: order_count
+    key: order_count
+    shape: value
+    query: SELECT count(*) FROM orders
+    depends_on: [{ table: orders }]
+"#;
+
+    #[test]
+    fn full_config() {
+        let c = load(FULL).unwrap();
+        assert_eq!(c.file, Path::new(FILE));
+        assert_eq!(c.source.url, "postgres://kck:secret@127.0.0.1:5432/app");
+        assert_eq!(c.source.publication, "kck_pub");
+        assert!(c.source.create_publication);
+        assert_eq!(c.source.slot, "kck_slot");
+        let StoreConfig::Embedded { path } = &c.store;
+        assert_eq!(path, Path::new("/etc/kck/data/cache"));
+        assert_eq!(c.http.bind, "0.0.0.0:9090".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.refresh.workers, 8);
+        assert_eq!(c.refresh.visibility_timeout, Duration::from_millis(200));
+        assert!(!c.prime_on_cache_miss);
+
+        let primers = &c.catalog.primers;
+        assert_eq!(primers.len(), 3);
+        let p = &primers[0];
+        assert_eq!(p.name, "orders_by_user");
+        assert_eq!(p.template.source, "orders_by_user/{user_id:int}");
+        assert_eq!(p.shape, Shape::Rows);
+        assert_eq!(
+            p.query,
+            "SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id"
+        );
+        let public = |name: &str| TableName {
+            schema: "public".into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            p.dependencies,
+            vec![
+                Dependency {
+                    table: public("orders"),
+                    mapping: Mapping::Columns(vec![(0, "user_id".into())])
+                },
+                Dependency {
+                    table: public("line_items"),
+                    mapping: Mapping::Lookup {
+                        query: "SELECT o.user_id FROM orders o WHERE o.id = $1".into(),
+                        args: vec!["order_id".into()],
+                    },
+                },
+                Dependency {
+                    table: TableName {
+                        schema: "app".into(),
+                        name: "users".into()
+                    },
+                    mapping: Mapping::AllKeys,
+                },
+            ]
+        );
+        let p = &primers[1];
+        assert_eq!(p.shape, Shape::Row);
+        // Columns are ordered by key parameter and lower-cased.
+        assert_eq!(
+            p.dependencies[0].mapping,
+            Mapping::Columns(vec![(0, "id".into()), (1, "lang".into())])
+        );
+        assert_eq!(primers[2].shape, Shape::Value);
+        assert_eq!(primers[2].template.params.len(), 0);
+        assert_eq!(c.catalog.primer("user").map(|(i, _)| i), Some(1));
+        let key = c.catalog.parse_key("orders_by_user/7").unwrap();
+        assert_eq!(c.catalog.render(&key), "orders_by_user/7");
+        // The password does not show in Debug output.
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("secret") && debug.contains("kck:***@127.0.0.1"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let c = Config::from_yaml_str(
+            include_str!("../config/example.yaml"),
+            Path::new("config/example.yaml"),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(c.catalog.primers.len(), 3);
+        assert_eq!(
+            c.source.redacted_url(),
+            "postgres://kck:***@127.0.0.1:5432/app"
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.source.publication, "kck");
+        assert_eq!(c.source.slot, "kck");
+        assert!(!c.source.create_publication);
+        let StoreConfig::Embedded { path } = &c.store;
+        assert_eq!(path, Path::new("/etc/kck/./kck-data"));
+        assert_eq!(c.http.bind, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
+        assert_eq!(c.refresh.workers, 4);
+        assert_eq!(c.refresh.visibility_timeout, Duration::from_secs(5));
+        assert!(c.prime_on_cache_miss);
+        assert_eq!(c.catalog.primers[0].shape, Shape::Rows);
+        // Sections given but empty take the defaults too.
+        let c = load(&format!("{BASE}store:\nhttp:\nrefresh: {{}}\n")).unwrap();
+        assert_eq!(c.refresh.workers, 4);
+    }
+
+    #[test]
+    fn relative_paths() {
+        let yaml = base_with("primers:", "store:\n  path: /var/lib/kck\nprimers:");
+        let c = Config::from_yaml_str(&yaml, Path::new("kck.yaml"), no_env).unwrap();
+        let StoreConfig::Embedded { path } = &c.store;
+        assert_eq!(path, Path::new("/var/lib/kck"));
+        let yaml = base_with("primers:", "store:\n  path: ../data\nprimers:");
+        let c = Config::from_yaml_str(&yaml, Path::new("conf/kck.yaml"), no_env).unwrap();
+        let StoreConfig::Embedded { path } = &c.store;
+        assert_eq!(path, Path::new("conf/../data"));
+        let c = Config::from_yaml_str(BASE, Path::new("kck.yaml"), no_env).unwrap();
+        let StoreConfig::Embedded { path } = &c.store;
+        assert_eq!(path, Path::new("./kck-data"));
+    }
+
+    #[test]
+    fn source_errors() {
+        assert_invalid("primers: []\n", 1, "source.url", "required");
+        assert_invalid(
+            &BASE.replace(
+                "  url: postgres://kck:secret@127.0.0.1:5432/app\n",
+                "  slot: x\n",
+            ),
+            2,
+            "source.url",
+            "KCK_SOURCE_URL",
+        );
+        assert_invalid(
+            &base_with("url: postgres://kck:secret@127.0.0.1:5432/app", "url: \"\""),
+            2,
+            "source.url",
+            "is empty",
+        );
+        assert_invalid(
+            &base_with(
+                "url: postgres://kck:secret@127.0.0.1:5432/app",
+                "url: \"postgres://h:99999999/db\"",
+            ),
+            2,
+            "source.url",
+            "not a valid Postgres connection",
+        );
+        assert_invalid(
+            &base_with("  url:", "  publication: Kck-1\n  url:"),
+            2,
+            "source.publication",
+            "'Kck-1' is not valid as a publication name",
+        );
+        assert_invalid(
+            &base_with("  url:", "  slot: my-slot\n  url:"),
+            2,
+            "source.slot",
+            "not a valid replication slot name",
+        );
+        assert_invalid(
+            &base_with("  url:", "  create_publication: yes\n  url:"),
+            2,
+            "source.create_publication",
+            "expected true or false",
+        );
+    }
+
+    #[test]
+    fn other_section_errors() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n"),
+            11,
+            "store.kind",
+            "unknown store kind 'scylla'",
+        );
+        assert_invalid(
+            &at_end("store:\n  path: ''\n"),
+            11,
+            "store.path",
+            "is empty",
+        );
+        assert_invalid(
+            &at_end("http:\n  bind: localhost:8080\n"),
+            11,
+            "http.bind",
+            "'localhost:8080' is not an IP address and port",
+        );
+        assert_invalid(
+            &at_end("http:\n  bind: 127.0.0.1\n"),
+            11,
+            "http.bind",
+            "not an IP address and port",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  workers: 0\n"),
+            11,
+            "refresh.workers",
+            "between 1 and 256, got 0",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  workers: 257\n"),
+            11,
+            "refresh.workers",
+            "got 257",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  workers: -3\n"),
+            11,
+            "refresh.workers",
+            "got -3",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  workers: many\n"),
+            11,
+            "refresh.workers",
+            "expected an integer",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  visibility_timeout: 5\n"),
+            11,
+            "refresh.visibility_timeout",
+            "not a duration",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  visibility_timeout: 5 parsecs\n"),
+            11,
+            "refresh.visibility_timeout",
+            "such as 200ms, 5s or 1m",
+        );
+        assert_invalid(
+            &at_end("refresh:\n  visibility_timeout: 0s\n"),
+            11,
+            "refresh.visibility_timeout",
+            "is zero",
+        );
+        assert_invalid(
+            &at_end("prime_on_cache_miss: 1\n"),
+            10,
+            "prime_on_cache_miss",
+            "expected true or false",
+        );
+        let c = load(&at_end(
+            "refresh:\n  visibility_timeout: 1m 30s\n  workers: 256\n",
+        ))
+        .unwrap();
+        assert_eq!(c.refresh.visibility_timeout, Duration::from_secs(90));
+        assert_eq!(c.refresh.workers, 256);
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types() {
+        assert_invalid(
+            &base_with("  url:", "  create_publcation: true\n  url:"),
+            2,
+            "source.create_publcation",
+            "unknown field `create_publcation`; did you mean `create_publication`?",
+        );
+        assert_invalid(
+            &format!("{BASE}primer_dir: x\n"),
+            10,
+            "primer_dir",
+            "did you mean `primers_dir`?",
+        );
+        assert_invalid(
+            &format!("{BASE}zzz: 1\n"),
+            10,
+            "zzz",
+            "unknown field `zzz` (known fields: source, store",
+        );
+        assert_invalid(
+            &base_with("    query:", "    shap: row\n    query:"),
+            6,
+            "primers[0].shap",
+            "did you mean `shape`?",
+        );
+        assert_invalid(
+            &base_with("        columns:", "        column:"),
+            9,
+            "primers[0].depends_on[0].column",
+            "did you mean `columns`?",
+        );
+        assert_invalid(
+            &base_with("- name: orders_by_user", "- name: [a]"),
+            4,
+            "primers[0].name",
+            "expected a string",
+        );
+        assert_invalid(
+            &format!("{BASE}refresh: 3\n"),
+            10,
+            "refresh",
+            "expected a mapping",
+        );
+        assert_invalid(
+            &base_with("    depends_on:", "    depends_on: orders\n    x:"),
+            7,
+            "primers[0].depends_on",
+            "expected a list",
+        );
+        assert_invalid(
+            &format!("{BASE}source: {{}}\n"),
+            10,
+            "source",
+            "`source` is given twice",
+        );
+        assert_invalid(
+            &base_with("{ user_id: user_id }", "{ user_id: user_id, user_id: x }"),
+            9,
+            "primers[0].depends_on[0].columns",
+            "`user_id` is given twice",
+        );
+        // YAML syntax errors carry their line too.
+        assert_invalid(
+            "source:\n  url: x\n - y\n",
+            3,
+            "(document)",
+            "did not find expected key",
+        );
+        assert_invalid("source: {url: x\n", 1, "source", "unclosed bracket");
+        assert_invalid("source:\n\turl: x\n", 2, "(document)", "tabs");
+        assert_invalid("- a\n", 1, "(document)", "expected a mapping");
+    }
+
+    #[test]
+    fn primer_errors() {
+        assert_invalid(
+            "source:\n  url: postgres://h/db\n",
+            1,
+            "primers",
+            "at least one primer",
+        );
+        assert_invalid(
+            "source:\n  url: postgres://h/db\nprimers: []\n",
+            3,
+            "primers",
+            "at least one primer",
+        );
+        assert_invalid(
+            &base_with("- name: orders_by_user", "- name: Orders"),
+            4,
+            "primers[0].name",
+            "'Orders' is not a valid primer name",
+        );
+        assert_invalid(
+            &base_with("- name: orders_by_user\n    key:", "- key:"),
+            4,
+            "primers[0].name",
+            "required",
+        );
+        assert_invalid(
+            &base_with("    key: orders_by_user/{user_id:int}\n", ""),
+            4,
+            "primers[0].key",
+            "required",
+        );
+        assert_invalid(
+            &base_with("{user_id:int}", "{user_id:integer}"),
+            5,
+            "primers[0].key",
+            "invalid key template 'orders_by_user/{user_id:integer}': parameter 'user_id' has unknown type 'integer'",
+        );
+        assert_invalid(
+            &base_with(
+                "key: orders_by_user/{user_id:int}",
+                "key: \"{user_id:int}\"",
+            ),
+            5,
+            "primers[0].key",
+            "first segment must be a literal",
+        );
+        assert_invalid(
+            &base_with("    query:", "    shape: table\n    query:"),
+            6,
+            "primers[0].shape",
+            "unknown shape 'table'",
+        );
+        assert_invalid(
+            &base_with(
+                "    query: SELECT id, total FROM orders WHERE user_id = $1\n",
+                "",
+            ),
+            4,
+            "primers[0].query",
+            "required",
+        );
+        assert_invalid(
+            &base_with(
+                "SELECT id, total FROM orders WHERE user_id = $1",
+                "\" ;  -- nothing\"",
+            ),
+            6,
+            "primers[0].query",
+            "the query is empty",
+        );
+        assert_invalid(
+            &base_with("user_id = $1", "user_id = $1 AND x = $3"),
+            6,
+            "primers[0].query",
+            "the query uses $3 but the key template has 1 key parameter (user_id)",
+        );
+        assert_invalid(
+            &base_with("user_id = $1", "user_id = 1"),
+            6,
+            "primers[0].query",
+            "the query uses no $n placeholder but the key template has 1 key parameter",
+        );
+        assert_invalid(
+            &base_with(
+                "key: orders_by_user/{user_id:int}",
+                "key: orders_by_user/{user_id:int}/{a}/{b}",
+            )
+            .replace("user_id = $1", "user_id = $1 AND b = $3"),
+            6,
+            "primers[0].query",
+            "the query does not use $2 (key parameter 'a')",
+        );
+        // A literal block's placeholder errors point at the placeholder's line; other scalars' at their first.
+        let block = |style: &str| {
+            base_with(
+                "query: SELECT id, total FROM orders WHERE user_id = $1",
+                &format!("query: {style}\n      SELECT id\n      FROM orders WHERE user_id = $2"),
+            )
+        };
+        assert_invalid(&block("|"), 8, "primers[0].query", "uses $2");
+        assert_invalid(&block("|-  # comment"), 8, "primers[0].query", "uses $2");
+        assert_invalid(&block(">"), 7, "primers[0].query", "uses $2");
+        assert_invalid(
+            &base_with("user_id = $1", "user_id = $1 AND x = $2"),
+            6,
+            "primers[0].query",
+            "the query uses $2 but the key template has 1 key parameter (user_id): they are bound as $1..$n in order, so the highest placeholder must be $1",
+        );
+        assert_invalid(
+            &base_with("key: orders_by_user/{user_id:int}", "key: orders_by_user"),
+            6,
+            "primers[0].query",
+            "the query uses $1 but the key template has no key parameters, so the query cannot use $n placeholders",
+        );
+        assert_invalid(
+            &base_with("user_id = $1", "user_id = $1; DELETE FROM orders"),
+            6,
+            "primers[0].query",
+            "more than one statement",
+        );
+        assert_invalid(
+            &base_with("user_id = $1", "user_id = '$1"),
+            6,
+            "primers[0].query",
+            "unterminated string literal",
+        );
+    }
+
+    #[test]
+    fn duplicate_and_ambiguous_primers() {
+        let second = "  - name: orders_by_user\n    key: other/{x}\n    query: SELECT $1\n    depends_on: [{ table: t }]\n";
+        assert_invalid(
+            &format!("{BASE}{second}"),
+            10,
+            "primers[1].name",
+            "the primer name 'orders_by_user' is already used at /etc/kck/kck.yaml:4",
+        );
+        let second = "  - name: other\n    key: orders_by_user/{name}\n    query: SELECT $1\n    depends_on: [{ table: t }]\n";
+        assert_invalid(
+            &format!("{BASE}{second}"),
+            11,
+            "primers[1].key",
+            "the key template 'orders_by_user/{name}' can match the same key text as 'orders_by_user/{user_id:int}' of primer 'orders_by_user' (/etc/kck/kck.yaml:5)",
+        );
+        let second = "  - name: other\n    key: orders_by_user/{name}/x\n    query: SELECT $1\n    depends_on: [{ table: t }]\n";
+        load(&format!("{BASE}{second}")).unwrap();
+    }
+
+    #[test]
+    fn dependency_errors() {
+        assert_invalid(
+            &base_with(
+                "    depends_on:\n      - table: orders\n        columns: { user_id: user_id }\n",
+                "",
+            ),
+            4,
+            "primers[0].depends_on",
+            "required",
+        );
+        assert_invalid(
+            &base_with(
+                "    depends_on:\n      - table: orders\n        columns: { user_id: user_id }\n",
+                "    depends_on: []\n",
+            ),
+            7,
+            "primers[0].depends_on",
+            "at least one table",
+        );
+        assert_invalid(
+            &base_with("      - table: orders\n", "      - "),
+            8,
+            "primers[0].depends_on[0].table",
+            "required",
+        );
+        assert_invalid(
+            &base_with("table: orders", "table: a.b.c"),
+            8,
+            "primers[0].depends_on[0].table",
+            "'a.b.c' is not a table name",
+        );
+        assert_invalid(
+            &base_with("table: orders", "table: '\"Orders\"'"),
+            8,
+            "primers[0].depends_on[0].table",
+            "quoted identifiers are not supported",
+        );
+        assert_invalid(
+            &base_with("table: orders", "table: 1orders"),
+            8,
+            "primers[0].depends_on[0].table",
+            "not valid as a table name",
+        );
+        assert_invalid(
+            &base_with("{ user_id: user_id }", "{ user_id: user_id, uid: x }"),
+            9,
+            "primers[0].depends_on[0].columns.uid",
+            "'uid' is not a parameter of the key template 'orders_by_user/{user_id:int}' (its parameters: user_id)",
+        );
+        assert_invalid(
+            &base_with("{ user_id: user_id }", "{ user_id: user id }"),
+            9,
+            "primers[0].depends_on[0].columns.user_id",
+            "'user id' is not valid as a column name",
+        );
+        assert_invalid(
+            &base_with(" { user_id: user_id }", ""),
+            9,
+            "primers[0].depends_on[0].columns",
+            "",
+        );
+        assert_invalid(
+            &base_with("columns: { user_id: user_id }", "lookup:"),
+            9,
+            "primers[0].depends_on[0].lookup",
+            "",
+        );
+        assert_invalid(
+            &base_with("{ user_id: user_id }", "{}"),
+            9,
+            "primers[0].depends_on[0].columns",
+            "key parameter 'user_id' is not mapped",
+        );
+        assert_invalid(
+            &base_with(
+                "        columns: { user_id: user_id }\n",
+                "        columns: { user_id: user_id }\n        lookup: { query: SELECT 1, args: [] }\n",
+            ),
+            10,
+            "primers[0].depends_on[0]",
+            "either `columns` or `lookup`, not both",
+        );
+        let lookup = |body: &str| {
+            base_with(
+                "        columns: { user_id: user_id }\n",
+                &format!("        lookup:\n{body}"),
+            )
+        };
+        assert_invalid(
+            &lookup("          args: [id]\n"),
+            10,
+            "primers[0].depends_on[0].lookup.query",
+            "required",
+        );
+        assert_invalid(
+            &lookup("          query: SELECT user_id FROM orders WHERE id = $1\n"),
+            10,
+            "primers[0].depends_on[0].lookup.args",
+            "required",
+        );
+        assert_invalid(
+            &lookup(
+                "          query: SELECT user_id FROM orders WHERE id = $1\n          args: []\n",
+            ),
+            11,
+            "primers[0].depends_on[0].lookup.args",
+            "at least one column",
+        );
+        assert_invalid(
+            &lookup(
+                "          query: SELECT user_id FROM orders WHERE id = $2\n          args: [id, x]\n",
+            ),
+            10,
+            "primers[0].depends_on[0].lookup.query",
+            "the query does not use $1 (argument 'id')",
+        );
+        assert_invalid(
+            &lookup(
+                "          query: SELECT user_id FROM orders WHERE id = $1\n          args: [id, x]\n",
+            ),
+            10,
+            "primers[0].depends_on[0].lookup.query",
+            "the query uses $1 but `lookup.args` has 2 arguments (id, x)",
+        );
+        assert_invalid(
+            &lookup("          query: SELECT 1\n          args: [\"a b\"]\n"),
+            11,
+            "primers[0].depends_on[0].lookup.args[0]",
+            "'a b' is not valid as a column name",
+        );
+        let c = load(&lookup("          query: SELECT user_id FROM orders WHERE id = $1 AND v = $2;\n          args: [ID, version]\n")).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].dependencies[0].mapping,
+            Mapping::Lookup {
+                query: "SELECT user_id FROM orders WHERE id = $1 AND v = $2".into(),
+                args: vec!["id".into(), "version".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn env_overrides() {
+        let vars = [
+            ("KCK_SOURCE_URL", "host=db user=kck password=pw dbname=app"),
+            ("KCK_SOURCE_PUBLICATION", "pub2"),
+            ("KCK_SOURCE_SLOT", "slot2"),
+            ("KCK_STORE_PATH", "rel/data"),
+            ("KCK_HTTP_BIND", "[::1]:81"),
+        ];
+        let c = load_env(BASE, &vars).unwrap();
+        assert_eq!(c.source.url, "host=db user=kck password=pw dbname=app");
+        assert_eq!(
+            c.source.redacted_url(),
+            "host=db user=kck password=*** dbname=app"
+        );
+        assert_eq!(c.source.publication, "pub2");
+        assert_eq!(c.source.slot, "slot2");
+        // Relative to the working directory, not to the file.
+        let StoreConfig::Embedded { path } = &c.store;
+        assert_eq!(path, Path::new("rel/data"));
+        assert_eq!(c.http.bind, "[::1]:81".parse::<SocketAddr>().unwrap());
+        // The URL may come from the environment alone; an override wins over a bad file value.
+        let no_url = BASE.replace(
+            "  url: postgres://kck:secret@127.0.0.1:5432/app\n",
+            "  url: 'not a url'\n",
+        );
+        let c = load_env(&no_url, &[("KCK_SOURCE_URL", "postgres://h/db")]).unwrap();
+        assert_eq!(c.source.url, "postgres://h/db");
+
+        for (var, value, needle) in [
+            ("KCK_SOURCE_URL", "", "is empty"),
+            (
+                "KCK_SOURCE_URL",
+                "postgres://h:x/db",
+                "not a valid Postgres connection",
+            ),
+            (
+                "KCK_SOURCE_PUBLICATION",
+                "a,b",
+                "not valid as a publication name",
+            ),
+            (
+                "KCK_SOURCE_SLOT",
+                "Slot",
+                "not a valid replication slot name",
+            ),
+            ("KCK_STORE_PATH", "", "is empty"),
+            (
+                "KCK_HTTP_BIND",
+                "8080",
+                "'8080' is not an IP address and port",
+            ),
+        ] {
+            let err = load_env(BASE, &[(var, value)]).unwrap_err();
+            let text = err.to_string();
+            match &err {
+                ConfigError::Env {
+                    var: v,
+                    field,
+                    message,
+                    ..
+                } => {
+                    assert_eq!(v, var);
+                    let expected_field = ENV_OVERRIDES.iter().find(|(n, _)| *n == var).unwrap().1;
+                    assert_eq!(field, expected_field);
+                    assert!(message.contains(needle), "{text}");
+                    assert!(
+                        text.starts_with(&format!(
+                            "environment variable {var} (overrides {expected_field} of {FILE}): "
+                        )),
+                        "{text}"
+                    );
+                }
+                other => panic!("{var}: expected Env, got {other:?}"),
+            }
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const SQL_PRIMER: &str = "\
+-- kck:primer
+-- key: orders_by_user/{user_id:int}
+-- shape: rows
+-- depends_on:
+--   - table: orders
+--     columns: { user_id: user_id }
+SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
+";
+
+    #[test]
+    fn sql_primers() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("primers")).unwrap();
+        write(
+            &dir.path().join("primers"),
+            "orders_by_user.sql",
+            SQL_PRIMER,
+        );
+        write(
+            &dir.path().join("primers"),
+            "b.sql",
+            "-- kck:primer\n--name: order_total\n--key: order_total/{id}\n--depends_on: [{table: orders}]\n\n\
+             -- a SQL comment, not header\nSELECT total\n  FROM orders WHERE id = $1 -- the id\n;\n\n",
+        );
+        write(&dir.path().join("primers"), "notes.txt", "not a primer");
+        let config = write(
+            dir.path(),
+            "kck.yaml",
+            "source:\n  url: postgres://h/db\nprimers_dir: primers\n",
+        );
+        let c = Config::load_with_env(&config, no_env).unwrap();
+        let primers = &c.catalog.primers;
+        assert_eq!(primers.len(), 2);
+        // Sorted by file name: b.sql first.
+        assert_eq!(primers[0].name, "order_total");
+        assert_eq!(
+            primers[0].query,
+            "-- a SQL comment, not header\nSELECT total\n  FROM orders WHERE id = $1"
+        );
+        assert_eq!(primers[1].name, "orders_by_user");
+        assert_eq!(
+            primers[1].query,
+            "SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id"
+        );
+        assert_eq!(
+            primers[1].dependencies[0].mapping,
+            Mapping::Columns(vec![(0, "user_id".into())])
+        );
+
+        // YAML primers and .sql primers together; names must be unique across both.
+        let yaml = "source:\n  url: postgres://h/db\nprimers_dir: primers\nprimers:\n  - name: orders_by_user\n    key: x/{a}\n    query: SELECT $1\n    depends_on: [{ table: t }]\n";
+        std::fs::write(&config, yaml).unwrap();
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &dir.path().join("primers/orders_by_user.sql"),
+            1,
+            "name",
+            &format!(
+                "the primer name 'orders_by_user' is already used at {}:5",
+                config.display()
+            ),
+        );
+    }
+
+    #[test]
+    fn sql_primer_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write(
+            dir.path(),
+            "kck.yaml",
+            "source:\n  url: postgres://h/db\nprimers_dir: p\n",
+        );
+        let primers = dir.path().join("p");
+        let load = || Config::load_with_env(&config, no_env);
+        assert_invalid_at(
+            load(),
+            &config,
+            3,
+            "primers_dir",
+            "cannot read the directory",
+        );
+        std::fs::create_dir(&primers).unwrap();
+        assert_invalid_at(load(), &config, 1, "primers", "at least one primer");
+
+        let file = write(&primers, "a.sql", "-- key: a/{x}\nSELECT $1\n");
+        assert_invalid_at(
+            load(),
+            &file,
+            1,
+            "header",
+            "must start with the line `-- kck:primer` (found `-- key: a/{x}`)",
+        );
+        std::fs::write(&file, "").unwrap();
+        assert_invalid_at(load(), &file, 1, "header", "(found ``)");
+
+        let bad_header = "-- kck:primer\n-- key: a/{x}\n-- depends_on:\n--   - table: t\n--     colums: { x: y }\nSELECT $1\n";
+        std::fs::write(&file, bad_header).unwrap();
+        assert_invalid_at(
+            load(),
+            &file,
+            5,
+            "depends_on[0].colums",
+            "did you mean `columns`?",
+        );
+        std::fs::write(&file, "-- kck:primer\n-- key: [a\nSELECT 1\n").unwrap();
+        let err = load().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { path, .. } if path == &file),
+            "{err}"
+        );
+
+        let header = "-- kck:primer\n-- key: a/{x}\n-- depends_on:\n--   - table: t\n--     columns: { x: y }\n";
+        std::fs::write(&file, format!("{header}\nSELECT *\nFROM t\nWHERE x = $2\n")).unwrap();
+        assert_invalid_at(
+            load(),
+            &file,
+            9,
+            "query",
+            "the query uses $2 but the key template has 1 key parameter (x)",
+        );
+        std::fs::write(&file, format!("{header}\n\nSELECT 1\n")).unwrap();
+        assert_invalid_at(
+            load(),
+            &file,
+            8,
+            "query",
+            "the query uses no $n placeholder",
+        );
+        std::fs::write(&file, format!("{header}\n")).unwrap();
+        assert_invalid_at(load(), &file, 6, "query", "the query is empty");
+        std::fs::write(&file, format!("{header}-- query: SELECT 1\nSELECT $1\n")).unwrap();
+        assert_invalid_at(load(), &file, 6, "query", "remove `query` from the header");
+        std::fs::write(
+            &file,
+            format!("{header}--     lookup: {{ query: 'SELECT $1', args: [a] }}\nSELECT $1\n"),
+        )
+        .unwrap();
+        assert_invalid_at(load(), &file, 6, "depends_on[0]", "not both");
+        std::fs::write(&file, header.replace("key: a/{x}", "key: a/{x:int}/{x}")).unwrap();
+        assert_invalid_at(load(), &file, 2, "key", "'x' appears more than once");
+        // The name comes from the file stem, which must then be a valid name.
+        let dashed = primers.join("my-primer.sql");
+        std::fs::rename(&file, &dashed).unwrap();
+        std::fs::write(&dashed, format!("{header}SELECT $1")).unwrap();
+        assert_invalid_at(
+            load(),
+            &dashed,
+            1,
+            "name",
+            "'my-primer' is not a valid primer name",
+        );
+        std::fs::write(
+            &dashed,
+            format!(
+                "-- kck:primer\n-- name: mine\n{}SELECT $1",
+                &header["-- kck:primer\n".len()..]
+            ),
+        )
+        .unwrap();
+        assert_eq!(load().unwrap().catalog.primers[0].name, "mine");
+    }
+
+    #[test]
+    fn sql_scanner() {
+        let used = |sql: &str| scan_sql(sql).map(|s| s.used).map_err(|(_, m)| m);
+        assert_eq!(used("SELECT $1, $2"), Ok(vec![true, true]));
+        assert_eq!(used("SELECT $2"), Ok(vec![false, true]));
+        assert_eq!(used("SELECT 1"), Ok(vec![]));
+        assert_eq!(used("SELECT '$1', 'it''s $2', $1"), Ok(vec![true]));
+        assert_eq!(used("SELECT E'\\'$2', $1"), Ok(vec![true]));
+        assert_eq!(used("SELECT '\\', $1"), Ok(vec![true]));
+        assert_eq!(
+            used("SELECT \"$2\", \"a\"\"$3\" FROM t WHERE x = $1"),
+            Ok(vec![true])
+        );
+        assert_eq!(
+            used("SELECT 1 -- $2\n, $1 /* $3 /* nested $4 */ $5 */"),
+            Ok(vec![true])
+        );
+        assert_eq!(
+            used("SELECT $$ $2 $$, $tag$ $3 $$ $tag$, $1"),
+            Ok(vec![true])
+        );
+        assert_eq!(used("SELECT a$1 FROM t$2 WHERE x = $1"), Ok(vec![true]));
+        assert_eq!(
+            used("SELECT $10"),
+            Ok(vec![false; 9].into_iter().chain([true]).collect())
+        );
+        assert_eq!(used("SELECT 'é', $1, ünï$2"), Ok(vec![true]));
+        assert!(used("SELECT $0").unwrap_err().contains("$0"));
+        assert!(used("SELECT $70000").unwrap_err().contains("65535"));
+        assert!(
+            used("SELECT 'x")
+                .unwrap_err()
+                .contains("unterminated string")
+        );
+        assert!(
+            used("SELECT \"x")
+                .unwrap_err()
+                .contains("unterminated quoted identifier")
+        );
+        assert!(used("SELECT /* x").unwrap_err().contains("unterminated /*"));
+        assert!(
+            used("SELECT $a$ x")
+                .unwrap_err()
+                .contains("unterminated dollar-quoted string $a$")
+        );
+        assert!(
+            used("SELECT 1; SELECT 2")
+                .unwrap_err()
+                .contains("more than one statement")
+        );
+        assert!(used("").unwrap_err().contains("empty"));
+        assert!(used("  -- only a comment\n").unwrap_err().contains("empty"));
+        fn end(sql: &str) -> &str {
+            &sql[..scan_sql(sql).unwrap().end]
+        }
+        assert_eq!(end("SELECT 1;"), "SELECT 1");
+        assert_eq!(end("SELECT 1 ; ;\n  -- done\n /* really */ \n"), "SELECT 1");
+        assert_eq!(end("SELECT 1 -- trailing"), "SELECT 1");
+        assert_eq!(end("SELECT ';' "), "SELECT ';'");
+        assert_eq!(end("SELECT $$;$$;"), "SELECT $$;$$");
+    }
+
+    #[test]
+    fn url_redaction() {
+        assert_eq!(
+            redact_url("postgres://kck:secret@host:5432/app"),
+            "postgres://kck:***@host:5432/app"
+        );
+        assert_eq!(
+            redact_url("postgres://kck:s@cr:et@host/app?x=1"),
+            "postgres://kck:***@host/app?x=1"
+        );
+        assert_eq!(
+            redact_url("postgres://kck@host/app"),
+            "postgres://kck@host/app"
+        );
+        assert_eq!(redact_url("postgres://host/app"), "postgres://host/app");
+        assert_eq!(
+            redact_url("host=h password='a b\\'c' user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(redact_url("password = pw"), "password=***");
+        assert_eq!(redact_url("user=mypassword"), "user=mypassword");
+    }
+
+    #[test]
+    fn closest_field() {
+        assert_eq!(closest("kind", &["kind", "path"]), Some("kind"));
+        assert_eq!(closest("pth", &["kind", "path"]), Some("path"));
+        assert_eq!(closest("zzzzzz", &["kind", "path"]), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }
