@@ -317,3 +317,163 @@ fn identity_name(code: u8) -> &'static str {
         _ => "(unknown)",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::replication::pgoutput::Column;
+
+    const YAML: &str = r#"
+source: { url: "postgres://u@localhost/db" }
+primers:
+  - name: by_user
+    key: "by_user/{user_id:int}"
+    query: "SELECT * FROM orders WHERE user_id = $1"
+    depends_on:
+      - table: orders
+        columns: { user_id: user_id }
+      - table: items
+        lookup: { query: "SELECT user_id FROM orders WHERE id = $1", args: [order_id] }
+  - name: order
+    key: "order/{id:int}"
+    query: "SELECT * FROM orders WHERE id = $1"
+    depends_on:
+      - table: orders
+        columns: { id: id }
+  - name: everything
+    key: "everything/{n:int}"
+    query: "SELECT count(*) + $1 FROM orders"
+    depends_on:
+      - table: orders
+"#;
+
+    fn index() -> DepIndex {
+        let config = Config::from_yaml_str(YAML, Path::new("t.yaml"), |_| None).unwrap();
+        DepIndex::new(Arc::new(config.catalog))
+    }
+
+    fn relation(name: &str, identity: u8, columns: &[(&str, bool)]) -> Relation {
+        Relation {
+            id: 1,
+            namespace: "public".into(),
+            name: name.into(),
+            replica_identity: identity,
+            columns: columns
+                .iter()
+                .map(|(n, key)| Column {
+                    flags: u8::from(*key),
+                    name: n.to_string(),
+                    type_oid: 20,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn tuple(values: &[Option<&str>]) -> Tuple {
+        Tuple(
+            values
+                .iter()
+                .map(|v| match v {
+                    Some("<toast>") => Value::UnchangedToast,
+                    Some(s) => Value::Text(Bytes::from(s.to_string())),
+                    None => Value::Null,
+                })
+                .collect(),
+        )
+    }
+
+    fn map(index: &DepIndex, table: &ResolvedTable, change: RowChange<'_>) -> Vec<String> {
+        let mut out = Vec::new();
+        index.map_row(table, change, &mut |k| out.push(k.id().replace('\u{1f}', " ")));
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    #[test]
+    fn full_identity_maps_old_and_new_rows() {
+        let index = index();
+        let orders = index.resolve(&relation("orders", b'f', &[("id", true), ("user_id", false)]));
+        assert!(orders.warnings.is_empty() && orders.errors.is_empty());
+        let old = tuple(&[Some("5"), Some("1")]);
+        let new = tuple(&[Some("5"), Some("2")]);
+        let moved = RowChange::Update { old: Some(&old), old_is_key: false, new: &new };
+        assert_eq!(
+            map(&index, &orders, moved),
+            ["k by_user/1", "k by_user/2", "k order/5", "p everything"]
+        );
+        let insert = RowChange::Insert { new: &new };
+        assert_eq!(map(&index, &orders, insert), ["k by_user/2", "k order/5", "p everything"]);
+        let delete = RowChange::Delete { old: &old, old_is_key: false };
+        assert_eq!(map(&index, &orders, delete), ["k by_user/1", "k order/5", "p everything"]);
+    }
+
+    #[test]
+    fn default_identity_falls_back_to_every_key_when_the_old_value_is_unknown() {
+        let index = index();
+        let orders = index.resolve(&relation("orders", b'd', &[("id", true), ("user_id", false)]));
+        assert_eq!(orders.warnings.len(), 1);
+        assert!(orders.warnings[0].contains("ALTER TABLE public.orders REPLICA IDENTITY FULL"));
+        let new = tuple(&[Some("5"), Some("2")]);
+        // No old image: the key column did not change, but user_id may have.
+        let update = RowChange::Update { old: None, old_is_key: false, new: &new };
+        assert_eq!(
+            map(&index, &orders, update),
+            ["k by_user/2", "k order/5", "p by_user", "p everything"]
+        );
+        // A key-only old image: user_id reads as NULL because it was not sent.
+        let old_key = tuple(&[Some("5"), None]);
+        let delete = RowChange::Delete { old: &old_key, old_is_key: true };
+        assert_eq!(map(&index, &orders, delete), ["k order/5", "p by_user", "p everything"]);
+    }
+
+    #[test]
+    fn unchanged_toast_comes_from_the_old_row_or_falls_back() {
+        let index = index();
+        let orders = index.resolve(&relation("orders", b'f', &[("id", true), ("user_id", false)]));
+        let old = tuple(&[Some("5"), Some("1")]);
+        let new = tuple(&[Some("5"), Some("<toast>")]);
+        let update = RowChange::Update { old: Some(&old), old_is_key: false, new: &new };
+        assert_eq!(map(&index, &orders, update), ["k by_user/1", "k order/5", "p everything"]);
+        let insert = RowChange::Insert { new: &new };
+        assert_eq!(map(&index, &orders, insert), ["k order/5", "p by_user", "p everything"]);
+    }
+
+    #[test]
+    fn lookups_become_tasks_and_nulls_map_to_no_key() {
+        let index = index();
+        let items = index.resolve(&relation("items", b'f', &[("id", true), ("order_id", false)]));
+        let new = tuple(&[Some("1"), Some("9")]);
+        assert_eq!(
+            map(&index, &items, RowChange::Insert { new: &new }),
+            ["l by_user 1 [\"9\"]"]
+        );
+        let orders = index.resolve(&relation("orders", b'f', &[("id", true), ("user_id", false)]));
+        let null_user = tuple(&[Some("5"), None]);
+        assert_eq!(
+            map(&index, &orders, RowChange::Insert { new: &null_user }),
+            ["k order/5", "p everything"]
+        );
+        let unrelated = index.resolve(&relation("other", b'd', &[("id", true)]));
+        assert!(!unrelated.is_relevant());
+    }
+
+    #[test]
+    fn a_dropped_dependency_column_is_reported_and_refreshes_everything() {
+        let index = index();
+        let orders = index.resolve(&relation("orders", b'f', &[("id", true)]));
+        assert_eq!(orders.errors.len(), 1, "{:?}", orders.errors);
+        assert!(orders.errors[0].contains("'user_id'"));
+        let new = tuple(&[Some("5")]);
+        assert_eq!(
+            map(&index, &orders, RowChange::Insert { new: &new }),
+            ["k order/5", "p by_user", "p everything"]
+        );
+    }
+}

@@ -653,7 +653,10 @@ impl Session<'_> {
     fn idle_position(&mut self, lsn: Lsn) {
         self.batch.advance_ack(lsn);
         self.stream.clock.record_idle(lsn);
-        self.stream.stats.received.fetch_max(lsn.0, Ordering::Relaxed);
+        self.stream
+            .stats
+            .received
+            .fetch_max(lsn.0, Ordering::Relaxed);
     }
 
     /// The LSN tasks from the current message carry: the open transaction's commit LSN.
