@@ -558,3 +558,15 @@ async fn a_bad_config_file_names_the_file_and_field_and_exits_non_zero() {
     assert!(stderr.contains("shape"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[tokio::test]
+async fn wal_level_other_than_logical_is_a_clear_error() {
+    let owned = support::pg::separate_cluster(&[("wal_level", "replica")]).await;
+    let db = owned.new_database().await;
+    db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = "  - name: user\n    key: \"user/{id:int}\"\n    query: SELECT * FROM users WHERE id = $1\n    depends_on:\n      - table: users\n        columns: { id: id }\n";
+    let error = start_error(config(dir.path(), &db.url, "p", "kck_slot", primers)).await;
+    assert!(error.contains("wal_level = 'replica'"), "{error}");
+    assert!(error.contains("wal_level = logical"), "{error}");
+}
