@@ -390,7 +390,9 @@ primers:
 
     fn map(index: &DepIndex, table: &ResolvedTable, change: RowChange<'_>) -> Vec<String> {
         let mut out = Vec::new();
-        index.map_row(table, change, &mut |k| out.push(k.id().replace('\u{1f}', " ")));
+        index.map_row(table, change, &mut |k| {
+            out.push(k.id().replace('\u{1f}', " "))
+        });
         out.sort();
         out.dedup();
         out
@@ -399,62 +401,115 @@ primers:
     #[test]
     fn full_identity_maps_old_and_new_rows() {
         let index = index();
-        let orders = index.resolve(&relation("orders", b'f', &[("id", true), ("user_id", false)]));
+        let orders = index.resolve(&relation(
+            "orders",
+            b'f',
+            &[("id", true), ("user_id", false)],
+        ));
         assert!(orders.warnings.is_empty() && orders.errors.is_empty());
         let old = tuple(&[Some("5"), Some("1")]);
         let new = tuple(&[Some("5"), Some("2")]);
-        let moved = RowChange::Update { old: Some(&old), old_is_key: false, new: &new };
+        let moved = RowChange::Update {
+            old: Some(&old),
+            old_is_key: false,
+            new: &new,
+        };
         assert_eq!(
             map(&index, &orders, moved),
             ["k by_user/1", "k by_user/2", "k order/5", "p everything"]
         );
         let insert = RowChange::Insert { new: &new };
-        assert_eq!(map(&index, &orders, insert), ["k by_user/2", "k order/5", "p everything"]);
-        let delete = RowChange::Delete { old: &old, old_is_key: false };
-        assert_eq!(map(&index, &orders, delete), ["k by_user/1", "k order/5", "p everything"]);
+        assert_eq!(
+            map(&index, &orders, insert),
+            ["k by_user/2", "k order/5", "p everything"]
+        );
+        let delete = RowChange::Delete {
+            old: &old,
+            old_is_key: false,
+        };
+        assert_eq!(
+            map(&index, &orders, delete),
+            ["k by_user/1", "k order/5", "p everything"]
+        );
     }
 
     #[test]
     fn default_identity_falls_back_to_every_key_when_the_old_value_is_unknown() {
         let index = index();
-        let orders = index.resolve(&relation("orders", b'd', &[("id", true), ("user_id", false)]));
+        let orders = index.resolve(&relation(
+            "orders",
+            b'd',
+            &[("id", true), ("user_id", false)],
+        ));
         assert_eq!(orders.warnings.len(), 1);
         assert!(orders.warnings[0].contains("ALTER TABLE public.orders REPLICA IDENTITY FULL"));
         let new = tuple(&[Some("5"), Some("2")]);
         // No old image: the key column did not change, but user_id may have.
-        let update = RowChange::Update { old: None, old_is_key: false, new: &new };
+        let update = RowChange::Update {
+            old: None,
+            old_is_key: false,
+            new: &new,
+        };
         assert_eq!(
             map(&index, &orders, update),
             ["k by_user/2", "k order/5", "p by_user", "p everything"]
         );
         // A key-only old image: user_id reads as NULL because it was not sent.
         let old_key = tuple(&[Some("5"), None]);
-        let delete = RowChange::Delete { old: &old_key, old_is_key: true };
-        assert_eq!(map(&index, &orders, delete), ["k order/5", "p by_user", "p everything"]);
+        let delete = RowChange::Delete {
+            old: &old_key,
+            old_is_key: true,
+        };
+        assert_eq!(
+            map(&index, &orders, delete),
+            ["k order/5", "p by_user", "p everything"]
+        );
     }
 
     #[test]
     fn unchanged_toast_comes_from_the_old_row_or_falls_back() {
         let index = index();
-        let orders = index.resolve(&relation("orders", b'f', &[("id", true), ("user_id", false)]));
+        let orders = index.resolve(&relation(
+            "orders",
+            b'f',
+            &[("id", true), ("user_id", false)],
+        ));
         let old = tuple(&[Some("5"), Some("1")]);
         let new = tuple(&[Some("5"), Some("<toast>")]);
-        let update = RowChange::Update { old: Some(&old), old_is_key: false, new: &new };
-        assert_eq!(map(&index, &orders, update), ["k by_user/1", "k order/5", "p everything"]);
+        let update = RowChange::Update {
+            old: Some(&old),
+            old_is_key: false,
+            new: &new,
+        };
+        assert_eq!(
+            map(&index, &orders, update),
+            ["k by_user/1", "k order/5", "p everything"]
+        );
         let insert = RowChange::Insert { new: &new };
-        assert_eq!(map(&index, &orders, insert), ["k order/5", "p by_user", "p everything"]);
+        assert_eq!(
+            map(&index, &orders, insert),
+            ["k order/5", "p by_user", "p everything"]
+        );
     }
 
     #[test]
     fn lookups_become_tasks_and_nulls_map_to_no_key() {
         let index = index();
-        let items = index.resolve(&relation("items", b'f', &[("id", true), ("order_id", false)]));
+        let items = index.resolve(&relation(
+            "items",
+            b'f',
+            &[("id", true), ("order_id", false)],
+        ));
         let new = tuple(&[Some("1"), Some("9")]);
         assert_eq!(
             map(&index, &items, RowChange::Insert { new: &new }),
             ["l by_user 1 [\"9\"]"]
         );
-        let orders = index.resolve(&relation("orders", b'f', &[("id", true), ("user_id", false)]));
+        let orders = index.resolve(&relation(
+            "orders",
+            b'f',
+            &[("id", true), ("user_id", false)],
+        ));
         let null_user = tuple(&[Some("5"), None]);
         assert_eq!(
             map(&index, &orders, RowChange::Insert { new: &null_user }),

@@ -6,7 +6,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::kck::{assert_converged, config, config_with, eventually_equals, fetch, start, wait_drained};
+use support::kck::{
+    assert_converged, config, config_with, eventually_equals, fetch, start, wait_drained,
+};
 use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -79,7 +81,7 @@ async fn database() -> TestDb {
 }
 
 fn test_config(dir: &std::path::Path, db: &TestDb) -> kck::config::Config {
-    config(dir, &db.url, "kck_test", "kck_slot", PRIMERS)
+    config(dir, &db.url, "kck_test", &db.name, PRIMERS)
 }
 
 #[tokio::test]
@@ -96,9 +98,11 @@ async fn insert_update_delete_and_truncate_reach_fetch_without_the_application()
     assert_eq!(fetch(addr, "user/1").await, (200, Value::Null));
     assert_eq!(fetch(addr, "user_total/1").await, (200, json!(0)));
 
-    pg.batch_execute("INSERT INTO users VALUES (1, 'ada'); INSERT INTO orders VALUES (10, 1, 5.50, 'new');")
-        .await
-        .unwrap();
+    pg.batch_execute(
+        "INSERT INTO users VALUES (1, 'ada'); INSERT INTO orders VALUES (10, 1, 5.50, 'new');",
+    )
+    .await
+    .unwrap();
     eventually_equals(addr, "user/1", &json!({"id": 1, "name": "ada"}), TIMEOUT).await;
     eventually_equals(
         addr,
@@ -109,10 +113,14 @@ async fn insert_update_delete_and_truncate_reach_fetch_without_the_application()
     .await;
     eventually_equals(addr, "user_total/1", &json!(5.50), TIMEOUT).await;
 
-    pg.batch_execute("UPDATE orders SET total = 7.25, status = 'paid' WHERE id = 10").await.unwrap();
+    pg.batch_execute("UPDATE orders SET total = 7.25, status = 'paid' WHERE id = 10")
+        .await
+        .unwrap();
     eventually_equals(addr, "user_total/1", &json!(7.25), TIMEOUT).await;
 
-    pg.batch_execute("DELETE FROM users WHERE id = 1").await.unwrap();
+    pg.batch_execute("DELETE FROM users WHERE id = 1")
+        .await
+        .unwrap();
     eventually_equals(addr, "user/1", &Value::Null, TIMEOUT).await;
 
     pg.batch_execute("TRUNCATE orders").await.unwrap();
@@ -137,18 +145,32 @@ async fn join_primer_follows_both_tables_and_moved_rows_refresh_both_keys() {
     .unwrap();
     let one = |qty: i64| json!([{"id": 1, "total": 1.00, "status": "new", "qty": qty}]);
     eventually_equals(addr, "orders_by_user/7", &one(3), TIMEOUT).await;
-    eventually_equals(addr, "orders_by_user/8", &json!([{"id": 2, "total": 2.00, "status": "new", "qty": 0}]), TIMEOUT).await;
+    eventually_equals(
+        addr,
+        "orders_by_user/8",
+        &json!([{"id": 2, "total": 2.00, "status": "new", "qty": 0}]),
+        TIMEOUT,
+    )
+    .await;
 
     // A change to the joined table alone (found through the lookup).
-    pg.batch_execute("INSERT INTO line_items VALUES (2, 1, 4)").await.unwrap();
+    pg.batch_execute("INSERT INTO line_items VALUES (2, 1, 4)")
+        .await
+        .unwrap();
     eventually_equals(addr, "orders_by_user/7", &one(7), TIMEOUT).await;
-    pg.batch_execute("UPDATE line_items SET qty = 10 WHERE id = 1").await.unwrap();
+    pg.batch_execute("UPDATE line_items SET qty = 10 WHERE id = 1")
+        .await
+        .unwrap();
     eventually_equals(addr, "orders_by_user/7", &one(14), TIMEOUT).await;
-    pg.batch_execute("DELETE FROM line_items WHERE id = 2").await.unwrap();
+    pg.batch_execute("DELETE FROM line_items WHERE id = 2")
+        .await
+        .unwrap();
     eventually_equals(addr, "orders_by_user/7", &one(10), TIMEOUT).await;
 
     // Moving an order between users refreshes the old key and the new one (REPLICA IDENTITY FULL).
-    pg.batch_execute("UPDATE orders SET user_id = 8 WHERE id = 1").await.unwrap();
+    pg.batch_execute("UPDATE orders SET user_id = 8 WHERE id = 1")
+        .await
+        .unwrap();
     eventually_equals(addr, "orders_by_user/7", &json!([]), TIMEOUT).await;
     eventually_equals(
         addr,
@@ -161,9 +183,11 @@ async fn join_primer_follows_both_tables_and_moved_rows_refresh_both_keys() {
     // A text key parameter, and a primer with no column mapping (every key refreshes).
     assert_eq!(fetch(addr, "by_status/new").await, (200, json!(2)));
     assert_eq!(fetch(addr, "users_from/0").await, (200, json!(0)));
-    pg.batch_execute("UPDATE orders SET status = 'paid' WHERE id = 2; INSERT INTO users VALUES (5, 'x');")
-        .await
-        .unwrap();
+    pg.batch_execute(
+        "UPDATE orders SET status = 'paid' WHERE id = 2; INSERT INTO users VALUES (5, 'x');",
+    )
+    .await
+    .unwrap();
     eventually_equals(addr, "by_status/new", &json!(1), TIMEOUT).await;
     eventually_equals(addr, "by_status/paid", &json!(1), TIMEOUT).await;
     eventually_equals(addr, "users_from/0", &json!(1), TIMEOUT).await;
@@ -192,8 +216,16 @@ async fn update_that_leaves_a_toasted_column_unchanged_refreshes_correctly() {
     let (len, md5): (i32, String) = (row.get(0), row.get(1));
     let (status, _) = fetch(addr, "doc/1").await;
     assert_eq!(status, 200);
-    pg.batch_execute("UPDATE docs SET title = 'second' WHERE id = 1").await.unwrap();
-    eventually_equals(addr, "doc/1", &json!({"id": 1, "title": "second", "len": len, "md5": md5}), TIMEOUT).await;
+    pg.batch_execute("UPDATE docs SET title = 'second' WHERE id = 1")
+        .await
+        .unwrap();
+    eventually_equals(
+        addr,
+        "doc/1",
+        &json!({"id": 1, "title": "second", "len": len, "md5": md5}),
+        TIMEOUT,
+    )
+    .await;
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -203,11 +235,19 @@ async fn changes_made_while_kck_is_stopped_are_applied_after_restart() {
     let db = database().await;
     let dir = tempfile::tempdir().unwrap();
     let pg = db.client().await;
-    pg.batch_execute("INSERT INTO users VALUES (1, 'a'), (2, 'b'); INSERT INTO orders VALUES (1, 1, 1, 'new');")
-        .await
-        .unwrap();
+    pg.batch_execute(
+        "INSERT INTO users VALUES (1, 'a'), (2, 'b'); INSERT INTO orders VALUES (1, 1, 1, 'new');",
+    )
+    .await
+    .unwrap();
     let running = start(test_config(dir.path(), &db)).await;
-    for key in ["user/1", "user/2", "orders_by_user/1", "user_total/1", "users_from/2"] {
+    for key in [
+        "user/1",
+        "user/2",
+        "orders_by_user/1",
+        "user_total/1",
+        "users_from/2",
+    ] {
         assert_eq!(fetch(running.http_addr, key).await.0, 200);
     }
     running.stop().await.unwrap();
@@ -223,10 +263,21 @@ async fn changes_made_while_kck_is_stopped_are_applied_after_restart() {
     let running = start(config.clone()).await;
     wait_drained(&running, &pg, TIMEOUT).await;
     // Read from the store directly first: no fetch may have refreshed anything.
-    let entry = running.store.get("user/1").await.unwrap().expect("user/1 still cached");
-    assert_eq!(serde_json::from_slice::<Value>(&entry.value).unwrap(), json!({"id": 1, "name": "changed"}));
+    let entry = running
+        .store
+        .get("user/1")
+        .await
+        .unwrap()
+        .expect("user/1 still cached");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&entry.value).unwrap(),
+        json!({"id": 1, "name": "changed"})
+    );
     assert_eq!(assert_converged(&running, &pg, &config).await, 5);
-    assert_eq!(fetch(running.http_addr, "user_total/1").await, (200, json!(42.00)));
+    assert_eq!(
+        fetch(running.http_addr, "user_total/1").await,
+        (200, json!(42.00))
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -243,12 +294,17 @@ async fn fetch_errors_are_json_and_say_what_is_wrong() {
     let (status, body) = fetch(addr, "user/abc").await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "bad_key_parameter");
-    assert!(body["error"]["message"].as_str().unwrap().contains("id"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("id"),
+        "{body}"
+    );
     let (status, body) = fetch(addr, "user/1/extra").await;
     assert_eq!(status, 400, "{body}");
     let (status, body) = fetch(addr, "no-such-route").await;
     assert_eq!(status, 400, "{body}");
-    let response = reqwest::get(format!("http://{addr}/elsewhere")).await.unwrap();
+    let response = reqwest::get(format!("http://{addr}/elsewhere"))
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 404);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
@@ -260,7 +316,14 @@ async fn fetch_errors_are_json_and_say_what_is_wrong() {
 async fn without_prime_on_cache_miss_a_miss_is_a_404() {
     let db = database().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = config_with(dir.path(), &db.url, "kck_test", "kck_slot", PRIMERS, "prime_on_cache_miss: false");
+    let config = config_with(
+        dir.path(),
+        &db.url,
+        "kck_test",
+        &db.name,
+        PRIMERS,
+        "prime_on_cache_miss: false",
+    );
     let running = start(config).await;
     let (status, body) = fetch(running.http_addr, "user/1").await;
     assert_eq!(status, 404);
@@ -283,15 +346,24 @@ async fn concurrent_misses_on_one_key_run_the_query_once() {
     depends_on:
       - table: users
 "#;
-    let running = start(config(dir.path(), &db.url, "kck_test", "kck_slot", primers)).await;
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, primers)).await;
     let addr = running.http_addr;
-    let fetches: Vec<_> = (0..8).map(|_| tokio::spawn(fetch(addr, "slow/5"))).collect();
+    let fetches: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(fetch(addr, "slow/5")))
+        .collect();
     for f in fetches {
         assert_eq!(f.await.unwrap(), (200, json!(5)));
     }
     let pg = db.client().await;
-    let calls: i64 = pg.query_one("SELECT last_value FROM slow_calls", &[]).await.unwrap().get(0);
-    assert_eq!(calls, 1, "eight concurrent misses on one key must run its query once");
+    let calls: i64 = pg
+        .query_one("SELECT last_value FROM slow_calls", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        calls, 1,
+        "eight concurrent misses on one key must run its query once"
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -319,7 +391,9 @@ fn random_transaction(rng: &mut rand::rngs::StdRng) -> String {
                 rng.random_range(0..500),
                 rng.random_range(0..100)
             ),
-            35..=44 => format!("UPDATE orders SET total = total + 1, status = '{status}' WHERE id = {order};"),
+            35..=44 => format!(
+                "UPDATE orders SET total = total + 1, status = '{status}' WHERE id = {order};"
+            ),
             45..=52 => format!("UPDATE orders SET user_id = {user} WHERE id = {order};"),
             53..=59 => format!("DELETE FROM orders WHERE id = {order};"),
             60..=74 => format!(
@@ -350,7 +424,13 @@ fn random_key(rng: &mut rand::rngs::StdRng) -> String {
         0 => format!("user/{user}"),
         1 | 2 => format!("orders_by_user/{user}"),
         3 => format!("user_total/{user}"),
-        4 => ["by_status/new", "by_status/paid", "by_status/shipped", "by_status/void"][user as usize % 4].to_string(),
+        4 => [
+            "by_status/new",
+            "by_status/paid",
+            "by_status/shipped",
+            "by_status/void",
+        ][user as usize % 4]
+            .to_string(),
         _ => format!("users_from/{}", user - user % 10),
     }
 }
@@ -365,7 +445,10 @@ fn seed(test: &str) -> u64 {
 }
 
 fn count_from_env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,11 +472,16 @@ async fn randomised_workload_converges() {
         .map(|w| {
             let url = db.url.clone();
             tokio::spawn(async move {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
                 tokio::spawn(connection);
                 let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(w + 1));
                 for _ in 0..transactions / 2 {
-                    client.batch_execute(&random_transaction(&mut rng)).await.unwrap();
+                    client
+                        .batch_execute(&random_transaction(&mut rng))
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -414,7 +502,9 @@ async fn randomised_workload_converges() {
     wait_drained(&running, &pg, Duration::from_secs(120)).await;
     let checked = assert_converged(&running, &pg, &config).await;
     assert!(checked > 100, "only {checked} keys were cached");
-    eprintln!("randomised_workload_converges: {checked} cached keys equal their primers after {transactions} transactions");
+    eprintln!(
+        "randomised_workload_converges: {checked} cached keys equal their primers after {transactions} transactions"
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -425,8 +515,12 @@ async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
     let seed = seed("a_kck_killed_with_sigkill_mid_stream_converges_after_restart");
     let db = database().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", "kck_slot", PRIMERS, "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS, "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
         .args(["run", "--config"])
         .arg(&path)
@@ -437,8 +531,14 @@ async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while reqwest::get(format!("http://{addr}/healthz")).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "kck did not start listening");
+    while reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kck did not start listening"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -448,7 +548,9 @@ async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
     }
     let pg = db.client().await;
     for i in 0..600 {
-        pg.batch_execute(&random_transaction(&mut rng)).await.unwrap();
+        pg.batch_execute(&random_transaction(&mut rng))
+            .await
+            .unwrap();
         if i == 300 {
             child.start_kill().unwrap(); // SIGKILL
             child.wait().await.unwrap();
@@ -458,7 +560,9 @@ async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
     let config = kck::config::Config::load(&path).unwrap();
     let running = start(config.clone()).await;
     for _ in 0..200 {
-        pg.batch_execute(&random_transaction(&mut rng)).await.unwrap();
+        pg.batch_execute(&random_transaction(&mut rng))
+            .await
+            .unwrap();
     }
     wait_drained(&running, &pg, Duration::from_secs(120)).await;
     let checked = assert_converged(&running, &pg, &config).await;
@@ -484,28 +588,36 @@ async fn start_error(config: kck::config::Config) -> String {
 #[tokio::test]
 async fn a_missing_publication_is_a_clear_error_or_created_when_configured() {
     let db = cluster().await.new_database().await;
-    db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)").await;
+    db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
+        .await;
     let dir = tempfile::tempdir().unwrap();
-    let primers = "  - name: user\n    key: \"user/{id:int}\"\n    query: SELECT * FROM users WHERE id = $1\n    depends_on:\n      - table: users\n        columns: { id: id }\n";
-    let error = start_error(config(dir.path(), &db.url, "nope", "kck_slot", primers)).await;
-    assert!(error.contains("publication 'nope' does not exist"), "{error}");
-    assert!(error.contains("CREATE PUBLICATION \"nope\" FOR TABLE \"public\".\"users\""), "{error}");
-
-    let config = support::kck::config_with(
-        dir.path(),
-        &db.url,
-        "nope",
-        "kck_slot",
-        primers,
-        "",
+    let primers = "  - name: user\n    key: \"user/{id:int}\"\n    shape: row\n    query: SELECT * FROM users WHERE id = $1\n    depends_on:\n      - table: users\n        columns: { id: id }\n";
+    let error = start_error(config(dir.path(), &db.url, "nope", &db.name, primers)).await;
+    assert!(
+        error.contains("publication 'nope' does not exist"),
+        "{error}"
     );
+    assert!(
+        error.contains("CREATE PUBLICATION \"nope\" FOR TABLE \"public\".\"users\""),
+        "{error}"
+    );
+
+    let config = support::kck::config_with(dir.path(), &db.url, "nope", &db.name, primers, "");
     let mut config = config;
     config.source.create_publication = true;
     let running = start(config).await;
     let pg = db.client().await;
     assert_eq!(fetch(running.http_addr, "user/1").await, (200, Value::Null));
-    pg.batch_execute("INSERT INTO users VALUES (1, 'a')").await.unwrap();
-    eventually_equals(running.http_addr, "user/1", &json!({"id": 1, "name": "a"}), TIMEOUT).await;
+    pg.batch_execute("INSERT INTO users VALUES (1, 'a')")
+        .await
+        .unwrap();
+    eventually_equals(
+        running.http_addr,
+        "user/1",
+        &json!({"id": 1, "name": "a"}),
+        TIMEOUT,
+    )
+    .await;
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -520,9 +632,12 @@ async fn a_table_missing_from_the_publication_is_named_with_the_fix() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let primers = "  - name: o\n    key: \"o/{id:int}\"\n    query: SELECT * FROM orders WHERE user_id = $1\n    depends_on:\n      - table: orders\n        columns: { id: user_id }\n";
-    let error = start_error(config(dir.path(), &db.url, "only_users", "kck_slot", primers)).await;
+    let error = start_error(config(dir.path(), &db.url, "only_users", &db.name, primers)).await;
     assert!(error.contains("does not include"), "{error}");
-    assert!(error.contains("ALTER PUBLICATION \"only_users\" ADD TABLE \"public\".\"orders\""), "{error}");
+    assert!(
+        error.contains("ALTER PUBLICATION \"only_users\" ADD TABLE \"public\".\"orders\""),
+        "{error}"
+    );
     db.cleanup().await;
 }
 
@@ -533,7 +648,13 @@ async fn a_slot_held_by_another_process_is_a_clear_error() {
     let dir_b = tempfile::tempdir().unwrap();
     let running = start(test_config(dir_a.path(), &db)).await;
     let error = start_error(test_config(dir_b.path(), &db)).await;
-    assert!(error.contains("replication slot 'kck_slot' is in use by another process"), "{error}");
+    assert!(
+        error.contains(&format!(
+            "replication slot '{}' is in use by another process",
+            db.name
+        )),
+        "{error}"
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -563,10 +684,11 @@ async fn a_bad_config_file_names_the_file_and_field_and_exits_non_zero() {
 async fn wal_level_other_than_logical_is_a_clear_error() {
     let owned = support::pg::separate_cluster(&[("wal_level", "replica")]).await;
     let db = owned.new_database().await;
-    db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text)").await;
+    db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let primers = "  - name: user\n    key: \"user/{id:int}\"\n    query: SELECT * FROM users WHERE id = $1\n    depends_on:\n      - table: users\n        columns: { id: id }\n";
-    let error = start_error(config(dir.path(), &db.url, "p", "kck_slot", primers)).await;
+    let error = start_error(config(dir.path(), &db.url, "p", &db.name, primers)).await;
     assert!(error.contains("wal_level = 'replica'"), "{error}");
     assert!(error.contains("wal_level = logical"), "{error}");
 }

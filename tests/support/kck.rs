@@ -59,15 +59,23 @@ pub async fn start(config: Config) -> Running {
 /// GET /fetch/{key}: status and JSON body.
 pub async fn fetch(addr: std::net::SocketAddr, key: &str) -> (u16, Value) {
     let url = format!("http://{addr}/fetch/{key}");
-    let response = reqwest::get(&url).await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let response = reqwest::get(&url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = response.status().as_u16();
     let text = response.text().await.expect("body");
-    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: body {text:?} is not JSON: {e}"));
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("GET {url}: body {text:?} is not JSON: {e}"));
     (status, body)
 }
 
 /// Fetch `key` until it equals `expected` or `timeout` passes.
-pub async fn eventually_equals(addr: std::net::SocketAddr, key: &str, expected: &Value, timeout: Duration) {
+pub async fn eventually_equals(
+    addr: std::net::SocketAddr,
+    key: &str,
+    expected: &Value,
+    timeout: Duration,
+) {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let (status, body) = fetch(addr, key).await;
@@ -85,16 +93,25 @@ pub async fn eventually_equals(addr: std::net::SocketAddr, key: &str, expected: 
 /// this, every cached key must equal its primer run fresh.
 pub async fn wait_drained(running: &Running, client: &tokio_postgres::Client, timeout: Duration) {
     let text: String = client
-        .query_one("SELECT pg_logical_emit_message(false, 'kck-test-sync', '')::text", &[])
+        .query_one(
+            "SELECT pg_logical_emit_message(false, 'kck-test-sync', '')::text",
+            &[],
+        )
         .await
         .expect("emit sync message")
         .get(0);
     let mark: Lsn = text.parse().expect("lsn");
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let received = Lsn(running.stats.received.load(std::sync::atomic::Ordering::Relaxed));
+        let received = Lsn(running
+            .stats
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed));
         let stats = running.store.queue_stats().await.expect("queue stats");
-        let acked = Lsn(running.stats.acked.load(std::sync::atomic::Ordering::Relaxed));
+        let acked = Lsn(running
+            .stats
+            .acked
+            .load(std::sync::atomic::Ordering::Relaxed));
         if received >= mark && acked >= mark && stats.depth == 0 && stats.claimed == 0 {
             return;
         }
@@ -110,15 +127,21 @@ pub async fn wait_drained(running: &Running, client: &tokio_postgres::Client, ti
 /// The primer's result for `key` computed directly against Postgres, as kck would store it.
 pub async fn oracle(client: &tokio_postgres::Client, config: &Config, key: &str) -> Value {
     let catalog = &config.catalog;
-    let parsed = catalog.parse_key(key).unwrap_or_else(|e| panic!("{key}: {e}"));
+    let parsed = catalog
+        .parse_key(key)
+        .unwrap_or_else(|e| panic!("{key}: {e}"));
     let primer = &catalog.primers[parsed.primer];
     let sql = kck::refresh::wrapped_query(&primer.query, primer.shape);
     // Bind parameters the way kck does: as text, typed by Postgres.
     let texts: Vec<String> = parsed.params.iter().map(kck::refresh::param_text).collect();
-    let params: Vec<kck::refresh::TextParam<'_>> =
-        texts.iter().map(|t| kck::refresh::TextParam(Some(t))).collect();
-    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-        params.iter().map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+    let params: Vec<kck::refresh::TextParam<'_>> = texts
+        .iter()
+        .map(|t| kck::refresh::TextParam(Some(t)))
+        .collect();
+    let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
     let row = client
         .query_one(sql.as_str(), &refs)
         .await
@@ -128,13 +151,21 @@ pub async fn oracle(client: &tokio_postgres::Client, config: &Config, key: &str)
 }
 
 /// Compare every cached key of every primer with the oracle; returns how many keys were checked.
-pub async fn assert_converged(running: &Running, client: &tokio_postgres::Client, config: &Config) -> usize {
+pub async fn assert_converged(
+    running: &Running,
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> usize {
     let mut checked = 0;
     let mut wrong = Vec::new();
     for primer in &config.catalog.primers {
         let mut after: Option<String> = None;
         loop {
-            let keys = running.store.keys(&primer.name, after.as_deref(), 500).await.expect("keys");
+            let keys = running
+                .store
+                .keys(&primer.name, after.as_deref(), 500)
+                .await
+                .expect("keys");
             for key in &keys {
                 let Some(entry) = running.store.get(key).await.expect("get") else {
                     continue;
@@ -143,7 +174,10 @@ pub async fn assert_converged(running: &Running, client: &tokio_postgres::Client
                 let fresh = oracle(client, config, key).await;
                 checked += 1;
                 if cached != fresh {
-                    wrong.push(format!("{key} (lsn {}): cached {cached} fresh {fresh}", entry.lsn));
+                    wrong.push(format!(
+                        "{key} (lsn {}): cached {cached} fresh {fresh}",
+                        entry.lsn
+                    ));
                 }
             }
             if keys.len() < 500 {
@@ -152,6 +186,11 @@ pub async fn assert_converged(running: &Running, client: &tokio_postgres::Client
             after = keys.last().cloned();
         }
     }
-    assert!(wrong.is_empty(), "{} of {checked} keys differ from Postgres:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {checked} keys differ from Postgres:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
     checked
 }

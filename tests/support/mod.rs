@@ -23,4 +23,5 @@
 // Every test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
+pub mod kck;
 pub mod pg;
