@@ -38,6 +38,9 @@ enum Consumer {
     Kck,
     /// kck's reader without the visibility prover (its snapshot queries), to show what the prover costs.
     KckNoProver,
+    /// kck's decode, map and batch over messages held in memory, on one thread: the CPU cost of kck's own
+    /// per-row work, without the network, the runtime or the server.
+    Replay,
 }
 
 impl Consumer {
@@ -47,20 +50,41 @@ impl Consumer {
             Consumer::Pgwire => "pgwire-replication alone (count rows)",
             Consumer::Kck => "kck reader (decode + map + batch + prover)",
             Consumer::KckNoProver => "kck reader without the visibility prover",
+            Consumer::Replay => "kck decode + map + batch in memory (rows per CPU-second)",
         }
     }
 
-    /// The consumers of a workload: the prover only matters when there are many commits.
-    fn of(workload: Workload) -> &'static [Consumer] {
-        match workload {
-            Workload::Big => &[Consumer::Recvlogical, Consumer::Pgwire, Consumer::Kck],
+    fn name(self) -> &'static str {
+        match self {
+            Consumer::Recvlogical => "recvlogical",
+            Consumer::Pgwire => "pgwire",
+            Consumer::Kck => "kck",
+            Consumer::KckNoProver => "kck-no-prover",
+            Consumer::Replay => "replay",
+        }
+    }
+
+    /// The consumers of a workload (the prover only matters when there are many commits), or those
+    /// `--decode-consumers` names.
+    fn of(workload: Workload, only: &[String]) -> Vec<Consumer> {
+        let all: &[Consumer] = match workload {
+            Workload::Big => &[
+                Consumer::Recvlogical,
+                Consumer::Pgwire,
+                Consumer::Kck,
+                Consumer::Replay,
+            ],
             Workload::Small => &[
                 Consumer::Recvlogical,
                 Consumer::Pgwire,
                 Consumer::Kck,
                 Consumer::KckNoProver,
             ],
-        }
+        };
+        all.iter()
+            .copied()
+            .filter(|c| only.is_empty() || only.iter().any(|o| o == c.name()))
+            .collect()
     }
 }
 
@@ -120,7 +144,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             .get(&Consumer::Recvlogical)
             .map(|v| median(&v.iter().map(Measured::rate).collect::<Vec<_>>()))
             .unwrap_or(0.0);
-        for &consumer in Consumer::of(workload) {
+        for consumer in Consumer::of(workload, &ctx.decode_consumers) {
             let runs = &results[&consumer];
             let rates: Vec<f64> = runs.iter().map(Measured::rate).collect();
             let rate = median(&rates);
@@ -128,20 +152,29 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             let cpu: f64 = runs.iter().map(|m| m.client_cpu).sum();
             let wall: f64 = runs.iter().map(|m| m.secs).sum();
             let ws: f64 = runs.iter().map(|m| m.walsender_cpu).sum();
+            let walsender = if consumer == Consumer::Replay {
+                "-".to_string()
+            } else {
+                format!("{:.0} %", ws / wall * 100.0)
+            };
             table.row(vec![
                 label.clone(),
                 consumer.label().to_string(),
                 thousands(rate),
-                format!("{:.2}", rate / recv),
+                if recv > 0.0 {
+                    format!("{:.2}", rate / recv)
+                } else {
+                    "-".into()
+                },
                 format!("{:.2}", cpu / rows as f64 * 1e6),
-                format!("{:.0} %", ws / wall * 100.0),
+                walsender,
                 rates
                     .iter()
                     .map(|r| thousands(*r))
                     .collect::<Vec<_>>()
                     .join(", "),
             ]);
-            if consumer == Consumer::Kck {
+            if consumer == Consumer::Kck && recv > 0.0 {
                 let ratio = rate / recv;
                 section.goals.push(Goal::new(
                     format!("kck reader ≥ 0.9 × pg_recvlogical rows/s ({label})"),
@@ -154,7 +187,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 ));
             }
             let expected = workload.rows(s);
-            if consumer != Consumer::Recvlogical
+            if !matches!(consumer, Consumer::Recvlogical | Consumer::Replay)
                 && let Some(bad) = runs.iter().find(|m| m.rows != expected)
             {
                 section.notes.push(format!(
@@ -208,10 +241,10 @@ async fn measure_workload(
         Workload::Big => "big",
         Workload::Small => "small",
     };
-    let consumers = Consumer::of(workload);
+    let consumers = Consumer::of(workload, &ctx.decode_consumers);
     let slot = |round: usize, c: Consumer| format!("dec_{tag}_{round}_{c:?}").to_lowercase();
     for round in 0..s.rounds {
-        for &c in consumers {
+        for &c in &consumers {
             pg::create_slot(&client, &slot(round, c)).await?;
         }
     }
@@ -251,6 +284,7 @@ async fn measure_workload(
                 Consumer::Pgwire => pgwire_only(ctx, &name, end).await?,
                 Consumer::Kck => kck_reader(ctx, &name, end, true).await?,
                 Consumer::KckNoProver => kck_reader(ctx, &name, end, false).await?,
+                Consumer::Replay => replay(ctx, &name, end).await?,
             };
             let m = Measured {
                 walsender_cpu: sampler.stop().await,
@@ -404,6 +438,130 @@ async fn kck_reader(ctx: &Ctx, slot: &str, end: Lsn, prover: bool) -> Result<Mea
         rows: stats.rows.load(Ordering::Relaxed),
         secs,
         client_cpu: cpu_after - cpu_before,
+        walsender_cpu: 0.0,
+    })
+}
+
+/// Most messages [`replay`] keeps in memory (about 250 bytes each for the `orders` UPDATE).
+const REPLAY_MAX: usize = 200_000;
+
+/// Read the slot into memory (up to [`REPLAY_MAX`] messages), then run kck's per-row work over it on
+/// this thread: decode, resolve relations, map rows to keys, add them to a batch. `secs` is the CPU time
+/// of that loop, so the rate is rows per CPU-second.
+async fn replay(ctx: &Ctx, slot: &str, end: Lsn) -> Result<Measured> {
+    let config = ReplicationConfig::new("127.0.0.1", "postgres", "", DB, slot, PUBLICATION)
+        .with_port(ctx.cluster.port)
+        .with_status_interval(Duration::from_secs(1))
+        .with_buffer_size(1024);
+    let mut client = ReplicationClient::connect(config).await?;
+    client.wait_started().await?;
+    let mut messages = Vec::new();
+    loop {
+        match client.recv().await? {
+            Some(ReplicationEvent::XLogData { data, .. }) => {
+                if messages.len() < REPLAY_MAX {
+                    messages.push(data);
+                }
+            }
+            Some(ReplicationEvent::Commit { end_lsn, .. }) => {
+                client.update_applied_lsn(end_lsn);
+                if Lsn::from(end_lsn) >= end {
+                    break;
+                }
+            }
+            Some(ReplicationEvent::KeepAlive { wal_end, .. }) if Lsn::from(wal_end) >= end => break,
+            Some(_) => {}
+            None => break,
+        }
+    }
+    client.abort();
+    let text = format!(
+        "source:\n  url: \"{}\"\n  publication: {PUBLICATION}\n  slot: {slot}\nprimers:\n{}",
+        ctx.cluster.url(DB),
+        pg::PRIMERS
+    );
+    let config = Config::from_yaml_str(&text, Path::new("replay.yaml"), |_| None)
+        .map_err(|e| anyhow::anyhow!("replay config: {e}"))?;
+    let deps = DepIndex::new(Arc::new(config.catalog));
+    // Best of three passes of at least 1M rows each (CPU time is counted in 10 ms ticks): the least
+    // disturbed by the other work on the machine.
+    let repeat = 1_000_000usize.div_ceil(messages.len().max(1));
+    let mut best: Option<Measured> = None;
+    for _ in 0..3 {
+        let m = replay_pass(&deps, &messages, repeat, end)?;
+        if best.is_none_or(|b| m.secs < b.secs) {
+            best = Some(m);
+        }
+    }
+    best.context("no replay pass")
+}
+
+fn replay_pass(deps: &DepIndex, messages: &[Bytes], repeat: usize, lsn: Lsn) -> Result<Measured> {
+    use kck::deps::{ResolvedTable, RowChange};
+    use kck::queue::{TaskBatch, TaskKind};
+    use kck::replication::pgoutput::{self, Message};
+
+    let cpu = || proc_cpu("thread-self").map_or(0.0, |(own, _)| own);
+    let started = cpu();
+    let mut relations: HashMap<u32, ResolvedTable> = HashMap::new();
+    let mut batch = TaskBatch::new(StreamLimits::default().batch_tasks);
+    let mut kinds: Vec<TaskKind> = Vec::new();
+    let mut rows = 0u64;
+    for data in std::iter::repeat_n(messages, repeat).flatten() {
+        let message = pgoutput::decode(data)?;
+        let (relation_id, change) = match &message {
+            Message::Relation(r) => {
+                relations.insert(r.id, deps.resolve(r));
+                continue;
+            }
+            Message::Insert { relation_id, new } => (*relation_id, RowChange::Insert { new }),
+            Message::Update {
+                relation_id,
+                old,
+                old_is_key,
+                new,
+            } => (
+                *relation_id,
+                RowChange::Update {
+                    old: old.as_ref(),
+                    old_is_key: *old_is_key,
+                    new,
+                },
+            ),
+            Message::Delete {
+                relation_id,
+                old,
+                old_is_key,
+            } => (
+                *relation_id,
+                RowChange::Delete {
+                    old,
+                    old_is_key: *old_is_key,
+                },
+            ),
+            _ => continue,
+        };
+        rows += 1;
+        let Some(table) = relations.get(&relation_id) else {
+            continue;
+        };
+        if !table.is_relevant() {
+            continue;
+        }
+        deps.map_row(table, change, &mut |k| kinds.push(k));
+        for kind in kinds.drain(..) {
+            batch.add(&kind, lsn);
+        }
+        if batch.is_full() {
+            drop(batch.take());
+        }
+    }
+    drop(batch.take());
+    let secs = (cpu() - started).max(0.01);
+    Ok(Measured {
+        rows,
+        secs,
+        client_cpu: secs,
         walsender_cpu: 0.0,
     })
 }

@@ -65,6 +65,9 @@ struct Cli {
     /// Decode workloads to run: big, small (default: both).
     #[arg(long, value_delimiter = ',')]
     decode_workloads: Vec<String>,
+    /// Decode consumers to run (for profiling): recvlogical, pgwire, kck, kck-no-prover (default: all).
+    #[arg(long, value_delimiter = ',')]
+    decode_consumers: Vec<String>,
 }
 
 /// The size of everything, by mode.
@@ -137,6 +140,7 @@ pub struct Ctx {
     pub kck_bin: PathBuf,
     pub tools: Tools,
     pub decode_workloads: Vec<decode::Workload>,
+    pub decode_consumers: Vec<String>,
 }
 
 /// External programs the scenarios run.
@@ -273,6 +277,7 @@ fn run(cli: Cli) -> Result<()> {
         kck_bin: cli.kck.clone(),
         tools,
         decode_workloads,
+        decode_consumers: cli.decode_consumers.clone(),
     };
     let result = run_scenarios(&ctx, &cli, &wanted, started, load_before);
     ctx.cluster.destroy();
