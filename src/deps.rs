@@ -249,11 +249,17 @@ impl DepIndex {
                     }
                 }
             }
+            // The values the first image mapped to: an UPDATE that leaves the mapped columns alone maps
+            // its old image to the same key, which is then not built (and checked and queued) twice.
+            let mut first: Option<Vec<Option<&str>>> = None;
             for (image, stand_in) in images.into_iter().flatten() {
                 let Some(values) = values(image, stand_in, columns) else {
                     exact = false;
                     continue;
                 };
+                if first.as_ref() == Some(&values) {
+                    continue;
+                }
                 match target {
                     Target::Columns { .. } => {
                         if let Some(key) = self.catalog.key_from_text(primer, &values) {
@@ -271,6 +277,7 @@ impl DepIndex {
                     }
                     Target::AllKeys { .. } => {}
                 }
+                first = Some(values);
             }
             if !exact {
                 emit(self.all_keys(primer));
@@ -430,6 +437,30 @@ primers:
         assert_eq!(
             map(&index, &orders, delete),
             ["k by_user/1", "k order/5", "p everything"]
+        );
+    }
+
+    #[test]
+    fn an_update_that_keeps_the_key_emits_it_once() {
+        let index = index();
+        let orders = index.resolve(&relation(
+            "orders",
+            b'f',
+            &[("id", true), ("user_id", false)],
+        ));
+        let old = tuple(&[Some("5"), Some("1")]);
+        let new = tuple(&[Some("5"), Some("1")]);
+        let mut emitted = Vec::new();
+        let update = RowChange::Update {
+            old: Some(&old),
+            old_is_key: false,
+            new: &new,
+        };
+        index.map_row(&orders, update, &mut |k| emitted.push(k.id()));
+        emitted.sort();
+        assert_eq!(
+            emitted,
+            ["k\u{1f}by_user/1", "k\u{1f}order/5", "p\u{1f}everything"]
         );
     }
 
