@@ -96,6 +96,8 @@ struct Measured {
     client_cpu: f64,
     /// CPU seconds of the walsender that served it.
     walsender_cpu: f64,
+    /// Batches kck's reader handed to the (null) store.
+    batches: u64,
 }
 
 impl Measured {
@@ -128,6 +130,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         "× pg_recvlogical",
         "client CPU s / 1M rows",
         "walsender CPU (% of wall)",
+        "store writes / 1k rows",
         "runs (rows/s)",
     ]);
     for &workload in &ctx.decode_workloads {
@@ -168,6 +171,14 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                 },
                 format!("{:.2}", cpu / rows as f64 * 1e6),
                 walsender,
+                if matches!(consumer, Consumer::Kck | Consumer::KckNoProver) {
+                    format!(
+                        "{:.1}",
+                        runs.iter().map(|m| m.batches).sum::<u64>() as f64 / rows as f64 * 1000.0
+                    )
+                } else {
+                    "-".into()
+                },
                 rates
                     .iter()
                     .map(|r| thousands(*r))
@@ -338,6 +349,7 @@ async fn recvlogical(ctx: &Ctx, slot: &str, end: Lsn, rows: u64) -> Result<Measu
         secs,
         client_cpu: children_after - children_before,
         walsender_cpu: 0.0,
+        batches: 0,
     })
 }
 
@@ -382,6 +394,7 @@ async fn pgwire_only(ctx: &Ctx, slot: &str, end: Lsn) -> Result<Measured> {
         secs,
         client_cpu: cpu_after - cpu_before,
         walsender_cpu: 0.0,
+        batches: 0,
     })
 }
 
@@ -402,10 +415,11 @@ async fn kck_reader(ctx: &Ctx, slot: &str, end: Lsn, prover: bool) -> Result<Mea
     let capacity = if prover { 100_000 } else { 100_000_000 };
     let clock = Arc::new(VisibilityClock::new(start, capacity));
     let stats = Arc::new(StreamStats::default());
+    let store = Arc::new(NullStore::default());
     let stream = Stream {
         source: source.clone(),
         deps: Arc::new(DepIndex::new(Arc::new(config.catalog.clone()))),
-        store: Arc::new(NullStore::default()),
+        store: store.clone(),
         clock: clock.clone(),
         stats: stats.clone(),
         limits: StreamLimits::default(),
@@ -439,6 +453,7 @@ async fn kck_reader(ctx: &Ctx, slot: &str, end: Lsn, prover: bool) -> Result<Mea
         secs,
         client_cpu: cpu_after - cpu_before,
         walsender_cpu: 0.0,
+        batches: store.batches.load(Ordering::Relaxed),
     })
 }
 
@@ -563,6 +578,7 @@ fn replay_pass(deps: &DepIndex, messages: &[Bytes], repeat: usize, lsn: Lsn) -> 
         secs,
         client_cpu: secs,
         walsender_cpu: 0.0,
+        batches: 0,
     })
 }
 
@@ -605,6 +621,7 @@ impl WalsenderSampler {
 #[derive(Debug, Default)]
 pub struct NullStore {
     pub tasks: AtomicU64,
+    pub batches: AtomicU64,
 }
 
 #[async_trait]
@@ -634,6 +651,7 @@ impl Store for NullStore {
     }
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
         self.tasks.fetch_add(tasks.len() as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
     async fn claim(&self, _max: usize, _lease: Duration) -> StoreResult<Vec<Claim>> {
