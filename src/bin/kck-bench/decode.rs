@@ -98,6 +98,8 @@ struct Measured {
     walsender_cpu: f64,
     /// Batches kck's reader handed to the (null) store.
     batches: u64,
+    /// Snapshot queries (`pg_current_snapshot()`) the visibility prover ran.
+    snapshots: i64,
 }
 
 impl Measured {
@@ -131,6 +133,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         "client CPU s / 1M rows",
         "walsender CPU (% of wall)",
         "store writes / 1k rows",
+        "snapshot queries / 1k rows",
         "runs (rows/s)",
     ]);
     for &workload in &ctx.decode_workloads {
@@ -175,6 +178,14 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
                     format!(
                         "{:.1}",
                         runs.iter().map(|m| m.batches).sum::<u64>() as f64 / rows as f64 * 1000.0
+                    )
+                } else {
+                    "-".into()
+                },
+                if consumer == Consumer::Kck {
+                    format!(
+                        "{:.1}",
+                        runs.iter().map(|m| m.snapshots).sum::<i64>() as f64 / rows as f64 * 1000.0
                     )
                 } else {
                     "-".into()
@@ -350,6 +361,7 @@ async fn recvlogical(ctx: &Ctx, slot: &str, end: Lsn, rows: u64) -> Result<Measu
         client_cpu: children_after - children_before,
         walsender_cpu: 0.0,
         batches: 0,
+        snapshots: 0,
     })
 }
 
@@ -395,6 +407,7 @@ async fn pgwire_only(ctx: &Ctx, slot: &str, end: Lsn) -> Result<Measured> {
         client_cpu: cpu_after - cpu_before,
         walsender_cpu: 0.0,
         batches: 0,
+        snapshots: 0,
     })
 }
 
@@ -424,6 +437,7 @@ async fn kck_reader(ctx: &Ctx, slot: &str, end: Lsn, prover: bool) -> Result<Mea
         stats: stats.clone(),
         limits: StreamLimits::default(),
     };
+    pg::reset_statements(&client).await?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let prover = prover.then(|| tokio::spawn(prove_visibility(source, clock, shutdown_rx.clone())));
     let (cpu_before, _) = self_cpu();
@@ -454,6 +468,7 @@ async fn kck_reader(ctx: &Ctx, slot: &str, end: Lsn, prover: bool) -> Result<Mea
         client_cpu: cpu_after - cpu_before,
         walsender_cpu: 0.0,
         batches: store.batches.load(Ordering::Relaxed),
+        snapshots: pg::statement_calls(&client, "pg_current_snapshot").await?,
     })
 }
 
@@ -579,6 +594,7 @@ fn replay_pass(deps: &DepIndex, messages: &[Bytes], repeat: usize, lsn: Lsn) -> 
         client_cpu: secs,
         walsender_cpu: 0.0,
         batches: 0,
+        snapshots: 0,
     })
 }
 

@@ -65,7 +65,11 @@ struct Cli {
     /// Decode workloads to run: big, small (default: both).
     #[arg(long, value_delimiter = ',')]
     decode_workloads: Vec<String>,
-    /// Decode consumers to run (for profiling): recvlogical, pgwire, kck, kck-no-prover (default: all).
+    /// Freshness write rates in tx/s (default: 1000,5000, or 1000 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    fresh_rates: Vec<u32>,
+    /// Decode consumers to run (for profiling): recvlogical, pgwire, kck, kck-no-prover, replay (default:
+    /// all).
     #[arg(long, value_delimiter = ',')]
     decode_consumers: Vec<String>,
 }
@@ -241,6 +245,9 @@ fn run(cli: Cli) -> Result<()> {
     };
     if let Some(rounds) = cli.rounds {
         sizes.rounds = rounds.max(1);
+    }
+    if !cli.fresh_rates.is_empty() {
+        sizes.fresh_rates = cli.fresh_rates.clone();
     }
     let mut decode_workloads = Vec::new();
     for w in &cli.decode_workloads {
