@@ -59,6 +59,9 @@ where
         retry_delays_the_task,
         queue_stats_track_depth_claims_and_age,
         meta_round_trips,
+        pending_floor_is_the_oldest_change_still_owed,
+        finishing_a_raised_task_moves_its_floor_past_the_claim,
+        follow_ups_inherit_the_finished_tasks_floor,
         wait_for_tasks_wakes_and_times_out,
         concurrent_enqueue_and_finish_lose_nothing,
         concurrent_writes_to_one_key_keep_the_newest,
@@ -89,9 +92,15 @@ fn entry(lsn: u64, value: &str) -> Entry {
 }
 
 fn task(id: &str, lsn: u64) -> Task {
+    Task::new(id, Lsn(lsn))
+}
+
+/// A task standing for changes from `floor` to `lsn`.
+fn task_from(id: &str, floor: u64, lsn: u64) -> Task {
     Task {
         id: id.to_owned(),
         lsn: Lsn(lsn),
+        floor: Lsn(floor),
     }
 }
 
@@ -108,6 +117,10 @@ fn ids(claims: &[Claim]) -> Vec<&str> {
 
 async fn claim<S: Store>(s: &S, max: usize, lease: Duration) -> Vec<Claim> {
     s.claim(max, lease).await.expect("claim failed")
+}
+
+async fn floor<S: Store>(s: &S) -> Option<Lsn> {
+    s.pending_floor().await.expect("pending_floor failed")
 }
 
 async fn stats<S: Store>(s: &S) -> QueueStats {
@@ -641,6 +654,93 @@ async fn meta_round_trips<S: Store>(s: S) {
     assert_eq!(s.get("fingerprint").await.unwrap(), None);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The pending floor
+
+async fn pending_floor_is_the_oldest_change_still_owed<S: Store>(s: S) {
+    assert_eq!(floor(&s).await, None, "an empty queue has no floor");
+    s.enqueue(vec![task("a", 5), task("b", 3)]).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(3)));
+    s.enqueue(vec![task("b", 7)]).await.unwrap();
+    assert_eq!(
+        floor(&s).await,
+        Some(Lsn(3)),
+        "coalescing a newer change must keep the oldest change owed"
+    );
+    s.enqueue(vec![task("a", 2)]).await.unwrap();
+    assert_eq!(
+        floor(&s).await,
+        Some(Lsn(2)),
+        "coalescing an older change must lower the floor"
+    );
+    s.enqueue(vec![task_from("c", 1, 9)]).await.unwrap();
+    assert_eq!(
+        floor(&s).await,
+        Some(Lsn(1)),
+        "a task's own floor counts, not its LSN"
+    );
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&claims), vec!["a", "b", "c"]);
+    assert_eq!(claims[0].lsn, Lsn(5));
+    assert_eq!(floor(&s).await, Some(Lsn(1)), "claimed tasks still owe");
+    s.retry(&claims[2], Duration::ZERO).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(1)), "retried tasks still owe");
+    s.finish(&claims[0], None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(1)), "after finishing a");
+    let c = claim_eventually(&s, "c").await;
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(3)), "after finishing c, b owes 3");
+    s.finish(&claims[1], None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, None, "nothing is owed once all finished");
+}
+
+async fn finishing_a_raised_task_moves_its_floor_past_the_claim<S: Store>(s: S) {
+    s.enqueue(vec![task("a", 5)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("a", 8)]).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(5)));
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    assert_eq!(
+        floor(&s).await,
+        Some(Lsn(6)),
+        "the refresh saw every change up to the claim's LSN (5): 6..=8 is still owed"
+    );
+    let again = claim_eventually(&s, "a").await;
+    assert_eq!(again.lsn, Lsn(8));
+    s.finish(&again, None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, None);
+}
+
+async fn follow_ups_inherit_the_finished_tasks_floor<S: Store>(s: S) {
+    // A lookup standing for changes 4..=10 hands its debt to the keys it finds.
+    s.enqueue(vec![task_from("lookup", 4, 10)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.finish(&c, None, vec![task("k1", 10), task("k2", 10)])
+        .await
+        .unwrap();
+    assert_eq!(
+        floor(&s).await,
+        Some(Lsn(4)),
+        "follow-ups must inherit the finished task's floor"
+    );
+    let ks = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&ks), vec!["k1", "k2"]);
+    s.finish(&ks[0], None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(4)), "k2 still owes 4");
+    s.finish(&ks[1], None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, None);
+
+    // A task kept because it was raised: its follow-ups take its old floor, it keeps the rest.
+    s.enqueue(vec![task_from("m", 3, 6)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("m", 9)]).await.unwrap();
+    s.finish(&c, None, vec![task("f", 6)]).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(3)), "f inherits m's floor 3");
+    let f = claim_eventually(&s, "f").await;
+    s.finish(&f, None, Vec::new()).await.unwrap();
+    assert_eq!(floor(&s).await, Some(Lsn(7)), "m owes 7..=9");
+}
+
 async fn wait_for_tasks_wakes_and_times_out<S: Store>(s: S) {
     let s = Arc::new(s);
     // Nothing to wait for: it returns after its timeout.
@@ -774,6 +874,7 @@ async fn concurrent_enqueue_and_finish_lose_nothing<S: Store>(s: S) {
         QueueStats::default(),
         "queue must be empty"
     );
+    assert_eq!(floor(&*s).await, None, "an empty queue has no floor");
 }
 
 async fn concurrent_writes_to_one_key_keep_the_newest<S: Store>(s: S) {

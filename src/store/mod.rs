@@ -9,10 +9,26 @@
 //! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash. The replication
 //!   stream acknowledges a position to Postgres only after that.
 //! - **Tasks coalesce.** One pending task per [`Task::id`]; enqueuing an id that is pending raises its LSN to
-//!   the larger of the two and keeps its place in line.
+//!   the larger of the two, lowers its floor to the smaller of the two (see below), and keeps its place in
+//!   line.
 //! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
 //!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
 //!   it was claimed keeps it queued (the newer change still needs a refresh).
+//! - **The pending floor.** Every pending task (claimed or not, due or delayed) has a *floor*: the lowest
+//!   change LSN it still owes a refresh for ([`Task::floor`], at most [`Task::lsn`]).
+//!   [`Store::pending_floor`] is the lowest floor of all pending tasks; `/update?wait=fresh` and
+//!   `/fetch?min_lsn` rely on it: once the stream has durably queued everything up to `L` and the pending
+//!   floor is above `L` (or nothing is pending), every change up to `L` is reflected in every cached entry.
+//!   The floor moves as follows, and a backend must implement exactly this:
+//!   - a new task's floor is its [`Task::floor`];
+//!   - coalescing keeps the smaller floor: `floor = min(pending.floor, task.floor)`;
+//!   - [`Store::finish`] that keeps a task (its LSN was raised after the claim) sets its floor to
+//!     `max(floor, claim.lsn + 1)`: the refresh just done saw every change up to `claim.lsn`;
+//!   - the follow-ups of [`Store::finish`] inherit the finished task's floor: each is enqueued with
+//!     `floor = min(follow_up.floor, floor of the task being finished)` (when that task is still pending),
+//!     so that a lookup or primer-page task hands its debt on to the key tasks it creates, in the same
+//!     atomic write;
+//!   - [`Store::retry`] leaves the floor as it is.
 
 pub mod embedded;
 
@@ -46,6 +62,21 @@ pub struct Task {
     pub id: String,
     /// The commit LSN of the newest change that asked for this task: the refresh must see it.
     pub lsn: Lsn,
+    /// The commit LSN of the oldest change this task still owes a refresh for (`floor <= lsn`). Until the
+    /// task is finished, [`Store::pending_floor`] is at most this. Usually equal to `lsn`; lower when the
+    /// task stands for several changes (the stream's batch coalesced them).
+    pub floor: Lsn,
+}
+
+impl Task {
+    /// A task for one change: its floor is its LSN.
+    pub fn new(id: impl Into<String>, lsn: Lsn) -> Task {
+        Task {
+            id: id.into(),
+            lsn,
+            floor: lsn,
+        }
+    }
 }
 
 /// A task handed to one worker.
@@ -141,6 +172,12 @@ pub trait Store: Send + Sync + 'static {
     async fn wait_for_tasks(&self, timeout: Duration);
 
     async fn queue_stats(&self) -> StoreResult<QueueStats>;
+
+    /// The lowest floor of all pending tasks (claimed or not, due or delayed), or `None` when the queue is
+    /// empty: the oldest change some cached entry may not reflect yet. See "The pending floor" in the
+    /// module docs for how floors move. Called by freshness waits (often, while a client waits), so it
+    /// should be a point lookup, not a scan of the queue.
+    async fn pending_floor(&self) -> StoreResult<Option<Lsn>>;
 
     /// Small named values kck keeps about itself (for example the config fingerprint).
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>>;
