@@ -13,8 +13,10 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::Authenticator;
 use crate::config::{Config, StoreConfig};
 use crate::deps::DepIndex;
+use crate::freshness::Progress;
 use crate::http::{AppState, app};
 use crate::lsn::Lsn;
 use crate::queue::TaskKind;
@@ -22,6 +24,7 @@ use crate::refresh::{Refresher, prove_visibility};
 use crate::replication::{self, ReplicationError, Source, Stream, StreamLimits, StreamStats};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
+use crate::update::{UpdateError, Updates};
 use crate::visibility::VisibilityClock;
 
 /// kck could not start, or stopped with an error.
@@ -39,6 +42,10 @@ pub enum AppError {
     },
     #[error("cannot start the refresh workers: {0}")]
     Refresh(#[from] crate::refresh::RefreshError),
+    #[error("cannot set up updaters: {0}")]
+    Update(#[from] UpdateError),
+    #[error("write.url is not a valid connection string: {0}")]
+    WriteUrl(String),
     #[error("a kck task failed: {0}")]
     Task(String),
 }
@@ -159,10 +166,41 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         addr: config.http.bind,
         source,
     })?;
+    let updates = if config.updaters.is_empty() {
+        None
+    } else {
+        let pg = config
+            .write
+            .url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| AppError::WriteUrl(e.to_string()))?;
+        Some(Arc::new(Updates::new(
+            pg,
+            config.write.connections,
+            config.updaters.clone(),
+            config.http.request_timeout,
+        )?))
+    };
+    let auth = config.auth.jwt.clone().map(|jwt| {
+        Arc::new(Authenticator {
+            jwt,
+            public_paths: Arc::new(config.auth.public_paths.clone()),
+        })
+    });
     let state = AppState {
         store: store.clone(),
         catalog,
         primer: config.prime_on_cache_miss.then(|| refresher.clone()),
+        hub: refresher.hub.clone(),
+        progress: Progress {
+            store: store.clone(),
+            stats: stats.clone(),
+            clock: clock.clone(),
+        },
+        updates,
+        auth,
+        limits: config.http.clone(),
+        shutdown: shutdown_rx.clone(),
     };
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {

@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
+use crate::auth::{Access, AccessRule, AuthConfig, JwtConfig};
 use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
+use crate::update::{Statement, Updater, UpdaterParam, ValueType};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -30,6 +32,33 @@ pub struct Config {
     /// On a `/fetch` miss: compute, store and return (true), or answer 404 (false). Default true.
     pub prime_on_cache_miss: bool,
     pub catalog: Catalog,
+    /// `auth`: off by default.
+    pub auth: AuthConfig,
+    /// `write`: the connections updaters write through.
+    pub write: WriteConfig,
+    /// From `updaters` and `updaters_dir`, in that order; names are unique.
+    pub updaters: Vec<Updater>,
+}
+
+/// Where updaters write.
+///
+/// `Debug` hides the password of `url`.
+#[derive(Clone)]
+pub struct WriteConfig {
+    /// The Postgres connection updaters use: `write.url` (`KCK_WRITE_URL`), or else `source.url`. A role
+    /// with just the privileges the updaters need is best.
+    pub url: String,
+    /// Connections in the updaters' pool. Default 4.
+    pub connections: usize,
+}
+
+impl fmt::Debug for WriteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteConfig")
+            .field("url", &redact_url(&self.url))
+            .field("connections", &self.connections)
+            .finish()
+    }
 }
 
 /// Where the data comes from.
@@ -61,6 +90,31 @@ pub enum StoreConfig {
 pub struct HttpConfig {
     /// Default `127.0.0.1:8080`. `KCK_HTTP_BIND`.
     pub bind: SocketAddr,
+    /// How long a request may take, waits excluded (a request that waits gets `max_wait` more). Updaters'
+    /// statements get it as their `statement_timeout`. Default 30 s.
+    pub request_timeout: Duration,
+    /// The largest request body, in bytes. Default 1 MiB.
+    pub body_limit: usize,
+    /// The most keys one `POST /fetch` may ask for. Default 1000.
+    pub max_batch_keys: usize,
+    /// How long a freshness wait (`min_lsn`, `wait=fresh`, `wait_change`) lasts when the request gives no
+    /// `timeout`. Default 5 s.
+    pub wait_timeout: Duration,
+    /// The longest `timeout` a request may give. Default 60 s.
+    pub max_wait: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: DEFAULT_HTTP_BIND,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            body_limit: DEFAULT_BODY_LIMIT,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            max_wait: DEFAULT_MAX_WAIT,
+        }
+    }
 }
 
 /// Refresh workers.
@@ -111,14 +165,26 @@ pub const DEFAULT_HTTP_BIND: SocketAddr =
 pub const DEFAULT_WORKERS: usize = 4;
 pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WRITE_CONNECTIONS: usize = 4;
+pub const MAX_WRITE_CONNECTIONS: usize = 256;
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// What `/fetch` answers in `Cache-Control` unless a primer says otherwise: caches may keep the value but
+/// must revalidate it (cheap with `ETag`).
+pub const DEFAULT_CACHE_CONTROL: &str = "no-cache";
 
 /// The environment variables that override fields, with the field each overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 5] = [
+pub const ENV_OVERRIDES: [(&str, &str); 6] = [
     ("KCK_SOURCE_URL", "source.url"),
     ("KCK_SOURCE_PUBLICATION", "source.publication"),
     ("KCK_SOURCE_SLOT", "source.slot"),
     ("KCK_STORE_PATH", "store.path"),
     ("KCK_HTTP_BIND", "http.bind"),
+    ("KCK_WRITE_URL", "write.url"),
 ];
 
 impl Config {
@@ -241,6 +307,10 @@ struct RawConfig {
     prime_on_cache_miss: Option<Spanned<bool>>,
     primers_dir: Option<Spanned<String>>,
     primers: Option<Spanned<Vec<Spanned<RawPrimer>>>>,
+    auth: Option<Spanned<RawAuth>>,
+    write: Option<Spanned<RawWrite>>,
+    updaters_dir: Option<Spanned<String>>,
+    updaters: Option<Spanned<Vec<Spanned<RawUpdater>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +334,245 @@ struct RawStore {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     bind: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    body_limit: Option<Spanned<Scalar>>,
+    max_batch_keys: Option<Spanned<i64>>,
+    wait_timeout: Option<Spanned<String>>,
+    max_wait: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWrite {
+    url: Option<Spanned<String>>,
+    connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt: Option<Spanned<RawJwt>>,
+    public_paths: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    secret_env: Option<Spanned<String>>,
+    public_key_file: Option<Spanned<String>>,
+    jwks_file: Option<Spanned<String>>,
+    issuer: Option<Spanned<OneOrMany>>,
+    audience: Option<Spanned<OneOrMany>>,
+    leeway: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdater {
+    name: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<Spanned<RawParam>>>>,
+    statements: Option<Spanned<Vec<Spanned<String>>>>,
+    access: Option<Spanned<RawAccess>>,
+}
+
+/// An updater parameter: `name:type` (type default `text`), or `{ name, type, nullable }`.
+#[derive(Debug)]
+struct RawParam {
+    name: String,
+    ty: Option<String>,
+    nullable: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParamFields {
+    name: String,
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    #[serde(default)]
+    nullable: bool,
+}
+
+impl<'de> Deserialize<'de> for RawParam {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawParam;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`name:type` (such as user_id:int) or { name: user_id, type: int, nullable: false }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawParam, E> {
+                let (name, ty) = match v.split_once(':') {
+                    Some((n, t)) => (n.trim(), Some(t.trim().to_owned())),
+                    None => (v.trim(), None),
+                };
+                Ok(RawParam {
+                    name: name.to_owned(),
+                    ty,
+                    nullable: false,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawParam, A::Error> {
+                let f =
+                    RawParamFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawParam {
+                    name: f.name,
+                    ty: f.ty,
+                    nullable: f.nullable,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `access`: one rule (a mapping) or a list of rules, any of which grants access.
+#[derive(Debug)]
+struct RawAccess(Vec<Spanned<RawAccessRule>>, Option<RawAccessRule>);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessRule {
+    require: Option<Spanned<RequirePairs>>,
+    #[serde(rename = "match")]
+    matches: Option<Spanned<ColumnPairs>>,
+}
+
+impl<'de> Deserialize<'de> for RawAccess {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawAccess;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a rule such as { require: { role: admin }, match: { sub: user_id } }, or a list of rules",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawAccess, A::Error> {
+                let rule =
+                    RawAccessRule::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawAccess(Vec::new(), Some(rule)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawAccess, A::Error> {
+                let rules = Vec::<Spanned<RawAccessRule>>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                Ok(RawAccess(rules, None))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `require`: claim → accepted value (a scalar) or values (a list of scalars), in file order.
+#[derive(Debug)]
+struct RequirePairs(Vec<(String, Vec<String>)>);
+
+impl<'de> Deserialize<'de> for RequirePairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RequirePairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping from claim to required value, such as { role: admin }")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RequirePairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(claim) = map.next_key::<String>()? {
+                    let values = match map.next_value::<OneOrMany>()? {
+                        OneOrMany(values) => values,
+                    };
+                    pairs.push((claim, values));
+                }
+                Ok(RequirePairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// A scalar (string, number or boolean) as text, or a list of them.
+#[derive(Debug)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Scalar(v)) = seq.next_element::<Scalar>()? {
+                    out.push(v);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A scalar (string, number or boolean) as text.
+#[derive(Debug)]
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a number or true/false")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +590,8 @@ struct RawPrimer {
     shape: Option<Spanned<String>>,
     query: Option<Spanned<String>>,
     depends_on: Option<Spanned<Vec<Spanned<RawDependency>>>>,
+    cache_control: Option<Spanned<String>>,
+    access: Option<Spanned<RawAccess>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,13 +898,17 @@ impl Loader<'_> {
         }
     }
 
-    fn load(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn load(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
         let source = self.source(&raw)?;
         let store = self.store(&raw)?;
         let http = self.http(&raw)?;
         let refresh = self.refresh(&raw)?;
+        let auth = self.auth(&raw)?;
+        let write = self.write(&raw, &source)?;
         let prime_on_cache_miss = raw.prime_on_cache_miss.as_ref().is_none_or(|s| s.value);
-        let catalog = self.primers(raw)?;
+        let auth_on = auth.jwt.is_some();
+        let updaters = self.updaters(raw.updaters.take(), raw.updaters_dir.take(), auth_on)?;
+        let catalog = self.primers(raw, auth_on)?;
         Ok(Config {
             file: self.file.to_owned(),
             source,
@@ -602,6 +917,9 @@ impl Loader<'_> {
             refresh,
             prime_on_cache_miss,
             catalog,
+            auth,
+            write,
+            updaters,
         })
     }
 
@@ -698,7 +1016,304 @@ impl Loader<'_> {
                 parse_bind,
             )?
             .unwrap_or(DEFAULT_HTTP_BIND);
-        Ok(HttpConfig { bind })
+        let duration = |field: Option<&Spanned<String>>, name: &str, default: Duration| match field
+        {
+            None => Ok(default),
+            Some(t) => parse_duration(&t.value).map_err(|m| self.err(line_of(t), name, m)),
+        };
+        let request_timeout = duration(
+            section.and_then(|s| s.request_timeout.as_ref()),
+            "http.request_timeout",
+            DEFAULT_REQUEST_TIMEOUT,
+        )?;
+        let wait_timeout = duration(
+            section.and_then(|s| s.wait_timeout.as_ref()),
+            "http.wait_timeout",
+            DEFAULT_WAIT_TIMEOUT,
+        )?;
+        let max_wait = duration(
+            section.and_then(|s| s.max_wait.as_ref()),
+            "http.max_wait",
+            DEFAULT_MAX_WAIT,
+        )?;
+        if wait_timeout > max_wait {
+            let line = section
+                .and_then(|s| s.wait_timeout.as_ref())
+                .map_or(1, line_of);
+            return Err(self.err(
+                line,
+                "http.wait_timeout",
+                format!(
+                    "{} is longer than http.max_wait ({}): the default wait must be allowed",
+                    humantime::format_duration(wait_timeout),
+                    humantime::format_duration(max_wait)
+                ),
+            ));
+        }
+        let body_limit = match section.and_then(|s| s.body_limit.as_ref()) {
+            None => DEFAULT_BODY_LIMIT,
+            Some(b) => {
+                parse_size(&b.value.0).map_err(|m| self.err(line_of(b), "http.body_limit", m))?
+            }
+        };
+        let max_batch_keys = match section.and_then(|s| s.max_batch_keys.as_ref()) {
+            None => DEFAULT_MAX_BATCH_KEYS,
+            Some(n) => match usize::try_from(n.value) {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(n),
+                        "http.max_batch_keys",
+                        format!("must be between 1 and 100000, got {}", n.value),
+                    ));
+                }
+            },
+        };
+        Ok(HttpConfig {
+            bind,
+            request_timeout,
+            body_limit,
+            max_batch_keys,
+            wait_timeout,
+            max_wait,
+        })
+    }
+
+    fn write(&self, raw: &RawConfig, source: &SourceConfig) -> Result<WriteConfig, ConfigError> {
+        let section = raw.write.as_ref().map(|s| &s.value);
+        let url = self
+            .string_field(
+                "KCK_WRITE_URL",
+                "write.url",
+                section.and_then(|s| s.url.as_ref()),
+                check_url,
+            )?
+            .unwrap_or_else(|| source.url.clone());
+        let connections = match section.and_then(|s| s.connections.as_ref()) {
+            None => DEFAULT_WRITE_CONNECTIONS,
+            Some(c) => match usize::try_from(c.value) {
+                Ok(n) if (1..=MAX_WRITE_CONNECTIONS).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(c),
+                        "write.connections",
+                        format!(
+                            "must be between 1 and {MAX_WRITE_CONNECTIONS}, got {}",
+                            c.value
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(WriteConfig { url, connections })
+    }
+
+    fn auth(&self, raw: &RawConfig) -> Result<AuthConfig, ConfigError> {
+        let mut auth = AuthConfig::default();
+        let Some(section) = raw.auth.as_ref().map(|s| &s.value) else {
+            return Ok(auth);
+        };
+        if let Some(paths) = &section.public_paths {
+            auth.public_paths.clear();
+            for (i, p) in paths.value.iter().enumerate() {
+                if !p.value.starts_with('/') || p.value.contains(['?', '#', ' ']) {
+                    return Err(self.err(
+                        line_of(p),
+                        format!("auth.public_paths[{i}]"),
+                        format!(
+                            "'{}' is not a request path: write it as it appears in the URL, starting with / \
+                             (such as /healthz), without a query",
+                            p.value
+                        ),
+                    ));
+                }
+                auth.public_paths.push(p.value.clone());
+            }
+        }
+        if let Some(jwt) = &section.jwt {
+            auth.jwt = Some(self.jwt(jwt)?);
+        }
+        Ok(auth)
+    }
+
+    fn jwt(&self, section: &Spanned<RawJwt>) -> Result<JwtConfig, ConfigError> {
+        let line = line_of(section);
+        let jwt = &section.value;
+        let Some(algorithms) = &jwt.algorithms else {
+            return Err(self.err(
+                line,
+                "auth.jwt.algorithms",
+                "required: the algorithms tokens may be signed with, such as [RS256] or [HS256]; kck \
+                 never takes the algorithm from the token",
+            ));
+        };
+        if algorithms.value.is_empty() {
+            return Err(self.err(
+                line_of(algorithms),
+                "auth.jwt.algorithms",
+                "list at least one algorithm",
+            ));
+        }
+        let mut algs = Vec::with_capacity(algorithms.value.len());
+        for (i, a) in algorithms.value.iter().enumerate() {
+            let alg = crate::auth::parse_algorithm(a.value.trim())
+                .map_err(|m| self.err(line_of(a), format!("auth.jwt.algorithms[{i}]"), m))?;
+            if !algs.contains(&alg) {
+                algs.push(alg);
+            }
+        }
+        let sources = [
+            ("secret_env", &jwt.secret_env),
+            ("public_key_file", &jwt.public_key_file),
+            ("jwks_file", &jwt.jwks_file),
+        ];
+        let given: Vec<_> = sources.iter().filter(|(_, v)| v.is_some()).collect();
+        let (kind, value) = match given.as_slice() {
+            [(kind, Some(value))] => (*kind, value),
+            [] | [(_, None)] => {
+                return Err(self.err(
+                    line,
+                    "auth.jwt",
+                    "give the verification key: `secret_env` (the environment variable holding an HS* \
+                     secret), `public_key_file` (a PEM public key) or `jwks_file` (a JWKS document)",
+                ));
+            }
+            more => {
+                return Err(self.err(
+                    line,
+                    "auth.jwt",
+                    format!(
+                        "give only one of secret_env, public_key_file and jwks_file (found {})",
+                        more.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        };
+        let field = format!("auth.jwt.{kind}");
+        let value_line = line_of(value);
+        let (keys, key_source) = match kind {
+            "secret_env" => {
+                let var = value.value.trim();
+                let secret = (self.env)(var).ok_or_else(|| {
+                    self.err(
+                        value_line,
+                        &field,
+                        format!(
+                            "the environment variable {var} is not set: it must hold the HS* secret"
+                        ),
+                    )
+                })?;
+                let keys = crate::auth::secret_key(secret.as_bytes())
+                    .map_err(|m| self.err(value_line, &field, format!("{var}: {m}")))?;
+                (keys, format!("secret_env {var}"))
+            }
+            _ => {
+                let path = self.relative(&value.value);
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        value_line,
+                        &field,
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let keys = if kind == "jwks_file" {
+                    crate::auth::jwks_keys(&String::from_utf8_lossy(&bytes))
+                } else {
+                    crate::auth::pem_key(&bytes)
+                }
+                .map_err(|m| self.err(value_line, &field, format!("{}: {m}", path.display())))?;
+                (keys, format!("{kind} {}", path.display()))
+            }
+        };
+        let strings = |v: &Option<Spanned<OneOrMany>>,
+                       name: &str|
+         -> Result<Option<Vec<String>>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(v)
+                    if v.value.0.is_empty() || v.value.0.iter().any(|s| s.trim().is_empty()) =>
+                {
+                    Err(self.err(line_of(v), name, "give a non-empty value or list of values"))
+                }
+                Some(v) => Ok(Some(v.value.0.clone())),
+            }
+        };
+        let issuer = strings(&jwt.issuer, "auth.jwt.issuer")?;
+        let audience = strings(&jwt.audience, "auth.jwt.audience")?;
+        let leeway = match &jwt.leeway {
+            None => DEFAULT_JWT_LEEWAY,
+            Some(l) => {
+                let d = humantime::parse_duration(l.value.trim()).map_err(|e| {
+                    self.err(
+                        line_of(l),
+                        "auth.jwt.leeway",
+                        format!("'{}' is not a duration ({e}); write e.g. 30s", l.value),
+                    )
+                })?;
+                if d > Duration::from_secs(300) {
+                    return Err(self.err(
+                        line_of(l),
+                        "auth.jwt.leeway",
+                        "at most 5m: a longer leeway keeps expired tokens valid too long",
+                    ));
+                }
+                d
+            }
+        };
+        JwtConfig::new(algs, keys, key_source, issuer, audience, leeway)
+            .map_err(|m| self.err(line, "auth.jwt", m))
+    }
+
+    fn updaters(
+        &self,
+        list: Option<Spanned<Vec<Spanned<RawUpdater>>>>,
+        dir: Option<Spanned<String>>,
+        auth_on: bool,
+    ) -> Result<Vec<Updater>, ConfigError> {
+        let mut updaters = Vec::new();
+        // (file, line of the name, field prefix) per updater, for duplicate names.
+        let mut origins: Vec<(PathBuf, usize, String)> = Vec::new();
+        if let Some(list) = list {
+            for (i, item) in list.value.into_iter().enumerate() {
+                let line = line_of(&item);
+                let prefix = format!("updaters[{i}].");
+                let (updater, name_line) =
+                    build_updater(item.value, line, self.file, &prefix, None, auth_on)?;
+                updaters.push(updater);
+                origins.push((self.file.to_owned(), name_line, prefix));
+            }
+        }
+        if let Some(dir) = &dir {
+            let path = self.relative(&dir.value);
+            for file in sql_files(&path).map_err(|e| {
+                self.err(
+                    line_of(dir),
+                    "updaters_dir",
+                    format!("cannot read the directory {}: {e}", path.display()),
+                )
+            })? {
+                let (updater, name_line) = load_sql_updater(&file, auth_on)?;
+                updaters.push(updater);
+                origins.push((file, name_line, String::new()));
+            }
+        }
+        for i in 0..updaters.len() {
+            if let Some(j) = (0..i).find(|&j| updaters[j].name == updaters[i].name) {
+                let (file, line, prefix) = &origins[i];
+                return Err(invalid(
+                    file,
+                    *line,
+                    format!("{prefix}name"),
+                    format!(
+                        "the updater name '{}' is already used at {}:{}; updater names must be unique",
+                        updaters[i].name,
+                        origins[j].0.display(),
+                        origins[j].1
+                    ),
+                ));
+            }
+        }
+        Ok(updaters)
     }
 
     fn refresh(&self, raw: &RawConfig) -> Result<RefreshConfig, ConfigError> {
@@ -727,7 +1342,7 @@ impl Loader<'_> {
         })
     }
 
-    fn primers(&self, raw: RawConfig) -> Result<Catalog, ConfigError> {
+    fn primers(&self, raw: RawConfig, auth_on: bool) -> Result<Catalog, ConfigError> {
         let mut primers = Vec::new();
         let mut origins = Vec::new();
         let primers_line = self.section_line(&raw.primers, "primers");
@@ -745,8 +1360,14 @@ impl Loader<'_> {
                     .query
                     .as_ref()
                     .is_some_and(|q| is_literal_block(self.text, line_of(q)));
-                let (primer, origin) =
-                    build_primer(item.value, line, origin, None, query_is_literal_block)?;
+                let (primer, origin) = build_primer(
+                    item.value,
+                    line,
+                    origin,
+                    None,
+                    query_is_literal_block,
+                    auth_on,
+                )?;
                 primers.push(primer);
                 origins.push(origin);
             }
@@ -761,7 +1382,7 @@ impl Loader<'_> {
                     format!("cannot read the directory {}: {e}", path.display()),
                 )
             })? {
-                let (primer, origin) = load_sql_primer(&file)?;
+                let (primer, origin) = load_sql_primer(&file, auth_on)?;
                 primers.push(primer);
                 origins.push(origin);
             }
@@ -893,20 +1514,35 @@ fn sql_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The first line of a `.sql` primer file.
 const SQL_MARKER: &str = "-- kck:primer";
+/// The first line of a `.sql` updater file.
+const UPDATER_MARKER: &str = "-- kck:updater";
 
-/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
-fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
+/// A `.sql` file split into its YAML header (line numbers kept: the marker line is blanked) and its body.
+struct SqlFile {
+    header: String,
+    body: String,
+    /// The line of the file where the body starts.
+    body_line: usize,
+}
+
+/// Read a `.sql` file whose first line is `marker`, then `--` lines forming a YAML header, then SQL.
+fn read_sql_file(file: &Path, marker: &str, what: &str) -> Result<SqlFile, ConfigError> {
     let text = read_text(file)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut lines = text.split_inclusive('\n');
     let first = lines.next().unwrap_or("");
-    if first.trim_end() != SQL_MARKER {
+    if first.trim_end() != marker {
+        let hint = match first.trim_end() {
+            SQL_MARKER => ": this is a primer file; put it in `primers_dir`",
+            UPDATER_MARKER => ": this is an updater file; put it in `updaters_dir`",
+            _ => "",
+        };
         return Err(invalid(
             file,
             1,
             "header",
             format!(
-                "a primer file must start with the line `{SQL_MARKER}` (found `{}`)",
+                "{what} file must start with the line `{marker}` (found `{}`){hint}",
                 first.trim_end().chars().take(60).collect::<String>()
             ),
         ));
@@ -929,7 +1565,20 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         offset += l.len();
         line += 1;
     }
-    let body = &text[offset..];
+    Ok(SqlFile {
+        header,
+        body: text[offset..].to_owned(),
+        body_line: line + 1,
+    })
+}
+
+/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
+fn load_sql_primer(file: &Path, auth_on: bool) -> Result<(Primer, PrimerOrigin), ConfigError> {
+    let SqlFile {
+        header,
+        body,
+        body_line,
+    } = read_sql_file(file, SQL_MARKER, "a primer")?;
     let raw: RawPrimer = from_yaml(&header, file)?;
     if let Some(q) = &raw.query {
         return Err(invalid(
@@ -955,10 +1604,47 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         origin,
         Some(SqlBody {
             default_name,
-            query: body.to_owned(),
-            line: line + 1,
+            query: body,
+            line: body_line,
         }),
         false,
+        auth_on,
+    )
+}
+
+/// Read a `.sql` updater: `-- kck:updater`, a YAML header (`name`, `params`, `access`), then its
+/// statements separated by `;`. Returns the updater and the line of its name.
+fn load_sql_updater(file: &Path, auth_on: bool) -> Result<(Updater, usize), ConfigError> {
+    let SqlFile {
+        header,
+        body,
+        body_line,
+    } = read_sql_file(file, UPDATER_MARKER, "an updater")?;
+    let raw: RawUpdater = from_yaml(&header, file)?;
+    if let Some(st) = &raw.statements {
+        return Err(invalid(
+            file,
+            line_of(st),
+            "statements",
+            "the statements of a .sql updater are the body of the file, after the header: remove \
+             `statements` from the header",
+        ));
+    }
+    let default_name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    build_updater(
+        raw,
+        1,
+        file,
+        "",
+        Some(SqlBody {
+            default_name,
+            query: body,
+            line: body_line,
+        }),
+        auth_on,
     )
 }
 
@@ -980,6 +1666,7 @@ fn build_primer(
     mut origin: PrimerOrigin,
     sql: Option<SqlBody>,
     query_is_literal_block: bool,
+    auth_on: bool,
 ) -> Result<(Primer, PrimerOrigin), ConfigError> {
     let file = origin.file.clone();
     let prefix = origin.prefix.clone();
@@ -1228,6 +1915,23 @@ fn build_primer(
         });
     }
 
+    let cache_control = match &raw.cache_control {
+        None => None,
+        Some(c) => {
+            Some(check_cache_control(&c.value).map_err(|m| err(line_of(c), "cache_control", m))?)
+        }
+    };
+    let access = match &raw.access {
+        None => None,
+        Some(a) => Some(build_access(
+            a,
+            &names,
+            &file,
+            &format!("{prefix}access"),
+            auth_on,
+        )?),
+    };
+
     Ok((
         Primer {
             name,
@@ -1235,9 +1939,366 @@ fn build_primer(
             query,
             shape,
             dependencies,
+            cache_control,
+            access,
         },
         origin,
     ))
+}
+
+/// A `Cache-Control` value: printable ASCII, not empty.
+fn check_cache_control(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "'{value}' is not a Cache-Control value: use printable ASCII such as \"max-age=5\", \
+             \"no-cache\" or \"private, max-age=30\""
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// Validate an `access` rule or list of rules; `params` are the names `match` may refer to (key
+/// parameters of a primer, parameters of an updater). `field` is the dotted field of `access`.
+fn build_access(
+    access: &Spanned<RawAccess>,
+    params: &[&str],
+    file: &Path,
+    field: &str,
+    auth_on: bool,
+) -> Result<Access, ConfigError> {
+    let line = line_of(access);
+    if !auth_on {
+        return Err(invalid(
+            file,
+            line,
+            field,
+            "access rules need authentication: configure `auth.jwt` (without it every request is \
+             anonymous, and an access rule would either refuse everything or protect nothing)",
+        ));
+    }
+    let rules: Vec<(usize, String, &RawAccessRule)> = match &access.value {
+        RawAccess(_, Some(rule)) => vec![(line, field.to_owned(), rule)],
+        RawAccess(list, None) => list
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (line_of(r), format!("{field}[{i}]"), &r.value))
+            .collect(),
+    };
+    if rules.is_empty() {
+        return Err(invalid(file, line, field, "list at least one rule"));
+    }
+    let mut out = Vec::with_capacity(rules.len());
+    for (rule_line, rule_field, rule) in rules {
+        let mut require = Vec::new();
+        if let Some(r) = &rule.require {
+            for (claim, values) in &r.value.0 {
+                if claim.is_empty() || values.is_empty() {
+                    return Err(invalid(
+                        file,
+                        line_of(r),
+                        format!("{rule_field}.require"),
+                        "each entry names a claim and its required value (or a list of accepted values)",
+                    ));
+                }
+                require.push((claim.clone(), values.clone()));
+            }
+        }
+        let mut matches = Vec::new();
+        if let Some(m) = &rule.matches {
+            for (claim, param) in &m.value.0 {
+                let Some(index) = params.iter().position(|p| *p == param.value) else {
+                    return Err(invalid(
+                        file,
+                        line_of(param),
+                        format!("{rule_field}.match.{claim}"),
+                        format!(
+                            "'{}' is not a parameter here (the parameters: {}); `match` maps a claim to the \
+                             parameter it must equal, such as {{ sub: user_id }}",
+                            param.value,
+                            list_or_none(params)
+                        ),
+                    ));
+                };
+                matches.push((claim.clone(), index));
+            }
+        }
+        if require.is_empty() && matches.is_empty() {
+            return Err(invalid(
+                file,
+                rule_line,
+                rule_field,
+                "a rule needs `require` (claims and their values) or `match` (claims that must equal \
+                 parameters), or both",
+            ));
+        }
+        out.push(AccessRule { require, matches });
+    }
+    Ok(Access { rules: out })
+}
+
+/// SQL that controls the transaction itself: an updater's statements run inside kck's transaction.
+const TRANSACTION_CONTROL: [&str; 9] = [
+    "BEGIN",
+    "START",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "ABORT",
+    "SAVEPOINT",
+    "RELEASE",
+    "PREPARE",
+];
+
+/// Validate one updater. `line` is the line of the updater as a whole (its mapping, or 1 for a `.sql`
+/// file); `prefix` is its field prefix (`updaters[2].`, empty for a `.sql` file). Returns it and the line
+/// of its name.
+fn build_updater(
+    raw: RawUpdater,
+    line: usize,
+    file: &Path,
+    prefix: &str,
+    sql: Option<SqlBody>,
+    auth_on: bool,
+) -> Result<(Updater, usize), ConfigError> {
+    let err = |line: usize, field: &str, message: String| {
+        invalid(file, line, format!("{prefix}{field}"), message)
+    };
+    let (name, name_line) = match (&raw.name, &sql) {
+        (Some(n), _) => (n.value.clone(), line_of(n)),
+        (None, Some(sql)) => (sql.default_name.clone(), 1),
+        (None, None) => {
+            return Err(err(
+                line,
+                "name",
+                "required: the updater's name, used as POST /update/<name>".into(),
+            ));
+        }
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    {
+        let hint = if raw.name.is_none() {
+            " (the name comes from the file name; set `name` in the header)"
+        } else {
+            ""
+        };
+        return Err(err(
+            name_line,
+            "name",
+            format!(
+                "'{name}' is not a valid updater name: use lower-case letters, digits and '_'{hint}"
+            ),
+        ));
+    }
+
+    let mut params: Vec<UpdaterParam> = Vec::new();
+    if let Some(list) = &raw.params {
+        for (i, p) in list.value.iter().enumerate() {
+            let field = format!("params[{i}]");
+            let p_line = line_of(p);
+            let name_ok = {
+                let mut chars = p.value.name.chars();
+                matches!(chars.next(), Some('a'..='z' | '_'))
+                    && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+            };
+            if !name_ok {
+                return Err(err(
+                    p_line,
+                    &field,
+                    format!(
+                        "'{}' is not a valid parameter name: use lower-case letters, digits and '_', not \
+                         starting with a digit",
+                        p.value.name
+                    ),
+                ));
+            }
+            if params.iter().any(|q| q.name == p.value.name) {
+                return Err(err(
+                    p_line,
+                    &field,
+                    format!("parameter '{}' is declared twice", p.value.name),
+                ));
+            }
+            let ty = match &p.value.ty {
+                None => ValueType::Text,
+                Some(t) => ValueType::parse(t.trim()).ok_or_else(|| {
+                    err(
+                        p_line,
+                        &field,
+                        format!(
+                            "unknown type '{t}' for parameter '{}': use {}",
+                            p.value.name,
+                            ValueType::NAMES
+                        ),
+                    )
+                })?,
+            };
+            params.push(UpdaterParam {
+                name: p.value.name.clone(),
+                ty,
+                nullable: p.value.nullable,
+            });
+        }
+    }
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+
+    // Statements: (text, scan, line of the statement, field).
+    let mut scanned: Vec<(String, SqlScan, usize, String)> = Vec::new();
+    match (&raw.statements, &sql) {
+        (Some(list), _) => {
+            if list.value.is_empty() {
+                return Err(err(
+                    line_of(list),
+                    "statements",
+                    "list at least one SQL statement".into(),
+                ));
+            }
+            for (i, st) in list.value.iter().enumerate() {
+                let field = format!("statements[{i}]");
+                let scan = scan_sql(&st.value).map_err(|(_, m)| {
+                    err(line_of(st), &field, m.replace("the query", "the statement"))
+                })?;
+                let text = st.value[..scan.end].trim_start().to_owned();
+                scanned.push((text, scan, line_of(st), field));
+            }
+        }
+        (None, Some(sql)) => {
+            let scans = scan_statements(&sql.query, true).map_err(|(offset, m)| {
+                err(
+                    line_at(&sql.query, offset, sql.line),
+                    "statements",
+                    m.replace(
+                        "the query is empty",
+                        "the file has no SQL statement after its header",
+                    ),
+                )
+            })?;
+            for (i, scan) in scans.into_iter().enumerate() {
+                let text = sql.query[scan.start..scan.end].to_owned();
+                let l = line_at(&sql.query, scan.start, sql.line);
+                scanned.push((text, scan, l, format!("statements[{i}]")));
+            }
+        }
+        (None, None) => {
+            return Err(err(
+                line,
+                "statements",
+                "required: the SQL statements to run, in one transaction, such as \
+                 [\"UPDATE users SET name = $2 WHERE id = $1\"]"
+                    .into(),
+            ));
+        }
+    }
+    let mut statements = Vec::with_capacity(scanned.len());
+    let mut used = vec![false; params.len()];
+    for (text, scan, st_line, field) in scanned {
+        let first_word: String = text
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect::<String>()
+            .to_ascii_uppercase();
+        if TRANSACTION_CONTROL.contains(&first_word.as_str()) {
+            return Err(err(
+                st_line,
+                &field,
+                format!(
+                    "`{first_word}` controls the transaction, which kck runs for you: all statements of an \
+                     updater run in one transaction that kck commits, or rolls back on any error"
+                ),
+            ));
+        }
+        if scan.max() > params.len() {
+            return Err(err(
+                st_line,
+                &field,
+                format!(
+                    "the statement uses ${} but the updater has {}: parameters are bound as $1..$n in \
+                     the order they are declared",
+                    scan.max(),
+                    match params.len() {
+                        0 => "no parameters".to_owned(),
+                        1 => format!("1 parameter ({})", names.join(", ")),
+                        n => format!("{n} parameters ({})", names.join(", ")),
+                    }
+                ),
+            ));
+        }
+        for (i, u) in scan.used.iter().enumerate() {
+            used[i] |= u;
+        }
+        statements.push(Statement {
+            sql: text,
+            uses: scan.used,
+        });
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        let p_line = raw.params.as_ref().map_or(line, line_of);
+        return Err(err(
+            p_line,
+            "params",
+            format!(
+                "parameter '{}' (${}) is not used by any statement: remove it, or use it",
+                names[unused],
+                unused + 1
+            ),
+        ));
+    }
+    let access = match &raw.access {
+        None => None,
+        Some(a) => Some(build_access(
+            a,
+            &names,
+            file,
+            &format!("{prefix}access"),
+            auth_on,
+        )?),
+    };
+    Ok((
+        Updater {
+            name,
+            params,
+            statements,
+            access,
+        },
+        name_line,
+    ))
+}
+
+/// A size in bytes: a number, or a number with a unit (`B`, `kB`/`KB` (1000), `KiB` (1024), `MB`, `MiB`,
+/// `GB`, `GiB`). Between 1 KiB and 1 GiB.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let multiplier: u64 = match unit {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a size: write a number of bytes or a number with a unit, such as 1048576, \
+                 512KiB or 1MiB"
+            ));
+        }
+    };
+    let bytes = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("'{text}' is not a size: write a number of bytes such as 1MiB"))?;
+    if !(1024..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "'{text}' is out of range: give between 1KiB and 1GiB"
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| format!("'{text}' is too large for this machine"))
 }
 
 fn list_or_none(names: &[&str]) -> String {
@@ -1303,6 +2364,8 @@ struct SqlScan {
     used: Vec<bool>,
     /// Byte offset of the first occurrence of the highest placeholder.
     max_offset: usize,
+    /// The start of the statement: its first token (leading whitespace and comments excluded).
+    start: usize,
     /// The end of the statement: trailing whitespace, comments and `;` excluded.
     end: usize,
 }
@@ -1316,9 +2379,18 @@ impl SqlScan {
 /// Scan a query: placeholders outside string literals, quoted identifiers, comments and dollar-quoted
 /// strings. Errors (with a byte offset) for an empty query, a second statement, and unterminated quotes.
 fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
+    let mut statements = scan_statements(sql, false)?;
+    statements.pop().ok_or((0, "the query is empty".into()))
+}
+
+/// Scan SQL holding one statement (`many == false`: a second one is an error) or several separated by
+/// `;` (each scanned like a query; empty statements are skipped). Offsets are into `sql`.
+fn scan_statements(sql: &str, many: bool) -> Result<Vec<SqlScan>, (usize, String)> {
     let b = sql.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let mut statements = Vec::new();
     let mut scan = SqlScan::default();
+    let mut in_statement = false;
     let mut i = 0;
     // Offset of the first `;` outside quotes and comments.
     let mut semicolon: Option<usize> = None;
@@ -1368,12 +2440,23 @@ fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
             i += 1;
             continue;
         }
-        match c {
-            b';' => {
+        if c == b';' {
+            if many {
+                if in_statement {
+                    statements.push(std::mem::take(&mut scan));
+                    in_statement = false;
+                }
+            } else {
                 semicolon = Some(i);
-                i += 1;
-                continue;
             }
+            i += 1;
+            continue;
+        }
+        if !in_statement {
+            in_statement = true;
+            scan.start = start;
+        }
+        match c {
             b'\'' => {
                 let escapes =
                     i > 0 && matches!(b[i - 1], b'e' | b'E') && !(i > 1 && ident(b[i - 2]));
@@ -1469,10 +2552,13 @@ fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
         }
         scan.end = i;
     }
-    if scan.end == 0 {
+    if in_statement {
+        statements.push(scan);
+    }
+    if statements.is_empty() {
         return Err((0, "the query is empty".into()));
     }
-    Ok(scan)
+    Ok(statements)
 }
 
 /// The rule: the highest `$n` equals the number of values bound (`names`), and each of `$1..$n` appears.

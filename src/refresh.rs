@@ -25,6 +25,7 @@ use postgres_types::{Format, IsNull, ToSql, Type};
 use tokio::sync::{OnceCell, watch};
 use tokio_postgres::NoTls;
 
+use crate::freshness::Hub;
 use crate::lsn::Lsn;
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
@@ -125,6 +126,8 @@ pub struct Refresher {
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<VisibilityClock>,
+    /// Told about every entry this refresher writes and every task it finishes (freshness waits).
+    pub hub: Arc<Hub>,
     pool: Pool,
     visibility_timeout: Duration,
     priming: Mutex<HashMap<String, PrimeCell>>,
@@ -154,6 +157,7 @@ impl Refresher {
             catalog,
             store,
             clock,
+            hub: Arc::new(Hub::default()),
             pool,
             visibility_timeout,
             priming: Mutex::new(HashMap::new()),
@@ -243,7 +247,10 @@ impl Refresher {
                 self.store.register_key(primer, text).await?;
                 let entry = self.compute(key, self.clock.decoded()).await?;
                 match self.store.store_result(primer, text, entry.clone()).await? {
-                    Stored::Written => Ok(entry),
+                    Stored::Written => {
+                        self.hub.written(text);
+                        Ok(entry)
+                    }
                     Stored::KeptNewer(_) => Ok(self.store.get(text).await?.unwrap_or(entry)),
                 }
             })
@@ -406,13 +413,16 @@ impl Refresher {
         let outcome = self.run(claim).await;
         let written = match outcome {
             Ok(Outcome::Done(result, follow_up)) => {
-                let result = result
+                let written = result
                     .as_ref()
                     .map(|(primer, key, entry)| (primer.as_str(), key.as_str(), entry.clone()));
-                self.store
-                    .finish(claim, result, follow_up)
-                    .await
-                    .map(|_| ())
+                let finished = self.store.finish(claim, written, follow_up).await;
+                match (&finished, &result) {
+                    (Ok(Some(Stored::Written)), Some((_, key, _))) => self.hub.written(key),
+                    (Ok(_), _) => self.hub.progressed(),
+                    (Err(_), _) => {}
+                }
+                finished.map(|_| ())
             }
             Err(error) => {
                 let delay = backoff(claim.attempts);
