@@ -789,14 +789,17 @@ async fn fetch_many(
             format!("the body must be {{\"keys\": [\"key\", ...]}}: {e}"),
         )
     })?;
+    let mut keys = request.keys;
+    keys.sort();
+    keys.dedup();
     let max = state.limits.max_batch_keys;
-    if request.keys.len() > max {
+    if keys.len() > max {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "too_many_keys",
             format!(
-                "{} keys asked for; at most {max} per request (http.max_batch_keys)",
-                request.keys.len()
+                "{} distinct keys asked for; at most {max} per request (http.max_batch_keys)",
+                keys.len()
             ),
         ));
     }
@@ -812,9 +815,6 @@ async fn fetch_many(
         }
         (None, None) => None,
     };
-    let mut keys = request.keys;
-    keys.sort();
-    keys.dedup();
     let state = &state;
     let principal = &principal;
     let results: BTreeMap<String, FetchManyItem> = futures_util::stream::iter(keys)

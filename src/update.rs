@@ -5,7 +5,8 @@
 //! body into parameter values, checking each against its [`ValueType`] so that a bad value is named before
 //! Postgres sees it. [`Updates::run`] binds them (in text form, never spliced into SQL, like primer keys),
 //! runs every statement in one transaction on its own small pool, commits, and reports each statement's
-//! row count and an LSN at or after the commit.
+//! row count and an LSN at or after the commit. The commit is durable when kck answers: a session with
+//! `synchronous_commit = off` gets `local` for updater transactions.
 //!
 //! Updaters do not refresh anything: the replication stream sees the commit like any other write and
 //! refreshes the dependent keys, so an application writing through kck and one writing to Postgres directly
@@ -470,8 +471,12 @@ impl Updates {
                 updater: name(),
                 source,
             })?;
+        // A commit kck reports must survive a crash, and the replication stream only sees flushed WAL:
+        // `synchronous_commit = off` becomes `local` for this transaction (stronger settings are kept).
         tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}",
+            "SET LOCAL statement_timeout = {}; \
+             SELECT set_config('synchronous_commit', 'local', true) \
+             WHERE current_setting('synchronous_commit') = 'off'",
             self.statement_timeout.as_millis().max(1)
         ))
         .await
