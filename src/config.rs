@@ -489,9 +489,7 @@ impl<'de> Deserialize<'de> for RequirePairs {
             ) -> Result<RequirePairs, A::Error> {
                 let mut pairs = Vec::new();
                 while let Some(claim) = map.next_key::<String>()? {
-                    let values = match map.next_value::<OneOrMany>()? {
-                        OneOrMany(values) => values,
-                    };
+                    let OneOrMany(values) = map.next_value::<OneOrMany>()?;
                     pairs.push((claim, values));
                 }
                 Ok(RequirePairs(pairs))
@@ -3681,5 +3679,503 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
         assert_eq!(closest("pth", &["kind", "path"]), Some("path"));
         assert_eq!(closest("zzzzzz", &["kind", "path"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // HTTP, write, auth, updaters
+
+    #[test]
+    fn http_write_and_auth_defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.body_limit, 1 << 20);
+        assert_eq!(c.http.max_batch_keys, 1000);
+        assert_eq!(c.http.wait_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.max_wait, Duration::from_secs(60));
+        assert_eq!(c.write.url, c.source.url);
+        assert_eq!(c.write.connections, 4);
+        assert!(c.auth.jwt.is_none());
+        assert_eq!(
+            c.auth.public_paths,
+            ["/healthz", "/readyz", "/openapi.json"]
+        );
+        assert!(c.updaters.is_empty());
+        assert_eq!(c.catalog.primers[0].cache_control, None);
+        assert_eq!(c.catalog.primers[0].access, None);
+        // The write URL's password stays out of Debug.
+        let c = load(&format!("{BASE}write:\n  url: postgres://w:hush@db/app\n")).unwrap();
+        assert!(!format!("{:?}", c.write).contains("hush"));
+    }
+
+    #[test]
+    fn http_and_write_fields() {
+        let c = load(&format!(
+            "{BASE}http:\n  request_timeout: 10s\n  body_limit: 64KiB\n  max_batch_keys: 50\n  \
+             wait_timeout: 2s\n  max_wait: 20s\nwrite:\n  url: postgres://writer@db/app\n  connections: 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.body_limit, 64 * 1024);
+        assert_eq!(c.http.max_batch_keys, 50);
+        assert_eq!(c.http.wait_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.max_wait, Duration::from_secs(20));
+        assert_eq!(c.write.url, "postgres://writer@db/app");
+        assert_eq!(c.write.connections, 2);
+        for (size, bytes) in [("1048576", 1 << 20), ("2MB", 2_000_000), ("1 MiB", 1 << 20)] {
+            let c = load(&format!("{BASE}http:\n  body_limit: {size}\n")).unwrap();
+            assert_eq!(c.http.body_limit, bytes, "{size}");
+        }
+        assert_invalid(
+            &format!("{BASE}http:\n  body_limit: 12 parsecs\n"),
+            11,
+            "http.body_limit",
+            "not a size",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  body_limit: 10\n"),
+            11,
+            "http.body_limit",
+            "between 1KiB and 1GiB",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  wait_timeout: 2m\n"),
+            11,
+            "http.wait_timeout",
+            "longer than http.max_wait",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  max_batch_keys: 0\n"),
+            11,
+            "http.max_batch_keys",
+            "between 1 and 100000",
+        );
+        assert_invalid(
+            &format!("{BASE}write:\n  connections: 0\n"),
+            11,
+            "write.connections",
+            "between 1 and 256",
+        );
+        let c = load_env(BASE, &[("KCK_WRITE_URL", "postgres://env@db/app")]).unwrap();
+        assert_eq!(c.write.url, "postgres://env@db/app");
+    }
+
+    #[test]
+    fn primer_cache_control() {
+        let yaml = base_with(
+            "    depends_on:",
+            "    cache_control: \"public, max-age=5\"\n    depends_on:",
+        );
+        let c = load(&yaml).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].cache_control.as_deref(),
+            Some("public, max-age=5")
+        );
+        let yaml = base_with(
+            "    depends_on:",
+            "    cache_control: \"a\\nb\"\n    depends_on:",
+        );
+        assert_invalid(
+            &yaml,
+            7,
+            "primers[0].cache_control",
+            "not a Cache-Control value",
+        );
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn with_auth(auth: &str) -> String {
+        format!("{BASE}auth:\n  jwt:\n    secret_env: KCK_JWT_SECRET\n{auth}")
+    }
+
+    #[test]
+    fn jwt_settings() {
+        let yaml = with_auth(
+            "    algorithms: [HS256, HS512]\n    issuer: https://id.example/\n    audience: [kck, api]\n    leeway: 10s\n",
+        );
+        let c = load_env(&yaml, &[("KCK_JWT_SECRET", SECRET)]).unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(
+            jwt.algorithms,
+            [
+                jsonwebtoken::Algorithm::HS256,
+                jsonwebtoken::Algorithm::HS512
+            ]
+        );
+        assert_eq!(jwt.issuer, Some(vec!["https://id.example/".to_owned()]));
+        assert_eq!(jwt.audience, Some(vec!["kck".to_owned(), "api".to_owned()]));
+        assert_eq!(jwt.leeway, Duration::from_secs(10));
+        assert!(
+            !format!("{c:?}").contains(SECRET),
+            "the secret stays out of Debug"
+        );
+        let c = load_env(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[("KCK_JWT_SECRET", SECRET)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.jwt.as_ref().map(|j| j.leeway),
+            Some(Duration::from_secs(30))
+        );
+
+        let env = [("KCK_JWT_SECRET", SECRET)];
+        let invalid = |yaml: &str, env: &[(&str, &str)], line: usize, field: &str, needle: &str| {
+            assert_invalid_at(load_env(yaml, env), Path::new(FILE), line, field, needle)
+        };
+        invalid(&with_auth(""), &env, 12, "auth.jwt.algorithms", "required");
+        invalid(
+            &with_auth("    algorithms: [none]\n"),
+            &env,
+            13,
+            "auth.jwt.algorithms[0]",
+            "never accepted",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[],
+            12,
+            "auth.jwt.secret_env",
+            "KCK_JWT_SECRET is not set",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[("KCK_JWT_SECRET", "short")],
+            12,
+            "auth.jwt.secret_env",
+            "at least 32",
+        );
+        invalid(
+            &with_auth("    algorithms: [RS256]\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "none of the algorithms",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    jwks_file: keys.json\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "only one of",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  jwt:\n    algorithms: [RS256]\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "give the verification key",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    leeway: 1h\n"),
+            &env,
+            14,
+            "auth.jwt.leeway",
+            "at most 5m",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    public_key_file: /nonexistent/key.pem\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "only one of",
+        );
+        invalid(
+            &format!(
+                "{BASE}auth:\n  jwt:\n    algorithms: [RS256]\n    public_key_file: /nonexistent/key.pem\n"
+            ),
+            &env,
+            13,
+            "auth.jwt.public_key_file",
+            "cannot read /nonexistent/key.pem",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  public_paths: [healthz]\n"),
+            &env,
+            11,
+            "auth.public_paths[0]",
+            "starting with /",
+        );
+        // Public paths may be replaced, and auth may be off with only public_paths given.
+        let c = load(&format!(
+            "{BASE}auth:\n  public_paths: [/healthz, /metrics]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.public_paths, ["/healthz", "/metrics"]);
+        assert!(c.auth.jwt.is_none());
+    }
+
+    const UPDATERS: &str = "\
+updaters:
+  - name: place_order
+    params: [id:int, user_id:int, total:numeric, { name: note, type: text, nullable: true }]
+    statements:
+      - INSERT INTO orders (id, user_id, total, note) VALUES ($1, $2, $3, $4);
+      - UPDATE users SET orders = orders + 1 WHERE id = $2
+  - name: ping
+    statements: [SELECT 1]
+";
+
+    #[test]
+    fn updaters_from_yaml() {
+        use crate::update::{UpdaterParam, ValueType};
+        let c = load(&format!("{BASE}{UPDATERS}")).unwrap();
+        assert_eq!(c.updaters.len(), 2);
+        let u = &c.updaters[0];
+        assert_eq!(u.name, "place_order");
+        let param = |name: &str, ty, nullable| UpdaterParam {
+            name: name.into(),
+            ty,
+            nullable,
+        };
+        assert_eq!(
+            u.params,
+            vec![
+                param("id", ValueType::Int, false),
+                param("user_id", ValueType::Int, false),
+                param("total", ValueType::Numeric, false),
+                param("note", ValueType::Text, true),
+            ]
+        );
+        assert_eq!(
+            u.statements[0].sql,
+            "INSERT INTO orders (id, user_id, total, note) VALUES ($1, $2, $3, $4)"
+        );
+        assert_eq!(u.statements[0].uses, vec![true; 4]);
+        assert_eq!(u.statements[1].uses, vec![false, true]);
+        assert!(c.updaters[1].params.is_empty());
+        assert_eq!(c.updaters[1].statements[0].uses, Vec::<bool>::new());
+    }
+
+    #[test]
+    fn updater_errors() {
+        let u = |body: &str| format!("{BASE}updaters:\n  - name: u\n{body}");
+        assert_invalid(
+            &u("    params: [id:int]\n"),
+            11,
+            "updaters[0].statements",
+            "required",
+        );
+        assert_invalid(
+            &u("    params: [id:integer]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params[0]",
+            "unknown type 'integer'",
+        );
+        assert_invalid(
+            &u("    params: [id:int, id:text]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params[1]",
+            "declared twice",
+        );
+        assert_invalid(
+            &u("    params: [id:int]\n    statements: [\"SELECT $1, $2\"]\n"),
+            13,
+            "updaters[0].statements[0]",
+            "uses $2 but the updater has 1 parameter (id)",
+        );
+        assert_invalid(
+            &u("    params: [id:int, spare]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params",
+            "'spare' ($2) is not used by any statement",
+        );
+        assert_invalid(
+            &u("    statements: [SELECT 1, COMMIT]\n"),
+            12,
+            "updaters[0].statements[1]",
+            "controls the transaction",
+        );
+        assert_invalid(
+            &u("    statements: [\"SELECT 1; SELECT 2\"]\n"),
+            12,
+            "updaters[0].statements[0]",
+            "more than one statement",
+        );
+        assert_invalid(
+            &u("    statements: [SELECT 1]\n    access: { require: { role: admin } }\n"),
+            13,
+            "updaters[0].access",
+            "configure `auth.jwt`",
+        );
+        assert_invalid(
+            &format!("{BASE}updaters:\n  - name: Bad-Name\n    statements: [SELECT 1]\n"),
+            11,
+            "updaters[0].name",
+            "not a valid updater name",
+        );
+        assert_invalid(
+            &format!(
+                "{BASE}updaters:\n  - name: a\n    statements: [SELECT 1]\n  - name: a\n    statements: [SELECT 2]\n"
+            ),
+            13,
+            "updaters[1].name",
+            "already used",
+        );
+    }
+
+    #[test]
+    fn access_rules() {
+        let env = [("KCK_JWT_SECRET", SECRET)];
+        let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_JWT_SECRET\n";
+        let yaml = format!(
+            "{}{auth}",
+            base_with(
+                "    depends_on:",
+                "    access:\n      - match: { sub: user_id }\n      - require: { role: [admin, ops], level: 3 }\n    depends_on:"
+            )
+        );
+        let c = load_env(&yaml, &env).unwrap();
+        let access = c.catalog.primers[0].access.as_ref().unwrap();
+        assert_eq!(
+            access.rules,
+            vec![
+                AccessRule {
+                    require: vec![],
+                    matches: vec![("sub".into(), 0)],
+                },
+                AccessRule {
+                    require: vec![
+                        ("role".into(), vec!["admin".into(), "ops".into()]),
+                        ("level".into(), vec!["3".into()]),
+                    ],
+                    matches: vec![],
+                },
+            ]
+        );
+        // One rule as a mapping; an updater's parameters.
+        let yaml = format!(
+            "{BASE}{auth}updaters:\n  - name: u\n    params: [id:int]\n    statements: [SELECT $1]\n    access: {{ match: {{ sub: id }}, require: {{ role: user }} }}\n"
+        );
+        let c = load_env(&yaml, &env).unwrap();
+        assert_eq!(c.updaters[0].access.as_ref().unwrap().rules.len(), 1);
+
+        let bad = format!(
+            "{}{auth}",
+            base_with(
+                "    depends_on:",
+                "    access: { match: { sub: uid } }\n    depends_on:"
+            )
+        );
+        assert_invalid_at(
+            load_env(&bad, &env),
+            Path::new(FILE),
+            7,
+            "primers[0].access.match.sub",
+            "'uid' is not a parameter here (the parameters: user_id)",
+        );
+        let bad = format!(
+            "{}{auth}",
+            base_with("    depends_on:", "    access: {}\n    depends_on:")
+        );
+        assert_invalid_at(
+            load_env(&bad, &env),
+            Path::new(FILE),
+            7,
+            "primers[0].access",
+            "a rule needs `require`",
+        );
+        let no_auth = base_with(
+            "    depends_on:",
+            "    access: { require: { role: admin } }\n    depends_on:",
+        );
+        assert_invalid(&no_auth, 7, "primers[0].access", "configure `auth.jwt`");
+    }
+
+    #[test]
+    fn sql_updaters() {
+        let dir = tempfile::tempdir().unwrap();
+        let updaters = dir.path().join("updaters");
+        std::fs::create_dir(&updaters).unwrap();
+        write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: [id:int, user_id:int]\nINSERT INTO orders (id, user_id) VALUES ($1, $2);\n\n\
+             -- then count it\nUPDATE users SET orders = orders + 1\n WHERE id = $2;\n",
+        );
+        let config = write(
+            dir.path(),
+            "kck.yaml",
+            &format!("{BASE}updaters_dir: updaters\n"),
+        );
+        let c = Config::load_with_env(&config, no_env).unwrap();
+        assert_eq!(c.updaters.len(), 1);
+        let u = &c.updaters[0];
+        assert_eq!(u.name, "place_order");
+        assert_eq!(
+            u.statements
+                .iter()
+                .map(|s| s.sql.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "INSERT INTO orders (id, user_id) VALUES ($1, $2)",
+                "UPDATE users SET orders = orders + 1\n WHERE id = $2"
+            ]
+        );
+        // Errors name the file and the line of the statement.
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: [id:int]\nSELECT $1;\nSELECT $2;\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            4,
+            "statements[1]",
+            "uses $2",
+        );
+        let file = write(&updaters, "place_order.sql", SQL_PRIMER);
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            1,
+            "header",
+            "this is a primer file; put it in `primers_dir`",
+        );
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- statements: [SELECT 1]\nSELECT 1\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            2,
+            "statements",
+            "body of the file",
+        );
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: []\n\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            3,
+            "statements",
+            "no SQL statement",
+        );
+    }
+
+    #[test]
+    fn scanning_several_statements() {
+        let sql =
+            "INSERT INTO t VALUES ($1, ';');;\n-- c; d\nUPDATE t SET x = $$a;b$$ WHERE y = $2;  ";
+        let scans = scan_statements(sql, true).unwrap();
+        assert_eq!(scans.len(), 2);
+        assert_eq!(
+            &sql[scans[0].start..scans[0].end],
+            "INSERT INTO t VALUES ($1, ';')"
+        );
+        assert_eq!(
+            &sql[scans[1].start..scans[1].end],
+            "UPDATE t SET x = $$a;b$$ WHERE y = $2"
+        );
+        assert_eq!(scans[0].used, vec![true]);
+        assert_eq!(scans[1].used, vec![false, true]);
+        assert!(scan_statements(" ; -- nothing\n", true).is_err());
+        assert!(scan_statements("SELECT 1; SELECT 2", false).is_err());
     }
 }
