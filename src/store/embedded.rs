@@ -517,6 +517,8 @@ struct Writer {
     rx: mpsc::Receiver<Request>,
     next_seq: u64,
     last_durable: std::time::Instant,
+    /// A commit since the last durable one was not durable.
+    durable_pending: bool,
 }
 
 /// The longest a non-durable commit waits for a durable one.
@@ -524,7 +526,24 @@ const DURABLE_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_se
 
 impl Writer {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            // With a non-durable commit outstanding, wait at most until it is due to be made durable.
+            let first = if self.durable_pending {
+                let due = DURABLE_AT_LEAST_EVERY.saturating_sub(self.last_durable.elapsed());
+                match self.rx.recv_timeout(due) {
+                    Ok(req) => req,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.make_durable();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(req) => req,
+                    Err(_) => break,
+                }
+            };
             let mut weight = first.op.weight();
             let mut batch = vec![first];
             while weight < MAX_BATCH_WEIGHT {
@@ -538,7 +557,29 @@ impl Writer {
             }
             self.process(batch);
         }
+        if self.durable_pending {
+            self.make_durable();
+        }
         // Every handle is gone and every request answered.
+    }
+
+    /// An empty durable commit: makes the non-durable commits before it durable.
+    fn make_durable(&mut self) {
+        let result = self
+            .db
+            .begin_write()
+            .map_err(|e| e.to_string())
+            .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => {
+                self.last_durable = std::time::Instant::now();
+                self.durable_pending = false;
+            }
+            Err(error) => {
+                tracing::error!(%error, "Cannot make the store's recent writes durable; retrying.");
+                self.last_durable = std::time::Instant::now();
+            }
+        }
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -593,6 +634,7 @@ impl Writer {
         if durable {
             self.last_durable = std::time::Instant::now();
         }
+        self.durable_pending = !durable;
         Ok(outcomes)
     }
 
@@ -700,6 +742,7 @@ impl EmbeddedStore {
             rx,
             next_seq,
             last_durable: std::time::Instant::now(),
+            durable_pending: false,
         };
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
