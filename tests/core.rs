@@ -84,13 +84,38 @@ fn test_config(dir: &std::path::Path, db: &TestDb) -> kck::config::Config {
     config(dir, &db.url, "kck_test", &db.name, PRIMERS)
 }
 
+/// A test database with the schema, kck running on it with [`PRIMERS`], and a client.
+struct Fixture {
+    db: TestDb,
+    _dir: tempfile::TempDir,
+    running: kck::app::Running,
+    pg: tokio_postgres::Client,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let db = database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let running = start(test_config(dir.path(), &db)).await;
+        let pg = db.client().await;
+        Fixture {
+            db,
+            _dir: dir,
+            running,
+            pg,
+        }
+    }
+}
+
 #[tokio::test]
 async fn insert_update_delete_and_truncate_reach_fetch_without_the_application() {
-    let db = database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(test_config(dir.path(), &db)).await;
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
     let addr = running.http_addr;
-    let pg = db.client().await;
 
     // A miss computes and caches.
     let (status, body) = fetch(addr, "orders_by_user/1").await;
@@ -133,11 +158,13 @@ async fn insert_update_delete_and_truncate_reach_fetch_without_the_application()
 
 #[tokio::test]
 async fn join_primer_follows_both_tables_and_moved_rows_refresh_both_keys() {
-    let db = database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(test_config(dir.path(), &db)).await;
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
     let addr = running.http_addr;
-    let pg = db.client().await;
     pg.batch_execute(
         "INSERT INTO orders VALUES (1, 7, 1, 'new'), (2, 8, 2, 'new'); INSERT INTO line_items VALUES (1, 1, 3);",
     )
@@ -198,11 +225,13 @@ async fn join_primer_follows_both_tables_and_moved_rows_refresh_both_keys() {
 
 #[tokio::test]
 async fn update_that_leaves_a_toasted_column_unchanged_refreshes_correctly() {
-    let db = database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(test_config(dir.path(), &db)).await;
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
     let addr = running.http_addr;
-    let pg = db.client().await;
     // 200 kB of incompressible text: stored out of line (TOAST), and not sent again when unchanged.
     pg.batch_execute(
         "INSERT INTO docs SELECT 1, 'first', string_agg(md5(random()::text), '') FROM generate_series(1, 6250)",
