@@ -917,3 +917,63 @@ async fn a_million_row_transaction_keeps_memory_bounded() {
     drop(child);
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_walsender_is_reconnected_and_nothing_is_lost() {
+    use rand::SeedableRng;
+    let seed = seed("a_killed_walsender_is_reconnected_and_nothing_is_lost");
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
+    let config = test_config(_dir.path(), &db);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..60 {
+        let key = random_key(&mut rng);
+        assert_eq!(fetch(running.http_addr, &key).await.0, 200, "{key}");
+    }
+    for round in 0..3 {
+        for _ in 0..150 {
+            pg.batch_execute(&random_transaction(&mut rng))
+                .await
+                .unwrap();
+        }
+        // Wait until kck holds the slot again, then end its walsender mid-stream.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let active: bool = pg
+                .query_one(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&db.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if active {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kck did not reconnect"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let killed: i64 = pg
+            .query_one(
+                "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1, "round {round}");
+    }
+    wait_drained(&running, &pg, Duration::from_secs(120)).await;
+    let checked = assert_converged(&running, &pg, &config).await;
+    assert!(checked > 30, "only {checked} keys were cached");
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
