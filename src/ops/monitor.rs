@@ -272,7 +272,10 @@ fn report(ops: &Ops, reading: &Reading) {
     }
     let retained = slot.retained_bytes().unwrap_or(0);
     let over = retained > config.max_retained_wal;
-    if over && !state.reported_retained {
+    if state.reading.is_none() {
+        // The first reading, right after start-up, where `slot::prepare` already warned.
+        state.reported_retained = over;
+    } else if over && !state.reported_retained {
         drop(state);
         crate::ops::slot::warn_if_retaining(slot, config.max_retained_wal, telemetry);
         ops.watch.lock().reported_retained = true;

@@ -301,6 +301,8 @@ impl Status {
             ));
         }
         status.problems.extend(problems(&status));
+        // What the stream found wrong with the primers' dependencies (a dependency on a dropped column).
+        status.problems.extend(ops.stats.problems());
         status
     }
 
