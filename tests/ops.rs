@@ -1012,3 +1012,49 @@ fn slot_safety_fields_load_and_bad_values_say_what_is_right() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_while_kck_runs_stops_it_or_is_recreated_without_retrying_forever() {
+    let owned = support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
+    let db = owned.new_database().await;
+    db.execute_batch(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pg = db.client().await;
+
+    // `fail`: the stream is ended by Postgres, the supervisor finds the slot lost and kck stops.
+    let path = write_config(dir.path(), &db, PRIMERS, "");
+    let running = start(load(&path)).await;
+    assert_eq!(fetch(running.http_addr, "user/1").await.0, 200);
+    invalidate_slot(&db, &db.name).await;
+    tokio::time::timeout(Duration::from_secs(60), running.failed())
+        .await
+        .expect("kck went on retrying a lost slot");
+    let (_, status) = get_json(&format!("http://{}/status", running.http_addr)).await;
+    let events = status["recent_errors"].to_string();
+    assert!(events.contains("was invalidated"), "{events}");
+    let error = running.stop().await.unwrap_err().to_string();
+    assert!(error.contains("was invalidated"), "{error}");
+    assert!(error.contains("kck slot drop"), "{error}");
+
+    // `recreate`: (the start-up drops the lost slot first) then, invalidated again while running, kck
+    // creates the slot again and keeps following the database.
+    let path = write_config(dir.path(), &db, PRIMERS, "  on_slot_lost: recreate\n");
+    let running = start(load(&path)).await;
+    assert_eq!(fetch(running.http_addr, "user/2").await.0, 200);
+    invalidate_slot(&db, &db.name).await;
+    pg.batch_execute("UPDATE users SET name = 'robert' WHERE id = 2")
+        .await
+        .unwrap();
+    eventually_equals(
+        running.http_addr,
+        "user/2",
+        &json!({"id": 2, "name": "robert"}),
+        Duration::from_secs(60),
+    )
+    .await;
+    let (_, status) = get_json(&format!("http://{}/status", running.http_addr)).await;
+    let events = status["recent_errors"].to_string();
+    assert!(events.contains("creating it again"), "{events}");
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
