@@ -13,6 +13,7 @@ pub mod freshness;
 pub mod http;
 pub mod lsn;
 pub mod openapi;
+pub mod ops;
 pub mod primer;
 pub mod queue;
 pub mod refresh;

@@ -13,7 +13,9 @@
 //!   line.
 //! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
 //!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
-//!   it was claimed keeps it queued (the newer change still needs a refresh).
+//!   it was claimed keeps it queued (the newer change still needs a refresh). A backend may make
+//!   [`Store::finish`], [`Store::store_result`] and [`Store::register_key`] durable lazily: a crash may then
+//!   lose one whole (never half of one), which only makes a refresh run again.
 //! - **The pending floor.** Every pending task (claimed or not, due or delayed) has a *floor*: the lowest
 //!   change LSN it still owes a refresh for ([`Task::floor`], at most [`Task::lsn`]).
 //!   [`Store::pending_floor`] is the lowest floor of all pending tasks; `/update?wait=fresh` and
@@ -148,6 +150,23 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> StoreResult<Vec<String>>;
+
+    /// How many keys are indexed under `primer` (for `kck status`). The default pages through
+    /// [`Store::keys`]; a backend that can count cheaper should override it. Callers cache the answer for a
+    /// few seconds, so it may be approximate for a backend that cannot count exactly.
+    async fn key_count(&self, primer: &str) -> StoreResult<u64> {
+        const PAGE: usize = 10_000;
+        let mut count = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let keys = self.keys(primer, after.as_deref(), PAGE).await?;
+            count += keys.len() as u64;
+            if keys.len() < PAGE {
+                return Ok(count);
+            }
+            after = keys.into_iter().next_back();
+        }
+    }
 
     /// Durably add tasks, coalescing by id.
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()>;
