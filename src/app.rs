@@ -219,12 +219,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             config.http.request_timeout,
         )?))
     };
-    let auth = config.auth.jwt.clone().map(|jwt| {
-        Arc::new(Authenticator {
-            jwt,
-            public_paths: Arc::new(config.auth.public_paths.clone()),
-        })
-    });
+    let auth = Authenticator::from_config(&config.auth).map(Arc::new);
     let state = AppState {
         store: store.clone(),
         catalog,
@@ -240,7 +235,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         limits: config.http.clone(),
         shutdown: shutdown_rx.clone(),
     };
-    let router = ops::http::observe(app(state).merge(ops::http::router(ops.clone())), telemetry);
+    let router = ops::http::observe(app(state, ops::http::router(ops.clone())), telemetry);
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {
         axum::serve(listener, router)

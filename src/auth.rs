@@ -40,6 +40,10 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
     /// Exact request paths that never need a token (when `jwt` is on).
     pub public_paths: Vec<String>,
+    /// What a token must carry for the operations routes (dashboard, `/status`, `/metrics`, `/cache/...`):
+    /// they show every cached value and key, whatever the primers' own rules. `None`: refused to every
+    /// token (list a path in `public_paths` to open it).
+    pub operator: Option<Access>,
 }
 
 /// The default of `auth.public_paths`: health checks and the API description.
@@ -50,6 +54,7 @@ impl Default for AuthConfig {
         AuthConfig {
             jwt: None,
             public_paths: DEFAULT_PUBLIC_PATHS.iter().map(|p| p.to_string()).collect(),
+            operator: None,
         }
     }
 }
@@ -499,6 +504,19 @@ impl IntoResponse for AuthError {
 pub struct Authenticator {
     pub jwt: JwtConfig,
     pub public_paths: Arc<Vec<String>>,
+    /// See [`AuthConfig::operator`].
+    pub operator: Option<Access>,
+}
+
+impl Authenticator {
+    /// From the config; `None` when authentication is off.
+    pub fn from_config(config: &AuthConfig) -> Option<Authenticator> {
+        Some(Authenticator {
+            jwt: config.jwt.clone()?,
+            public_paths: Arc::new(config.public_paths.clone()),
+            operator: config.operator.clone(),
+        })
+    }
 }
 
 impl Authenticator {
@@ -533,22 +551,41 @@ impl Authenticator {
     }
 }
 
-/// The middleware: public paths pass; every other request needs a valid bearer token.
+/// The middleware: public paths pass; every other request needs a valid bearer token; the operations
+/// routes (every path that is not an API route) also need [`AuthConfig::operator`]'s claims. The API
+/// handlers apply the primers' and updaters' own rules.
 pub async fn authenticate(
     State(auth): State<Arc<Authenticator>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    if auth.public_paths.iter().any(|p| p == request.uri().path()) {
+    let path = request.uri().path();
+    if auth.public_paths.iter().any(|p| p == path) {
         return next.run(request).await;
     }
-    match auth.principal(request.headers()) {
-        Ok(principal) => {
-            request.extensions_mut().insert(principal);
-            next.run(request).await
+    let principal = match auth.principal(request.headers()) {
+        Ok(principal) => principal,
+        Err(e) => return e.into_response(),
+    };
+    if !crate::http::is_api_path(path) {
+        let allowed = auth
+            .operator
+            .as_ref()
+            .is_some_and(|rule| rule.allows(&principal, &|_, _| false));
+        if !allowed {
+            let why = if auth.operator.is_some() {
+                format!("'{path}' (an operations route; see auth.operator)")
+            } else {
+                format!(
+                    "'{path}': operations routes need auth.operator (the claims an operator's token \
+                     carries), or the path in auth.public_paths"
+                )
+            };
+            return AuthError::Forbidden(why).into_response();
         }
-        Err(e) => e.into_response(),
     }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
 }
 
 #[cfg(test)]

@@ -371,6 +371,7 @@ struct RawWrite {
 struct RawAuth {
     jwt: Option<Spanned<RawJwt>>,
     public_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    operator: Option<Spanned<RawAccess>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1172,6 +1173,15 @@ impl Loader<'_> {
         }
         if let Some(jwt) = &section.jwt {
             auth.jwt = Some(self.jwt(jwt)?);
+        }
+        if let Some(operator) = &section.operator {
+            auth.operator = Some(build_access(
+                operator,
+                &[],
+                self.file,
+                "auth.operator",
+                auth.jwt.is_some(),
+            )?);
         }
         Ok(auth)
     }
@@ -3937,6 +3947,30 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
             11,
             "auth.public_paths[0]",
             "starting with /",
+        );
+        // The operator rule: claims only (operations routes have no parameters), and it needs jwt.
+        let c = load_env(
+            &with_auth("    algorithms: [HS256]\n  operator: { require: { role: ops } }\n"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.operator.map(|o| o.rules[0].require.clone()),
+            Some(vec![("role".to_owned(), vec!["ops".to_owned()])])
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n  operator: { match: { sub: id } }\n"),
+            &env,
+            14,
+            "auth.operator.match.sub",
+            "the parameters: none",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  operator: {{ require: {{ role: ops }} }}\n"),
+            &env,
+            11,
+            "auth.operator",
+            "configure `auth.jwt`",
         );
         // Public paths may be replaced, and auth may be off with only public_paths given.
         let c = load(&format!(

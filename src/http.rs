@@ -1,7 +1,8 @@
 //! The HTTP API: router, handlers, and the JSON error shape.
 //!
-//! [`app`] builds the router from an [`AppState`]; `main` and the tests call the same function. The routes
-//! are listed once, in [`ROUTES`], which the OpenAPI document ([`crate::openapi`]) is checked against.
+//! [`app`] builds the router from an [`AppState`] and the operations routes ([`crate::ops::http`]); `main`
+//! and the tests call the same function. Routes are added through [`Routes`], which remembers them, so
+//! that the OpenAPI document ([`crate::openapi`]) can be checked against every route there is.
 //!
 //! - `GET /fetch/{key}`: a cached value, with `ETag` and `Cache-Control`; `If-None-Match` → `304`.
 //!   `?min_lsn=X/Y` waits until the value reflects that position; `?wait_change=ETAG` long-polls until
@@ -72,41 +73,121 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Every route, as the OpenAPI document names it (`{key}` spans several path segments), and its methods.
-/// [`app`] registers exactly these.
-pub const ROUTES: [(&str, &[Method]); 5] = [
-    ("/fetch/{key}", &[Method::GET]),
-    ("/fetch", &[Method::POST]),
-    ("/update/{name}", &[Method::POST]),
-    ("/healthz", &[Method::GET]),
-    ("/openapi.json", &[Method::GET]),
-];
-
-/// The axum path and handlers of one of [`ROUTES`].
-fn route(path: &str) -> Option<(&'static str, MethodRouter<AppState>)> {
-    Some(match path {
-        "/fetch/{key}" => ("/fetch/{*key}", get(fetch)),
-        "/fetch" => ("/fetch", post(fetch_many)),
-        "/update/{name}" => ("/update/{name}", post(update)),
-        "/healthz" => ("/healthz", get(|| async { "ok\n" })),
-        "/openapi.json" => ("/openapi.json", get(openapi)),
-        _ => return None,
-    })
+/// A router that remembers its routes (path and method): axum cannot list a router's routes, and the
+/// OpenAPI test and the authentication middleware need them all. Routers of kck are built with it.
+pub struct Routes<S = ()> {
+    router: Router<S>,
+    listed: Vec<(&'static str, Method)>,
 }
 
-/// The router.
-pub fn app(state: AppState) -> Router {
-    let mut router = Router::new();
-    for (path, _) in ROUTES {
-        if let Some((axum_path, handlers)) = route(path) {
-            router = router.route(axum_path, handlers);
+impl<S: Clone + Send + Sync + 'static> Default for Routes<S> {
+    fn default() -> Self {
+        Routes {
+            router: Router::new(),
+            listed: Vec::new(),
         }
     }
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `GET path` (an axum path: `{name}` is one segment, `{*name}` the rest).
+    pub fn get<H, T>(self, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        self.add(path, Method::GET, get(handler))
+    }
+
+    /// `POST path`.
+    pub fn post<H, T>(self, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        self.add(path, Method::POST, post(handler))
+    }
+
+    fn add(mut self, path: &'static str, method: Method, handler: MethodRouter<S>) -> Self {
+        self.listed.push((path, method));
+        // A second method on a path is merged into its method router.
+        self.router = self.router.route(path, handler);
+        self
+    }
+
+    /// Every route as (path, method), the path as OpenAPI writes it (`{*key}` becomes `{key}`).
+    pub fn listed(&self) -> Vec<(String, Method)> {
+        self.listed
+            .iter()
+            .map(|(path, method)| (path.replace("{*", "{"), method.clone()))
+            .collect()
+    }
+
+    /// The router, with its state.
+    pub fn with_state(self, state: S) -> Router {
+        self.router.with_state(state)
+    }
+}
+
+/// The API routes (the operations routes are [`crate::ops::http::routes`]).
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .get("/fetch/{*key}", fetch)
+        .post("/fetch", fetch_many)
+        .post("/update/{name}", update)
+        .get("/healthz", || async { "ok\n" })
+        .get("/openapi.json", openapi)
+}
+
+/// Whether `path` is one of the API routes' paths (not an operations route, not unknown).
+pub fn is_api_path(path: &str) -> bool {
+    static API: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        routes()
+            .listed
+            .iter()
+            .map(|(path, _)| path.to_string())
+            .collect()
+    });
+    API.iter().any(|pattern| path_matches(pattern, path))
+}
+
+/// Whether a request path matches an axum route path (`{x}`: one non-empty segment; `{*x}`: the rest,
+/// non-empty).
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut parts = path.split('/');
+    for segment in pattern.split('/') {
+        if segment.starts_with("{*") {
+            return parts.next().is_some_and(|p| !p.is_empty());
+        }
+        match parts.next() {
+            Some(p) if segment.starts_with('{') => {
+                if p.is_empty() {
+                    return false;
+                }
+            }
+            Some(p) if p == segment => {}
+            _ => return false,
+        }
+    }
+    parts.next().is_none()
+}
+
+/// The router: the API routes and `operations` (the operations routes, with their state), behind the same
+/// layers.
+pub fn app(state: AppState, operations: Router) -> Router {
     let timeouts = Timeouts {
         request: state.limits.request_timeout,
         wait: state.limits.max_wait,
     };
-    let mut router = router
+    let body_limit = state.limits.body_limit;
+    let auth = state.auth.clone();
+    let mut router = routes()
+        .with_state(state)
+        .merge(operations)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -116,10 +197,10 @@ pub fn app(state: AppState) -> Router {
             )
         })
         // Innermost: extractors that read the body stop at the limit (413, mapped to JSON).
-        .layer(DefaultBodyLimit::max(state.limits.body_limit));
-    if let Some(auth) = &state.auth {
+        .layer(DefaultBodyLimit::max(body_limit));
+    if let Some(auth) = auth {
         router = router.layer(axum::middleware::from_fn_with_state(
-            auth.clone(),
+            auth,
             crate::auth::authenticate,
         ));
     }
@@ -130,7 +211,6 @@ pub fn app(state: AppState) -> Router {
         ))
         // Outermost: whatever answered with an error, the body has the stable shape.
         .layer(axum::middleware::map_response(json_errors))
-        .with_state(state)
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1124,10 +1204,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_route_has_handlers() {
-        for (path, _) in ROUTES {
-            assert!(route(path).is_some(), "{path}");
+    fn api_paths_are_told_from_the_others() {
+        for api in [
+            "/fetch/user/1",
+            "/fetch/a%2Fb/c",
+            "/fetch",
+            "/update/x",
+            "/healthz",
+            "/openapi.json",
+        ] {
+            assert!(is_api_path(api), "{api}");
         }
+        for other in [
+            "/",
+            "/status",
+            "/metrics",
+            "/fetch/",
+            "/update/",
+            "/update/x/y",
+            "/cache/entry/user/1",
+            "/fetchx",
+        ] {
+            assert!(!is_api_path(other), "{other}");
+        }
+        assert_eq!(
+            routes().listed().first(),
+            Some(&("/fetch/{key}".to_string(), Method::GET))
+        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The OpenAPI 3.1 document of the HTTP API, served at `/openapi.json`.
 //!
-//! Written by hand, next to [`crate::http::ROUTES`]: the `http` integration tests check that every path and
-//! method documented here answers on the real router (not with the fallback 404/405), that every method
-//! not documented answers 405, and that [`crate::http::ROUTES`], from which the router is built, lists
-//! exactly the documented paths and methods. Response bodies are described as documented in README.md.
+//! Written by hand. The `http` integration tests check it against the routers kck serves: the routes that
+//! [`crate::http::routes`] and [`crate::ops::http::routes`] list (the router is built from exactly these)
+//! must be the documented paths and methods, every documented method must answer on the real router (not
+//! the fallback 404/405), and every other method 405. Bodies are described as README.md documents them.
 
 use serde_json::{Value, json};
 
@@ -35,6 +35,7 @@ pub fn document() -> Value {
                 replication. Every error is `{\"error\": {\"code\", \"message\", ...}}`."
         },
         "security": [{"bearer": []}, {}],
+        "tags": [{"name": "operations", "description": "For operators: dashboard, status, metrics, cache inspection."}],
         "paths": {
             "/fetch/{key}": {
                 "get": {
@@ -159,14 +160,107 @@ pub fn document() -> Value {
                     "responses": {"200": {"description": "The OpenAPI document.",
                         "content": {"application/json": {"schema": {"type": "object"}}}}}
                 }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "tags": ["operations"],
+                    "summary": "Readiness: the slot is held, the store and Postgres answer",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Ready.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+                        "503": {"description": "Not ready; `not_ready` says why.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}}
+                    }
+                }
+            },
+            "/": {
+                "get": {
+                    "operationId": "dashboard",
+                    "tags": ["operations"],
+                    "summary": "The dashboard (an HTML page polling /status)",
+                    "responses": {
+                        "200": {"description": "HTML.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
+            },
+            "/status": {
+                "get": {
+                    "operationId": "status",
+                    "tags": ["operations"],
+                    "summary": "The status document: stream, slot, queue, primers, recent problems",
+                    "parameters": [{"name": "history", "in": "query", "required": false,
+                                    "description": "`false` leaves out the chart history.",
+                                    "schema": {"type": "boolean"}}],
+                    "responses": {
+                        "200": {"description": "Status.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "tags": ["operations"],
+                    "summary": "Prometheus metrics (text format)",
+                    "responses": {
+                        "200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
+            },
+            "/cache/keys/{primer}": {
+                "get": {
+                    "operationId": "cacheKeys",
+                    "tags": ["operations"],
+                    "summary": "Cached keys of a primer, in order, a page at a time",
+                    "parameters": [
+                        {"name": "primer", "in": "path", "required": true, "schema": {"type": "string"}},
+                        {"name": "after", "in": "query", "required": false, "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}
+                    ],
+                    "responses": {
+                        "200": {"description": "`{primer, keys, next_after}`.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "400": error("No such primer."),
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
+            },
+            "/cache/entry/{key}": {
+                "get": {
+                    "operationId": "cacheEntry",
+                    "tags": ["operations"],
+                    "summary": "A cached entry with its LSN and time, without computing a miss",
+                    "parameters": [{"name": "key", "in": "path", "required": true, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "`{key, lsn, computed_at, expires_at_ms, value}`.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "400": error("Bad key."),
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims."),
+                        "404": error("Not cached.")
+                    }
+                }
             }
         },
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                           "description": "Required on every route but the public paths when `auth.jwt` is configured."}
+                           "description": "Required on every route but `auth.public_paths` when `auth.jwt` is configured; \
+                            the operations routes (tag `operations`) also need `auth.operator`'s claims."}
             },
             "schemas": {
+                "Readiness": {
+                    "type": "object",
+                    "properties": {
+                        "ready": {"type": "boolean"},
+                        "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+                        "not_ready": {"type": "array", "items": {"type": "string"}}
+                    }
+                },
                 "Lsn": {"type": "string", "pattern": "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", "examples": ["16/B374D848"]},
                 "Error": {
                     "type": "object", "required": ["error"],

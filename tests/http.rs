@@ -955,7 +955,7 @@ async fn the_openapi_document_matches_the_real_routes() {
     let paths = doc["paths"].as_object().expect("paths");
     const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
 
-    // The router is built from ROUTES: it must list exactly what the document does.
+    // The routers are built from these listings: they must be exactly what the document says.
     let mut documented: Vec<(String, String)> = paths
         .iter()
         .flat_map(|(path, item)| {
@@ -965,19 +965,25 @@ async fn the_openapi_document_matches_the_real_routes() {
                 .map(move |m| (path.clone(), m.to_uppercase()))
         })
         .collect();
-    let mut routed: Vec<(String, String)> = kck::http::ROUTES
-        .iter()
-        .flat_map(|(path, methods)| methods.iter().map(|m| (path.to_string(), m.to_string())))
+    let mut routed: Vec<(String, String)> = kck::http::routes()
+        .listed()
+        .into_iter()
+        .chain(kck::ops::http::routes().listed())
+        .map(|(path, method)| (path, method.to_string()))
         .collect();
     documented.sort();
     routed.sort();
-    assert_eq!(documented, routed, "ROUTES and the OpenAPI document differ");
+    assert_eq!(
+        documented, routed,
+        "the routes and the OpenAPI document differ"
+    );
 
     // And the real router answers each documented method, and refuses the others with 405.
     for (path, item) in paths {
         let concrete = path
             .replace("{key}", "user/1")
-            .replace("{name}", "add_user");
+            .replace("{name}", "add_user")
+            .replace("{primer}", "user");
         for method in METHODS {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let body = (m == Method::POST).then(|| ("application/json", b"{}".to_vec()));
@@ -1280,6 +1286,31 @@ async fn jwt_rs256_checks_every_claim_and_refuses_forgeries() {
         .post("/update/rename_self", json!({"id": 1, "name": "x"}))
         .await;
     assert_eq!(a.status, 401);
+
+    // The operations routes show every cached value: without auth.operator, no token opens them.
+    for path in [
+        "/status",
+        "/metrics",
+        "/cache/entry/my_orders/1",
+        "/cache/keys/my_orders",
+        "/",
+    ] {
+        let a = http
+            .get_with(path, &[("authorization", &bearer(&admin))])
+            .await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (403, "forbidden".into()),
+            "{path}"
+        );
+        assert!(a.text.contains("auth.operator"), "{path}: {}", a.text);
+    }
+    let a = http.get("/readyz").await;
+    assert!(
+        matches!(a.status.as_u16(), 200 | 503),
+        "/readyz is public: {}",
+        a.text
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -1289,7 +1320,8 @@ async fn jwt_hs256_secret_from_the_environment() {
     let db = database().await;
     let dir = tempfile::tempdir().unwrap();
     let secret = "test-only-secret-0123456789abcdef0123456789";
-    let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_TEST_JWT_SECRET\n";
+    let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_TEST_JWT_SECRET\n  \
+                operator: { require: { role: ops } }\n";
     let config = test_config(dir.path(), &db, auth, &[("KCK_TEST_JWT_SECRET", secret)]);
     let running = start(config).await;
     let http = Http::new(&running);
@@ -1335,6 +1367,26 @@ async fn jwt_hs256_secret_from_the_environment() {
         .get_with("/fetch/user/1", &[("authorization", "Basic dXNlcjpwYXNz")])
         .await;
     assert_eq!((a.status.as_u16(), a.code()), (401, "unauthorized".into()));
+
+    // Operations routes: auth.operator's claims.
+    let operator = token(
+        secret,
+        &json!({"sub": "o", "exp": now() + 600, "role": "ops"}),
+    );
+    for path in ["/metrics", "/status", "/cache/entry/user/1"] {
+        let a = http
+            .get_with(path, &[("authorization", &bearer(&operator))])
+            .await;
+        assert_eq!(a.status, 200, "{path}: {}", a.text);
+        let a = http
+            .get_with(path, &[("authorization", &bearer(&token(secret, &plain)))])
+            .await;
+        assert_eq!(
+            (a.status.as_u16(), a.code()),
+            (403, "forbidden".into()),
+            "{path}"
+        );
+    }
     running.stop().await.unwrap();
     db.cleanup().await;
 }
