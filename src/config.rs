@@ -2317,35 +2317,13 @@ fn build_updater(
     ))
 }
 
-/// A size in bytes: a number, or a number with a unit (`B`, `kB`/`KB` (1000), `KiB` (1024), `MB`, `MiB`,
-/// `GB`, `GiB`). Between 1 KiB and 1 GiB.
+/// `http.body_limit`: a size as [`crate::ops::size::parse_byte_size`] reads it (`1MB`, `512kB`: powers of
+/// 1024, as in postgresql.conf), between 1 kB and 1 GB.
 fn parse_size(text: &str) -> Result<usize, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = (&t[..split], t[split..].trim());
-    let multiplier: u64 = match unit {
-        "" | "B" => 1,
-        "kB" | "KB" => 1000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "'{text}' is not a size: write a number of bytes or a number with a unit, such as 1048576, \
-                 512KiB or 1MiB"
-            ));
-        }
-    };
-    let bytes = number
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| format!("'{text}' is not a size: write a number of bytes such as 1MiB"))?;
-    if !(1024..=1 << 30).contains(&bytes) {
+    let bytes = crate::ops::size::parse_byte_size(text)?;
+    if !(1 << 10..=1 << 30).contains(&bytes) {
         return Err(format!(
-            "'{text}' is out of range: give between 1KiB and 1GiB"
+            "'{text}' is out of range: give between 1kB and 1GB"
         ));
     }
     usize::try_from(bytes).map_err(|_| format!("'{text}' is too large for this machine"))
@@ -3773,7 +3751,7 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
         assert_eq!(c.http.max_wait, Duration::from_secs(20));
         assert_eq!(c.write.url, "postgres://writer@db/app");
         assert_eq!(c.write.connections, 2);
-        for (size, bytes) in [("1048576", 1 << 20), ("2MB", 2_000_000), ("1 MiB", 1 << 20)] {
+        for (size, bytes) in [("1048576", 1 << 20), ("2MB", 2 << 20), ("1 MiB", 1 << 20)] {
             let c = load(&format!("{BASE}http:\n  body_limit: {size}\n")).unwrap();
             assert_eq!(c.http.body_limit, bytes, "{size}");
         }
@@ -3787,7 +3765,7 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
             &format!("{BASE}http:\n  body_limit: 10\n"),
             11,
             "http.body_limit",
-            "between 1KiB and 1GiB",
+            "between 1kB and 1GB",
         );
         assert_invalid(
             &format!("{BASE}http:\n  wait_timeout: 2m\n"),

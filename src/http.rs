@@ -398,17 +398,22 @@ async fn request_timeout(State(t): State<Timeouts>, request: Request, next: Next
         })
     });
     let limit = if waits { t.request + t.wait } else { t.request };
+    let update = request.method() == Method::POST && request.uri().path().starts_with("/update/");
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            format!(
+        Err(_) => {
+            let mut message = format!(
                 "the request took longer than {} (http.request_timeout)",
                 humantime::format_duration(limit)
-            ),
-        )
-        .into_response(),
+            );
+            if update {
+                // The transaction runs in its own task: it is not cut off, so its outcome is unknown here.
+                message.push_str(
+                    "; the update goes on in the background and may still commit: check before retrying it",
+                );
+            }
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).into_response()
+        }
     }
 }
 
