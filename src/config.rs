@@ -115,6 +115,9 @@ pub struct HttpConfig {
     pub wait_timeout: Duration,
     /// The longest `timeout` a request may give. Default 60 s.
     pub max_wait: Duration,
+    /// Origins browsers may call kck from (CORS), such as `https://app.example.com`, or `*`. Default none:
+    /// no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -126,6 +129,7 @@ impl Default for HttpConfig {
             max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             max_wait: DEFAULT_MAX_WAIT,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -357,6 +361,7 @@ struct RawHttp {
     max_batch_keys: Option<Spanned<i64>>,
     wait_timeout: Option<Spanned<String>>,
     max_wait: Option<Spanned<String>>,
+    cors_origins: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1110,6 +1115,21 @@ impl Loader<'_> {
                 }
             },
         };
+        let mut cors_origins = Vec::new();
+        if let Some(list) = section.and_then(|s| s.cors_origins.as_ref()) {
+            for (i, o) in list.value.iter().enumerate() {
+                let origin = check_origin(&o.value)
+                    .map_err(|m| self.err(line_of(o), format!("http.cors_origins[{i}]"), m))?;
+                cors_origins.push(origin);
+            }
+            if cors_origins.len() > 1 && cors_origins.iter().any(|o| o == "*") {
+                return Err(self.err(
+                    line_of(list),
+                    "http.cors_origins",
+                    "`*` allows every origin: give it alone, or list the origins",
+                ));
+            }
+        }
         Ok(HttpConfig {
             bind,
             request_timeout,
@@ -1117,6 +1137,7 @@ impl Loader<'_> {
             max_batch_keys,
             wait_timeout,
             max_wait,
+            cors_origins,
         })
     }
 
@@ -2315,6 +2336,27 @@ fn build_updater(
         },
         name_line,
     ))
+}
+
+/// A CORS origin: `*`, or `scheme://host[:port]` (no path), as browsers send it in `Origin`.
+fn check_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim();
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if ok {
+        Ok(origin.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not an origin: write it as browsers send it, such as https://app.example.com or \
+             http://localhost:3000 (no path), or *"
+        ))
+    }
 }
 
 /// `http.body_limit`: a size as [`crate::ops::size::parse_byte_size`] reads it (`1MB`, `512kB`: powers of
@@ -3749,7 +3791,28 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
         assert_eq!(c.http.max_batch_keys, 50);
         assert_eq!(c.http.wait_timeout, Duration::from_secs(2));
         assert_eq!(c.http.max_wait, Duration::from_secs(20));
+        assert!(c.http.cors_origins.is_empty());
         assert_eq!(c.write.url, "postgres://writer@db/app");
+        let c = load(&format!(
+            "{BASE}http:\n  cors_origins: [\"https://app.example.com\", \"http://localhost:3000\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.http.cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  cors_origins: [\"https://app.example.com/path\"]\n"),
+            11,
+            "http.cors_origins[0]",
+            "not an origin",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  cors_origins: [\"*\", \"https://a.example\"]\n"),
+            11,
+            "http.cors_origins",
+            "give it alone",
+        );
         assert_eq!(c.write.connections, 2);
         for (size, bytes) in [("1048576", 1 << 20), ("2MB", 2 << 20), ("1 MiB", 1 << 20)] {
             let c = load(&format!("{BASE}http:\n  body_limit: {size}\n")).unwrap();

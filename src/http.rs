@@ -184,6 +184,7 @@ pub fn app(state: AppState, operations: Router) -> Router {
         wait: state.limits.max_wait,
     };
     let body_limit = state.limits.body_limit;
+    let cors_origins = state.limits.cors_origins.clone();
     let auth = state.auth.clone();
     let mut router = routes()
         .with_state(state)
@@ -204,13 +205,49 @@ pub fn app(state: AppState, operations: Router) -> Router {
             crate::auth::authenticate,
         ));
     }
-    router
-        .layer(axum::middleware::from_fn_with_state(
-            timeouts,
-            request_timeout,
-        ))
-        // Outermost: whatever answered with an error, the body has the stable shape.
-        .layer(axum::middleware::map_response(json_errors))
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        timeouts,
+        request_timeout,
+    ));
+    // CORS outside authentication: browsers send preflight requests without the token.
+    let router = match cors(&cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    // Outermost: whatever answered with an error, the body has the stable shape.
+    router.layer(axum::middleware::map_response(json_errors))
+}
+
+/// The CORS layer for `http.cors_origins` (`None` when there are none): GET and POST, with the headers
+/// the API reads and the ones it answers with.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::HEAD, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::CACHE_CONTROL,
+                header::HeaderName::from_static("kck-lsn"),
+                header::HeaderName::from_static("kck-computed-at"),
+                header::HeaderName::from_static("kck-cache"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1322,7 +1322,8 @@ async fn jwt_hs256_secret_from_the_environment() {
     let secret = "test-only-secret-0123456789abcdef0123456789";
     let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_TEST_JWT_SECRET\n  \
                 operator: { require: { role: ops } }\n";
-    let config = test_config(dir.path(), &db, auth, &[("KCK_TEST_JWT_SECRET", secret)]);
+    let mut config = test_config(dir.path(), &db, auth, &[("KCK_TEST_JWT_SECRET", secret)]);
+    config.http.cors_origins = vec!["https://app.example".into()];
     let running = start(config).await;
     let http = Http::new(&running);
     let token = |secret: &str, claims: &Value| {
@@ -1367,6 +1368,47 @@ async fn jwt_hs256_secret_from_the_environment() {
         .get_with("/fetch/user/1", &[("authorization", "Basic dXNlcjpwYXNz")])
         .await;
     assert_eq!((a.status.as_u16(), a.code()), (401, "unauthorized".into()));
+
+    // CORS: a browser's preflight needs no token; answers name the allowed origin, and only that one.
+    let preflight = |origin: &'static str| {
+        let http = &http;
+        async move {
+            let headers = [
+                ("origin", origin),
+                ("access-control-request-method", "GET"),
+                ("access-control-request-headers", "authorization"),
+            ];
+            http.send(Method::OPTIONS, "/fetch/user/1", &headers, None)
+                .await
+        }
+    };
+    let a = preflight("https://app.example").await;
+    assert!(a.status.is_success(), "{} {}", a.status, a.text);
+    assert_eq!(
+        a.header("access-control-allow-origin"),
+        "https://app.example"
+    );
+    assert!(
+        a.header("access-control-allow-headers")
+            .contains("authorization")
+    );
+    let a = preflight("https://evil.example").await;
+    assert!(a.headers.get("access-control-allow-origin").is_none());
+    let a = http
+        .get_with(
+            "/fetch/user/1",
+            &[
+                ("origin", "https://app.example"),
+                ("authorization", &bearer(&token(secret, &plain))),
+            ],
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("access-control-allow-origin"),
+        "https://app.example"
+    );
+    assert!(a.header("access-control-expose-headers").contains("etag"));
 
     // Operations routes: auth.operator's claims.
     let operator = token(
