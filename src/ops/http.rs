@@ -79,7 +79,8 @@ async fn measure(
             .and_then(|v| v.to_str().ok());
         let counts = &telemetry.fetches;
         let result = match (status.as_u16(), cache) {
-            (200..=299, Some("hit")) => {
+            // 304: the client's copy is current (If-None-Match, or a long poll that saw no change).
+            (200..=299, Some("hit")) | (304, _) => {
                 counts.hits.fetch_add(1, Ordering::Relaxed);
                 "hit"
             }
