@@ -34,11 +34,29 @@ use crate::visibility::VisibilityClock;
 /// How often a waiter re-checks without being woken.
 pub const POLL: Duration = Duration::from_millis(50);
 
+/// How often at most "anything progressed" wakes every waiter: under a heavy refresh load, waking all of
+/// them for each finished task would cost more than it saves (a skipped wake-up is made up by [`POLL`]).
+const ANY_AT_MOST_EVERY: Duration = Duration::from_millis(5);
+
 /// In-process notifications of store writes: key → waiters, plus "anything progressed".
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hub {
     keys: Mutex<HashMap<String, Arc<Notify>>>,
     any: Notify,
+    /// When `any` was last notified, in microseconds since `born`.
+    any_at_us: std::sync::atomic::AtomicU64,
+    born: std::time::Instant,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            keys: Mutex::default(),
+            any: Notify::new(),
+            any_at_us: std::sync::atomic::AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        }
+    }
 }
 
 /// A registration to be woken when one key is written; unregisters on drop.
@@ -82,12 +100,23 @@ impl Hub {
         if let Some(notify) = self.lock().get(key) {
             notify.notify_waiters();
         }
-        self.any.notify_waiters();
+        self.progressed();
     }
 
-    /// A queued task finished (the pending floor may have risen).
+    /// A queued task finished (the pending floor may have risen). Wakes the waiters on any progress, at
+    /// most every [`ANY_AT_MOST_EVERY`].
     pub fn progressed(&self) {
-        self.any.notify_waiters();
+        let now = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let last = self.any_at_us.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= ANY_AT_MOST_EVERY.as_micros() as u64;
+        if due
+            && self
+                .any_at_us
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.any.notify_waiters();
+        }
     }
 
     /// Be woken when `key` is written.

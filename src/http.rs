@@ -410,7 +410,7 @@ async fn json_errors(response: Response) -> Response {
     let mut fixed = ApiError::new(status, code, message).into_response();
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            fixed.headers_mut().insert(name.clone(), value.clone());
+            fixed.headers_mut().append(name.clone(), value.clone());
         }
     }
     fixed
