@@ -73,15 +73,25 @@ pub struct Running {
 }
 
 /// Open the configured store.
-pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
         StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
+        #[cfg(feature = "scylla")]
+        StoreConfig::Scylla(scylla) => Ok(Arc::new(
+            crate::store::scylla::ScyllaStore::open(scylla).await?,
+        )),
+        #[cfg(not(feature = "scylla"))]
+        StoreConfig::Scylla(_) => Err(StoreError::Backend(
+            "this kck was built without the `scylla` feature: rebuild with `--features scylla` to use \
+             store.kind: scylla"
+                .into(),
+        )),
     }
 }
 
 /// Start kck. See the module docs.
 pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppError> {
-    let store = open_store(&config)?;
+    let store = open_store(&config).await?;
     let source = Source::new(&config.source)?;
     let catalog = Arc::new(config.catalog.clone());
     let deps = Arc::new(DepIndex::new(catalog.clone()));
