@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
-use kck::config::Config;
+use kck::config::{Config, Roles};
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
 #[derive(Debug, Parser)]
@@ -28,12 +28,31 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Create the store's keyspace and tables if they are missing (scylla), or the store file
+    /// (embedded). Safe to run again.
+    Init {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Stream changes, refresh the cache, and serve it over HTTP until SIGINT or SIGTERM.
     Run {
         /// The config file (YAML).
         #[arg(long, short, env = "KCK_CONFIG")]
         config: PathBuf,
+        /// What this process does, comma-separated: replication (hold the slot), refresh (workers), http.
+        /// Overrides `roles` in the config; default: all three. Splitting roles needs store.kind: scylla.
+        #[arg(long, env = "KCK_ROLES", value_parser = Roles::parse_list)]
+        roles: Option<Roles>,
+    },
+    /// Manage the store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// Read and validate a config file, then print a summary of its primers.
     Validate {
@@ -78,8 +97,11 @@ fn init_logging(format: LogFormat) {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config, roles } => {
+            let mut config = Config::load(&config)?;
+            if let Some(roles) = roles {
+                config.roles = roles;
+            }
             let running = app::start(config, RunOptions::default()).await?;
             let stop = running_signal().await;
             tracing::info!(
@@ -88,6 +110,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             running.stop().await?;
             tracing::info!("Stopped.");
+            Ok(())
+        }
+        Command::Store {
+            command: StoreCommand::Init { config },
+        } => {
+            let config = Config::load(&config)?;
+            let done = app::init_store(&config).await?;
+            println!("{done}");
             Ok(())
         }
         Command::Validate { config } => {

@@ -367,7 +367,7 @@ impl ScyllaStore {
     /// Every lease row of a bucket.
     async fn leases(&self, bucket: i32) -> StoreResult<HashMap<String, Lease>> {
         let op = "reading claims";
-        let rows: Vec<(String, Option<i64>, Option<i64>, Option<i32>, Option<i64>)> = self
+        let rows: Vec<LeaseRow> = self
             .s()
             .execute_iter(self.st().bucket_leases.clone(), (bucket,))
             .await
@@ -482,6 +482,9 @@ impl ScyllaStore {
         Ok(buckets.into_iter().any(|b| b))
     }
 }
+
+/// A `queue_leases` row as read: id, lease_until_ms, not_before_ms, attempts, claim_lsn.
+type LeaseRow = (String, Option<i64>, Option<i64>, Option<i32>, Option<i64>);
 
 fn rows(
     result: QueryResult,
