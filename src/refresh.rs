@@ -12,7 +12,7 @@
 //! statement started. The store keeps the newest label. A fetch miss uses [`Refresher::prime`], which runs
 //! the query once however many requests miss on the same key at once.
 //!
-//! The primer query is wrapped so that Postgres builds the JSON (`json_agg`, `row_to_json`): kck stores
+//! The primer query is wrapped so that Postgres builds the JSON (`row_to_json`, `string_agg`): kck stores
 //! and serves those bytes as they are.
 
 use std::collections::HashMap;
@@ -94,7 +94,10 @@ impl ToSql for TextParam<'_> {
 /// The SQL kck runs for a primer: the user's query wrapped to produce the cached JSON as text.
 pub fn wrapped_query(query: &str, shape: Shape) -> String {
     match shape {
-        Shape::Rows => format!("SELECT coalesce(json_agg(q), '[]'::json)::text FROM ({query}\n) q"),
+        // string_agg keeps the rows compact and in the query's order.
+        Shape::Rows => format!(
+            "SELECT coalesce('[' || string_agg(row_to_json(q)::text, ',') || ']', '[]') FROM ({query}\n) q"
+        ),
         Shape::Row => format!("SELECT (SELECT row_to_json(q) FROM ({query}\n) q LIMIT 1)::text"),
         Shape::Value => format!(
             "SELECT (SELECT value FROM json_each((SELECT row_to_json(q) FROM ({query}\n) q LIMIT 1)) LIMIT 1)::text"

@@ -84,13 +84,38 @@ fn test_config(dir: &std::path::Path, db: &TestDb) -> kck::config::Config {
     config(dir, &db.url, "kck_test", &db.name, PRIMERS)
 }
 
+/// A test database with the schema, kck running on it with [`PRIMERS`], and a client.
+struct Fixture {
+    db: TestDb,
+    _dir: tempfile::TempDir,
+    running: kck::app::Running,
+    pg: tokio_postgres::Client,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        let db = database().await;
+        let dir = tempfile::tempdir().unwrap();
+        let running = start(test_config(dir.path(), &db)).await;
+        let pg = db.client().await;
+        Fixture {
+            db,
+            _dir: dir,
+            running,
+            pg,
+        }
+    }
+}
+
 #[tokio::test]
 async fn insert_update_delete_and_truncate_reach_fetch_without_the_application() {
-    let db = database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(test_config(dir.path(), &db)).await;
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
     let addr = running.http_addr;
-    let pg = db.client().await;
 
     // A miss computes and caches.
     let (status, body) = fetch(addr, "orders_by_user/1").await;
@@ -133,11 +158,13 @@ async fn insert_update_delete_and_truncate_reach_fetch_without_the_application()
 
 #[tokio::test]
 async fn join_primer_follows_both_tables_and_moved_rows_refresh_both_keys() {
-    let db = database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(test_config(dir.path(), &db)).await;
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
     let addr = running.http_addr;
-    let pg = db.client().await;
     pg.batch_execute(
         "INSERT INTO orders VALUES (1, 7, 1, 'new'), (2, 8, 2, 'new'); INSERT INTO line_items VALUES (1, 1, 3);",
     )
@@ -198,11 +225,13 @@ async fn join_primer_follows_both_tables_and_moved_rows_refresh_both_keys() {
 
 #[tokio::test]
 async fn update_that_leaves_a_toasted_column_unchanged_refreshes_correctly() {
-    let db = database().await;
-    let dir = tempfile::tempdir().unwrap();
-    let running = start(test_config(dir.path(), &db)).await;
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
     let addr = running.http_addr;
-    let pg = db.client().await;
     // 200 kB of incompressible text: stored out of line (TOAST), and not sent again when unchanged.
     pg.batch_execute(
         "INSERT INTO docs SELECT 1, 'first', string_agg(md5(random()::text), '') FROM generate_series(1, 6250)",
@@ -559,6 +588,13 @@ async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
     // Restart on the same store and slot, with more writes while it catches up.
     let config = kck::config::Config::load(&path).unwrap();
     let running = start(config.clone()).await;
+    // Entries written in the last second before the crash may be lost (they are recomputed on the next
+    // miss); fetch again, as clients would, while more writes arrive.
+    let mut keys = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..80 {
+        let key = random_key(&mut keys);
+        assert_eq!(fetch(running.http_addr, &key).await.0, 200, "{key}");
+    }
     for _ in 0..200 {
         pg.batch_execute(&random_transaction(&mut rng))
             .await
@@ -691,4 +727,253 @@ async fn wal_level_other_than_logical_is_a_clear_error() {
     let error = start_error(config(dir.path(), &db.url, "p", &db.name, primers)).await;
     assert!(error.contains("wal_level = 'replica'"), "{error}");
     assert!(error.contains("wal_level = logical"), "{error}");
+}
+
+#[tokio::test]
+async fn a_schema_change_refreshes_the_table_keys_and_a_dropped_dependency_is_reported() {
+    let db = database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = format!(
+        "{PRIMERS}  - name: user_star\n    key: \"user_star/{{id:int}}\"\n    shape: row\n    query: SELECT * FROM users WHERE id = $1\n    depends_on:\n      - table: users\n        columns: {{ id: id }}\n"
+    );
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, &primers)).await;
+    let addr = running.http_addr;
+    let pg = db.client().await;
+    pg.batch_execute(
+        "INSERT INTO users VALUES (1, 'a'), (2, 'b'); INSERT INTO orders VALUES (1, 1, 1, 'new')",
+    )
+    .await
+    .unwrap();
+    eventually_equals(addr, "user_star/2", &json!({"id": 2, "name": "b"}), TIMEOUT).await;
+    assert_eq!(fetch(addr, "by_status/new").await, (200, json!(1)));
+
+    // Only user 1 changes, but the table gained a column: every cached key reading users is refreshed.
+    pg.batch_execute("ALTER TABLE users ADD COLUMN age int NOT NULL DEFAULT 7; UPDATE users SET name = 'z' WHERE id = 1")
+        .await
+        .unwrap();
+    eventually_equals(
+        addr,
+        "user_star/2",
+        &json!({"id": 2, "name": "b", "age": 7}),
+        TIMEOUT,
+    )
+    .await;
+    eventually_equals(
+        addr,
+        "user_star/1",
+        &json!({"id": 1, "name": "z", "age": 7}),
+        TIMEOUT,
+    )
+    .await;
+
+    // by_status maps orders.status: dropping that column is reported, not ignored.
+    pg.batch_execute("ALTER TABLE orders DROP COLUMN status; INSERT INTO orders VALUES (2, 1, 2)")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let problems = running.stats.problems();
+        if problems
+            .iter()
+            .any(|p| p.contains("by_status") && p.contains("'status'"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no problem reported: {problems:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Other primers on the table keep working.
+    eventually_equals(addr, "user_total/1", &json!(3.00), TIMEOUT).await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_slot_does_not_hold_wal_for_changes_kck_does_not_depend_on() {
+    let db = database().await;
+    db.execute_batch("CREATE TABLE unrelated (id serial PRIMARY KEY, v text)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(test_config(dir.path(), &db)).await;
+    let pg = db.client().await;
+    for _ in 0..50 {
+        pg.batch_execute(
+            "INSERT INTO unrelated (v) SELECT md5(g::text) FROM generate_series(1, 200) g",
+        )
+        .await
+        .unwrap();
+    }
+    let target: String = pg
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let target: kck::lsn::Lsn = target.parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed: Option<String> = pg
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let confirmed: kck::lsn::Lsn = confirmed.expect("slot").parse().unwrap();
+        if confirmed >= target {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot still holds WAL: confirmed {confirmed}, current {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// Peak resident memory of a process, from /proc (Linux).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_row_transaction_keeps_memory_bounded() {
+    let rows = count_from_env("KCK_TEST_BIG_TX_ROWS", 1_000_000) as i64;
+    let db = cluster().await.new_database().await;
+    db.execute_batch(
+        "CREATE TABLE events (id bigint PRIMARY KEY, user_id bigint NOT NULL, payload text NOT NULL);
+         CREATE INDEX ON events (user_id);
+         CREATE PUBLICATION kck_test FOR TABLE events;",
+    )
+    .await;
+    let primers = "  - name: events_by_user\n    key: \"events_by_user/{user_id:int}\"\n    shape: value\n    query: SELECT count(*) FROM events WHERE user_id = $1\n    depends_on:\n      - table: events\n        columns: { user_id: user_id }\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("KCK_HTTP_BIND", format!("127.0.0.1:{port}"))
+        .env("KCK_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kck did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for user in 0..100 {
+        assert_eq!(
+            fetch(addr, &format!("events_by_user/{user}")).await,
+            (200, json!(0))
+        );
+    }
+    let before = peak_rss_kib(pid);
+    let pg = db.client().await;
+    pg.batch_execute(&format!(
+        "INSERT INTO events SELECT g, g % 1000, repeat('x', 200) FROM generate_series(1, {rows}) g"
+    ))
+    .await
+    .unwrap();
+    eventually_equals(
+        addr,
+        "events_by_user/7",
+        &json!(rows / 1000),
+        Duration::from_secs(300),
+    )
+    .await;
+    eventually_equals(addr, "events_by_user/99", &json!(rows / 1000), TIMEOUT).await;
+    let peak = peak_rss_kib(pid);
+    eprintln!(
+        "a_million_row_transaction_keeps_memory_bounded: {rows} rows, peak RSS {before} KiB before, {peak} KiB after"
+    );
+    assert!(
+        peak < 150 * 1024,
+        "peak RSS {peak} KiB over 150 MiB after a {rows}-row transaction"
+    );
+    drop(child);
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_walsender_is_reconnected_and_nothing_is_lost() {
+    use rand::SeedableRng;
+    let seed = seed("a_killed_walsender_is_reconnected_and_nothing_is_lost");
+    let Fixture {
+        db,
+        _dir,
+        running,
+        pg,
+    } = Fixture::start().await;
+    let config = test_config(_dir.path(), &db);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..60 {
+        let key = random_key(&mut rng);
+        assert_eq!(fetch(running.http_addr, &key).await.0, 200, "{key}");
+    }
+    for round in 0..3 {
+        for _ in 0..150 {
+            pg.batch_execute(&random_transaction(&mut rng))
+                .await
+                .unwrap();
+        }
+        // Wait until kck holds the slot again, then end its walsender mid-stream.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let active: bool = pg
+                .query_one(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&db.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if active {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "kck did not reconnect"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let killed: i64 = pg
+            .query_one(
+                "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1, "round {round}");
+    }
+    wait_drained(&running, &pg, Duration::from_secs(120)).await;
+    let checked = assert_converged(&running, &pg, &config).await;
+    assert!(checked > 30, "only {checked} keys were cached");
+    running.stop().await.unwrap();
+    db.cleanup().await;
 }

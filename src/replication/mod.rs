@@ -568,6 +568,9 @@ fn parse_lsn(text: &str) -> Result<Lsn, ReplicationError> {
 /// Counters of the stream, for status and logs.
 #[derive(Debug, Default)]
 pub struct StreamStats {
+    /// Problems with the primers' dependencies found in the stream (a dependency on a dropped column),
+    /// newest last, at most [`StreamStats::MAX_PROBLEMS`].
+    problems: std::sync::Mutex<Vec<String>>,
     pub transactions: AtomicU64,
     pub rows: AtomicU64,
     pub tasks_queued: AtomicU64,
@@ -589,6 +592,30 @@ impl Default for StreamLimits {
         StreamLimits {
             batch_tasks: 10_000,
         }
+    }
+}
+
+impl StreamStats {
+    pub const MAX_PROBLEMS: usize = 100;
+
+    /// Record a problem someone must fix (also logged as an error by the caller).
+    pub fn report(&self, problem: &str) {
+        let mut problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        if problems.iter().any(|p| p == problem) {
+            return;
+        }
+        if problems.len() >= Self::MAX_PROBLEMS {
+            problems.remove(0);
+        }
+        problems.push(problem.to_string());
+    }
+
+    /// The problems recorded so far.
+    pub fn problems(&self) -> Vec<String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -834,6 +861,7 @@ impl Session<'_> {
                 let table = resolved.table.clone();
                 for error in &resolved.errors {
                     tracing::error!(table = %table, "{error}");
+                    self.stream.stats.report(error);
                 }
                 for warning in &resolved.warnings {
                     if self.warned.insert(warning.clone()) {

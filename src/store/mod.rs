@@ -36,6 +36,9 @@
 //! - **Finish.** [`Store::finish`] stores the result, queues the follow-ups and removes the task. The
 //!   embedded store does it in one transaction; ScyllaDB does it in that order, so a crash part-way leaves
 //!   the task to run again when its lease runs out, and loses nothing.
+//! - **Lazy durability.** A backend may make [`Store::finish`], [`Store::store_result`] and
+//!   [`Store::register_key`] durable lazily: a crash may then lose one whole (never half of one), which
+//!   only makes a refresh run again.
 
 pub mod cql;
 pub mod embedded;
