@@ -38,7 +38,7 @@ use crate::config::{Config, Roles, StoreConfig};
 use crate::deps::DepIndex;
 use crate::http::{AppState, app};
 use crate::lsn::Lsn;
-use crate::queue::TaskKind;
+use crate::ops::{self, Ops, Telemetry};
 use crate::refresh::{Refresher, prove_visibility};
 pub use crate::replication::ReplicationState;
 use crate::replication::{
@@ -82,6 +82,8 @@ pub struct RunOptions {
     pub standby_poll: Duration,
     /// How often the visible watermark is published to, and read from, a shared store.
     pub watermark_poll: Duration,
+    /// How often the slot monitor reads the slot (lag, retained WAL, wal_status).
+    pub monitor_interval: Duration,
     /// Use this store instead of opening the configured one, as a store that several kck instances
     /// share (tests run split roles in one process this way).
     pub shared_store: Option<Arc<dyn Store>>,
@@ -94,6 +96,7 @@ impl Default for RunOptions {
             limits: StreamLimits::default(),
             standby_poll: Duration::from_secs(1),
             watermark_poll: Duration::from_millis(50),
+            monitor_interval: Duration::from_secs(2),
             shared_store: None,
         }
     }
@@ -107,8 +110,12 @@ pub struct Running {
     pub store: Arc<dyn Store>,
     pub stats: Arc<StreamStats>,
     pub clock: Arc<VisibilityClock>,
+    /// Status, metrics and the slot monitor's readings.
+    pub ops: Arc<Ops>,
     replication_state: watch::Receiver<ReplicationState>,
     shutdown: watch::Sender<bool>,
+    /// Becomes true when replication stopped with an error (kck cannot go on).
+    failed: watch::Receiver<bool>,
     replication: JoinHandle<Result<(), ReplicationError>>,
     others: Vec<JoinHandle<()>>,
     http: Option<JoinHandle<std::io::Result<()>>>,
@@ -165,6 +172,7 @@ impl std::fmt::Debug for RunOptions {
             .field("limits", &self.limits)
             .field("standby_poll", &self.standby_poll)
             .field("watermark_poll", &self.watermark_poll)
+            .field("monitor_interval", &self.monitor_interval)
             .field("shared_store", &self.shared_store.is_some())
             .finish()
     }
@@ -199,6 +207,7 @@ async fn take_slot(
     deps: &DepIndex,
     options: &RunOptions,
     standby: bool,
+    telemetry: &Telemetry,
 ) -> Result<Slot, ReplicationError> {
     let lock = SlotLock::connect(source).await?;
     let deadline = tokio::time::Instant::now() + options.slot_wait;
@@ -219,7 +228,7 @@ async fn take_slot(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let slot = replication::preflight(source, deps, options.slot_wait).await?;
+    let slot = ops::slot::prepare(source, deps, options.slot_wait, telemetry).await?;
     Ok(Slot::Owned(Box::new(lock), slot))
 }
 
@@ -236,6 +245,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let source = Source::new(&config.source)?;
     let catalog = Arc::new(config.catalog.clone());
     let deps = Arc::new(DepIndex::new(catalog.clone()));
+    let telemetry = Arc::new(Telemetry::default());
     let stats = Arc::new(StreamStats::default());
     let (state_tx, state_rx) = watch::channel(if roles.replication {
         ReplicationState::Starting
@@ -246,7 +256,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
 
     // The slot first: a plain start fails fast when another process holds it.
     let slot = if roles.replication {
-        Some(take_slot(&source, &deps, &options, config.source.standby).await?)
+        Some(take_slot(&source, &deps, &options, config.source.standby, &telemetry).await?)
     } else {
         None
     };
@@ -259,33 +269,28 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut others = Vec::new();
 
-    let needs_refresher = roles.refresh || (roles.http && config.prime_on_cache_miss);
-    let refresher = if needs_refresher {
-        let workers = if roles.refresh {
-            config.refresh.workers
-        } else {
-            0
-        };
-        Some(Arc::new(
-            Refresher::new(
-                &source,
-                workers + 4,
-                catalog.clone(),
-                store.clone(),
-                clock.clone(),
-                config.refresh.visibility_timeout,
-            )?
-            .with_local_stream(state_rx.clone()),
-        ))
+    // Always made (its pool connects lazily): misses, `/readyz` and status use it in every role.
+    let workers = if roles.refresh {
+        config.refresh.workers
     } else {
-        None
+        0
     };
-    if let (Some(refresher), true) = (&refresher, roles.refresh) {
-        for worker in 0..config.refresh.workers {
-            others.push(tokio::spawn(
-                refresher.clone().work(worker, shutdown_rx.clone()),
-            ));
-        }
+    let refresher = Arc::new(
+        Refresher::new(
+            &source,
+            workers + 4,
+            catalog.clone(),
+            store.clone(),
+            clock.clone(),
+            config.refresh.visibility_timeout,
+            telemetry.clone(),
+        )?
+        .with_local_stream(state_rx.clone()),
+    );
+    for worker in 0..workers {
+        others.push(tokio::spawn(
+            refresher.clone().work(worker, shutdown_rx.clone()),
+        ));
     }
     if shared_store {
         others.push(tokio::spawn(follow_watermark(
@@ -296,6 +301,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         )));
     }
 
+    let (failed_tx, failed) = watch::channel(false);
     let mut replication = match slot {
         None => {
             let mut stop = shutdown_rx.clone();
@@ -330,14 +336,22 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             };
             let owned = matches!(slot, Slot::Owned(..));
             let (started_tx, started_rx) = oneshot::channel();
-            let task = tokio::spawn(replicate(
+            let replicated = replicate(
                 stream,
                 slot,
                 config.source.standby,
                 options.clone(),
                 owned.then_some(started_tx),
                 shutdown_rx.clone(),
-            ));
+                telemetry.clone(),
+            );
+            let task = tokio::spawn(async move {
+                let result = replicated.await;
+                if result.is_err() {
+                    let _ = failed_tx.send(true);
+                }
+                result
+            });
             if owned {
                 // Report the first session's error from `start`.
                 let mut task = task;
@@ -361,6 +375,23 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         }
     };
 
+    let ops = Arc::new(
+        Ops::new(
+            source.clone(),
+            catalog.clone(),
+            store.clone(),
+            stats.clone(),
+            clock.clone(),
+            refresher.clone(),
+            telemetry.clone(),
+        )
+        .with_replication_state(state_rx.clone()),
+    );
+    others.push(tokio::spawn(ops::monitor::run(
+        ops.clone(),
+        options.monitor_interval,
+        shutdown_rx.clone(),
+    )));
     let mut http = None;
     let mut http_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     if roles.http {
@@ -382,15 +413,15 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         let state = AppState {
             store: store.clone(),
             catalog,
-            primer: if config.prime_on_cache_miss {
-                refresher.clone()
-            } else {
-                None
-            },
+            primer: config.prime_on_cache_miss.then(|| refresher.clone()),
         };
+        let router = ops::http::observe(
+            app(state).merge(ops::http::router(ops.clone())),
+            telemetry.clone(),
+        );
         let mut http_shutdown = shutdown_rx.clone();
         http = Some(tokio::spawn(async move {
-            axum::serve(listener, app(state))
+            axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
                     let _ = http_shutdown.wait_for(|stop| *stop).await;
                 })
@@ -406,8 +437,10 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         store,
         stats,
         clock,
+        ops,
         replication_state: state_rx,
         shutdown,
+        failed,
         replication,
         others,
         http,
@@ -484,14 +517,14 @@ async fn replicate(
     options: RunOptions,
     mut started: Option<oneshot::Sender<()>>,
     shutdown: watch::Receiver<bool>,
+    telemetry: Arc<Telemetry>,
 ) -> Result<(), ReplicationError> {
     let mut slot = Some(slot);
-    let mut first = true;
     loop {
         let (mut lock, state) = match slot.take() {
             Some(Slot::Owned(lock, state)) => (*lock, state),
             Some(Slot::Standby) | None => {
-                match wait_for_slot(&stream, standby, &options, &shutdown).await? {
+                match wait_for_slot(&stream, standby, &options, &shutdown, &telemetry).await? {
                     Some(owned) => owned,
                     None => return Ok(()),
                 }
@@ -503,10 +536,10 @@ async fn replicate(
             .stats
             .acked
             .fetch_max(state.confirmed_flush.0, Ordering::Relaxed);
-        if state.created && !first {
-            rebuild_after_lost_slot(&stream, state.confirmed_flush).await;
+        if state.created {
+            // Changes made while no slot existed were not seen: refresh whatever is cached.
+            rebuild_after_lost_slot(&stream, state.confirmed_flush, &telemetry).await;
         }
-        first = false;
         let result = supervise(
             &stream,
             state.confirmed_flush,
@@ -514,6 +547,7 @@ async fn replicate(
             &mut started,
             shutdown.clone(),
             &mut lock,
+            &telemetry,
         )
         .await;
         match result {
@@ -533,6 +567,7 @@ async fn wait_for_slot(
     standby: bool,
     options: &RunOptions,
     shutdown: &watch::Receiver<bool>,
+    telemetry: &Telemetry,
 ) -> Result<Option<(SlotLock, SlotState)>, ReplicationError> {
     let mut shutdown = shutdown.clone();
     let source = &stream.source;
@@ -558,7 +593,7 @@ async fn wait_for_slot(
             if !got? {
                 return Ok(None);
             }
-            replication::preflight(source, &stream.deps, options.slot_wait)
+            ops::slot::prepare(source, &stream.deps, options.slot_wait, telemetry)
                 .await
                 .map(Some)
         };
@@ -604,31 +639,24 @@ async fn wait_for_slot(
     }
 }
 
-/// The slot had disappeared and was created again: changes may have been missed, so every cached key is
-/// refreshed.
-async fn rebuild_after_lost_slot(stream: &Stream, at: Lsn) {
-    tracing::error!(
-        slot = %stream.source.config.slot,
-        "The replication slot had disappeared and was created again: changes may have been \
-         missed, so every cached key is being refreshed."
-    );
-    let tasks = stream
-        .deps
-        .catalog()
-        .primers
-        .iter()
-        .map(|p| {
-            TaskKind::Primer {
-                primer: p.name.clone(),
-                after: None,
-            }
-            .task(at)
-        })
-        .collect();
-    if let Err(error) = stream.store.enqueue(tasks).await {
-        tracing::error!(%error, "Cannot queue the rebuild.");
+/// The slot was created (it had never existed, disappeared, or was invalidated and created again):
+/// changes may have been missed, so every cached key is refreshed.
+async fn rebuild_after_lost_slot(stream: &Stream, at: Lsn, telemetry: &Telemetry) {
+    if stream.deps.catalog().primers.is_empty() {
+        return;
     }
-    stream.stats.acked.store(at.0, Ordering::Relaxed);
+    let tasks = ops::slot::rebuild_tasks(stream.deps.catalog(), at);
+    if let Err(error) = stream.store.enqueue(tasks).await {
+        tracing::error!(
+            %error,
+            "Cannot queue the rebuild of the cache; restart kck once the store works again."
+        );
+        telemetry.events.error(
+            "slot",
+            format!("cannot queue the rebuild of the cache: {error}"),
+        );
+    }
+    stream.stats.acked.fetch_max(at.0, Ordering::Relaxed);
 }
 
 /// Keep a replication session running while this process owns the slot: reconnect after transient
@@ -642,6 +670,7 @@ async fn supervise(
     started: &mut Option<oneshot::Sender<()>>,
     mut shutdown: watch::Receiver<bool>,
     lock: &mut SlotLock,
+    telemetry: &Telemetry,
 ) -> Result<(), ReplicationError> {
     let mut failures = 0u32;
     loop {
@@ -684,7 +713,15 @@ async fn supervise(
         }
         failures += 1;
         let delay = Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000));
-        tracing::error!(%error, retry_in = ?delay, "Replication stopped; reconnecting.");
+        tracing::error!(
+            %error,
+            retry_in = ?delay,
+            "Replication stopped; reconnecting. If this repeats, check that Postgres is up and \
+             reachable (kck status shows the slot)."
+        );
+        telemetry
+            .events
+            .error("replication", format!("stopped: {error}; reconnecting"));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return Ok(()),
@@ -693,10 +730,27 @@ async fn supervise(
             }
         }
         // The slot may have been dropped meanwhile: then changes were missed, and every key is rebuilt.
-        match replication::preflight(&stream.source, &stream.deps, slot_wait).await {
-            Ok(slot) if slot.created => rebuild_after_lost_slot(stream, slot.confirmed_flush).await,
+        match ops::slot::prepare(&stream.source, &stream.deps, slot_wait, telemetry).await {
+            Ok(slot) if slot.created => {
+                let message = "The replication slot had disappeared (or was invalidated) and was created \
+                               again: changes may have been missed, so every cached key is being refreshed.";
+                tracing::error!(slot = %stream.source.config.slot, "{message}");
+                telemetry.events.error("slot", message);
+                rebuild_after_lost_slot(stream, slot.confirmed_flush, telemetry).await;
+                stream
+                    .stats
+                    .acked
+                    .store(slot.confirmed_flush.0, Ordering::Relaxed);
+            }
             Ok(_) => {}
-            Err(error) => tracing::error!(%error, "The source is not ready."),
+            // An invalidated slot under `on_slot_lost: fail`: retrying cannot help.
+            Err(error @ ReplicationError::SlotLost { .. }) => return Err(error),
+            Err(error) => {
+                tracing::error!(%error, "The source is not ready; retrying.");
+                telemetry
+                    .events
+                    .error("replication", format!("source not ready: {error}"));
+            }
         }
         if failures > 0 && stream.stats.acked.load(Ordering::Relaxed) > start.0 {
             failures = 0;
@@ -705,6 +759,15 @@ async fn supervise(
 }
 
 impl Running {
+    /// Resolves when replication stopped with an error that retrying cannot fix (then call
+    /// [`Running::stop`] to get it). Never resolves otherwise.
+    pub async fn failed(&self) {
+        let mut failed = self.failed.clone();
+        if failed.wait_for(|f| *f).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Ask every part to stop.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);

@@ -50,6 +50,19 @@ pub struct SourceConfig {
     /// When another kck holds the slot: wait as a hot standby and take over when it dies (true), or stop
     /// with [`crate::replication::ReplicationError::SlotInUse`] (false, the default).
     pub standby: bool,
+    /// Warn when the slot keeps more WAL than this many bytes (at start-up and while running). Default 1 GiB.
+    pub max_retained_wal: u64,
+    /// What to do when Postgres invalidated the slot (`wal_status = lost`). Default [`SlotLostPolicy::Fail`].
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// What kck does when its slot was invalidated (`source.on_slot_lost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLostPolicy {
+    /// Stop with an error that says what to do.
+    Fail,
+    /// Drop the slot, create it again, and refresh every cached key.
+    Recreate,
 }
 
 /// Where cache entries and the refresh queue live.
@@ -291,6 +304,7 @@ pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_KEYSPACE: &str = "kck";
 pub const DEFAULT_CQL_PORT: u16 = 9042;
+pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
 
 /// The environment variables that override fields, with the field each overrides.
 pub const ENV_OVERRIDES: [(&str, &str); 7] = [
@@ -350,6 +364,8 @@ impl fmt::Debug for SourceConfig {
             .field("create_publication", &self.create_publication)
             .field("slot", &self.slot)
             .field("standby", &self.standby)
+            .field("max_retained_wal", &self.max_retained_wal)
+            .field("on_slot_lost", &self.on_slot_lost)
             .finish()
     }
 }
@@ -435,6 +451,8 @@ struct RawSource {
     create_publication: Option<Spanned<bool>>,
     slot: Option<Spanned<String>>,
     standby: Option<Spanned<bool>>,
+    max_retained_wal: Option<Spanned<String>>,
+    on_slot_lost: Option<Spanned<String>>,
 }
 
 /// One struct for every store kind: a field of another kind is rejected by validation, by name.
@@ -881,12 +899,36 @@ impl Loader<'_> {
         let standby = section
             .and_then(|s| s.standby.as_ref())
             .is_some_and(|s| s.value);
+        let max_retained_wal = match section.and_then(|s| s.max_retained_wal.as_ref()) {
+            None => DEFAULT_MAX_RETAINED_WAL,
+            Some(v) => crate::ops::size::parse_byte_size(&v.value)
+                .map_err(|m| self.err(line_of(v), "source.max_retained_wal", m))?,
+        };
+        let on_slot_lost = match section.and_then(|s| s.on_slot_lost.as_ref()) {
+            None => SlotLostPolicy::Fail,
+            Some(v) => match v.value.as_str() {
+                "fail" => SlotLostPolicy::Fail,
+                "recreate" => SlotLostPolicy::Recreate,
+                other => {
+                    return Err(self.err(
+                        line_of(v),
+                        "source.on_slot_lost",
+                        format!(
+                            "'{other}' is not a policy: use 'fail' (stop and say what to do) or 'recreate' \
+                             (drop and create the slot again, then refresh every cached key)"
+                        ),
+                    ));
+                }
+            },
+        };
         Ok(SourceConfig {
             url,
             publication,
             create_publication,
             slot,
             standby,
+            max_retained_wal,
+            on_slot_lost,
         })
     }
 

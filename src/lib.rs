@@ -8,6 +8,7 @@ pub mod config;
 pub mod deps;
 pub mod http;
 pub mod lsn;
+pub mod ops;
 pub mod primer;
 pub mod queue;
 pub mod refresh;

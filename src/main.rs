@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
 use kck::config::{Config, Roles};
+use kck::ops;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
 #[derive(Debug, Parser)]
@@ -59,6 +60,64 @@ enum Command {
         #[arg(long, short, env = "KCK_CONFIG")]
         config: PathBuf,
     },
+    /// Check the config against the live database: one line per finding, each problem with its fix.
+    /// Exits 1 when there are problems.
+    Check {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 0 when there are warnings but no failures.
+        #[arg(long)]
+        warnings_ok: bool,
+    },
+    /// Show the slot, lag, queue, primers and recent errors of a running kck (over HTTP), or what
+    /// Postgres and the store say when none answers. Exits 1 when there are problems.
+    Status {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage kck's replication slot.
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+    },
+    /// Print a cached entry (value, LSN, time) without computing it. Exits 1 when it is not cached.
+    Get {
+        /// The key, as in /fetch/KEY.
+        key: String,
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+    },
+    /// Print the cached keys of a primer, one per line.
+    Keys {
+        primer: String,
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// Drop the replication slot (stop kck first). Frees the WAL it retains; the next start creates a new
+    /// slot and refreshes every cached key.
+    Drop {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Confirm: without it, nothing is dropped.
+        #[arg(long)]
+        yes_drop_the_slot: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,12 +134,26 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("kck: {e:#}");
+            eprintln!("kck: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: kck's messages often already include their cause's text.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -95,7 +168,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Run a command; `Ok(false)` exits 1 without an error message (the command printed why).
+async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Run { config, roles } => {
             let mut config = Config::load(&config)?;
@@ -103,14 +177,52 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 config.roles = roles;
             }
             let running = app::start(config, RunOptions::default()).await?;
-            let stop = running_signal().await;
-            tracing::info!(
-                signal = stop,
-                "Stopping: finishing requests and flushing the stream."
-            );
+            tokio::select! {
+                stop = running_signal() => tracing::info!(
+                    signal = stop,
+                    "Stopping: finishing requests and flushing the stream."
+                ),
+                () = running.failed() => tracing::error!("Replication failed; stopping."),
+            }
             running.stop().await?;
             tracing::info!("Stopped.");
-            Ok(())
+            Ok(true)
+        }
+        Command::Check {
+            config,
+            json,
+            warnings_ok,
+        } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::check(&config, json, warnings_ok).await?)
+        }
+        Command::Status { config, url, json } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::status(&config, url.as_deref(), json).await?)
+        }
+        Command::Slot {
+            command:
+                SlotCommand::Drop {
+                    config,
+                    yes_drop_the_slot,
+                },
+        } => {
+            let config = Config::load(&config)?;
+            ops::cli::slot_drop(&config, yes_drop_the_slot).await?;
+            Ok(true)
+        }
+        Command::Get { key, config, url } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::get(&config, &key, url.as_deref()).await?)
+        }
+        Command::Keys {
+            primer,
+            config,
+            url,
+        } => {
+            let config = Config::load(&config)?;
+            ops::cli::keys(&config, &primer, url.as_deref()).await?;
+            Ok(true)
         }
         Command::Store {
             command: StoreCommand::Init { config },
@@ -118,7 +230,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let done = app::init_store(&config).await?;
             println!("{done}");
-            Ok(())
+            Ok(true)
         }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
@@ -131,7 +243,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             println!("{}: ok", config.file.display());
-            Ok(())
+            Ok(true)
         }
     }
 }
