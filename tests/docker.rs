@@ -92,6 +92,15 @@ fn the_compose_file_runs_postgres_scylla_and_kck() {
 
     let pg = &c.services["postgres"];
     assert_eq!(pg.image.as_deref(), Some("postgres:15"));
+    for (name, s) in &c.services {
+        if let Some(h) = &s.healthcheck {
+            assert_eq!(h.test.first().map(String::as_str), Some("CMD-SHELL"), "{name}");
+            assert!(h.retries > 0 && !h.interval.is_empty() && !h.timeout.is_empty(), "{name}");
+        }
+        if let Some(r) = &s.restart {
+            assert_eq!(r, "unless-stopped", "{name}");
+        }
+    }
     let command = pg.command.as_ref().unwrap().join(" ");
     assert!(command.contains("wal_level=logical"), "{command}");
     assert!(pg.healthcheck.is_some());
