@@ -94,8 +94,15 @@ fn the_compose_file_runs_postgres_scylla_and_kck() {
     assert_eq!(pg.image.as_deref(), Some("postgres:15"));
     for (name, s) in &c.services {
         if let Some(h) = &s.healthcheck {
-            assert_eq!(h.test.first().map(String::as_str), Some("CMD-SHELL"), "{name}");
-            assert!(h.retries > 0 && !h.interval.is_empty() && !h.timeout.is_empty(), "{name}");
+            assert_eq!(
+                h.test.first().map(String::as_str),
+                Some("CMD-SHELL"),
+                "{name}"
+            );
+            assert!(
+                h.retries > 0 && !h.interval.is_empty() && !h.timeout.is_empty(),
+                "{name}"
+            );
         }
         if let Some(r) = &s.restart {
             assert_eq!(r, "unless-stopped", "{name}");

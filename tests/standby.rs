@@ -251,6 +251,15 @@ async fn replication_state_reports_standby_then_streaming() {
             .status(),
         200
     );
+    let (code, body) = readyz(b.http_addr).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["replication"], "standby", "{body}");
+    assert!(
+        body["not_ready"][0]
+            .as_str()
+            .is_some_and(|m| m.starts_with("slot: standby")),
+        "{body}"
+    );
     a.stop().await.unwrap();
     let mut state = b.watch_replication_state();
     tokio::time::timeout(
@@ -260,6 +269,16 @@ async fn replication_state_reports_standby_then_streaming() {
     .await
     .expect("the standby did not take over")
     .unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (code, body) = readyz(b.http_addr).await;
+        if code == 200 {
+            assert_eq!(body["replication"], "streaming", "{body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let pg = db.client().await;
     pg.batch_execute("INSERT INTO users VALUES (7, 'edsger')")
         .await
@@ -337,6 +356,9 @@ async fn split_roles_share_the_work_through_the_store() {
         .await
         .unwrap();
     assert_eq!(server.replication_state(), kck::app::ReplicationState::Off);
+    // Ready without the slot: it is not this process's job.
+    let (code, body) = readyz(server.http_addr).await;
+    assert_eq!((code, &body["replication"]), (200, &json!("off")), "{body}");
     // A miss in the process that does not stream: marked in the WAL, proven by the streamer.
     assert_eq!(
         fetch(server.http_addr, "user/1").await,
@@ -364,4 +386,11 @@ async fn split_roles_share_the_work_through_the_store() {
     server.stop().await.unwrap();
     streamer.stop().await.unwrap();
     db.cleanup().await;
+}
+
+/// GET /readyz: status and JSON body.
+async fn readyz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let response = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    let code = response.status().as_u16();
+    (code, response.json().await.unwrap())
 }
