@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
-use kck::config::{Config, Roles};
+use kck::config::{Config, Roles, StoreConfig};
 use kck::ops;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
@@ -242,6 +242,16 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                     primer.dependencies.len()
                 );
             }
+            match &config.store {
+                StoreConfig::Embedded { path } => println!("store: embedded, {}", path.display()),
+                StoreConfig::Scylla(s) => println!(
+                    "store: scylla, keyspace {} on {} ({})",
+                    s.keyspace,
+                    s.nodes.join(", "),
+                    s.consistency.name()
+                ),
+            }
+            println!("roles: {}", config.roles);
             println!("{}: ok", config.file.display());
             Ok(true)
         }
