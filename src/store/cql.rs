@@ -43,7 +43,8 @@
 //! partition is hot. Enqueuing writes a row to `queue_order`, then the same row to `queue_tasks`: no read,
 //! no lightweight transaction, and repeats of an id simply add rows. Coalescing happens when reading: a
 //! task's LSN is the largest of its rows, its place in line (and `enqueued_at_ms`) the oldest. Claims read
-//! the head of every bucket's `queue_order`, merge them oldest first, and take each task with a
+//! the head of every bucket's `queue_order` (from a scan floor below which only tombstones of finished
+//! tasks lie, see [`next_floor`]), merge them oldest first, and take each task with a
 //! lightweight transaction on its `queue_leases` row (`INSERT ... IF NOT EXISTS`, or `UPDATE ... IF` the
 //! lease is as read, expired and due), so two workers never hold one task at once. Finishing deletes the
 //! task's rows whose LSN is at most the claim's (rows added since stay: the newer change still needs a
@@ -82,6 +83,14 @@ pub const TABLES: [&str; 7] = [
 /// their tombstones are purged after an hour rather than the default ten days, which keeps claim scans
 /// short.
 pub const QUEUE_GC_GRACE_SECONDS: u32 = 3600;
+
+/// How far below the oldest row it saw a process keeps scanning a bucket's `queue_order` (see
+/// [`next_floor`]): more than any clock skew between kck processes plus a write's latency.
+pub const FLOOR_MARGIN_US: i64 = 60_000_000;
+
+/// How often a process forgets its scan floors and reads every bucket from the start again, which catches
+/// a row written below a floor by a process whose clock is off by more than [`FLOOR_MARGIN_US`].
+pub const FLOOR_RESET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The longest TTL CQL accepts (20 years).
 pub const MAX_TTL_SECONDS: i64 = 630_720_000;
@@ -246,7 +255,7 @@ impl Statements {
                 "DELETE FROM {ks}.queue_tasks WHERE bucket = ? AND id = ? AND lsn = ? AND enqueued_at_us = ?"
             ),
             order_head: format!(
-                "SELECT enqueued_at_us, id, lsn FROM {ks}.queue_order WHERE bucket = ? LIMIT ?"
+                "SELECT enqueued_at_us, id, lsn FROM {ks}.queue_order WHERE bucket = ? AND enqueued_at_us >= ? LIMIT ?"
             ),
             order_after: format!(
                 "SELECT enqueued_at_us, id, lsn FROM {ks}.queue_order WHERE bucket = ? AND (enqueued_at_us, id, lsn) > (?, ?, ?) LIMIT ?"
@@ -434,6 +443,19 @@ pub fn merge_heads(heads: Vec<Vec<OrderRow>>) -> Vec<OrderRow> {
     let mut seen = std::collections::HashSet::new();
     all.retain(|r| seen.insert(r.id.clone()));
     all
+}
+
+/// Where the next scan of a bucket's `queue_order` may start, after a scan that started at `floor` and
+/// found its first row at `first_us` (`None`: the bucket was empty from `floor` on) at `now_us`.
+///
+/// Finished tasks leave tombstones at the head of their bucket until compaction purges them (after
+/// [`QUEUE_GC_GRACE_SECONDS`]); a scan from the very start would read every one of them. Every row below
+/// the first one found is gone, and a new row is written with its writer's clock (about now), so the
+/// next scan can start a margin below the oldest live row, or below now when there is none. A retried
+/// task keeps its old row, which is live, so the floor never passes it. The floor never goes down (until
+/// the periodic reset, [`FLOOR_RESET`]).
+pub fn next_floor(floor: i64, first_us: Option<i64>, now_us: i64) -> i64 {
+    floor.max(first_us.unwrap_or(now_us).saturating_sub(FLOOR_MARGIN_US))
 }
 
 /// A task's versions (its `queue_tasks` rows) coalesced: (largest LSN, oldest enqueue in µs).
@@ -674,6 +696,27 @@ mod tests {
         assert_eq!(ids, vec![("a", 1), ("b", 2), ("c", 3)]);
         assert_eq!(coalesce(&[(5, 1), (9, 5), (3, 7)]), Some((Lsn(9), 1)));
         assert_eq!(coalesce(&[]), None);
+    }
+
+    #[test]
+    fn scan_floors_stay_a_margin_below_the_oldest_row_and_never_go_down() {
+        let m = FLOOR_MARGIN_US;
+        let start = i64::MIN;
+        // The oldest row is at 1000 s: scan from 1000 s minus the margin next time.
+        assert_eq!(
+            next_floor(start, Some(1_000_000_000), 2_000_000_000),
+            1_000_000_000 - m
+        );
+        // Empty bucket: a margin below now.
+        assert_eq!(next_floor(start, None, 2_000_000_000), 2_000_000_000 - m);
+        // Never down, even when an older row shows up (a retried task found by a rescan).
+        assert_eq!(
+            next_floor(1_500_000_000, Some(1_000_000_000), 2_000_000_000),
+            1_500_000_000
+        );
+        // No overflow at the edges.
+        assert_eq!(next_floor(start, Some(i64::MIN), 0), start);
+        assert_eq!(next_floor(start, None, i64::MIN + 5), start);
     }
 
     #[test]

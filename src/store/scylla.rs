@@ -217,6 +217,23 @@ struct Inner {
     clock: MicrosClock,
     /// Woken by this process's enqueues, retries and releases.
     tasks_changed: Notify,
+    /// Where claims start reading each bucket's `queue_order` (see [`cql::next_floor`]).
+    floors: std::sync::Mutex<Floors>,
+}
+
+/// Per-bucket scan floors, forgotten every [`cql::FLOOR_RESET`].
+struct Floors {
+    at: [i64; QUEUE_BUCKETS as usize],
+    since: std::time::Instant,
+}
+
+impl Floors {
+    fn new() -> Floors {
+        Floors {
+            at: [i64::MIN; QUEUE_BUCKETS as usize],
+            since: std::time::Instant::now(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ScyllaStore {
@@ -245,6 +262,7 @@ impl ScyllaStore {
                 st,
                 clock: MicrosClock::default(),
                 tasks_changed: Notify::new(),
+                floors: std::sync::Mutex::new(Floors::new()),
             }),
         })
     }
@@ -393,17 +411,37 @@ impl ScyllaStore {
             .collect())
     }
 
-    /// One page of a bucket's `queue_order`, after `after` if given.
+    /// The scan floor of a bucket (all reset every [`cql::FLOOR_RESET`]).
+    fn floor(&self, bucket: i32) -> i64 {
+        let mut floors = self.inner.floors.lock().unwrap_or_else(|e| e.into_inner());
+        if floors.since.elapsed() >= cql::FLOOR_RESET {
+            *floors = Floors::new();
+        }
+        floors.at[bucket as usize]
+    }
+
+    /// Raise a bucket's floor after a scan from `floor` whose first row was `first`.
+    fn raise_floor(&self, bucket: i32, floor: i64, first: Option<&OrderRow>) {
+        let mut floors = self.inner.floors.lock().unwrap_or_else(|e| e.into_inner());
+        let at = &mut floors.at[bucket as usize];
+        // Only after a scan that started at the current floor (a reset may have happened meanwhile).
+        if *at == floor {
+            *at = cql::next_floor(floor, first.map(|r| r.enqueued_at_us), cql::now_us());
+        }
+    }
+
+    /// One page of a bucket's `queue_order`: from the bucket's scan floor, or after `after`.
     async fn order_page(
         &self,
         bucket: i32,
         after: Option<&OrderRow>,
     ) -> StoreResult<Vec<OrderRow>> {
         let op = "reading the queue";
+        let floor = self.floor(bucket);
         let result = match after {
             None => {
                 self.s()
-                    .execute_unpaged(&self.st().order_head, (bucket, HEAD))
+                    .execute_unpaged(&self.st().order_head, (bucket, floor, HEAD))
                     .await
             }
             Some(a) => {
@@ -426,6 +464,9 @@ impl ScyllaStore {
                 lsn,
                 bucket,
             });
+        }
+        if after.is_none() {
+            self.raise_floor(bucket, floor, out.first());
         }
         Ok(out)
     }
