@@ -427,7 +427,7 @@ pub fn bigint_lsn(v: i64) -> Lsn {
 }
 
 /// One row of `queue_order` (and its twin in `queue_tasks`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct OrderRow {
     pub enqueued_at_us: i64,
     pub id: String,

@@ -219,6 +219,9 @@ struct Inner {
     tasks_changed: Notify,
     /// Where claims start reading each bucket's `queue_order` (see [`cql::next_floor`]).
     floors: std::sync::Mutex<Floors>,
+    /// Order rows a claim found without their task row, younger than [`ORPHAN_GRACE_US`] (an enqueue
+    /// still writing, or one that died half-way): waiting ignores them, or workers would spin on them.
+    orphans: std::sync::Mutex<std::collections::HashSet<OrderRow>>,
 }
 
 /// Per-bucket scan floors, forgotten every [`cql::FLOOR_RESET`].
@@ -263,6 +266,7 @@ impl ScyllaStore {
                 clock: MicrosClock::default(),
                 tasks_changed: Notify::new(),
                 floors: std::sync::Mutex::new(Floors::new()),
+                orphans: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -503,6 +507,11 @@ impl ScyllaStore {
             .await
     }
 
+    fn orphans(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<OrderRow>> {
+        // A set of plain rows that no panic can leave half-updated.
+        self.inner.orphans.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether some task looks claimable now (for waiting; a claim may still lose the race for it).
     async fn looks_claimable(&self) -> StoreResult<bool> {
         let now = cql::now_ms();
@@ -513,9 +522,10 @@ impl ScyllaStore {
                     return Ok::<bool, StoreError>(false);
                 }
                 let leases = self.leases(b).await?;
-                Ok(head
-                    .iter()
-                    .any(|r| leases.get(&r.id).is_none_or(|l| l.is_claimable(now))))
+                let orphans = self.orphans();
+                Ok(head.iter().any(|r| {
+                    !orphans.contains(r) && leases.get(&r.id).is_none_or(|l| l.is_claimable(now))
+                }))
             })
             .buffer_unordered(QUEUE_BUCKETS as usize)
             .try_collect::<Vec<bool>>()
@@ -823,9 +833,21 @@ impl Store for ScyllaStore {
                             "cleaning the queue",
                         )
                         .await?;
+                        self.orphans().remove(&row);
+                    } else {
+                        let mut orphans = self.orphans();
+                        orphans.retain(|r| now_us - r.enqueued_at_us <= 2 * ORPHAN_GRACE_US);
+                        orphans.insert(row.clone());
                     }
                     continue;
                 };
+                {
+                    // Its task row has arrived: waiting may count it again.
+                    let mut orphans = self.orphans();
+                    if !orphans.is_empty() {
+                        orphans.remove(&row);
+                    }
+                }
                 let claim_lsn = cql::lsn_bigint(lsn);
                 let (applied, attempts) = match held {
                     None => (
