@@ -3,7 +3,8 @@
 //! Two questions, answered without touching the replication stream (its counters and the visibility
 //! clock are read, never driven):
 //! - **Is the whole cache caught up to `L`?** ([`Progress::caught_up`]) Yes once the stream has durably
-//!   queued every change up to `L` (`acked >= L`) and no queued task still owes a change at or below `L`
+//!   queued every change up to `L` (`acked >= L`; with a shared store, the streaming process may be another
+//!   one, which publishes its position in the store: [`ACKED_META`]) and no queued task still owes a change at or below `L`
 //!   ([`Store::pending_floor`] `> L`, or the queue is empty). From then on every cached entry reflects
 //!   every change up to `L`, whatever LSN it is labelled with: an entry nothing changed is not recomputed,
 //!   so its own label can stay below `L` forever while it is fresh.
@@ -207,34 +208,84 @@ impl Lag {
     }
 }
 
+/// The store meta name under which the streaming process publishes its acknowledged position (LSN text):
+/// every change up to it is durably queued. Freshness waits in processes that do not stream (split roles,
+/// a standby) read it.
+pub const ACKED_META: &str = "kck.acked_lsn";
+
+/// How long a read of [`ACKED_META`] is reused (it is published at most every 50 ms).
+const PUBLISHED_FOR: Duration = Duration::from_millis(20);
+
 /// The stream's counters, the visibility clock and the store: what "caught up" is decided from.
 #[derive(Clone)]
 pub struct Progress {
     pub store: Arc<dyn Store>,
     pub stats: Arc<StreamStats>,
     pub clock: Arc<VisibilityClock>,
+    /// The store is shared: another process may stream, and publishes its position in [`ACKED_META`].
+    shared: bool,
+    /// The last published position read, and when.
+    published: Arc<Mutex<Option<(Instant, Lsn)>>>,
 }
 
 impl Progress {
+    pub fn new(
+        store: Arc<dyn Store>,
+        stats: Arc<StreamStats>,
+        clock: Arc<VisibilityClock>,
+        shared: bool,
+    ) -> Progress {
+        Progress {
+            store,
+            stats,
+            clock,
+            shared,
+            published: Arc::default(),
+        }
+    }
+
+    /// The position the streaming process (this one or, with a shared store, whichever streams) last
+    /// published, read at most every [`PUBLISHED_FOR`].
+    async fn published(&self) -> Lsn {
+        if !self.shared {
+            return Lsn::ZERO;
+        }
+        let cached = *self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, lsn)) = cached
+            && at.elapsed() < PUBLISHED_FOR
+        {
+            return lsn;
+        }
+        let lsn = match self.store.get_meta(ACKED_META).await {
+            Ok(Some(bytes)) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(Lsn::ZERO),
+            _ => Lsn::ZERO,
+        };
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), lsn));
+        lsn
+    }
+
     /// The newest position whose changes the stream has durably queued.
-    pub fn acked(&self) -> Lsn {
-        Lsn(self.stats.acked.load(Ordering::Acquire))
+    pub async fn acked(&self) -> Lsn {
+        Lsn(self.stats.acked.load(Ordering::Acquire)).max(self.published().await)
     }
 
-    /// The newest position the stream received.
-    pub fn received(&self) -> Lsn {
-        Lsn(self.stats.received.load(Ordering::Acquire))
+    /// The newest position the stream received (in another process: the one it published).
+    pub async fn received(&self) -> Lsn {
+        Lsn(self.stats.received.load(Ordering::Acquire)).max(self.published().await)
     }
 
-    /// The newest position the stream decoded (a computation started after everything decoded is visible
-    /// reflects it: see [`crate::refresh::Refresher::prime`]).
+    /// The newest position the stream decoded, or that this process learnt is visible (a computation
+    /// started after everything decoded is visible reflects it: see [`crate::refresh::Refresher::prime`]).
     pub fn decoded(&self) -> Lsn {
-        self.clock.decoded()
+        self.clock.decoded().max(self.clock.visible())
     }
 
     /// Whether every cached entry reflects every change up to `lsn`. See the module docs.
     pub async fn caught_up(&self, lsn: Lsn) -> StoreResult<bool> {
-        if self.acked() < lsn {
+        if self.acked().await < lsn {
             return Ok(false);
         }
         Ok(self
@@ -255,8 +306,8 @@ impl Progress {
             (Err(_), Err(_)) => (None, 0),
         };
         Lag {
-            received: self.received(),
-            acked: self.acked(),
+            received: self.received().await,
+            acked: self.acked().await,
             pending_floor: floor,
             queue_depth: depth,
         }

@@ -68,6 +68,8 @@ pub struct Ops {
     pub watch: monitor::SlotWatch,
     /// When this kck started (ms since the Unix epoch).
     pub started_at_ms: i64,
+    /// What this process's replication role does (off, standby, starting, streaming).
+    pub replication: tokio::sync::watch::Receiver<crate::replication::ReplicationState>,
     key_counts: status::KeyCountCache,
 }
 
@@ -94,8 +96,21 @@ impl Ops {
             telemetry,
             watch: monitor::SlotWatch::default(),
             started_at_ms: crate::refresh::now_ms(),
+            replication: tokio::sync::watch::channel(
+                crate::replication::ReplicationState::Starting,
+            )
+            .1,
             key_counts: status::KeyCountCache::default(),
         }
+    }
+
+    /// Follow this process's replication role (see [`crate::app::ReplicationState`]).
+    pub fn with_replication_state(
+        mut self,
+        state: tokio::sync::watch::Receiver<crate::replication::ReplicationState>,
+    ) -> Ops {
+        self.replication = state;
+        self
     }
 
     pub fn source_config(&self) -> &SourceConfig {

@@ -1260,6 +1260,20 @@ mod tests {
         .await;
     }
 
+    /// The embedded store keeps floors exactly, not just a lower bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn its_pending_floor_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::exact_pending_floor(|| {
+            let path = dir
+                .path()
+                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reopening_keeps_entries_index_queue_and_meta_and_resets_claims() {
         let dir = tempfile::tempdir().unwrap();
