@@ -589,6 +589,59 @@ async fn min_lsn_waits_for_a_write_made_directly_in_postgres() {
     db.cleanup().await;
 }
 
+/// Split roles over one shared store (as processes share ScyllaDB): the process serving HTTP does not
+/// stream, and learns how far the stream has durably queued from what the streaming process publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_waits_work_when_another_process_streams() {
+    use std::sync::Arc;
+    let db = database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn kck::store::Store> =
+        Arc::new(kck::store::embedded::EmbeddedStore::open(&dir.path().join("shared")).unwrap());
+    let options = kck::app::RunOptions {
+        shared_store: Some(store.clone()),
+        ..Default::default()
+    };
+    let with_roles = |roles: &str| {
+        let mut c = test_config(dir.path(), &db, "", &[]);
+        c.roles = kck::config::Roles::parse_list(roles).unwrap();
+        c
+    };
+    let streamer = kck::app::start(with_roles("replication,refresh"), options.clone())
+        .await
+        .unwrap();
+    let server = kck::app::start(with_roles("http"), options).await.unwrap();
+    let http = Http::new(&server);
+    db.execute_batch("INSERT INTO users VALUES (1, 'ada', NULL)")
+        .await;
+    assert_eq!(http.get("/fetch/orders_by_user/1").await.json(), json!([]));
+    assert_eq!(http.get("/fetch/user/1").await.json()["name"], "ada");
+    for i in 1..=3 {
+        let a = http
+            .post(
+                "/update/place_order?wait=fresh&timeout=20s",
+                json!({"id": i, "user_id": 1, "total": i}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        let orders = http.get("/fetch/orders_by_user/1").await.json();
+        assert_eq!(
+            orders.as_array().map(Vec::len),
+            Some(i as usize),
+            "{orders}"
+        );
+        // The user's key did not change: fresh as of the update's LSN all the same.
+        let lsn = a.json()["lsn"].as_str().unwrap().to_owned();
+        let a = http
+            .get(&format!("/fetch/user/1?min_lsn={lsn}&timeout=20s"))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+    }
+    server.stop().await.unwrap();
+    streamer.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 #[tokio::test]
 async fn etags_revalidate_and_cache_control_comes_from_the_primer() {
     let db = database().await;
