@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
+use crate::auth::{Access, AccessRule, AuthConfig, JwtConfig};
 use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
+use crate::update::{Statement, Updater, UpdaterParam, ValueType};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -25,11 +27,40 @@ pub struct Config {
     pub file: PathBuf,
     pub source: SourceConfig,
     pub store: StoreConfig,
+    /// What this process does (`roles`, or `kck run --roles`). Default: everything.
+    pub roles: Roles,
     pub http: HttpConfig,
     pub refresh: RefreshConfig,
     /// On a `/fetch` miss: compute, store and return (true), or answer 404 (false). Default true.
     pub prime_on_cache_miss: bool,
     pub catalog: Catalog,
+    /// `auth`: off by default.
+    pub auth: AuthConfig,
+    /// `write`: the connections updaters write through.
+    pub write: WriteConfig,
+    /// From `updaters` and `updaters_dir`, in that order; names are unique.
+    pub updaters: Vec<Updater>,
+}
+
+/// Where updaters write.
+///
+/// `Debug` hides the password of `url`.
+#[derive(Clone)]
+pub struct WriteConfig {
+    /// The Postgres connection updaters use: `write.url` (`KCK_WRITE_URL`), or else `source.url`. A role
+    /// with just the privileges the updaters need is best.
+    pub url: String,
+    /// Connections in the updaters' pool. Default 4.
+    pub connections: usize,
+}
+
+impl fmt::Debug for WriteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteConfig")
+            .field("url", &redact_url(&self.url))
+            .field("connections", &self.connections)
+            .finish()
+    }
 }
 
 /// Where the data comes from.
@@ -45,6 +76,22 @@ pub struct SourceConfig {
     pub create_publication: bool,
     /// The logical replication slot kck owns. Default `kck`.
     pub slot: String,
+    /// When another kck holds the slot: wait as a hot standby and take over when it dies (true), or stop
+    /// with [`crate::replication::ReplicationError::SlotInUse`] (false, the default).
+    pub standby: bool,
+    /// Warn when the slot keeps more WAL than this many bytes (at start-up and while running). Default 1 GiB.
+    pub max_retained_wal: u64,
+    /// What to do when Postgres invalidated the slot (`wal_status = lost`). Default [`SlotLostPolicy::Fail`].
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// What kck does when its slot was invalidated (`source.on_slot_lost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLostPolicy {
+    /// Stop with an error that says what to do.
+    Fail,
+    /// Drop the slot, create it again, and refresh every cached key.
+    Recreate,
 }
 
 /// Where cache entries and the refresh queue live.
@@ -52,8 +99,181 @@ pub struct SourceConfig {
 /// Chosen by `store.kind`; each kind has its own fields in the `store` section.
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
-    /// redb in one file under `path` (a directory; created if missing).
+    /// redb in one file under `path` (a directory; created if missing). One process at a time.
     Embedded { path: PathBuf },
+    /// A ScyllaDB or Cassandra cluster, shared by any number of kck processes.
+    Scylla(ScyllaConfig),
+}
+
+/// `store.kind: scylla`.
+///
+/// `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port` (the port defaults to 9042). `KCK_STORE_NODES` (comma-separated).
+    pub nodes: Vec<String>,
+    /// The keyspace holding kck's tables. Default `kck`.
+    pub keyspace: String,
+    /// How the keyspace is replicated when kck creates it (`kck store init`, or `init: true`).
+    pub replication: KeyspaceReplication,
+    /// Consistency of every read and write. Default `local_quorum`.
+    pub consistency: Consistency,
+    pub username: Option<String>,
+    /// `KCK_STORE_PASSWORD` overrides it.
+    pub password: Option<String>,
+    /// Connect with TLS, trusting the certificate authorities in this PEM file.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Create the keyspace and tables (if missing) at start-up. Default false.
+    pub init: bool,
+}
+
+impl fmt::Debug for ScyllaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScyllaConfig")
+            .field("nodes", &self.nodes)
+            .field("keyspace", &self.keyspace)
+            .field("replication", &self.replication)
+            .field("consistency", &self.consistency)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("init", &self.init)
+            .finish()
+    }
+}
+
+/// The replication of kck's keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyspaceReplication {
+    /// `{'class': 'SimpleStrategy', 'replication_factor': N}`: one data centre (development).
+    Simple { replication_factor: u32 },
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3, ...}`: replicas per data centre.
+    NetworkTopology { datacenters: Vec<(String, u32)> },
+}
+
+/// A CQL consistency level (`store.consistency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    One,
+    Two,
+    Three,
+    Quorum,
+    All,
+    LocalOne,
+    LocalQuorum,
+    EachQuorum,
+}
+
+impl Consistency {
+    pub const NAMES: [(&'static str, Consistency); 8] = [
+        ("one", Consistency::One),
+        ("two", Consistency::Two),
+        ("three", Consistency::Three),
+        ("quorum", Consistency::Quorum),
+        ("all", Consistency::All),
+        ("local_one", Consistency::LocalOne),
+        ("local_quorum", Consistency::LocalQuorum),
+        ("each_quorum", Consistency::EachQuorum),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Consistency::NAMES
+            .iter()
+            .find(|(_, c)| *c == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// Whether lightweight transactions should use `LOCAL_SERIAL` (the data centre's replicas) rather
+    /// than `SERIAL`.
+    pub fn is_local(self) -> bool {
+        matches!(self, Consistency::LocalOne | Consistency::LocalQuorum)
+    }
+}
+
+/// What one kck process does. Several processes sharing a ScyllaDB store may split the roles; only one of
+/// them streams from the slot at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Hold the replication slot and queue refreshes.
+    pub replication: bool,
+    /// Run refresh workers.
+    pub refresh: bool,
+    /// Serve HTTP.
+    pub http: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Roles::ALL
+    }
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        replication: true,
+        refresh: true,
+        http: true,
+    };
+    pub const NAMES: [&'static str; 3] = ["replication", "refresh", "http"];
+
+    /// Parse a list of role names (`replication,refresh,http`, in any order, at least one).
+    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Roles, String> {
+        let mut roles = Roles {
+            replication: false,
+            refresh: false,
+            http: false,
+        };
+        let mut any = false;
+        for name in names {
+            let name = name.trim();
+            let slot = match name {
+                "replication" => &mut roles.replication,
+                "refresh" => &mut roles.refresh,
+                "http" => &mut roles.http,
+                other => {
+                    return Err(format!(
+                        "unknown role '{other}': the roles are replication, refresh and http"
+                    ));
+                }
+            };
+            if *slot {
+                return Err(format!("role '{name}' is given twice"));
+            }
+            *slot = true;
+            any = true;
+        }
+        if !any {
+            return Err(
+                "no role given: name at least one of replication, refresh and http".to_owned(),
+            );
+        }
+        Ok(roles)
+    }
+
+    /// Parse `replication,refresh,http` (the `--roles` flag and `KCK_ROLES`).
+    pub fn parse_list(text: &str) -> Result<Roles, String> {
+        Roles::parse(text.split(',').filter(|s| !s.trim().is_empty()))
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.replication {
+            out.push("replication");
+        }
+        if self.refresh {
+            out.push("refresh");
+        }
+        if self.http {
+            out.push("http");
+        }
+        out
+    }
+}
+
+impl fmt::Display for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.names().join(","))
+    }
 }
 
 /// The HTTP server.
@@ -61,6 +281,35 @@ pub enum StoreConfig {
 pub struct HttpConfig {
     /// Default `127.0.0.1:8080`. `KCK_HTTP_BIND`.
     pub bind: SocketAddr,
+    /// How long a request may take, waits excluded (a request that waits gets `max_wait` more). Updaters'
+    /// statements get it as their `statement_timeout`. Default 30 s.
+    pub request_timeout: Duration,
+    /// The largest request body, in bytes. Default 1 MiB.
+    pub body_limit: usize,
+    /// The most keys one `POST /fetch` may ask for. Default 1000.
+    pub max_batch_keys: usize,
+    /// How long a freshness wait (`min_lsn`, `wait=fresh`, `wait_change`) lasts when the request gives no
+    /// `timeout`. Default 5 s.
+    pub wait_timeout: Duration,
+    /// The longest `timeout` a request may give. Default 60 s.
+    pub max_wait: Duration,
+    /// Origins browsers may call kck from (CORS), such as `https://app.example.com`, or `*`. Default none:
+    /// no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: DEFAULT_HTTP_BIND,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            body_limit: DEFAULT_BODY_LIMIT,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            max_wait: DEFAULT_MAX_WAIT,
+            cors_origins: Vec::new(),
+        }
+    }
 }
 
 /// Refresh workers.
@@ -111,14 +360,31 @@ pub const DEFAULT_HTTP_BIND: SocketAddr =
 pub const DEFAULT_WORKERS: usize = 4;
 pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_KEYSPACE: &str = "kck";
+pub const DEFAULT_CQL_PORT: u16 = 9042;
+pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WRITE_CONNECTIONS: usize = 4;
+pub const MAX_WRITE_CONNECTIONS: usize = 256;
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// What `/fetch` answers in `Cache-Control` unless a primer says otherwise: caches may keep the value but
+/// must revalidate it (cheap with `ETag`).
+pub const DEFAULT_CACHE_CONTROL: &str = "no-cache";
 
 /// The environment variables that override fields, with the field each overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 5] = [
+pub const ENV_OVERRIDES: [(&str, &str); 8] = [
     ("KCK_SOURCE_URL", "source.url"),
     ("KCK_SOURCE_PUBLICATION", "source.publication"),
     ("KCK_SOURCE_SLOT", "source.slot"),
     ("KCK_STORE_PATH", "store.path"),
+    ("KCK_STORE_NODES", "store.nodes"),
+    ("KCK_STORE_PASSWORD", "store.password"),
     ("KCK_HTTP_BIND", "http.bind"),
+    ("KCK_WRITE_URL", "write.url"),
 ];
 
 impl Config {
@@ -167,6 +433,9 @@ impl fmt::Debug for SourceConfig {
             .field("publication", &self.publication)
             .field("create_publication", &self.create_publication)
             .field("slot", &self.slot)
+            .field("standby", &self.standby)
+            .field("max_retained_wal", &self.max_retained_wal)
+            .field("on_slot_lost", &self.on_slot_lost)
             .finish()
     }
 }
@@ -236,11 +505,16 @@ fn redact_url(url: &str) -> String {
 struct RawConfig {
     source: Option<Spanned<RawSource>>,
     store: Option<Spanned<RawStore>>,
+    roles: Option<Spanned<Vec<Spanned<String>>>>,
     http: Option<Spanned<RawHttp>>,
     refresh: Option<Spanned<RawRefresh>>,
     prime_on_cache_miss: Option<Spanned<bool>>,
     primers_dir: Option<Spanned<String>>,
     primers: Option<Spanned<Vec<Spanned<RawPrimer>>>>,
+    auth: Option<Spanned<RawAuth>>,
+    write: Option<Spanned<RawWrite>>,
+    updaters_dir: Option<Spanned<String>>,
+    updaters: Option<Spanned<Vec<Spanned<RawUpdater>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -250,6 +524,9 @@ struct RawSource {
     publication: Option<Spanned<String>>,
     create_publication: Option<Spanned<bool>>,
     slot: Option<Spanned<String>>,
+    standby: Option<Spanned<bool>>,
+    max_retained_wal: Option<Spanned<String>>,
+    on_slot_lost: Option<Spanned<String>>,
 }
 
 /// One struct for every store kind: a field of another kind is rejected by validation, by name.
@@ -258,12 +535,305 @@ struct RawSource {
 struct RawStore {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
+    nodes: Option<Spanned<Vec<Spanned<String>>>>,
+    keyspace: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "present")]
+    replication: Option<Spanned<ReplicationPairs>>,
+    consistency: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "present")]
+    tls: Option<Spanned<RawTls>>,
+    init: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<Spanned<String>>,
+}
+
+/// A number or a word, as the values of `store.replication` are.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Int(i64),
+    Text(String),
+}
+
+/// The `store.replication` mapping, in file order.
+#[derive(Debug)]
+struct ReplicationPairs(Vec<(String, Spanned<Scalar>)>);
+
+impl<'de> Deserialize<'de> for ReplicationPairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ReplicationPairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a mapping such as { class: NetworkTopologyStrategy, dc1: 3 } or { class: SimpleStrategy, replication_factor: 1 }",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ReplicationPairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value()?;
+                    pairs.push((key, value));
+                }
+                Ok(ReplicationPairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     bind: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    body_limit: Option<Spanned<ScalarText>>,
+    max_batch_keys: Option<Spanned<i64>>,
+    wait_timeout: Option<Spanned<String>>,
+    max_wait: Option<Spanned<String>>,
+    cors_origins: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWrite {
+    url: Option<Spanned<String>>,
+    connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt: Option<Spanned<RawJwt>>,
+    public_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    operator: Option<Spanned<RawAccess>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    secret_env: Option<Spanned<String>>,
+    public_key_file: Option<Spanned<String>>,
+    jwks_file: Option<Spanned<String>>,
+    issuer: Option<Spanned<OneOrMany>>,
+    audience: Option<Spanned<OneOrMany>>,
+    leeway: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdater {
+    name: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<Spanned<RawParam>>>>,
+    statements: Option<Spanned<Vec<Spanned<String>>>>,
+    access: Option<Spanned<RawAccess>>,
+}
+
+/// An updater parameter: `name:type` (type default `text`), or `{ name, type, nullable }`.
+#[derive(Debug)]
+struct RawParam {
+    name: String,
+    ty: Option<String>,
+    nullable: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParamFields {
+    name: String,
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    #[serde(default)]
+    nullable: bool,
+}
+
+impl<'de> Deserialize<'de> for RawParam {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawParam;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`name:type` (such as user_id:int) or { name: user_id, type: int, nullable: false }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawParam, E> {
+                let (name, ty) = match v.split_once(':') {
+                    Some((n, t)) => (n.trim(), Some(t.trim().to_owned())),
+                    None => (v.trim(), None),
+                };
+                Ok(RawParam {
+                    name: name.to_owned(),
+                    ty,
+                    nullable: false,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawParam, A::Error> {
+                let f =
+                    RawParamFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawParam {
+                    name: f.name,
+                    ty: f.ty,
+                    nullable: f.nullable,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `access`: one rule (a mapping) or a list of rules, any of which grants access.
+#[derive(Debug)]
+struct RawAccess(Vec<Spanned<RawAccessRule>>, Option<RawAccessRule>);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessRule {
+    require: Option<Spanned<RequirePairs>>,
+    #[serde(rename = "match")]
+    matches: Option<Spanned<ColumnPairs>>,
+}
+
+impl<'de> Deserialize<'de> for RawAccess {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawAccess;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a rule such as { require: { role: admin }, match: { sub: user_id } }, or a list of rules",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawAccess, A::Error> {
+                let rule =
+                    RawAccessRule::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawAccess(Vec::new(), Some(rule)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawAccess, A::Error> {
+                let rules = Vec::<Spanned<RawAccessRule>>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                Ok(RawAccess(rules, None))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `require`: claim → accepted value (a scalar) or values (a list of scalars), in file order.
+#[derive(Debug)]
+struct RequirePairs(Vec<(String, Vec<String>)>);
+
+impl<'de> Deserialize<'de> for RequirePairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RequirePairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping from claim to required value, such as { role: admin }")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RequirePairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(claim) = map.next_key::<String>()? {
+                    let OneOrMany(values) = map.next_value::<OneOrMany>()?;
+                    pairs.push((claim, values));
+                }
+                Ok(RequirePairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// A scalar (string, number or boolean) as text, or a list of them.
+#[derive(Debug)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(ScalarText(v)) = seq.next_element::<ScalarText>()? {
+                    out.push(v);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A scalar (string, number or boolean) as text.
+#[derive(Debug)]
+struct ScalarText(String);
+
+impl<'de> Deserialize<'de> for ScalarText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ScalarText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a number or true/false")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +851,8 @@ struct RawPrimer {
     shape: Option<Spanned<String>>,
     query: Option<Spanned<String>>,
     depends_on: Option<Spanned<Vec<Spanned<RawDependency>>>>,
+    cache_control: Option<Spanned<String>>,
+    access: Option<Spanned<RawAccess>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -587,21 +1159,30 @@ impl Loader<'_> {
         }
     }
 
-    fn load(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn load(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
         let source = self.source(&raw)?;
         let store = self.store(&raw)?;
+        let roles = self.roles(&raw)?;
         let http = self.http(&raw)?;
         let refresh = self.refresh(&raw)?;
+        let auth = self.auth(&raw)?;
+        let write = self.write(&raw, &source)?;
         let prime_on_cache_miss = raw.prime_on_cache_miss.as_ref().is_none_or(|s| s.value);
-        let catalog = self.primers(raw)?;
+        let auth_on = auth.jwt.is_some();
+        let updaters = self.updaters(raw.updaters.take(), raw.updaters_dir.take(), auth_on)?;
+        let catalog = self.primers(raw, auth_on)?;
         Ok(Config {
             file: self.file.to_owned(),
             source,
             store,
+            roles,
             http,
             refresh,
             prime_on_cache_miss,
             catalog,
+            auth,
+            write,
+            updaters,
         })
     }
 
@@ -637,29 +1218,79 @@ impl Loader<'_> {
         let create_publication = section
             .and_then(|s| s.create_publication.as_ref())
             .is_some_and(|s| s.value);
+        let standby = section
+            .and_then(|s| s.standby.as_ref())
+            .is_some_and(|s| s.value);
+        let max_retained_wal = match section.and_then(|s| s.max_retained_wal.as_ref()) {
+            None => DEFAULT_MAX_RETAINED_WAL,
+            Some(v) => crate::ops::size::parse_byte_size(&v.value)
+                .map_err(|m| self.err(line_of(v), "source.max_retained_wal", m))?,
+        };
+        let on_slot_lost = match section.and_then(|s| s.on_slot_lost.as_ref()) {
+            None => SlotLostPolicy::Fail,
+            Some(v) => match v.value.as_str() {
+                "fail" => SlotLostPolicy::Fail,
+                "recreate" => SlotLostPolicy::Recreate,
+                other => {
+                    return Err(self.err(
+                        line_of(v),
+                        "source.on_slot_lost",
+                        format!(
+                            "'{other}' is not a policy: use 'fail' (stop and say what to do) or 'recreate' \
+                             (drop and create the slot again, then refresh every cached key)"
+                        ),
+                    ));
+                }
+            },
+        };
         Ok(SourceConfig {
             url,
             publication,
             create_publication,
             slot,
+            standby,
+            max_retained_wal,
+            on_slot_lost,
         })
     }
 
     fn store(&self, raw: &RawConfig) -> Result<StoreConfig, ConfigError> {
         let section = raw.store.as_ref().map(|s| &s.value);
         let kind = section.and_then(|s| s.kind.as_ref());
-        match kind.map(|k| k.value.as_str()) {
-            None | Some("embedded") => {}
+        let is_scylla = match kind.map(|k| k.value.as_str()) {
+            None | Some("embedded") => false,
+            Some("scylla") => true,
             Some(other) => {
                 return Err(self.err(
                     kind.map_or(0, line_of),
                     "store.kind",
-                    format!("unknown store kind '{other}': the only kind is 'embedded'"),
+                    format!("unknown store kind '{other}': the kinds are 'embedded' and 'scylla'"),
+                ));
+            }
+        };
+        if is_scylla {
+            return self.scylla_store(raw).map(StoreConfig::Scylla);
+        }
+        // Fields of the other kind are named, not ignored.
+        if let Some(s) = section {
+            let scylla_fields: [(&str, Option<usize>); 8] = [
+                ("nodes", s.nodes.as_ref().map(line_of)),
+                ("keyspace", s.keyspace.as_ref().map(line_of)),
+                ("replication", s.replication.as_ref().map(line_of)),
+                ("consistency", s.consistency.as_ref().map(line_of)),
+                ("username", s.username.as_ref().map(line_of)),
+                ("password", s.password.as_ref().map(line_of)),
+                ("tls", s.tls.as_ref().map(line_of)),
+                ("init", s.init.as_ref().map(line_of)),
+            ];
+            if let Some((name, Some(line))) = scylla_fields.iter().find(|(_, l)| l.is_some()) {
+                return Err(self.err(
+                    *line,
+                    format!("store.{name}"),
+                    format!("`{name}` is a field of the scylla store; set `kind: scylla` to use it (the embedded store takes only `path`)"),
                 ));
             }
         }
-        // Only the embedded kind exists; a new kind adds an arm above, its fields to `RawStore`, and checks
-        // that the other kinds' fields are absent.
         let path = match (self.env)("KCK_STORE_PATH") {
             Some(v) => {
                 if v.is_empty() {
@@ -677,6 +1308,267 @@ impl Loader<'_> {
             },
         };
         Ok(StoreConfig::Embedded { path })
+    }
+
+    fn scylla_store(&self, raw: &RawConfig) -> Result<ScyllaConfig, ConfigError> {
+        let line = self.section_line(&raw.store, "store");
+        let Some(s) = raw.store.as_ref().map(|s| &s.value) else {
+            unreachable!("kind: scylla comes from the store section");
+        };
+        if let Some(p) = &s.path {
+            return Err(self.err(
+                line_of(p),
+                "store.path",
+                "`path` is a field of the embedded store; the scylla store keeps its data in the cluster \
+                 named by `nodes`",
+            ));
+        }
+        let nodes = match (self.env)("KCK_STORE_NODES") {
+            Some(v) => {
+                let list: Vec<&str> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if list.is_empty() {
+                    return Err(self.env_err(
+                        "KCK_STORE_NODES",
+                        "is empty: give host:port contact points, separated by commas",
+                    ));
+                }
+                list.into_iter()
+                    .map(check_node)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|m| self.env_err("KCK_STORE_NODES", m))?
+            }
+            None => match &s.nodes {
+                None => {
+                    return Err(self.err(
+                        line,
+                        "store.nodes",
+                        "required for the scylla store: contact points such as [\"10.0.0.1:9042\", \"10.0.0.2:9042\"] \
+                         (or set KCK_STORE_NODES)",
+                    ));
+                }
+                Some(list) if list.value.is_empty() => {
+                    return Err(self.err(
+                        line_of(list),
+                        "store.nodes",
+                        "is empty: give at least one host:port contact point",
+                    ));
+                }
+                Some(list) => list
+                    .value
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        check_node(&n.value)
+                            .map_err(|m| self.err(line_of(n), format!("store.nodes[{i}]"), m))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            },
+        };
+        let keyspace = match &s.keyspace {
+            Some(k) => {
+                check_keyspace(&k.value).map_err(|m| self.err(line_of(k), "store.keyspace", m))?
+            }
+            None => DEFAULT_KEYSPACE.to_owned(),
+        };
+        let replication = match &s.replication {
+            Some(r) => self.keyspace_replication(r)?,
+            None => KeyspaceReplication::Simple {
+                replication_factor: 1,
+            },
+        };
+        let consistency = match &s.consistency {
+            Some(c) => Consistency::NAMES
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(c.value.trim()))
+                .map(|(_, c)| *c)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Consistency::NAMES.iter().map(|(n, _)| *n).collect();
+                    self.err(
+                        line_of(c),
+                        "store.consistency",
+                        format!(
+                            "unknown consistency '{}': use one of {}",
+                            c.value,
+                            names.join(", ")
+                        ),
+                    )
+                })?,
+            None => Consistency::LocalQuorum,
+        };
+        let username = match &s.username {
+            Some(u) if u.value.is_empty() => {
+                return Err(self.err(
+                    line_of(u),
+                    "store.username",
+                    "is empty: give a user name or remove the field",
+                ));
+            }
+            Some(u) => Some(u.value.clone()),
+            None => None,
+        };
+        let password = match (self.env)("KCK_STORE_PASSWORD") {
+            Some(v) => Some(v),
+            None => s.password.as_ref().map(|p| p.value.clone()),
+        };
+        if password.is_some() && username.is_none() {
+            let (at, how) = match &s.password {
+                Some(p) if (self.env)("KCK_STORE_PASSWORD").is_none() => {
+                    (line_of(p), "store.password is set")
+                }
+                _ => (line, "KCK_STORE_PASSWORD is set"),
+            };
+            return Err(self.err(
+                at,
+                "store.username",
+                format!("{how} but store.username is not: give the user name to log in with"),
+            ));
+        }
+        let tls_ca_file = match &s.tls {
+            None => None,
+            Some(t) => match &t.value.ca_file {
+                Some(f) if f.value.is_empty() => {
+                    return Err(self.err(
+                        line_of(f),
+                        "store.tls.ca_file",
+                        "is empty: give a PEM file",
+                    ));
+                }
+                Some(f) => Some(self.relative(&f.value)),
+                None => {
+                    return Err(self.err(
+                        line_of(t),
+                        "store.tls.ca_file",
+                        "required with `tls`: the PEM file of the certificate authority that signed the nodes' certificates",
+                    ));
+                }
+            },
+        };
+        let init = s.init.as_ref().is_some_and(|i| i.value);
+        Ok(ScyllaConfig {
+            nodes,
+            keyspace,
+            replication,
+            consistency,
+            username,
+            password,
+            tls_ca_file,
+            init,
+        })
+    }
+
+    fn keyspace_replication(
+        &self,
+        raw: &Spanned<ReplicationPairs>,
+    ) -> Result<KeyspaceReplication, ConfigError> {
+        let pairs = &raw.value.0;
+        let count = |name: &str, v: &Spanned<Scalar>| -> Result<u32, ConfigError> {
+            match &v.value {
+                Scalar::Int(n) if (1..=100).contains(n) => Ok(*n as u32),
+                Scalar::Int(n) => Err(self.err(
+                    line_of(v),
+                    format!("store.replication.{name}"),
+                    format!("must be a replica count between 1 and 100, got {n}"),
+                )),
+                Scalar::Text(t) => Err(self.err(
+                    line_of(v),
+                    format!("store.replication.{name}"),
+                    format!("must be a replica count (a number), got '{t}'"),
+                )),
+            }
+        };
+        let class = pairs.iter().find(|(k, _)| k == "class");
+        let class_name = match class.map(|(_, v)| &v.value) {
+            Some(Scalar::Text(t)) => t.rsplit('.').next().unwrap_or(t).to_owned(),
+            Some(Scalar::Int(n)) => {
+                return Err(self.err(
+                    class.map_or(line_of(raw), |(_, v)| line_of(v)),
+                    "store.replication.class",
+                    format!("must be SimpleStrategy or NetworkTopologyStrategy, got {n}"),
+                ));
+            }
+            None => {
+                return Err(self.err(
+                    line_of(raw),
+                    "store.replication.class",
+                    "required: SimpleStrategy (with replication_factor) or NetworkTopologyStrategy (with a \
+                     replica count per data centre, such as dc1: 3)",
+                ));
+            }
+        };
+        let others = pairs.iter().filter(|(k, _)| k != "class");
+        match class_name.as_str() {
+            "SimpleStrategy" => {
+                let mut factor = None;
+                for (k, v) in others {
+                    if k != "replication_factor" {
+                        return Err(self.err(
+                            line_of(v),
+                            format!("store.replication.{k}"),
+                            "SimpleStrategy takes only replication_factor; use NetworkTopologyStrategy to give \
+                             replicas per data centre",
+                        ));
+                    }
+                    factor = Some(count(k, v)?);
+                }
+                let replication_factor = factor.ok_or_else(|| {
+                    self.err(
+                        line_of(raw),
+                        "store.replication.replication_factor",
+                        "required with SimpleStrategy, such as replication_factor: 3",
+                    )
+                })?;
+                Ok(KeyspaceReplication::Simple { replication_factor })
+            }
+            "NetworkTopologyStrategy" => {
+                let mut datacenters = Vec::new();
+                for (k, v) in others {
+                    if k.is_empty()
+                        || !k
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                    {
+                        return Err(self.err(
+                            line_of(v),
+                            format!("store.replication.{k}"),
+                            "is not a data centre name: use letters, digits, '_', '-' and '.'",
+                        ));
+                    }
+                    datacenters.push((k.clone(), count(k, v)?));
+                }
+                if datacenters.is_empty() {
+                    return Err(self.err(
+                        line_of(raw),
+                        "store.replication",
+                        "NetworkTopologyStrategy needs a replica count per data centre, such as dc1: 3",
+                    ));
+                }
+                Ok(KeyspaceReplication::NetworkTopology { datacenters })
+            }
+            other => Err(self.err(
+                class.map_or(line_of(raw), |(_, v)| line_of(v)),
+                "store.replication.class",
+                format!("unknown replication class '{other}': use SimpleStrategy or NetworkTopologyStrategy"),
+            )),
+        }
+    }
+
+    fn roles(&self, raw: &RawConfig) -> Result<Roles, ConfigError> {
+        match &raw.roles {
+            None => Ok(Roles::ALL),
+            Some(list) => {
+                for (i, r) in list.value.iter().enumerate() {
+                    if let Err(m) = Roles::parse([r.value.as_str()]) {
+                        return Err(self.err(line_of(r), format!("roles[{i}]"), m));
+                    }
+                }
+                Roles::parse(list.value.iter().map(|r| r.value.as_str()))
+                    .map_err(|m| self.err(line_of(list), "roles", m))
+            }
+        }
     }
 
     /// A path from the file, relative to the file's directory.
@@ -698,7 +1590,329 @@ impl Loader<'_> {
                 parse_bind,
             )?
             .unwrap_or(DEFAULT_HTTP_BIND);
-        Ok(HttpConfig { bind })
+        let duration = |field: Option<&Spanned<String>>, name: &str, default: Duration| match field
+        {
+            None => Ok(default),
+            Some(t) => parse_duration(&t.value).map_err(|m| self.err(line_of(t), name, m)),
+        };
+        let request_timeout = duration(
+            section.and_then(|s| s.request_timeout.as_ref()),
+            "http.request_timeout",
+            DEFAULT_REQUEST_TIMEOUT,
+        )?;
+        let wait_timeout = duration(
+            section.and_then(|s| s.wait_timeout.as_ref()),
+            "http.wait_timeout",
+            DEFAULT_WAIT_TIMEOUT,
+        )?;
+        let max_wait = duration(
+            section.and_then(|s| s.max_wait.as_ref()),
+            "http.max_wait",
+            DEFAULT_MAX_WAIT,
+        )?;
+        if wait_timeout > max_wait {
+            let line = section
+                .and_then(|s| s.wait_timeout.as_ref())
+                .map_or(1, line_of);
+            return Err(self.err(
+                line,
+                "http.wait_timeout",
+                format!(
+                    "{} is longer than http.max_wait ({}): the default wait must be allowed",
+                    humantime::format_duration(wait_timeout),
+                    humantime::format_duration(max_wait)
+                ),
+            ));
+        }
+        let body_limit = match section.and_then(|s| s.body_limit.as_ref()) {
+            None => DEFAULT_BODY_LIMIT,
+            Some(b) => {
+                parse_size(&b.value.0).map_err(|m| self.err(line_of(b), "http.body_limit", m))?
+            }
+        };
+        let max_batch_keys = match section.and_then(|s| s.max_batch_keys.as_ref()) {
+            None => DEFAULT_MAX_BATCH_KEYS,
+            Some(n) => match usize::try_from(n.value) {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(n),
+                        "http.max_batch_keys",
+                        format!("must be between 1 and 100000, got {}", n.value),
+                    ));
+                }
+            },
+        };
+        let mut cors_origins = Vec::new();
+        if let Some(list) = section.and_then(|s| s.cors_origins.as_ref()) {
+            for (i, o) in list.value.iter().enumerate() {
+                let origin = check_origin(&o.value)
+                    .map_err(|m| self.err(line_of(o), format!("http.cors_origins[{i}]"), m))?;
+                cors_origins.push(origin);
+            }
+            if cors_origins.len() > 1 && cors_origins.iter().any(|o| o == "*") {
+                return Err(self.err(
+                    line_of(list),
+                    "http.cors_origins",
+                    "`*` allows every origin: give it alone, or list the origins",
+                ));
+            }
+        }
+        Ok(HttpConfig {
+            bind,
+            request_timeout,
+            body_limit,
+            max_batch_keys,
+            wait_timeout,
+            max_wait,
+            cors_origins,
+        })
+    }
+
+    fn write(&self, raw: &RawConfig, source: &SourceConfig) -> Result<WriteConfig, ConfigError> {
+        let section = raw.write.as_ref().map(|s| &s.value);
+        let url = self
+            .string_field(
+                "KCK_WRITE_URL",
+                "write.url",
+                section.and_then(|s| s.url.as_ref()),
+                check_url,
+            )?
+            .unwrap_or_else(|| source.url.clone());
+        let connections = match section.and_then(|s| s.connections.as_ref()) {
+            None => DEFAULT_WRITE_CONNECTIONS,
+            Some(c) => match usize::try_from(c.value) {
+                Ok(n) if (1..=MAX_WRITE_CONNECTIONS).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(c),
+                        "write.connections",
+                        format!(
+                            "must be between 1 and {MAX_WRITE_CONNECTIONS}, got {}",
+                            c.value
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(WriteConfig { url, connections })
+    }
+
+    fn auth(&self, raw: &RawConfig) -> Result<AuthConfig, ConfigError> {
+        let mut auth = AuthConfig::default();
+        let Some(section) = raw.auth.as_ref().map(|s| &s.value) else {
+            return Ok(auth);
+        };
+        if let Some(paths) = &section.public_paths {
+            auth.public_paths.clear();
+            for (i, p) in paths.value.iter().enumerate() {
+                if !p.value.starts_with('/') || p.value.contains(['?', '#', ' ']) {
+                    return Err(self.err(
+                        line_of(p),
+                        format!("auth.public_paths[{i}]"),
+                        format!(
+                            "'{}' is not a request path: write it as it appears in the URL, starting with / \
+                             (such as /healthz), without a query",
+                            p.value
+                        ),
+                    ));
+                }
+                auth.public_paths.push(p.value.clone());
+            }
+        }
+        if let Some(jwt) = &section.jwt {
+            auth.jwt = Some(self.jwt(jwt)?);
+        }
+        if let Some(operator) = &section.operator {
+            auth.operator = Some(build_access(
+                operator,
+                &[],
+                self.file,
+                "auth.operator",
+                auth.jwt.is_some(),
+            )?);
+        }
+        Ok(auth)
+    }
+
+    fn jwt(&self, section: &Spanned<RawJwt>) -> Result<JwtConfig, ConfigError> {
+        let line = line_of(section);
+        let jwt = &section.value;
+        let Some(algorithms) = &jwt.algorithms else {
+            return Err(self.err(
+                line,
+                "auth.jwt.algorithms",
+                "required: the algorithms tokens may be signed with, such as [RS256] or [HS256]; kck \
+                 never takes the algorithm from the token",
+            ));
+        };
+        if algorithms.value.is_empty() {
+            return Err(self.err(
+                line_of(algorithms),
+                "auth.jwt.algorithms",
+                "list at least one algorithm",
+            ));
+        }
+        let mut algs = Vec::with_capacity(algorithms.value.len());
+        for (i, a) in algorithms.value.iter().enumerate() {
+            let alg = crate::auth::parse_algorithm(a.value.trim())
+                .map_err(|m| self.err(line_of(a), format!("auth.jwt.algorithms[{i}]"), m))?;
+            if !algs.contains(&alg) {
+                algs.push(alg);
+            }
+        }
+        let sources = [
+            ("secret_env", &jwt.secret_env),
+            ("public_key_file", &jwt.public_key_file),
+            ("jwks_file", &jwt.jwks_file),
+        ];
+        let given: Vec<_> = sources.iter().filter(|(_, v)| v.is_some()).collect();
+        let (kind, value) = match given.as_slice() {
+            [(kind, Some(value))] => (*kind, value),
+            [] | [(_, None)] => {
+                return Err(self.err(
+                    line,
+                    "auth.jwt",
+                    "give the verification key: `secret_env` (the environment variable holding an HS* \
+                     secret), `public_key_file` (a PEM public key) or `jwks_file` (a JWKS document)",
+                ));
+            }
+            more => {
+                return Err(self.err(
+                    line,
+                    "auth.jwt",
+                    format!(
+                        "give only one of secret_env, public_key_file and jwks_file (found {})",
+                        more.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        };
+        let field = format!("auth.jwt.{kind}");
+        let value_line = line_of(value);
+        let (keys, key_source) = match kind {
+            "secret_env" => {
+                let var = value.value.trim();
+                let secret = (self.env)(var).ok_or_else(|| {
+                    self.err(
+                        value_line,
+                        &field,
+                        format!(
+                            "the environment variable {var} is not set: it must hold the HS* secret"
+                        ),
+                    )
+                })?;
+                let keys = crate::auth::secret_key(secret.as_bytes())
+                    .map_err(|m| self.err(value_line, &field, format!("{var}: {m}")))?;
+                (keys, format!("secret_env {var}"))
+            }
+            _ => {
+                let path = self.relative(&value.value);
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        value_line,
+                        &field,
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let keys = if kind == "jwks_file" {
+                    crate::auth::jwks_keys(&String::from_utf8_lossy(&bytes))
+                } else {
+                    crate::auth::pem_key(&bytes)
+                }
+                .map_err(|m| self.err(value_line, &field, format!("{}: {m}", path.display())))?;
+                (keys, format!("{kind} {}", path.display()))
+            }
+        };
+        let strings = |v: &Option<Spanned<OneOrMany>>,
+                       name: &str|
+         -> Result<Option<Vec<String>>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(v)
+                    if v.value.0.is_empty() || v.value.0.iter().any(|s| s.trim().is_empty()) =>
+                {
+                    Err(self.err(line_of(v), name, "give a non-empty value or list of values"))
+                }
+                Some(v) => Ok(Some(v.value.0.clone())),
+            }
+        };
+        let issuer = strings(&jwt.issuer, "auth.jwt.issuer")?;
+        let audience = strings(&jwt.audience, "auth.jwt.audience")?;
+        let leeway = match &jwt.leeway {
+            None => DEFAULT_JWT_LEEWAY,
+            Some(l) => {
+                let d = humantime::parse_duration(l.value.trim()).map_err(|e| {
+                    self.err(
+                        line_of(l),
+                        "auth.jwt.leeway",
+                        format!("'{}' is not a duration ({e}); write e.g. 30s", l.value),
+                    )
+                })?;
+                if d > Duration::from_secs(300) {
+                    return Err(self.err(
+                        line_of(l),
+                        "auth.jwt.leeway",
+                        "at most 5m: a longer leeway keeps expired tokens valid too long",
+                    ));
+                }
+                d
+            }
+        };
+        JwtConfig::new(algs, keys, key_source, issuer, audience, leeway)
+            .map_err(|m| self.err(line, "auth.jwt", m))
+    }
+
+    fn updaters(
+        &self,
+        list: Option<Spanned<Vec<Spanned<RawUpdater>>>>,
+        dir: Option<Spanned<String>>,
+        auth_on: bool,
+    ) -> Result<Vec<Updater>, ConfigError> {
+        let mut updaters = Vec::new();
+        // (file, line of the name, field prefix) per updater, for duplicate names.
+        let mut origins: Vec<(PathBuf, usize, String)> = Vec::new();
+        if let Some(list) = list {
+            for (i, item) in list.value.into_iter().enumerate() {
+                let line = line_of(&item);
+                let prefix = format!("updaters[{i}].");
+                let (updater, name_line) =
+                    build_updater(item.value, line, self.file, &prefix, None, auth_on)?;
+                updaters.push(updater);
+                origins.push((self.file.to_owned(), name_line, prefix));
+            }
+        }
+        if let Some(dir) = &dir {
+            let path = self.relative(&dir.value);
+            for file in sql_files(&path).map_err(|e| {
+                self.err(
+                    line_of(dir),
+                    "updaters_dir",
+                    format!("cannot read the directory {}: {e}", path.display()),
+                )
+            })? {
+                let (updater, name_line) = load_sql_updater(&file, auth_on)?;
+                updaters.push(updater);
+                origins.push((file, name_line, String::new()));
+            }
+        }
+        for i in 0..updaters.len() {
+            if let Some(j) = (0..i).find(|&j| updaters[j].name == updaters[i].name) {
+                let (file, line, prefix) = &origins[i];
+                return Err(invalid(
+                    file,
+                    *line,
+                    format!("{prefix}name"),
+                    format!(
+                        "the updater name '{}' is already used at {}:{}; updater names must be unique",
+                        updaters[i].name,
+                        origins[j].0.display(),
+                        origins[j].1
+                    ),
+                ));
+            }
+        }
+        Ok(updaters)
     }
 
     fn refresh(&self, raw: &RawConfig) -> Result<RefreshConfig, ConfigError> {
@@ -727,7 +1941,7 @@ impl Loader<'_> {
         })
     }
 
-    fn primers(&self, raw: RawConfig) -> Result<Catalog, ConfigError> {
+    fn primers(&self, raw: RawConfig, auth_on: bool) -> Result<Catalog, ConfigError> {
         let mut primers = Vec::new();
         let mut origins = Vec::new();
         let primers_line = self.section_line(&raw.primers, "primers");
@@ -745,8 +1959,14 @@ impl Loader<'_> {
                     .query
                     .as_ref()
                     .is_some_and(|q| is_literal_block(self.text, line_of(q)));
-                let (primer, origin) =
-                    build_primer(item.value, line, origin, None, query_is_literal_block)?;
+                let (primer, origin) = build_primer(
+                    item.value,
+                    line,
+                    origin,
+                    None,
+                    query_is_literal_block,
+                    auth_on,
+                )?;
                 primers.push(primer);
                 origins.push(origin);
             }
@@ -761,7 +1981,7 @@ impl Loader<'_> {
                     format!("cannot read the directory {}: {e}", path.display()),
                 )
             })? {
-                let (primer, origin) = load_sql_primer(&file)?;
+                let (primer, origin) = load_sql_primer(&file, auth_on)?;
                 primers.push(primer);
                 origins.push(origin);
             }
@@ -860,6 +2080,45 @@ fn check_slot_name(name: &str) -> Result<String, String> {
     }
 }
 
+/// A CQL contact point: `host:port`, or `host` (port 9042). IPv6 addresses in brackets: `[::1]:9042`.
+fn check_node(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let bad = || {
+        format!(
+            "'{text}' is not a contact point: write host:port, such as 10.0.0.1:9042 or scylla:9042"
+        )
+    };
+    if text.is_empty() || text.contains(char::is_whitespace) || text.contains('/') {
+        return Err(bad());
+    }
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(text.to_owned());
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            port.parse::<u16>().map_err(|_| bad())?;
+            Ok(text.to_owned())
+        }
+        Some(_) => Err(bad()),
+        None => Ok(format!("{text}:{DEFAULT_CQL_PORT}")),
+    }
+}
+
+/// Keyspace names kck accepts: what CQL takes unquoted, kept lower-case (CQL folds unquoted names).
+fn check_keyspace(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 48;
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid keyspace name: use a lower-case letter, then lower-case letters, digits and '_', at most 48 characters"
+        ))
+    }
+}
+
 fn parse_bind(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>().map_err(|_| {
         format!("'{text}' is not an IP address and port, such as 127.0.0.1:8080, 0.0.0.0:8080 or [::]:8080")
@@ -893,20 +2152,35 @@ fn sql_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The first line of a `.sql` primer file.
 const SQL_MARKER: &str = "-- kck:primer";
+/// The first line of a `.sql` updater file.
+const UPDATER_MARKER: &str = "-- kck:updater";
 
-/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
-fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
+/// A `.sql` file split into its YAML header (line numbers kept: the marker line is blanked) and its body.
+struct SqlFile {
+    header: String,
+    body: String,
+    /// The line of the file where the body starts.
+    body_line: usize,
+}
+
+/// Read a `.sql` file whose first line is `marker`, then `--` lines forming a YAML header, then SQL.
+fn read_sql_file(file: &Path, marker: &str, what: &str) -> Result<SqlFile, ConfigError> {
     let text = read_text(file)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut lines = text.split_inclusive('\n');
     let first = lines.next().unwrap_or("");
-    if first.trim_end() != SQL_MARKER {
+    if first.trim_end() != marker {
+        let hint = match first.trim_end() {
+            SQL_MARKER => ": this is a primer file; put it in `primers_dir`",
+            UPDATER_MARKER => ": this is an updater file; put it in `updaters_dir`",
+            _ => "",
+        };
         return Err(invalid(
             file,
             1,
             "header",
             format!(
-                "a primer file must start with the line `{SQL_MARKER}` (found `{}`)",
+                "{what} file must start with the line `{marker}` (found `{}`){hint}",
                 first.trim_end().chars().take(60).collect::<String>()
             ),
         ));
@@ -929,7 +2203,20 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         offset += l.len();
         line += 1;
     }
-    let body = &text[offset..];
+    Ok(SqlFile {
+        header,
+        body: text[offset..].to_owned(),
+        body_line: line + 1,
+    })
+}
+
+/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
+fn load_sql_primer(file: &Path, auth_on: bool) -> Result<(Primer, PrimerOrigin), ConfigError> {
+    let SqlFile {
+        header,
+        body,
+        body_line,
+    } = read_sql_file(file, SQL_MARKER, "a primer")?;
     let raw: RawPrimer = from_yaml(&header, file)?;
     if let Some(q) = &raw.query {
         return Err(invalid(
@@ -955,10 +2242,47 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         origin,
         Some(SqlBody {
             default_name,
-            query: body.to_owned(),
-            line: line + 1,
+            query: body,
+            line: body_line,
         }),
         false,
+        auth_on,
+    )
+}
+
+/// Read a `.sql` updater: `-- kck:updater`, a YAML header (`name`, `params`, `access`), then its
+/// statements separated by `;`. Returns the updater and the line of its name.
+fn load_sql_updater(file: &Path, auth_on: bool) -> Result<(Updater, usize), ConfigError> {
+    let SqlFile {
+        header,
+        body,
+        body_line,
+    } = read_sql_file(file, UPDATER_MARKER, "an updater")?;
+    let raw: RawUpdater = from_yaml(&header, file)?;
+    if let Some(st) = &raw.statements {
+        return Err(invalid(
+            file,
+            line_of(st),
+            "statements",
+            "the statements of a .sql updater are the body of the file, after the header: remove \
+             `statements` from the header",
+        ));
+    }
+    let default_name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    build_updater(
+        raw,
+        1,
+        file,
+        "",
+        Some(SqlBody {
+            default_name,
+            query: body,
+            line: body_line,
+        }),
+        auth_on,
     )
 }
 
@@ -980,6 +2304,7 @@ fn build_primer(
     mut origin: PrimerOrigin,
     sql: Option<SqlBody>,
     query_is_literal_block: bool,
+    auth_on: bool,
 ) -> Result<(Primer, PrimerOrigin), ConfigError> {
     let file = origin.file.clone();
     let prefix = origin.prefix.clone();
@@ -1228,6 +2553,23 @@ fn build_primer(
         });
     }
 
+    let cache_control = match &raw.cache_control {
+        None => None,
+        Some(c) => {
+            Some(check_cache_control(&c.value).map_err(|m| err(line_of(c), "cache_control", m))?)
+        }
+    };
+    let access = match &raw.access {
+        None => None,
+        Some(a) => Some(build_access(
+            a,
+            &names,
+            &file,
+            &format!("{prefix}access"),
+            auth_on,
+        )?),
+    };
+
     Ok((
         Primer {
             name,
@@ -1235,9 +2577,365 @@ fn build_primer(
             query,
             shape,
             dependencies,
+            cache_control,
+            access,
         },
         origin,
     ))
+}
+
+/// A `Cache-Control` value: printable ASCII, not empty.
+fn check_cache_control(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "'{value}' is not a Cache-Control value: use printable ASCII such as \"max-age=5\", \
+             \"no-cache\" or \"private, max-age=30\""
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// Validate an `access` rule or list of rules; `params` are the names `match` may refer to (key
+/// parameters of a primer, parameters of an updater). `field` is the dotted field of `access`.
+fn build_access(
+    access: &Spanned<RawAccess>,
+    params: &[&str],
+    file: &Path,
+    field: &str,
+    auth_on: bool,
+) -> Result<Access, ConfigError> {
+    let line = line_of(access);
+    if !auth_on {
+        return Err(invalid(
+            file,
+            line,
+            field,
+            "access rules need authentication: configure `auth.jwt` (without it every request is \
+             anonymous, and an access rule would either refuse everything or protect nothing)",
+        ));
+    }
+    let rules: Vec<(usize, String, &RawAccessRule)> = match &access.value {
+        RawAccess(_, Some(rule)) => vec![(line, field.to_owned(), rule)],
+        RawAccess(list, None) => list
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (line_of(r), format!("{field}[{i}]"), &r.value))
+            .collect(),
+    };
+    if rules.is_empty() {
+        return Err(invalid(file, line, field, "list at least one rule"));
+    }
+    let mut out = Vec::with_capacity(rules.len());
+    for (rule_line, rule_field, rule) in rules {
+        let mut require = Vec::new();
+        if let Some(r) = &rule.require {
+            for (claim, values) in &r.value.0 {
+                if claim.is_empty() || values.is_empty() {
+                    return Err(invalid(
+                        file,
+                        line_of(r),
+                        format!("{rule_field}.require"),
+                        "each entry names a claim and its required value (or a list of accepted values)",
+                    ));
+                }
+                require.push((claim.clone(), values.clone()));
+            }
+        }
+        let mut matches = Vec::new();
+        if let Some(m) = &rule.matches {
+            for (claim, param) in &m.value.0 {
+                let Some(index) = params.iter().position(|p| *p == param.value) else {
+                    return Err(invalid(
+                        file,
+                        line_of(param),
+                        format!("{rule_field}.match.{claim}"),
+                        format!(
+                            "'{}' is not a parameter here (the parameters: {}); `match` maps a claim to the \
+                             parameter it must equal, such as {{ sub: user_id }}",
+                            param.value,
+                            list_or_none(params)
+                        ),
+                    ));
+                };
+                matches.push((claim.clone(), index));
+            }
+        }
+        if require.is_empty() && matches.is_empty() {
+            return Err(invalid(
+                file,
+                rule_line,
+                rule_field,
+                "a rule needs `require` (claims and their values) or `match` (claims that must equal \
+                 parameters), or both",
+            ));
+        }
+        out.push(AccessRule { require, matches });
+    }
+    Ok(Access { rules: out })
+}
+
+/// SQL that controls the transaction itself: an updater's statements run inside kck's transaction.
+const TRANSACTION_CONTROL: [&str; 9] = [
+    "BEGIN",
+    "START",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "ABORT",
+    "SAVEPOINT",
+    "RELEASE",
+    "PREPARE",
+];
+
+/// Validate one updater. `line` is the line of the updater as a whole (its mapping, or 1 for a `.sql`
+/// file); `prefix` is its field prefix (`updaters[2].`, empty for a `.sql` file). Returns it and the line
+/// of its name.
+fn build_updater(
+    raw: RawUpdater,
+    line: usize,
+    file: &Path,
+    prefix: &str,
+    sql: Option<SqlBody>,
+    auth_on: bool,
+) -> Result<(Updater, usize), ConfigError> {
+    let err = |line: usize, field: &str, message: String| {
+        invalid(file, line, format!("{prefix}{field}"), message)
+    };
+    let (name, name_line) = match (&raw.name, &sql) {
+        (Some(n), _) => (n.value.clone(), line_of(n)),
+        (None, Some(sql)) => (sql.default_name.clone(), 1),
+        (None, None) => {
+            return Err(err(
+                line,
+                "name",
+                "required: the updater's name, used as POST /update/<name>".into(),
+            ));
+        }
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    {
+        let hint = if raw.name.is_none() {
+            " (the name comes from the file name; set `name` in the header)"
+        } else {
+            ""
+        };
+        return Err(err(
+            name_line,
+            "name",
+            format!(
+                "'{name}' is not a valid updater name: use lower-case letters, digits and '_'{hint}"
+            ),
+        ));
+    }
+
+    let mut params: Vec<UpdaterParam> = Vec::new();
+    if let Some(list) = &raw.params {
+        for (i, p) in list.value.iter().enumerate() {
+            let field = format!("params[{i}]");
+            let p_line = line_of(p);
+            let name_ok = {
+                let mut chars = p.value.name.chars();
+                matches!(chars.next(), Some('a'..='z' | '_'))
+                    && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+            };
+            if !name_ok {
+                return Err(err(
+                    p_line,
+                    &field,
+                    format!(
+                        "'{}' is not a valid parameter name: use lower-case letters, digits and '_', not \
+                         starting with a digit",
+                        p.value.name
+                    ),
+                ));
+            }
+            if params.iter().any(|q| q.name == p.value.name) {
+                return Err(err(
+                    p_line,
+                    &field,
+                    format!("parameter '{}' is declared twice", p.value.name),
+                ));
+            }
+            let ty = match &p.value.ty {
+                None => ValueType::Text,
+                Some(t) => ValueType::parse(t.trim()).ok_or_else(|| {
+                    err(
+                        p_line,
+                        &field,
+                        format!(
+                            "unknown type '{t}' for parameter '{}': use {}",
+                            p.value.name,
+                            ValueType::NAMES
+                        ),
+                    )
+                })?,
+            };
+            params.push(UpdaterParam {
+                name: p.value.name.clone(),
+                ty,
+                nullable: p.value.nullable,
+            });
+        }
+    }
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+
+    // Statements: (text, scan, line of the statement, field).
+    let mut scanned: Vec<(String, SqlScan, usize, String)> = Vec::new();
+    match (&raw.statements, &sql) {
+        (Some(list), _) => {
+            if list.value.is_empty() {
+                return Err(err(
+                    line_of(list),
+                    "statements",
+                    "list at least one SQL statement".into(),
+                ));
+            }
+            for (i, st) in list.value.iter().enumerate() {
+                let field = format!("statements[{i}]");
+                let scan = scan_sql(&st.value).map_err(|(_, m)| {
+                    err(line_of(st), &field, m.replace("the query", "the statement"))
+                })?;
+                let text = st.value[..scan.end].trim_start().to_owned();
+                scanned.push((text, scan, line_of(st), field));
+            }
+        }
+        (None, Some(sql)) => {
+            let scans = scan_statements(&sql.query, true).map_err(|(offset, m)| {
+                err(
+                    line_at(&sql.query, offset, sql.line),
+                    "statements",
+                    m.replace(
+                        "the query is empty",
+                        "the file has no SQL statement after its header",
+                    ),
+                )
+            })?;
+            for (i, scan) in scans.into_iter().enumerate() {
+                let text = sql.query[scan.start..scan.end].to_owned();
+                let l = line_at(&sql.query, scan.start, sql.line);
+                scanned.push((text, scan, l, format!("statements[{i}]")));
+            }
+        }
+        (None, None) => {
+            return Err(err(
+                line,
+                "statements",
+                "required: the SQL statements to run, in one transaction, such as \
+                 [\"UPDATE users SET name = $2 WHERE id = $1\"]"
+                    .into(),
+            ));
+        }
+    }
+    let mut statements = Vec::with_capacity(scanned.len());
+    let mut used = vec![false; params.len()];
+    for (text, scan, st_line, field) in scanned {
+        let first_word: String = text
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect::<String>()
+            .to_ascii_uppercase();
+        if TRANSACTION_CONTROL.contains(&first_word.as_str()) {
+            return Err(err(
+                st_line,
+                &field,
+                format!(
+                    "`{first_word}` controls the transaction, which kck runs for you: all statements of an \
+                     updater run in one transaction that kck commits, or rolls back on any error"
+                ),
+            ));
+        }
+        if scan.max() > params.len() {
+            return Err(err(
+                st_line,
+                &field,
+                format!(
+                    "the statement uses ${} but the updater has {}: parameters are bound as $1..$n in \
+                     the order they are declared",
+                    scan.max(),
+                    match params.len() {
+                        0 => "no parameters".to_owned(),
+                        1 => format!("1 parameter ({})", names.join(", ")),
+                        n => format!("{n} parameters ({})", names.join(", ")),
+                    }
+                ),
+            ));
+        }
+        for (i, u) in scan.used.iter().enumerate() {
+            used[i] |= u;
+        }
+        statements.push(Statement {
+            sql: text,
+            uses: scan.used,
+        });
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        let p_line = raw.params.as_ref().map_or(line, line_of);
+        return Err(err(
+            p_line,
+            "params",
+            format!(
+                "parameter '{}' (${}) is not used by any statement: remove it, or use it",
+                names[unused],
+                unused + 1
+            ),
+        ));
+    }
+    let access = match &raw.access {
+        None => None,
+        Some(a) => Some(build_access(
+            a,
+            &names,
+            file,
+            &format!("{prefix}access"),
+            auth_on,
+        )?),
+    };
+    Ok((
+        Updater {
+            name,
+            params,
+            statements,
+            access,
+        },
+        name_line,
+    ))
+}
+
+/// A CORS origin: `*`, or `scheme://host[:port]` (no path), as browsers send it in `Origin`.
+fn check_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim();
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if ok {
+        Ok(origin.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not an origin: write it as browsers send it, such as https://app.example.com or \
+             http://localhost:3000 (no path), or *"
+        ))
+    }
+}
+
+/// `http.body_limit`: a size as [`crate::ops::size::parse_byte_size`] reads it (`1MB`, `512kB`: powers of
+/// 1024, as in postgresql.conf), between 1 kB and 1 GB.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let bytes = crate::ops::size::parse_byte_size(text)?;
+    if !(1 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "'{text}' is out of range: give between 1kB and 1GB"
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| format!("'{text}' is too large for this machine"))
 }
 
 fn list_or_none(names: &[&str]) -> String {
@@ -1303,6 +3001,8 @@ struct SqlScan {
     used: Vec<bool>,
     /// Byte offset of the first occurrence of the highest placeholder.
     max_offset: usize,
+    /// The start of the statement: its first token (leading whitespace and comments excluded).
+    start: usize,
     /// The end of the statement: trailing whitespace, comments and `;` excluded.
     end: usize,
 }
@@ -1316,9 +3016,18 @@ impl SqlScan {
 /// Scan a query: placeholders outside string literals, quoted identifiers, comments and dollar-quoted
 /// strings. Errors (with a byte offset) for an empty query, a second statement, and unterminated quotes.
 fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
+    let mut statements = scan_statements(sql, false)?;
+    statements.pop().ok_or((0, "the query is empty".into()))
+}
+
+/// Scan SQL holding one statement (`many == false`: a second one is an error) or several separated by
+/// `;` (each scanned like a query; empty statements are skipped). Offsets are into `sql`.
+fn scan_statements(sql: &str, many: bool) -> Result<Vec<SqlScan>, (usize, String)> {
     let b = sql.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let mut statements = Vec::new();
     let mut scan = SqlScan::default();
+    let mut in_statement = false;
     let mut i = 0;
     // Offset of the first `;` outside quotes and comments.
     let mut semicolon: Option<usize> = None;
@@ -1368,12 +3077,23 @@ fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
             i += 1;
             continue;
         }
-        match c {
-            b';' => {
+        if c == b';' {
+            if many {
+                if in_statement {
+                    statements.push(std::mem::take(&mut scan));
+                    in_statement = false;
+                }
+            } else {
                 semicolon = Some(i);
-                i += 1;
-                continue;
             }
+            i += 1;
+            continue;
+        }
+        if !in_statement {
+            in_statement = true;
+            scan.start = start;
+        }
+        match c {
             b'\'' => {
                 let escapes =
                     i > 0 && matches!(b[i - 1], b'e' | b'E') && !(i > 1 && ident(b[i - 2]));
@@ -1469,10 +3189,13 @@ fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
         }
         scan.end = i;
     }
-    if scan.end == 0 {
+    if in_statement {
+        statements.push(scan);
+    }
+    if statements.is_empty() {
         return Err((0, "the query is empty".into()));
     }
-    Ok(scan)
+    Ok(statements)
 }
 
 /// The rule: the highest `$n` equals the number of values bound (`names`), and each of `$1..$n` appears.
@@ -1651,7 +3374,9 @@ primers:
         assert_eq!(c.source.publication, "kck_pub");
         assert!(c.source.create_publication);
         assert_eq!(c.source.slot, "kck_slot");
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("/etc/kck/data/cache"));
         assert_eq!(c.http.bind, "0.0.0.0:9090".parse::<SocketAddr>().unwrap());
         assert_eq!(c.refresh.workers, 8);
@@ -1736,7 +3461,9 @@ primers:
         assert_eq!(c.source.publication, "kck");
         assert_eq!(c.source.slot, "kck");
         assert!(!c.source.create_publication);
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("/etc/kck/./kck-data"));
         assert_eq!(c.http.bind, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
         assert_eq!(c.refresh.workers, 4);
@@ -1752,14 +3479,20 @@ primers:
     fn relative_paths() {
         let yaml = base_with("primers:", "store:\n  path: /var/lib/kck\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("/var/lib/kck"));
         let yaml = base_with("primers:", "store:\n  path: ../data\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("conf/kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("conf/../data"));
         let c = Config::from_yaml_str(BASE, Path::new("kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("./kck-data"));
     }
 
@@ -1814,10 +3547,10 @@ primers:
     fn other_section_errors() {
         let at_end = |extra: &str| format!("{BASE}{extra}");
         assert_invalid(
-            &at_end("store:\n  kind: scylla\n"),
+            &at_end("store:\n  kind: redis\n"),
             11,
             "store.kind",
-            "unknown store kind 'scylla'",
+            "unknown store kind 'redis': the kinds are 'embedded' and 'scylla'",
         );
         assert_invalid(
             &at_end("store:\n  path: ''\n"),
@@ -1891,6 +3624,251 @@ primers:
         .unwrap();
         assert_eq!(c.refresh.visibility_timeout, Duration::from_secs(90));
         assert_eq!(c.refresh.workers, 256);
+    }
+
+    #[test]
+    fn scylla_store() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        let c = load(&at_end(
+            "store:\n  kind: scylla\n  nodes: [\"10.0.0.1:9042\", scylla-2, \"[::1]:19042\"]\n  keyspace: kck_prod\n  replication: { class: NetworkTopologyStrategy, dc1: 3, eu-west: 2 }\n  consistency: LOCAL_QUORUM\n  username: kck\n  password: pw\n  tls: { ca_file: certs/ca.pem }\n  init: true\n",
+        ))
+        .unwrap();
+        let StoreConfig::Scylla(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(
+            s.nodes,
+            vec!["10.0.0.1:9042", "scylla-2:9042", "[::1]:19042"]
+        );
+        assert_eq!(s.keyspace, "kck_prod");
+        assert_eq!(
+            s.replication,
+            KeyspaceReplication::NetworkTopology {
+                datacenters: vec![("dc1".into(), 3), ("eu-west".into(), 2)]
+            }
+        );
+        assert_eq!(s.consistency, Consistency::LocalQuorum);
+        assert_eq!(s.username.as_deref(), Some("kck"));
+        assert_eq!(s.password.as_deref(), Some("pw"));
+        assert!(!format!("{s:?}").contains("pw"), "Debug shows the password");
+        assert_eq!(
+            s.tls_ca_file.as_deref(),
+            Some(Path::new("/etc/kck/certs/ca.pem"))
+        );
+        assert!(s.init);
+
+        // Defaults, and the environment.
+        let c = load_env(
+            &at_end("store:\n  kind: scylla\n  nodes: [a:1]\n  username: u\n"),
+            &[
+                ("KCK_STORE_NODES", "n1:9042, n2"),
+                ("KCK_STORE_PASSWORD", "secret"),
+            ],
+        )
+        .unwrap();
+        let StoreConfig::Scylla(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(s.nodes, vec!["n1:9042", "n2:9042"]);
+        assert_eq!(s.keyspace, "kck");
+        assert_eq!(
+            s.replication,
+            KeyspaceReplication::Simple {
+                replication_factor: 1
+            }
+        );
+        assert_eq!(s.consistency, Consistency::LocalQuorum);
+        assert_eq!(s.password.as_deref(), Some("secret"));
+        assert_eq!(s.tls_ca_file, None);
+        assert!(!s.init);
+        let c = load(&at_end(
+            "store:\n  kind: scylla\n  nodes: [a]\n  replication: { class: org.apache.cassandra.locator.SimpleStrategy, replication_factor: 3 }\n  consistency: one\n",
+        ))
+        .unwrap();
+        let StoreConfig::Scylla(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(
+            s.replication,
+            KeyspaceReplication::Simple {
+                replication_factor: 3
+            }
+        );
+        assert_eq!(s.consistency, Consistency::One);
+    }
+
+    #[test]
+    fn scylla_store_errors() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        let scylla = |rest: &str| at_end(&format!("store:\n  kind: scylla\n  nodes: [a]\n{rest}"));
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n"),
+            11,
+            "store.nodes",
+            "required for the scylla store",
+        );
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n  nodes: []\n"),
+            12,
+            "store.nodes",
+            "is empty",
+        );
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n  nodes: [\"a:b\"]\n"),
+            12,
+            "store.nodes[0]",
+            "'a:b' is not a contact point",
+        );
+        assert_invalid(
+            &scylla("  path: x\n"),
+            13,
+            "store.path",
+            "field of the embedded store",
+        );
+        assert_invalid(
+            &at_end("store:\n  nodes: [a]\n"),
+            11,
+            "store.nodes",
+            "set `kind: scylla`",
+        );
+        assert_invalid(
+            &scylla("  keyspace: Kck\n"),
+            13,
+            "store.keyspace",
+            "not a valid keyspace name",
+        );
+        assert_invalid(
+            &scylla("  consistency: most\n"),
+            13,
+            "store.consistency",
+            "use one of one, two",
+        );
+        assert_invalid(
+            &scylla("  password: p\n"),
+            13,
+            "store.username",
+            "store.password is set",
+        );
+        assert_invalid(
+            &scylla("  username: ''\n"),
+            13,
+            "store.username",
+            "is empty",
+        );
+        assert_invalid(
+            &scylla("  tls: {}\n"),
+            13,
+            "store.tls.ca_file",
+            "required with `tls`",
+        );
+        assert_invalid(
+            &scylla("  tls: { ca: x }\n"),
+            13,
+            "store.tls.ca",
+            "unknown field `ca`",
+        );
+        assert_invalid(
+            &scylla("  replication: { dc1: 3 }\n"),
+            13,
+            "store.replication.class",
+            "required",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: Everywhere }\n"),
+            13,
+            "store.replication.class",
+            "unknown replication class 'Everywhere'",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: SimpleStrategy }\n"),
+            13,
+            "store.replication.replication_factor",
+            "required with SimpleStrategy",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: SimpleStrategy, dc1: 3 }\n"),
+            13,
+            "store.replication.dc1",
+            "SimpleStrategy takes only replication_factor",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: NetworkTopologyStrategy }\n"),
+            13,
+            "store.replication",
+            "a replica count per data centre",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: NetworkTopologyStrategy, dc1: three }\n"),
+            13,
+            "store.replication.dc1",
+            "got 'three'",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: NetworkTopologyStrategy, dc1: 0 }\n"),
+            13,
+            "store.replication.dc1",
+            "between 1 and 100, got 0",
+        );
+        let err = load_env(&scylla(""), &[("KCK_STORE_NODES", " , ")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KCK_STORE_NODES") && err.contains("is empty"),
+            "{err}"
+        );
+        let err = load_env(&scylla(""), &[("KCK_STORE_PASSWORD", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KCK_STORE_PASSWORD is set but store.username is not"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn roles_and_standby() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        let c = load(BASE).unwrap();
+        assert_eq!(c.roles, Roles::ALL);
+        assert!(!c.source.standby);
+        let c = load(&at_end("roles: [http, refresh]\n")).unwrap();
+        assert_eq!(
+            c.roles,
+            Roles {
+                replication: false,
+                refresh: true,
+                http: true
+            }
+        );
+        assert_eq!(c.roles.to_string(), "refresh,http");
+        let c = load(&base_with("  url:", "  standby: true\n  url:")).unwrap();
+        assert!(c.source.standby);
+        assert_invalid(
+            &at_end("roles: [http, cache]\n"),
+            10,
+            "roles[1]",
+            "unknown role 'cache'",
+        );
+        assert_invalid(&at_end("roles: []\n"), 10, "roles", "no role given");
+        assert_invalid(&at_end("roles: [http, http]\n"), 10, "roles", "given twice");
+        assert_eq!(
+            Roles::parse_list("replication,refresh,http"),
+            Ok(Roles::ALL)
+        );
+        assert_eq!(
+            Roles::parse_list(" replication "),
+            Ok(Roles {
+                replication: true,
+                refresh: false,
+                http: false
+            })
+        );
+        assert!(Roles::parse_list("").unwrap_err().contains("no role given"));
+        assert!(
+            Roles::parse_list("http,web")
+                .unwrap_err()
+                .contains("unknown role 'web'")
+        );
     }
 
     #[test]
@@ -2275,7 +4253,9 @@ primers:
         assert_eq!(c.source.publication, "pub2");
         assert_eq!(c.source.slot, "slot2");
         // Relative to the working directory, not to the file.
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("rel/data"));
         assert_eq!(c.http.bind, "[::1]:81".parse::<SocketAddr>().unwrap());
         // The URL may come from the environment alone; an override wins over a bad file value.
@@ -2595,5 +4575,548 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
         assert_eq!(closest("pth", &["kind", "path"]), Some("path"));
         assert_eq!(closest("zzzzzz", &["kind", "path"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // HTTP, write, auth, updaters
+
+    #[test]
+    fn http_write_and_auth_defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.body_limit, 1 << 20);
+        assert_eq!(c.http.max_batch_keys, 1000);
+        assert_eq!(c.http.wait_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.max_wait, Duration::from_secs(60));
+        assert_eq!(c.write.url, c.source.url);
+        assert_eq!(c.write.connections, 4);
+        assert!(c.auth.jwt.is_none());
+        assert_eq!(
+            c.auth.public_paths,
+            ["/healthz", "/readyz", "/openapi.json"]
+        );
+        assert!(c.updaters.is_empty());
+        assert_eq!(c.catalog.primers[0].cache_control, None);
+        assert_eq!(c.catalog.primers[0].access, None);
+        // The write URL's password stays out of Debug.
+        let c = load(&format!("{BASE}write:\n  url: postgres://w:hush@db/app\n")).unwrap();
+        assert!(!format!("{:?}", c.write).contains("hush"));
+    }
+
+    #[test]
+    fn http_and_write_fields() {
+        let c = load(&format!(
+            "{BASE}http:\n  request_timeout: 10s\n  body_limit: 64KiB\n  max_batch_keys: 50\n  \
+             wait_timeout: 2s\n  max_wait: 20s\nwrite:\n  url: postgres://writer@db/app\n  connections: 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.body_limit, 64 * 1024);
+        assert_eq!(c.http.max_batch_keys, 50);
+        assert_eq!(c.http.wait_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.max_wait, Duration::from_secs(20));
+        assert!(c.http.cors_origins.is_empty());
+        assert_eq!(c.write.url, "postgres://writer@db/app");
+        assert_eq!(c.write.connections, 2);
+        let c = load(&format!(
+            "{BASE}http:\n  cors_origins: [\"https://app.example.com\", \"http://localhost:3000\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.http.cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  cors_origins: [\"https://app.example.com/path\"]\n"),
+            11,
+            "http.cors_origins[0]",
+            "not an origin",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  cors_origins: [\"*\", \"https://a.example\"]\n"),
+            11,
+            "http.cors_origins",
+            "give it alone",
+        );
+        for (size, bytes) in [("1048576", 1 << 20), ("2MB", 2 << 20), ("1 MiB", 1 << 20)] {
+            let c = load(&format!("{BASE}http:\n  body_limit: {size}\n")).unwrap();
+            assert_eq!(c.http.body_limit, bytes, "{size}");
+        }
+        assert_invalid(
+            &format!("{BASE}http:\n  body_limit: 12 parsecs\n"),
+            11,
+            "http.body_limit",
+            "not a size",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  body_limit: 10\n"),
+            11,
+            "http.body_limit",
+            "between 1kB and 1GB",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  wait_timeout: 2m\n"),
+            11,
+            "http.wait_timeout",
+            "longer than http.max_wait",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  max_batch_keys: 0\n"),
+            11,
+            "http.max_batch_keys",
+            "between 1 and 100000",
+        );
+        assert_invalid(
+            &format!("{BASE}write:\n  connections: 0\n"),
+            11,
+            "write.connections",
+            "between 1 and 256",
+        );
+        let c = load_env(BASE, &[("KCK_WRITE_URL", "postgres://env@db/app")]).unwrap();
+        assert_eq!(c.write.url, "postgres://env@db/app");
+    }
+
+    #[test]
+    fn primer_cache_control() {
+        let yaml = base_with(
+            "    depends_on:",
+            "    cache_control: \"public, max-age=5\"\n    depends_on:",
+        );
+        let c = load(&yaml).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].cache_control.as_deref(),
+            Some("public, max-age=5")
+        );
+        let yaml = base_with(
+            "    depends_on:",
+            "    cache_control: \"a\\nb\"\n    depends_on:",
+        );
+        assert_invalid(
+            &yaml,
+            7,
+            "primers[0].cache_control",
+            "not a Cache-Control value",
+        );
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn with_auth(auth: &str) -> String {
+        format!("{BASE}auth:\n  jwt:\n    secret_env: KCK_JWT_SECRET\n{auth}")
+    }
+
+    #[test]
+    fn jwt_settings() {
+        let yaml = with_auth(
+            "    algorithms: [HS256, HS512]\n    issuer: https://id.example/\n    audience: [kck, api]\n    leeway: 10s\n",
+        );
+        let c = load_env(&yaml, &[("KCK_JWT_SECRET", SECRET)]).unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(
+            jwt.algorithms,
+            [
+                jsonwebtoken::Algorithm::HS256,
+                jsonwebtoken::Algorithm::HS512
+            ]
+        );
+        assert_eq!(jwt.issuer, Some(vec!["https://id.example/".to_owned()]));
+        assert_eq!(jwt.audience, Some(vec!["kck".to_owned(), "api".to_owned()]));
+        assert_eq!(jwt.leeway, Duration::from_secs(10));
+        assert!(
+            !format!("{c:?}").contains(SECRET),
+            "the secret stays out of Debug"
+        );
+        let c = load_env(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[("KCK_JWT_SECRET", SECRET)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.jwt.as_ref().map(|j| j.leeway),
+            Some(Duration::from_secs(30))
+        );
+
+        let env = [("KCK_JWT_SECRET", SECRET)];
+        let invalid = |yaml: &str, env: &[(&str, &str)], line: usize, field: &str, needle: &str| {
+            assert_invalid_at(load_env(yaml, env), Path::new(FILE), line, field, needle)
+        };
+        invalid(&with_auth(""), &env, 12, "auth.jwt.algorithms", "required");
+        invalid(
+            &with_auth("    algorithms: [none]\n"),
+            &env,
+            13,
+            "auth.jwt.algorithms[0]",
+            "never accepted",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[],
+            12,
+            "auth.jwt.secret_env",
+            "KCK_JWT_SECRET is not set",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[("KCK_JWT_SECRET", "short")],
+            12,
+            "auth.jwt.secret_env",
+            "at least 32",
+        );
+        invalid(
+            &with_auth("    algorithms: [RS256]\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "none of the algorithms",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    jwks_file: keys.json\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "only one of",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  jwt:\n    algorithms: [RS256]\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "give the verification key",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    leeway: 1h\n"),
+            &env,
+            14,
+            "auth.jwt.leeway",
+            "at most 5m",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    public_key_file: /nonexistent/key.pem\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "only one of",
+        );
+        invalid(
+            &format!(
+                "{BASE}auth:\n  jwt:\n    algorithms: [RS256]\n    public_key_file: /nonexistent/key.pem\n"
+            ),
+            &env,
+            13,
+            "auth.jwt.public_key_file",
+            "cannot read /nonexistent/key.pem",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  public_paths: [healthz]\n"),
+            &env,
+            11,
+            "auth.public_paths[0]",
+            "starting with /",
+        );
+        // The operator rule: claims only (operations routes have no parameters), and it needs jwt.
+        let c = load_env(
+            &with_auth("    algorithms: [HS256]\n  operator: { require: { role: ops } }\n"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.operator.map(|o| o.rules[0].require.clone()),
+            Some(vec![("role".to_owned(), vec!["ops".to_owned()])])
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n  operator: { match: { sub: id } }\n"),
+            &env,
+            14,
+            "auth.operator.match.sub",
+            "the parameters: none",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  operator: {{ require: {{ role: ops }} }}\n"),
+            &env,
+            11,
+            "auth.operator",
+            "configure `auth.jwt`",
+        );
+        // Public paths may be replaced, and auth may be off with only public_paths given.
+        let c = load(&format!(
+            "{BASE}auth:\n  public_paths: [/healthz, /metrics]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.public_paths, ["/healthz", "/metrics"]);
+        assert!(c.auth.jwt.is_none());
+    }
+
+    const UPDATERS: &str = "\
+updaters:
+  - name: place_order
+    params: [id:int, user_id:int, total:numeric, { name: note, type: text, nullable: true }]
+    statements:
+      - INSERT INTO orders (id, user_id, total, note) VALUES ($1, $2, $3, $4);
+      - UPDATE users SET orders = orders + 1 WHERE id = $2
+  - name: ping
+    statements: [SELECT 1]
+";
+
+    #[test]
+    fn updaters_from_yaml() {
+        use crate::update::{UpdaterParam, ValueType};
+        let c = load(&format!("{BASE}{UPDATERS}")).unwrap();
+        assert_eq!(c.updaters.len(), 2);
+        let u = &c.updaters[0];
+        assert_eq!(u.name, "place_order");
+        let param = |name: &str, ty, nullable| UpdaterParam {
+            name: name.into(),
+            ty,
+            nullable,
+        };
+        assert_eq!(
+            u.params,
+            vec![
+                param("id", ValueType::Int, false),
+                param("user_id", ValueType::Int, false),
+                param("total", ValueType::Numeric, false),
+                param("note", ValueType::Text, true),
+            ]
+        );
+        assert_eq!(
+            u.statements[0].sql,
+            "INSERT INTO orders (id, user_id, total, note) VALUES ($1, $2, $3, $4)"
+        );
+        assert_eq!(u.statements[0].uses, vec![true; 4]);
+        assert_eq!(u.statements[1].uses, vec![false, true]);
+        assert!(c.updaters[1].params.is_empty());
+        assert_eq!(c.updaters[1].statements[0].uses, Vec::<bool>::new());
+    }
+
+    #[test]
+    fn updater_errors() {
+        let u = |body: &str| format!("{BASE}updaters:\n  - name: u\n{body}");
+        assert_invalid(
+            &u("    params: [id:int]\n"),
+            11,
+            "updaters[0].statements",
+            "required",
+        );
+        assert_invalid(
+            &u("    params: [id:integer]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params[0]",
+            "unknown type 'integer'",
+        );
+        assert_invalid(
+            &u("    params: [id:int, id:text]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params[1]",
+            "declared twice",
+        );
+        assert_invalid(
+            &u("    params: [id:int]\n    statements: [\"SELECT $1, $2\"]\n"),
+            13,
+            "updaters[0].statements[0]",
+            "uses $2 but the updater has 1 parameter (id)",
+        );
+        assert_invalid(
+            &u("    params: [id:int, spare]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params",
+            "'spare' ($2) is not used by any statement",
+        );
+        assert_invalid(
+            &u("    statements: [SELECT 1, COMMIT]\n"),
+            12,
+            "updaters[0].statements[1]",
+            "controls the transaction",
+        );
+        assert_invalid(
+            &u("    statements: [\"SELECT 1; SELECT 2\"]\n"),
+            12,
+            "updaters[0].statements[0]",
+            "more than one statement",
+        );
+        assert_invalid(
+            &u("    statements: [SELECT 1]\n    access: { require: { role: admin } }\n"),
+            13,
+            "updaters[0].access",
+            "configure `auth.jwt`",
+        );
+        assert_invalid(
+            &format!("{BASE}updaters:\n  - name: Bad-Name\n    statements: [SELECT 1]\n"),
+            11,
+            "updaters[0].name",
+            "not a valid updater name",
+        );
+        assert_invalid(
+            &format!(
+                "{BASE}updaters:\n  - name: a\n    statements: [SELECT 1]\n  - name: a\n    statements: [SELECT 2]\n"
+            ),
+            13,
+            "updaters[1].name",
+            "already used",
+        );
+    }
+
+    #[test]
+    fn access_rules() {
+        let env = [("KCK_JWT_SECRET", SECRET)];
+        let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_JWT_SECRET\n";
+        let yaml = format!(
+            "{}{auth}",
+            base_with(
+                "    depends_on:",
+                "    access:\n      - match: { sub: user_id }\n      - require: { role: [admin, ops], level: 3 }\n    depends_on:"
+            )
+        );
+        let c = load_env(&yaml, &env).unwrap();
+        let access = c.catalog.primers[0].access.as_ref().unwrap();
+        assert_eq!(
+            access.rules,
+            vec![
+                AccessRule {
+                    require: vec![],
+                    matches: vec![("sub".into(), 0)],
+                },
+                AccessRule {
+                    require: vec![
+                        ("role".into(), vec!["admin".into(), "ops".into()]),
+                        ("level".into(), vec!["3".into()]),
+                    ],
+                    matches: vec![],
+                },
+            ]
+        );
+        // One rule as a mapping; an updater's parameters.
+        let yaml = format!(
+            "{BASE}{auth}updaters:\n  - name: u\n    params: [id:int]\n    statements: [SELECT $1]\n    access: {{ match: {{ sub: id }}, require: {{ role: user }} }}\n"
+        );
+        let c = load_env(&yaml, &env).unwrap();
+        assert_eq!(c.updaters[0].access.as_ref().unwrap().rules.len(), 1);
+
+        let bad = format!(
+            "{}{auth}",
+            base_with(
+                "    depends_on:",
+                "    access: { match: { sub: uid } }\n    depends_on:"
+            )
+        );
+        assert_invalid_at(
+            load_env(&bad, &env),
+            Path::new(FILE),
+            7,
+            "primers[0].access.match.sub",
+            "'uid' is not a parameter here (the parameters: user_id)",
+        );
+        let bad = format!(
+            "{}{auth}",
+            base_with("    depends_on:", "    access: {}\n    depends_on:")
+        );
+        assert_invalid_at(
+            load_env(&bad, &env),
+            Path::new(FILE),
+            7,
+            "primers[0].access",
+            "a rule needs `require`",
+        );
+        let no_auth = base_with(
+            "    depends_on:",
+            "    access: { require: { role: admin } }\n    depends_on:",
+        );
+        assert_invalid(&no_auth, 7, "primers[0].access", "configure `auth.jwt`");
+    }
+
+    #[test]
+    fn sql_updaters() {
+        let dir = tempfile::tempdir().unwrap();
+        let updaters = dir.path().join("updaters");
+        std::fs::create_dir(&updaters).unwrap();
+        write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: [id:int, user_id:int]\nINSERT INTO orders (id, user_id) VALUES ($1, $2);\n\n\
+             -- then count it\nUPDATE users SET orders = orders + 1\n WHERE id = $2;\n",
+        );
+        let config = write(
+            dir.path(),
+            "kck.yaml",
+            &format!("{BASE}updaters_dir: updaters\n"),
+        );
+        let c = Config::load_with_env(&config, no_env).unwrap();
+        assert_eq!(c.updaters.len(), 1);
+        let u = &c.updaters[0];
+        assert_eq!(u.name, "place_order");
+        assert_eq!(
+            u.statements
+                .iter()
+                .map(|s| s.sql.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "INSERT INTO orders (id, user_id) VALUES ($1, $2)",
+                "UPDATE users SET orders = orders + 1\n WHERE id = $2"
+            ]
+        );
+        // Errors name the file and the line of the statement.
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: [id:int]\nSELECT $1;\nSELECT $2;\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            4,
+            "statements[1]",
+            "uses $2",
+        );
+        let file = write(&updaters, "place_order.sql", SQL_PRIMER);
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            1,
+            "header",
+            "this is a primer file; put it in `primers_dir`",
+        );
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- statements: [SELECT 1]\nSELECT 1\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            2,
+            "statements",
+            "body of the file",
+        );
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: []\n\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            3,
+            "statements",
+            "no SQL statement",
+        );
+    }
+
+    #[test]
+    fn scanning_several_statements() {
+        let sql =
+            "INSERT INTO t VALUES ($1, ';');;\n-- c; d\nUPDATE t SET x = $$a;b$$ WHERE y = $2;  ";
+        let scans = scan_statements(sql, true).unwrap();
+        assert_eq!(scans.len(), 2);
+        assert_eq!(
+            &sql[scans[0].start..scans[0].end],
+            "INSERT INTO t VALUES ($1, ';')"
+        );
+        assert_eq!(
+            &sql[scans[1].start..scans[1].end],
+            "UPDATE t SET x = $$a;b$$ WHERE y = $2"
+        );
+        assert_eq!(scans[0].used, vec![true]);
+        assert_eq!(scans[1].used, vec![false, true]);
+        assert!(scan_statements(" ; -- nothing\n", true).is_err());
+        assert!(scan_statements("SELECT 1; SELECT 2", false).is_err());
     }
 }

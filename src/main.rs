@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
-use kck::config::Config;
+use kck::config::{Config, Roles, StoreConfig};
+use kck::ops;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
 #[derive(Debug, Parser)]
@@ -28,17 +29,94 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Create the store's keyspace and tables if they are missing (scylla), or the store file
+    /// (embedded). Safe to run again.
+    Init {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Stream changes, refresh the cache, and serve it over HTTP until SIGINT or SIGTERM.
     Run {
         /// The config file (YAML).
         #[arg(long, short, env = "KCK_CONFIG")]
         config: PathBuf,
+        /// What this process does, comma-separated: replication (hold the slot), refresh (workers), http.
+        /// Overrides `roles` in the config; default: all three. Splitting roles needs store.kind: scylla.
+        #[arg(long, env = "KCK_ROLES", value_parser = Roles::parse_list)]
+        roles: Option<Roles>,
+    },
+    /// Manage the store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// Read and validate a config file, then print a summary of its primers.
     Validate {
         #[arg(long, short, env = "KCK_CONFIG")]
         config: PathBuf,
+    },
+    /// Check the config against the live database: one line per finding, each problem with its fix.
+    /// Exits 1 when there are problems.
+    Check {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 0 when there are warnings but no failures.
+        #[arg(long)]
+        warnings_ok: bool,
+    },
+    /// Show the slot, lag, queue, primers and recent errors of a running kck (over HTTP), or what
+    /// Postgres and the store say when none answers. Exits 1 when there are problems.
+    Status {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage kck's replication slot.
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+    },
+    /// Print a cached entry (value, LSN, time) without computing it. Exits 1 when it is not cached.
+    Get {
+        /// The key, as in /fetch/KEY.
+        key: String,
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+    },
+    /// Print the cached keys of a primer, one per line.
+    Keys {
+        primer: String,
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// Drop the replication slot (stop kck first). Frees the WAL it retains; the next start creates a new
+    /// slot and refreshes every cached key.
+    Drop {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Confirm: without it, nothing is dropped.
+        #[arg(long)]
+        yes_drop_the_slot: bool,
     },
 }
 
@@ -56,12 +134,26 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("kck: {e:#}");
+            eprintln!("kck: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: kck's messages often already include their cause's text.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -76,19 +168,69 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Run a command; `Ok(false)` exits 1 without an error message (the command printed why).
+async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config, roles } => {
+            let mut config = Config::load(&config)?;
+            if let Some(roles) = roles {
+                config.roles = roles;
+            }
             let running = app::start(config, RunOptions::default()).await?;
-            let stop = running_signal().await;
-            tracing::info!(
-                signal = stop,
-                "Stopping: finishing requests and flushing the stream."
-            );
+            tokio::select! {
+                stop = running_signal() => tracing::info!(
+                    signal = stop,
+                    "Stopping: finishing requests and flushing the stream."
+                ),
+                () = running.failed() => tracing::error!("Replication failed; stopping."),
+            }
             running.stop().await?;
             tracing::info!("Stopped.");
-            Ok(())
+            Ok(true)
+        }
+        Command::Check {
+            config,
+            json,
+            warnings_ok,
+        } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::check(&config, json, warnings_ok).await?)
+        }
+        Command::Status { config, url, json } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::status(&config, url.as_deref(), json).await?)
+        }
+        Command::Slot {
+            command:
+                SlotCommand::Drop {
+                    config,
+                    yes_drop_the_slot,
+                },
+        } => {
+            let config = Config::load(&config)?;
+            ops::cli::slot_drop(&config, yes_drop_the_slot).await?;
+            Ok(true)
+        }
+        Command::Get { key, config, url } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::get(&config, &key, url.as_deref()).await?)
+        }
+        Command::Keys {
+            primer,
+            config,
+            url,
+        } => {
+            let config = Config::load(&config)?;
+            ops::cli::keys(&config, &primer, url.as_deref()).await?;
+            Ok(true)
+        }
+        Command::Store {
+            command: StoreCommand::Init { config },
+        } => {
+            let config = Config::load(&config)?;
+            let done = app::init_store(&config).await?;
+            println!("{done}");
+            Ok(true)
         }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
@@ -100,8 +242,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     primer.dependencies.len()
                 );
             }
+            for updater in &config.updaters {
+                println!(
+                    "updater {}: {} parameters, {} statements",
+                    updater.name,
+                    updater.params.len(),
+                    updater.statements.len()
+                );
+            }
+            if let Some(jwt) = &config.auth.jwt {
+                println!("auth: JWT {:?} from {}", jwt.algorithms, jwt.key_source);
+            }
+            match &config.store {
+                StoreConfig::Embedded { path } => println!("store: embedded, {}", path.display()),
+                StoreConfig::Scylla(s) => println!(
+                    "store: scylla, keyspace {} on {} ({})",
+                    s.keyspace,
+                    s.nodes.join(", "),
+                    s.consistency.name()
+                ),
+            }
+            println!("roles: {}", config.roles);
             println!("{}: ok", config.file.display());
-            Ok(())
+            Ok(true)
         }
     }
 }

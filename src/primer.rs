@@ -107,6 +107,11 @@ pub struct Primer {
     pub query: String,
     pub shape: Shape,
     pub dependencies: Vec<Dependency>,
+    /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
+    pub cache_control: Option<String>,
+    /// Who may fetch its keys when authentication is on (`None`: any valid token). `match` indexes are key
+    /// parameters.
+    pub access: Option<crate::auth::Access>,
 }
 
 /// A typed parameter value of a key.
@@ -605,6 +610,8 @@ mod tests {
                 },
                 mapping: Mapping::AllKeys,
             }],
+            cache_control: None,
+            access: None,
         }
     }
 

@@ -15,9 +15,9 @@
 //! The primer query is wrapped so that Postgres builds the JSON (`row_to_json`, `string_agg`): kck stores
 //! and serves those bytes as they are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -25,10 +25,12 @@ use postgres_types::{Format, IsNull, ToSql, Type};
 use tokio::sync::{OnceCell, watch};
 use tokio_postgres::NoTls;
 
+use crate::freshness::Hub;
 use crate::lsn::Lsn;
+use crate::ops::Telemetry;
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
-use crate::replication::Source;
+use crate::replication::{ReplicationState, Source};
 use crate::store::{Claim, Entry, Store, StoreError, Stored, Task};
 use crate::visibility::{Snapshot, VisibilityClock};
 
@@ -37,13 +39,19 @@ use crate::visibility::{Snapshot, VisibilityClock};
 pub enum RefreshError {
     #[error("no Postgres connection available: {0}")]
     Pool(String),
-    #[error("the query of primer '{primer}' failed: {source}")]
+    #[error(
+        "the query of primer '{primer}' failed: {}",
+        crate::replication::pg_error_text(source)
+    )]
     Query {
         primer: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("the lookup query of primer '{primer}' (dependency {dependency}) failed: {source}")]
+    #[error(
+        "the lookup query of primer '{primer}' (dependency {dependency}) failed: {}",
+        crate::replication::pg_error_text(source)
+    )]
     Lookup {
         primer: String,
         dependency: usize,
@@ -52,6 +60,8 @@ pub enum RefreshError {
     },
     #[error("could not read a snapshot: {0}")]
     Snapshot(String),
+    #[error("could not mark a position in the WAL for a cache miss: {0}")]
+    Mark(String),
     #[error("the change at {needed} is not visible yet (visible up to {visible})")]
     NotVisible { needed: Lsn, visible: Lsn },
     #[error(transparent)]
@@ -103,7 +113,8 @@ pub fn wrapped_query(query: &str, shape: Shape) -> String {
     }
 }
 
-fn wrapped_lookup(query: &str) -> String {
+/// The SQL kck runs for a dependency's lookup query.
+pub fn wrapped_lookup(query: &str) -> String {
     format!("SELECT row_to_json(q)::text FROM ({query}\n) q")
 }
 
@@ -123,14 +134,114 @@ pub fn now_ms() -> i64 {
 
 type PrimeCell = Arc<OnceCell<Entry>>;
 
+/// How one primer's refreshes go, for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PrimerHealth {
+    /// Refreshes that worked (keys computed, lookups run, key pages listed; fetch misses included).
+    pub refreshes: u64,
+    pub failures: u64,
+    /// Failures since the last refresh that worked: a primer with some is failing now.
+    pub consecutive_failures: u32,
+    /// When a refresh of it last worked (ms since the Unix epoch).
+    pub last_refresh_at_ms: Option<i64>,
+    /// The last error and when (ms since the Unix epoch).
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    /// Time of the last key computation and the mean of all, in milliseconds.
+    pub last_duration_ms: Option<f64>,
+    pub mean_duration_ms: Option<f64>,
+    #[serde(skip)]
+    timed: u64,
+}
+
+/// Per-primer refresh health and recent key refresh durations. Kept by the [`Refresher`]; read by
+/// `crate::ops::status`.
+#[derive(Debug, Default)]
+pub struct RefreshHealth {
+    primers: Mutex<HashMap<String, PrimerHealth>>,
+    /// The last key refresh durations (ms), for percentiles.
+    recent_ms: Mutex<VecDeque<f64>>,
+}
+
+const RECENT_DURATIONS: usize = 512;
+
+impl RefreshHealth {
+    fn succeeded(&self, primer: &str, duration: Option<Duration>) -> bool {
+        let mut primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        let health = primers.entry(primer.to_string()).or_default();
+        let was_failing = health.consecutive_failures > 0;
+        health.refreshes += 1;
+        health.consecutive_failures = 0;
+        health.last_refresh_at_ms = Some(now_ms());
+        if let Some(duration) = duration {
+            let ms = duration.as_secs_f64() * 1000.0;
+            health.timed += 1;
+            let mean = health.mean_duration_ms.unwrap_or(0.0);
+            health.mean_duration_ms = Some(mean + (ms - mean) / health.timed as f64);
+            health.last_duration_ms = Some(ms);
+            drop(primers);
+            let mut recent = self.recent_ms.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_DURATIONS {
+                recent.pop_front();
+            }
+            recent.push_back(ms);
+        }
+        was_failing
+    }
+
+    /// Returns the consecutive failures now.
+    fn failed(&self, primer: &str, error: &str) -> u32 {
+        let mut primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        let health = primers.entry(primer.to_string()).or_default();
+        health.failures += 1;
+        health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+        health.last_error = Some(error.to_string());
+        health.last_error_at_ms = Some(now_ms());
+        health.consecutive_failures
+    }
+
+    /// `(refreshes, failures)` of all primers.
+    pub fn totals(&self) -> (u64, u64) {
+        let primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        primers
+            .values()
+            .fold((0, 0), |(r, f), h| (r + h.refreshes, f + h.failures))
+    }
+
+    /// The health of `primer` (default when it never ran).
+    pub fn primer(&self, primer: &str) -> PrimerHealth {
+        let primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        primers.get(primer).cloned().unwrap_or_default()
+    }
+
+    /// `(p50, p95, max)` of the recent key refresh durations, in milliseconds.
+    pub fn latency_ms(&self) -> Option<(f64, f64, f64)> {
+        let recent = self.recent_ms.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.is_empty() {
+            return None;
+        }
+        let mut sorted: Vec<f64> = recent.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.95), sorted[sorted.len() - 1]))
+    }
+}
+
 /// Runs primer queries. See the module docs.
 pub struct Refresher {
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<VisibilityClock>,
+    /// Told about every entry this refresher writes and every task it finishes (freshness waits).
+    pub hub: Arc<Hub>,
     pool: Pool,
     visibility_timeout: Duration,
     priming: Mutex<HashMap<String, PrimeCell>>,
+    /// The state of this process's own replication stream, if it has the role.
+    local_stream: Option<watch::Receiver<ReplicationState>>,
+    /// Per-primer successes and failures.
+    pub health: RefreshHealth,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Refresher {
@@ -141,6 +252,7 @@ impl Refresher {
         store: Arc<dyn Store>,
         clock: Arc<VisibilityClock>,
         visibility_timeout: Duration,
+        telemetry: Arc<Telemetry>,
     ) -> Result<Refresher, RefreshError> {
         let manager = Manager::from_config(
             source.pg.clone(),
@@ -157,10 +269,88 @@ impl Refresher {
             catalog,
             store,
             clock,
+            hub: Arc::new(Hub::default()),
             pool,
             visibility_timeout,
             priming: Mutex::new(HashMap::new()),
+            local_stream: None,
+            health: RefreshHealth::default(),
+            telemetry,
         })
+    }
+
+    /// Tell the refresher about this process's own replication stream: while it streams, a miss waits
+    /// for what it decoded; otherwise for a position marked in the WAL (see [`Refresher::prime`]).
+    pub fn with_local_stream(mut self, state: watch::Receiver<ReplicationState>) -> Refresher {
+        self.local_stream = Some(state);
+        self
+    }
+
+    /// A position such that every change a stream may have read before now (and so may have skipped for a
+    /// key that was not registered yet) is at or before it.
+    async fn miss_position(&self) -> Result<Lsn, RefreshError> {
+        let streaming = self
+            .local_stream
+            .as_ref()
+            .is_some_and(|s| *s.borrow() == ReplicationState::Streaming);
+        if streaming {
+            return Ok(self.clock.decoded());
+        }
+        // The stream runs in another process (or is reconnecting): mark the WAL now. Whatever it read
+        // before was flushed before this mark, and once it reads the mark the watermark passes it.
+        let client = self.client().await?;
+        let text: String = client
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'kck-sync', '')::text",
+                &[],
+            )
+            .await
+            .map_err(|e| RefreshError::Mark(e.to_string()))?
+            .get(0);
+        text.parse()
+            .map_err(|e: crate::lsn::ParseLsnError| RefreshError::Mark(e.to_string()))
+    }
+
+    /// Whether Postgres answers on a pooled connection (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), RefreshError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| RefreshError::Pool(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Record a refresh of `primer` that worked.
+    fn record_success(&self, primer: &str, duration: Option<Duration>) {
+        if self.health.succeeded(primer, duration) {
+            self.telemetry.metrics.consecutive_failures(primer, 0);
+            tracing::info!(%primer, "Primer refreshes work again.");
+        }
+    }
+
+    /// Record a failed refresh of `primer`.
+    fn record_failure(&self, primer: &str, error: &RefreshError) {
+        let message = error.to_string();
+        let failures = self.health.failed(primer, &message);
+        self.telemetry
+            .metrics
+            .consecutive_failures(primer, failures);
+        self.telemetry
+            .events
+            .error(format!("primer {primer}"), message);
+    }
+
+    /// The primer a task belongs to, for metrics and health.
+    fn task_primer(&self, kind: &TaskKind) -> String {
+        match kind {
+            TaskKind::Key(text) => self
+                .catalog
+                .parse_key(text)
+                .map(|k| self.catalog.primers[k.primer].name.clone())
+                .unwrap_or_else(|_| "unknown".into()),
+            TaskKind::Lookup { primer, .. } | TaskKind::Primer { primer, .. } => primer.clone(),
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, RefreshError> {
@@ -244,14 +434,24 @@ impl Refresher {
                 // decodes from now on is refreshed. Then the computation waits until everything the stream
                 // decoded before is visible, so no change falls between the two.
                 self.store.register_key(primer, text).await?;
-                let entry = self.compute(key, self.clock.decoded()).await?;
+                let needed = self.miss_position().await?;
+                let entry = self.compute(key, needed).await?;
                 match self.store.store_result(primer, text, entry.clone()).await? {
-                    Stored::Written => Ok(entry),
+                    Stored::Written => {
+                        self.hub.written(text);
+                        Ok(entry)
+                    }
                     Stored::KeptNewer(_) => Ok(self.store.get(text).await?.unwrap_or(entry)),
                 }
             })
             .await
             .cloned();
+        let primer = &self.catalog.primers[key.primer].name;
+        match &result {
+            Ok(_) => self.record_success(primer, None),
+            Err(e @ RefreshError::Query { .. }) => self.record_failure(primer, e),
+            Err(_) => {}
+        }
         let mut priming = self.priming.lock().unwrap_or_else(|e| e.into_inner());
         if priming.get(text).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             priming.remove(text);
@@ -406,29 +606,60 @@ impl Refresher {
     }
 
     async fn settle(&self, claim: &Claim) {
+        let started = Instant::now();
         let outcome = self.run(claim).await;
+        let elapsed = started.elapsed();
+        let kind = TaskKind::parse(&claim.id).ok();
+        let primer = kind
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |k| self.task_primer(k));
         let written = match outcome {
             Ok(Outcome::Done(result, follow_up)) => {
-                let result = result
+                let computed = result.is_some();
+                let written = result
                     .as_ref()
                     .map(|(primer, key, entry)| (primer.as_str(), key.as_str(), entry.clone()));
-                self.store
-                    .finish(claim, result, follow_up)
-                    .await
-                    .map(|_| ())
+                let finished = self.store.finish(claim, written, follow_up).await;
+                match (&finished, &result) {
+                    (Ok(Some(Stored::Written)), Some((_, key, _))) => self.hub.written(key),
+                    (Ok(_), _) => self.hub.progressed(),
+                    (Err(_), _) => {}
+                }
+                let label = match (&finished, computed, &kind) {
+                    (Err(_), _, _) => None,
+                    (Ok(Some(Stored::KeptNewer(_))), _, _) => Some("kept_newer"),
+                    (Ok(_), true, _) => Some("ok"),
+                    (Ok(_), false, Some(TaskKind::Key(_))) => Some("not_cached"),
+                    (Ok(_), false, _) => Some("ok"),
+                };
+                if let Some(label) = label {
+                    let timed = computed.then_some(elapsed);
+                    self.telemetry.metrics.refresh(&primer, label, timed);
+                    if label != "not_cached" {
+                        self.record_success(&primer, timed);
+                    }
+                }
+                finished.map(|_| ())
             }
             Err(error) => {
                 let delay = backoff(claim.attempts);
                 match &error {
                     RefreshError::NotVisible { .. } => {
+                        self.telemetry.metrics.refresh(&primer, "not_visible", None);
                         tracing::debug!(task = %claim.id, %error, "Retrying later.")
                     }
-                    _ => tracing::warn!(
-                        task = %claim.id,
-                        attempts = claim.attempts + 1,
-                        retry_in = ?delay,
-                        "Refresh failed: {error}"
-                    ),
+                    _ => {
+                        self.telemetry.metrics.refresh(&primer, "failed", None);
+                        self.record_failure(&primer, &error);
+                        tracing::warn!(
+                            task = %claim.id,
+                            %primer,
+                            attempts = claim.attempts + 1,
+                            retry_in = ?delay,
+                            "Refresh failed; retrying with backoff. Fix the primer's query (or the \
+                             database) and it recovers on its own: {error}"
+                        )
+                    }
                 }
                 self.store.retry(claim, delay).await
             }

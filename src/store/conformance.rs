@@ -47,6 +47,7 @@ where
         entries_never_go_backwards,
         store_result_indexes_the_key,
         register_key_and_keys_paging,
+        key_count_counts_the_primers_keys,
         remove_key_removes_entry_and_index,
         enqueue_coalesces_by_id,
         claim_is_oldest_first_and_skips_claimed,
@@ -59,6 +60,9 @@ where
         retry_delays_the_task,
         queue_stats_track_depth_claims_and_age,
         meta_round_trips,
+        pending_floor_bound,
+        pending_floor_bound_after_a_raised_finish,
+        pending_floor_bound_with_follow_ups,
         wait_for_tasks_wakes_and_times_out,
         concurrent_enqueue_and_finish_lose_nothing,
         concurrent_writes_to_one_key_keep_the_newest,
@@ -89,9 +93,15 @@ fn entry(lsn: u64, value: &str) -> Entry {
 }
 
 fn task(id: &str, lsn: u64) -> Task {
+    Task::new(id, Lsn(lsn))
+}
+
+/// A task standing for changes from `floor` to `lsn`.
+fn task_from(id: &str, floor: u64, lsn: u64) -> Task {
     Task {
         id: id.to_owned(),
         lsn: Lsn(lsn),
+        floor: Lsn(floor),
     }
 }
 
@@ -108,6 +118,10 @@ fn ids(claims: &[Claim]) -> Vec<&str> {
 
 async fn claim<S: Store>(s: &S, max: usize, lease: Duration) -> Vec<Claim> {
     s.claim(max, lease).await.expect("claim failed")
+}
+
+async fn floor<S: Store>(s: &S) -> Option<Lsn> {
+    s.pending_floor().await.expect("pending_floor failed")
 }
 
 async fn stats<S: Store>(s: &S) -> QueueStats {
@@ -144,12 +158,13 @@ async fn get_missing_is_none<S: Store>(s: S) {
 }
 
 async fn get_round_trips_what_was_stored<S: Store>(s: S) {
+    let in_an_hour = now_ms() + 3_600_000;
     let cases = [
         Entry {
             value: Bytes::from_static(br#"{"id":42,"items":[1,2,3]}"#),
             lsn: Lsn(0x16_B374_D848),
             computed_at_ms: 1_700_000_000_123,
-            expires_at_ms: Some(1_700_000_060_123),
+            expires_at_ms: Some(in_an_hour),
         },
         Entry {
             value: Bytes::new(),
@@ -159,9 +174,10 @@ async fn get_round_trips_what_was_stored<S: Store>(s: S) {
         },
         Entry {
             value: Bytes::from(vec![b'x'; 300_000]),
-            lsn: Lsn(u64::MAX),
+            // The largest LSN every backend must take (see the contract).
+            lsn: Lsn(i64::MAX as u64),
             computed_at_ms: -5,
-            expires_at_ms: Some(i64::MIN),
+            expires_at_ms: Some(i64::MAX),
         },
     ];
     for (i, e) in cases.iter().enumerate() {
@@ -175,6 +191,22 @@ async fn get_round_trips_what_was_stored<S: Store>(s: S) {
         assert_eq!(got.as_ref(), Some(e), "entry {i} read back differs");
     }
     assert_eq!(s.get("p/other").await.unwrap(), None);
+
+    // An entry whose expiry has passed is either kept as it was or dropped (the contract allows both),
+    // never changed.
+    for (i, expires) in [1_700_000_060_123, i64::MIN].into_iter().enumerate() {
+        let key = format!("p/expired-{i}");
+        let e = Entry {
+            expires_at_ms: Some(expires),
+            ..entry(3, "old")
+        };
+        s.store_result("p", &key, e.clone()).await.unwrap();
+        let got = s.get(&key).await.unwrap();
+        assert!(
+            got.is_none() || got.as_ref() == Some(&e),
+            "expired entry {i} read back as {got:?}"
+        );
+    }
 }
 
 async fn entries_never_go_backwards<S: Store>(s: S) {
@@ -297,6 +329,21 @@ async fn register_key_and_keys_paging<S: Store>(s: S) {
     assert_eq!(all, vec!["p/a", "p/b", "p/c", "p/d", "p/e"]);
 }
 
+async fn key_count_counts_the_primers_keys<S: Store>(s: S) {
+    assert_eq!(s.key_count("p").await.unwrap(), 0);
+    for k in ["p/c", "p/a", "p/b"] {
+        s.register_key("p", k).await.unwrap();
+    }
+    s.register_key("p", "p/a").await.unwrap();
+    s.register_key("p2", "p2/a").await.unwrap();
+    s.store_result("p", "p/d", entry(5, "{}")).await.unwrap();
+    assert_eq!(s.key_count("p").await.unwrap(), 4);
+    assert_eq!(s.key_count("p2").await.unwrap(), 1);
+    assert_eq!(s.key_count("").await.unwrap(), 0);
+    s.remove_key("p", "p/a").await.unwrap();
+    assert_eq!(s.key_count("p").await.unwrap(), 3);
+}
+
 async fn remove_key_removes_entry_and_index<S: Store>(s: S) {
     s.store_result("p", "p/1", entry(3, "one")).await.unwrap();
     s.register_key("p", "p/2").await.unwrap();
@@ -404,13 +451,13 @@ async fn finish_and_reclaim<S: Store>(s: &S, c: &Claim) -> Claim {
 }
 
 async fn expired_lease_makes_a_task_claimable_again<S: Store>(s: S) {
-    s.enqueue(vec![task("short", 1), task("long", 1)])
+    s.enqueue(vec![task("long", 1), task("short", 1)])
         .await
         .unwrap();
-    let first = claim(&s, 1, Duration::from_millis(1)).await;
-    assert_eq!(ids(&first), vec!["short"]);
     let long = claim(&s, 1, LONG).await;
     assert_eq!(ids(&long), vec!["long"]);
+    let first = claim(&s, 1, Duration::from_millis(1)).await;
+    assert_eq!(ids(&first), vec!["short"]);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let again = claim_eventually(&s, "short").await;
     assert!(again.attempts >= first[0].attempts);
@@ -641,6 +688,156 @@ async fn meta_round_trips<S: Store>(s: S) {
     assert_eq!(s.get("fingerprint").await.unwrap(), None);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The pending floor
+//
+// The contract asks for a lower bound (`None` only when nothing is queued); `exact` also checks that the
+// bound is the floor itself, as the embedded store keeps it (see `exact_pending_floor`).
+
+/// `pending_floor` is at most `expected` (exactly it when `exact`), and `None` exactly when `expected` is.
+async fn check_floor<S: Store>(s: &S, exact: bool, expected: Option<Lsn>, what: &str) {
+    let got = floor(s).await;
+    match (got, expected) {
+        (None, None) => {}
+        (Some(g), Some(e)) if g == e || (!exact && g < e) => {}
+        _ => panic!(
+            "{what}: pending_floor is {got:?}, expected {}{expected:?}",
+            if exact { "" } else { "at most " }
+        ),
+    }
+}
+
+async fn pending_floor_bound<S: Store>(s: S) {
+    pending_floor_is_the_oldest_change_still_owed(s, false).await
+}
+
+async fn pending_floor_bound_after_a_raised_finish<S: Store>(s: S) {
+    finishing_a_raised_task_moves_its_floor_past_the_claim(s, false).await
+}
+
+async fn pending_floor_bound_with_follow_ups<S: Store>(s: S) {
+    follow_ups_inherit_the_finished_tasks_floor(s, false).await
+}
+
+/// The floor properties, checking that `pending_floor` is exact (not only a lower bound), for backends
+/// that track floors (the embedded store). Panics at the first failure, naming it.
+pub async fn exact_pending_floor<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    run_one(
+        "pending_floor_is_the_oldest_change_still_owed (exact)",
+        async { pending_floor_is_the_oldest_change_still_owed(make().await, true).await },
+    )
+    .await;
+    run_one(
+        "finishing_a_raised_task_moves_its_floor_past_the_claim (exact)",
+        async { finishing_a_raised_task_moves_its_floor_past_the_claim(make().await, true).await },
+    )
+    .await;
+    run_one(
+        "follow_ups_inherit_the_finished_tasks_floor (exact)",
+        async { follow_ups_inherit_the_finished_tasks_floor(make().await, true).await },
+    )
+    .await;
+}
+
+async fn pending_floor_is_the_oldest_change_still_owed<S: Store>(s: S, exact: bool) {
+    check_floor(&s, exact, None, "an empty queue has no floor").await;
+    s.enqueue(vec![task("a", 5), task("b", 3)]).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(3)), "pending_floor").await;
+    s.enqueue(vec![task("b", 7)]).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(3)),
+        "coalescing a newer change must keep the oldest change owed",
+    )
+    .await;
+    s.enqueue(vec![task("a", 2)]).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(2)),
+        "coalescing an older change must lower the floor",
+    )
+    .await;
+    s.enqueue(vec![task_from("c", 1, 9)]).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(1)),
+        "a task's own floor counts, not its LSN",
+    )
+    .await;
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&claims), vec!["a", "b", "c"]);
+    assert_eq!(claims[0].lsn, Lsn(5));
+    check_floor(&s, exact, Some(Lsn(1)), "claimed tasks still owe").await;
+    s.retry(&claims[2], Duration::ZERO).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(1)), "retried tasks still owe").await;
+    s.finish(&claims[0], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(1)), "after finishing a").await;
+    let c = claim_eventually(&s, "c").await;
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(3)), "after finishing c, b owes 3").await;
+    s.finish(&claims[1], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, None, "nothing is owed once all finished").await;
+}
+
+async fn finishing_a_raised_task_moves_its_floor_past_the_claim<S: Store>(s: S, exact: bool) {
+    s.enqueue(vec![task("a", 5)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("a", 8)]).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(5)), "pending_floor").await;
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(6)),
+        "the refresh saw every change up to the claim's LSN (5): 6..=8 is still owed",
+    )
+    .await;
+    let again = claim_eventually(&s, "a").await;
+    assert_eq!(again.lsn, Lsn(8));
+    s.finish(&again, None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, None, "pending_floor").await;
+}
+
+async fn follow_ups_inherit_the_finished_tasks_floor<S: Store>(s: S, exact: bool) {
+    // A lookup standing for changes 4..=10 hands its debt to the keys it finds.
+    s.enqueue(vec![task_from("lookup", 4, 10)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.finish(&c, None, vec![task("k1", 10), task("k2", 10)])
+        .await
+        .unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(4)),
+        "follow-ups must inherit the finished task's floor",
+    )
+    .await;
+    let ks = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&ks), vec!["k1", "k2"]);
+    s.finish(&ks[0], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(4)), "k2 still owes 4").await;
+    s.finish(&ks[1], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, None, "pending_floor").await;
+
+    // A task kept because it was raised: its follow-ups take its old floor, it keeps the rest.
+    s.enqueue(vec![task_from("m", 3, 6)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("m", 9)]).await.unwrap();
+    s.finish(&c, None, vec![task("f", 6)]).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(3)), "f inherits m's floor 3").await;
+    let f = claim_eventually(&s, "f").await;
+    s.finish(&f, None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(7)), "m owes 7..=9").await;
+}
+
 async fn wait_for_tasks_wakes_and_times_out<S: Store>(s: S) {
     let s = Arc::new(s);
     // Nothing to wait for: it returns after its timeout.
@@ -774,6 +971,7 @@ async fn concurrent_enqueue_and_finish_lose_nothing<S: Store>(s: S) {
         QueueStats::default(),
         "queue must be empty"
     );
+    assert_eq!(floor(&*s).await, None, "an empty queue has no floor");
 }
 
 async fn concurrent_writes_to_one_key_keep_the_newest<S: Store>(s: S) {

@@ -14,6 +14,8 @@
 //! | `queue_ready`          | seq                   | task id: tasks that are due, oldest first      |
 //! | `queue_delayed`        | (not_before_ms, seq)  | task id: retried tasks, soonest due first       |
 //! | `queue_delayed_by_seq` | seq                   | task id: the same tasks, oldest first          |
+//! | `queue_task_floor`     | task id               | the task's floor (see [`Store::pending_floor`]) |
+//! | `queue_floor`          | (floor, task id)      | `()`: the floors in order, for `pending_floor`  |
 //! | `meta`                 | name                  | bytes                                          |
 //!
 //! An encoded entry is a 26-byte header followed by the value: format byte (1), LSN (u64 LE),
@@ -29,13 +31,18 @@
 //!   largest stored one), so seq order is enqueue order and the oldest task is the smaller of the
 //!   first keys of `queue_ready` and `queue_delayed_by_seq`.
 //! - Every key in `key_index` is in `key_primers` and the reverse. `store_result` indexes the key.
+//! - Every task in `queue_tasks` has one row in `queue_task_floor` and the matching (floor, id) in
+//!   `queue_floor`, and nothing else is in either, so the pending floor is the first key of
+//!   `queue_floor`. (A store written before floors existed gets them at open: floor = the task's LSN.)
 //! - An entry's LSN never decreases: the comparison runs inside the write transaction that replaces it.
 //!
 //! # Writes: group commit
 //! One writer thread owns every write. Callers send it a request and await a oneshot reply; the
 //! writer takes every request waiting in its channel (up to a budget), applies them in one write
-//! transaction, commits it durably, and only then answers them all. So concurrent `enqueue` and
-//! `finish` calls share fsyncs. If any request of a batch fails, the transaction is abandoned and the
+//! transaction, commits it, and only then answers them all. So concurrent `enqueue` calls share fsyncs.
+//! A commit is durable (fsync) when one of its writes must be (`enqueue`, `retry`, `remove_key`,
+//! `put_meta`) or the last durable commit is a second old; `finish`, `store_result` and `register_key`
+//! alone commit without an fsync: a crash may lose them whole, which only makes a refresh run again. If any request of a batch fails, the transaction is abandoned and the
 //! batch is redone one request per transaction, so one bad request fails alone.
 //!
 //! # Reads
@@ -78,6 +85,8 @@ const READY: TableDefinition<u64, &str> = TableDefinition::new("queue_ready");
 const DELAYED: TableDefinition<(i64, u64), &str> = TableDefinition::new("queue_delayed");
 const DELAYED_BY_SEQ: TableDefinition<u64, &str> = TableDefinition::new("queue_delayed_by_seq");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const TASK_FLOOR: TableDefinition<&str, u64> = TableDefinition::new("queue_task_floor");
+const FLOORS: TableDefinition<(u64, &str), ()> = TableDefinition::new("queue_floor");
 
 /// (seq, lsn, enqueued_at_ms, attempts, not_before_ms); `not_before_ms == 0` means ready.
 type TaskRow = (u64, u64, i64, u32, i64);
@@ -254,6 +263,18 @@ impl Op {
         }
     }
 
+    /// Whether the write must be on disk before its caller hears back. The others are committed without
+    /// an fsync (redb makes them durable with the next durable commit, at most a second later): a crash
+    /// may lose a recent `finish` (its task stays queued and the refresh runs again), a result or a
+    /// registration (computed again on the next miss). That is the contract's at-least-once, and it takes
+    /// an fsync off every refresh.
+    fn must_be_durable(&self) -> bool {
+        matches!(
+            self,
+            Op::Enqueue { .. } | Op::Retry { .. } | Op::RemoveKey { .. } | Op::PutMeta { .. }
+        )
+    }
+
     fn weight(&self) -> usize {
         match self {
             Op::Enqueue { tasks } => 1 + tasks.len(),
@@ -302,6 +323,8 @@ struct Tables<'t> {
     delayed: Table<'t, (i64, u64), &'static str>,
     delayed_by_seq: Table<'t, u64, &'static str>,
     meta: Table<'t, &'static str, &'static [u8]>,
+    task_floor: Table<'t, &'static str, u64>,
+    floors: Table<'t, (u64, &'static str), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -316,6 +339,8 @@ impl<'t> Tables<'t> {
             delayed: txn.open_table(DELAYED).ctx(op)?,
             delayed_by_seq: txn.open_table(DELAYED_BY_SEQ).ctx(op)?,
             meta: txn.open_table(META).ctx(op)?,
+            task_floor: txn.open_table(TASK_FLOOR).ctx(op)?,
+            floors: txn.open_table(FLOORS).ctx(op)?,
         })
     }
 
@@ -359,24 +384,65 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn enqueue(&mut self, tasks: &[Task], next_seq: &mut u64, now: i64) -> StoreResult<()> {
+    /// Adds or coalesces `tasks`. `inherit`: a floor every task's floor is lowered to (the floor of
+    /// the task whose follow-ups these are).
+    fn enqueue(
+        &mut self,
+        tasks: &[Task],
+        inherit: Option<u64>,
+        next_seq: &mut u64,
+        now: i64,
+    ) -> StoreResult<()> {
         let op = "enqueue";
         for task in tasks {
-            let existing = self.tasks.get(task.id.as_str()).ctx(op)?.map(|g| g.value());
+            let id = task.id.as_str();
+            let floor = task.floor.min(task.lsn).0.min(inherit.unwrap_or(u64::MAX));
+            let existing = self.tasks.get(id).ctx(op)?.map(|g| g.value());
             match existing {
                 Some((seq, lsn, enqueued_at, attempts, not_before)) => {
                     if task.lsn.0 > lsn {
                         let row: TaskRow = (seq, task.lsn.0, enqueued_at, attempts, not_before);
-                        self.tasks.insert(task.id.as_str(), row).ctx(op)?;
+                        self.tasks.insert(id, row).ctx(op)?;
+                    }
+                    let old = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
+                    if old.is_none_or(|old| floor < old) {
+                        self.set_floor(id, old, Some(floor), op)?;
                     }
                 }
                 None => {
                     let seq = *next_seq;
                     *next_seq += 1;
                     let row: TaskRow = (seq, task.lsn.0, now, 0, 0);
-                    self.tasks.insert(task.id.as_str(), row).ctx(op)?;
-                    self.ready.insert(seq, task.id.as_str()).ctx(op)?;
+                    self.tasks.insert(id, row).ctx(op)?;
+                    self.ready.insert(seq, id).ctx(op)?;
+                    self.set_floor(id, None, Some(floor), op)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves task `id`'s floor from `old` to `new` (`None`: no floor row) in both floor tables.
+    fn set_floor(
+        &mut self,
+        id: &str,
+        old: Option<u64>,
+        new: Option<u64>,
+        op: &str,
+    ) -> StoreResult<()> {
+        if old == new {
+            return Ok(());
+        }
+        if let Some(old) = old {
+            self.floors.remove((old, id)).ctx(op)?;
+        }
+        match new {
+            Some(new) => {
+                self.task_floor.insert(id, new).ctx(op)?;
+                self.floors.insert((new, id), ()).ctx(op)?;
+            }
+            None => {
+                self.task_floor.remove(id).ctx(op)?;
             }
         }
         Ok(())
@@ -393,23 +459,30 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Removes the task unless its LSN was raised past `claim.lsn`. Returns whether no task is left.
-    fn finish_task(&mut self, claim: &Claim) -> StoreResult<bool> {
+    /// Removes the task unless its LSN was raised past `claim.lsn` (then its floor rises past
+    /// `claim.lsn`). Returns whether no task is left, and the task's floor before (for its follow-ups
+    /// to inherit), if it was pending.
+    fn finish_task(&mut self, claim: &Claim) -> StoreResult<(bool, Option<u64>)> {
         let op = "finish";
-        let Some((seq, lsn, _, _, not_before)) = self
-            .tasks
-            .get(claim.id.as_str())
-            .ctx(op)?
-            .map(|g| g.value())
+        let id = claim.id.as_str();
+        let Some((seq, lsn, _, _, not_before)) = self.tasks.get(id).ctx(op)?.map(|g| g.value())
         else {
-            return Ok(true);
+            return Ok((true, None));
         };
+        let floor = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
         if lsn > claim.lsn.0 {
-            return Ok(false);
+            // Every change up to the claim's LSN was seen by the refresh just done.
+            let raised = floor
+                .unwrap_or(lsn)
+                .max(claim.lsn.0.saturating_add(1))
+                .min(lsn);
+            self.set_floor(id, floor, Some(raised), op)?;
+            return Ok((false, floor));
         }
-        self.tasks.remove(claim.id.as_str()).ctx(op)?;
+        self.tasks.remove(id).ctx(op)?;
         self.unorder(seq, not_before, op)?;
-        Ok(true)
+        self.set_floor(id, floor, None, op)?;
+        Ok((true, floor))
     }
 
     fn retry(&mut self, claim: &Claim, not_before_ms: i64) -> StoreResult<()> {
@@ -449,7 +522,7 @@ impl<'t> Tables<'t> {
                 (Reply::Unit, Effect::None)
             }
             Op::Enqueue { tasks } => {
-                self.enqueue(tasks, next_seq, now)?;
+                self.enqueue(tasks, None, next_seq, now)?;
                 (Reply::Unit, Effect::Wake)
             }
             Op::Finish {
@@ -462,8 +535,8 @@ impl<'t> Tables<'t> {
                     None => None,
                 };
                 // The task goes first, so that a follow-up with the same id is a new task.
-                let task_gone = self.finish_task(claim)?;
-                self.enqueue(follow_up, next_seq, now)?;
+                let (task_gone, floor) = self.finish_task(claim)?;
+                self.enqueue(follow_up, floor, next_seq, now)?;
                 (
                     Reply::Finished(stored),
                     Effect::Release {
@@ -502,11 +575,34 @@ struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Request>,
     next_seq: u64,
+    last_durable: std::time::Instant,
+    /// A commit since the last durable one was not durable.
+    durable_pending: bool,
 }
+
+/// The longest a non-durable commit waits for a durable one.
+const DURABLE_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Writer {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            // With a non-durable commit outstanding, wait at most until it is due to be made durable.
+            let first = if self.durable_pending {
+                let due = DURABLE_AT_LEAST_EVERY.saturating_sub(self.last_durable.elapsed());
+                match self.rx.recv_timeout(due) {
+                    Ok(req) => req,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.make_durable();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(req) => req,
+                    Err(_) => break,
+                }
+            };
             let mut weight = first.op.weight();
             let mut batch = vec![first];
             while weight < MAX_BATCH_WEIGHT {
@@ -520,7 +616,29 @@ impl Writer {
             }
             self.process(batch);
         }
+        if self.durable_pending {
+            self.make_durable();
+        }
         // Every handle is gone and every request answered.
+    }
+
+    /// An empty durable commit: makes the non-durable commits before it durable.
+    fn make_durable(&mut self) {
+        let result = self
+            .db
+            .begin_write()
+            .map_err(|e| e.to_string())
+            .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => {
+                self.last_durable = std::time::Instant::now();
+                self.durable_pending = false;
+            }
+            Err(error) => {
+                tracing::error!(%error, "Cannot make the store's recent writes durable; retrying.");
+                self.last_durable = std::time::Instant::now();
+            }
+        }
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -546,9 +664,16 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` in one durable transaction.
+    /// Applies `ops` in one transaction: durable when one of them must be (see [`Op::must_be_durable`]) or
+    /// the last durable commit is a second old.
     fn commit(&mut self, ops: &[&Op]) -> StoreResult<Vec<(Reply, Effect)>> {
-        let txn = self.db.begin_write().ctx("begin write transaction")?;
+        let mut txn = self.db.begin_write().ctx("begin write transaction")?;
+        let durable = ops.iter().any(|op| op.must_be_durable())
+            || self.last_durable.elapsed() >= DURABLE_AT_LEAST_EVERY;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Backend(format!("set durability: {e}")))?;
+        }
         let now = now_ms();
         let mut next_seq = self.next_seq;
         let mut outcomes = Vec::with_capacity(ops.len());
@@ -565,6 +690,10 @@ impl Writer {
         // Seqs handed to a transaction that then fails to commit are skipped, never reused.
         self.next_seq = next_seq;
         txn.commit().ctx("commit")?;
+        if durable {
+            self.last_durable = std::time::Instant::now();
+        }
+        self.durable_pending = !durable;
         Ok(outcomes)
     }
 
@@ -671,6 +800,8 @@ impl EmbeddedStore {
             shared: shared.clone(),
             rx,
             next_seq,
+            last_durable: std::time::Instant::now(),
+            durable_pending: false,
         };
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
@@ -711,9 +842,29 @@ impl EmbeddedStore {
                 .ctx("read queue")?
                 .map(|(k, _)| k.value());
             next_seq = last_ready.max(last_delayed).map_or(0, |s| s + 1);
+            Self::backfill_floors(tables)?;
         }
         txn.commit().ctx("commit")?;
         Ok(next_seq)
+    }
+
+    /// Gives every task without a floor (a store written before floors existed) the floor = its LSN.
+    fn backfill_floors(mut tables: Tables<'_>) -> StoreResult<()> {
+        let op = "backfill task floors";
+        if tables.task_floor.len().ctx(op)? == tables.tasks.len().ctx(op)? {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        for item in tables.tasks.iter().ctx(op)? {
+            let (id, row) = item.ctx(op)?;
+            if tables.task_floor.get(id.value()).ctx(op)?.is_none() {
+                missing.push((id.value().to_owned(), row.value().1));
+            }
+        }
+        for (id, lsn) in missing {
+            tables.set_floor(&id, None, Some(lsn), op)?;
+        }
+        Ok(())
     }
 
     async fn call(&self, op: Op) -> StoreResult<Reply> {
@@ -859,6 +1010,21 @@ impl Store for EmbeddedStore {
             }
         }
         Ok(out)
+    }
+
+    async fn key_count(&self, primer: &str) -> StoreResult<u64> {
+        let op = "key_count";
+        let txn = self.read()?;
+        let table = txn.open_table(KEY_INDEX).ctx(op)?;
+        let mut count = 0;
+        for item in table.range((primer, "")..).ctx(op)? {
+            let (k, _) = item.ctx(op)?;
+            if k.value().0 != primer {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
     }
 
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
@@ -1023,6 +1189,13 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn pending_floor(&self) -> StoreResult<Option<Lsn>> {
+        let op = "pending_floor";
+        let txn = self.read()?;
+        let floors = txn.open_table(FLOORS).ctx(op)?;
+        Ok(floors.first().ctx(op)?.map(|(k, _)| Lsn(k.value().0)))
+    }
+
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>> {
         let txn = self.read()?;
         let meta = txn.open_table(META).ctx("get_meta")?;
@@ -1067,10 +1240,7 @@ mod tests {
     }
 
     fn task(id: &str, lsn: u64) -> Task {
-        Task {
-            id: id.to_owned(),
-            lsn: Lsn(lsn),
-        }
+        Task::new(id, Lsn(lsn))
     }
 
     fn ids(claims: &[Claim]) -> Vec<&str> {
@@ -1082,6 +1252,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::run_all(|| {
+            let path = dir
+                .path()
+                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
+    /// The embedded store keeps floors exactly, not just a lower bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn its_pending_floor_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::exact_pending_floor(|| {
             let path = dir
                 .path()
                 .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
@@ -1127,6 +1311,7 @@ mod tests {
                 oldest_enqueued_at_ms: oldest
             }
         );
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(1)));
         // New tasks line up after the stored ones (seqs are not reused).
         s.enqueue(vec![task("d", 4)]).await.unwrap();
         // Claims did not survive; the retried task is still delayed.
@@ -1175,7 +1360,8 @@ mod tests {
         std::process::abort();
     }
 
-    /// What `enqueue`, `finish` and the other writes acknowledged survives the process dying.
+    /// What `enqueue` and the other durable writes acknowledged survives the process dying; a `finish` not
+    /// yet made durable is lost whole or kept whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn survives_a_crash() {
         let dir = tempfile::tempdir().unwrap();
@@ -1193,24 +1379,59 @@ mod tests {
             .unwrap();
         assert!(!status.success(), "the helper process was meant to abort");
         let s = EmbeddedStore::open(dir.path()).unwrap();
+        // Written before a durable write (put_meta, enqueue): durable with it.
         assert_eq!(s.get("p/1").await.unwrap(), Some(entry(7, "one")));
-        assert_eq!(s.get("p/3").await.unwrap(), Some(entry(9, "three")));
-        assert_eq!(
-            s.keys("p", None, 10).await.unwrap(),
-            vec!["p/1", "p/2", "p/3"]
-        );
         assert_eq!(
             s.get_meta("fingerprint").await.unwrap(),
             Some(Bytes::from_static(b"f1"))
         );
         assert_eq!(s.queue_stats().await.unwrap().depth, 100);
+        // The last finish was not durable: it either happened whole or not at all (then its task is
+        // still queued and the refresh runs again).
+        let finished = s.get("p/3").await.unwrap();
         let claims = s.claim(1000, LONG).await.unwrap();
         assert_eq!(claims.len(), 100);
-        assert_eq!(claims[0].id, "t1", "t0 was finished");
-        assert_eq!(claims[99].id, "f");
+        if finished.is_some() {
+            assert_eq!(finished, Some(entry(9, "three")));
+            assert_eq!(
+                s.keys("p", None, 10).await.unwrap(),
+                vec!["p/1", "p/2", "p/3"]
+            );
+            assert_eq!(claims[0].id, "t1", "t0 was finished");
+            assert_eq!(claims[99].id, "f");
+        } else {
+            assert_eq!(s.keys("p", None, 10).await.unwrap(), vec!["p/1", "p/2"]);
+            assert_eq!(claims[0].id, "t0", "the finish was lost whole");
+            assert!(claims.iter().all(|c| c.id != "f"));
+        }
         // The store still writes after recovery.
         s.enqueue(vec![task("after", 1)]).await.unwrap();
         assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["after"]);
+    }
+
+    /// A store written before task floors existed gets them when opened: each task's floor is its LSN.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_without_floors_gets_them_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.enqueue(vec![task("a", 7), task("b", 4), Task::new("c", Lsn(9))])
+                .await
+                .unwrap();
+        }
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(TASK_FLOOR).unwrap();
+            txn.delete_table(FLOORS).unwrap();
+            txn.commit().unwrap();
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(4)));
+        let claims = s.claim(10, LONG).await.unwrap();
+        let b = claims.iter().find(|c| c.id == "b").unwrap();
+        s.finish(b, None, Vec::new()).await.unwrap();
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
     }
 
     #[tokio::test]

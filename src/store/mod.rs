@@ -1,20 +1,68 @@
 //! The store: cache entries, the per-primer key index, and the durable refresh queue.
 //!
-//! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default) implements it, and
-//! [`conformance`] is the test suite every backend must pass.
+//! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default, one process) and
+//! `scylla` (ScyllaDB or Cassandra, shared by many processes; the `scylla` Cargo feature) implement it,
+//! [`cql`] holds the ScyllaDB data model, and `conformance` is the test suite every backend must pass.
 //!
 //! # Contract
 //! - **Entries never go backwards.** [`Store::store_result`] writes an entry only if no entry with a higher
-//!   LSN is stored for that key (an equal LSN replaces: it is a recomputation of the same state).
-//! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash. The replication
-//!   stream acknowledges a position to Postgres only after that.
+//!   LSN is stored for that key, and reports [`Stored::KeptNewer`] with that LSN when one is. An equal LSN
+//!   is a recomputation of the same state: the embedded store replaces the entry; a backend that cannot
+//!   compare and write atomically (ScyllaDB) keeps one of the two whole (see [`cql`]: the later
+//!   computation where the database's tie-break compares values) and reports `Written`.
+//!   Under concurrent writes to one key, `Written` means the entry was written; a newer one may have
+//!   replaced it since. `KeptNewer` is never reported for an entry that was kept.
+//! - **LSNs up to 2^63 − 1.** A backend may refuse (with an error) an entry whose LSN is above
+//!   `7FFFFFFF/FFFFFFFF` (ScyllaDB orders entries by a signed 64-bit timestamp); Postgres would need to
+//!   write 8 EiB of WAL to get there. The embedded store takes any LSN.
+//! - **Expired entries.** An entry whose `expires_at_ms` has passed may be dropped ([`Store::get`] then
+//!   answers `None`, as for a key never stored; ScyllaDB drops it with a TTL), or kept as it was (the
+//!   embedded store; readers compare `expires_at_ms` themselves). It is never changed.
+//! - **Removal.** After [`Store::remove_key`], a backend that orders by LSN without reading (ScyllaDB)
+//!   shadows the removed LSN: the key can be stored again from a higher LSN (kck's labels only grow).
+//! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash (of kck, and
+//!   for ScyllaDB of fewer replicas than the configured consistency needs). The replication stream
+//!   acknowledges a position to Postgres only after that.
 //! - **Tasks coalesce.** One pending task per [`Task::id`]; enqueuing an id that is pending raises its LSN to
-//!   the larger of the two and keeps its place in line.
-//! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
-//!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
-//!   it was claimed keeps it queued (the newer change still needs a refresh).
+//!   the larger of the two, lowers its floor to the smaller of the two (see below), and keeps its place in
+//!   line (and its `enqueued_at_ms`).
+//! - **Oldest first.** [`Store::claim`] hands out the tasks enqueued first (retried tasks keep their place
+//!   once due). With several processes on ScyllaDB, "first" follows each process's clock, so tasks
+//!   enqueued within clock skew of each other may come out of order.
+//! - **At-least-once, never twice at once.** A claimed task is not handed to another worker while its lease
+//!   lasts. A claimed task that is neither finished nor retried (its worker died) is handed out again once
+//!   its lease runs out (embedded: also after a restart), with one more attempt. Finishing a task whose LSN
+//!   was raised while it was claimed keeps it queued (the newer change still needs a refresh) and
+//!   releases it.
+//! - **Finish.** [`Store::finish`] stores the result, queues the follow-ups and removes the task. The
+//!   embedded store does it in one transaction; ScyllaDB does it in that order, so a crash part-way leaves
+//!   the task to run again when its lease runs out, and loses nothing.
+//! - **Lazy durability.** A backend may make [`Store::finish`], [`Store::store_result`] and
+//!   [`Store::register_key`] durable lazily: a crash may then lose one whole (never half of one), which
+//!   only makes a refresh run again.
+//! - **The pending floor.** Every pending task (claimed or not, due or delayed) has a *floor*: the lowest
+//!   change LSN it still owes a refresh for ([`Task::floor`], at most [`Task::lsn`]).
+//!   [`Store::pending_floor`] answers a lower bound of the lowest floor of all pending tasks, and `None`
+//!   only when nothing is pending. `/update?wait=fresh` and `/fetch?min_lsn` rely on it: once the stream
+//!   has durably queued everything up to `L` and the pending floor is above `L` (or nothing is pending),
+//!   every change up to `L` is reflected in every cached entry. A lower bound is always safe; the tighter
+//!   it is, the sooner waits end. The trait's default is `Some(0)` while anything is queued (waits then
+//!   last until the queue drains). The embedded store is exact, moving floors like this:
+//!   - a new task's floor is its [`Task::floor`];
+//!   - coalescing keeps the smaller floor: `floor = min(pending.floor, task.floor)`;
+//!   - [`Store::finish`] that keeps a task (its LSN was raised after the claim) sets its floor to
+//!     `max(floor, claim.lsn + 1)`: the refresh just done saw every change up to `claim.lsn`;
+//!   - the follow-ups of [`Store::finish`] inherit the finished task's floor: each is enqueued with
+//!     `floor = min(follow_up.floor, floor of the task being finished)` (when that task is still pending),
+//!     so that a lookup or primer-page task hands its debt on to the key tasks it creates, in the same
+//!     atomic write (a backend whose `finish` is not atomic must queue the follow-ups before it removes
+//!     the task, so that the debt is never unaccounted for);
+//!   - [`Store::retry`] leaves the floor as it is.
 
+pub mod cql;
 pub mod embedded;
+#[cfg(feature = "scylla")]
+pub mod scylla;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
@@ -46,6 +94,21 @@ pub struct Task {
     pub id: String,
     /// The commit LSN of the newest change that asked for this task: the refresh must see it.
     pub lsn: Lsn,
+    /// The commit LSN of the oldest change this task still owes a refresh for (`floor <= lsn`). Until the
+    /// task is finished, [`Store::pending_floor`] is at most this. Usually equal to `lsn`; lower when the
+    /// task stands for several changes (the stream's batch coalesced them).
+    pub floor: Lsn,
+}
+
+impl Task {
+    /// A task for one change: its floor is its LSN.
+    pub fn new(id: impl Into<String>, lsn: Lsn) -> Task {
+        Task {
+            id: id.into(),
+            lsn,
+            floor: lsn,
+        }
+    }
 }
 
 /// A task handed to one worker.
@@ -65,7 +128,7 @@ pub struct Claim {
 pub enum Stored {
     /// The entry was written.
     Written,
-    /// A newer entry (of this LSN) was kept.
+    /// A newer entry (of this LSN, higher than the one offered) was kept.
     KeptNewer(Lsn),
 }
 
@@ -118,6 +181,23 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<String>>;
 
+    /// How many keys are indexed under `primer` (for `kck status`). The default pages through
+    /// [`Store::keys`]; a backend that can count cheaper should override it. Callers cache the answer for a
+    /// few seconds, so it may be approximate for a backend that cannot count exactly.
+    async fn key_count(&self, primer: &str) -> StoreResult<u64> {
+        const PAGE: usize = 10_000;
+        let mut count = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let keys = self.keys(primer, after.as_deref(), PAGE).await?;
+            count += keys.len() as u64;
+            if keys.len() < PAGE {
+                return Ok(count);
+            }
+            after = keys.into_iter().next_back();
+        }
+    }
+
     /// Durably add tasks, coalescing by id.
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()>;
 
@@ -141,6 +221,17 @@ pub trait Store: Send + Sync + 'static {
     async fn wait_for_tasks(&self, timeout: Duration);
 
     async fn queue_stats(&self) -> StoreResult<QueueStats>;
+
+    /// A lower bound of the lowest floor of all pending tasks (claimed or not, due or delayed), or `None`
+    /// when the queue is empty: no change older than it can still be missing from a cached entry. See "The
+    /// pending floor" in the module docs. Called by freshness waits (every 50 ms while a client waits), so
+    /// it should be a point lookup, not a scan of the queue.
+    ///
+    /// The default is safe but loose: `Some(0)` while the queue holds any task, so waits last until it
+    /// drains. A backend should track floors exactly (the embedded store does).
+    async fn pending_floor(&self) -> StoreResult<Option<Lsn>> {
+        Ok((self.queue_stats().await?.depth > 0).then_some(Lsn::ZERO))
+    }
 
     /// Small named values kck keeps about itself (for example the config fingerprint).
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>>;
