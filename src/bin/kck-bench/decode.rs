@@ -20,7 +20,7 @@ use kck::config::Config;
 use kck::deps::DepIndex;
 use kck::lsn::Lsn;
 use kck::refresh::prove_visibility;
-use kck::replication::{Source, Stream, StreamLimits, StreamStats};
+use kck::replication::{ReplicationState, Source, Stream, StreamLimits, StreamStats};
 use kck::store::{Claim, Entry, QueueStats, Store, StoreResult, Stored, Task};
 use kck::visibility::VisibilityClock;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -436,6 +436,7 @@ async fn kck_reader(ctx: &Ctx, slot: &str, end: Lsn, prover: bool) -> Result<Mea
         clock: clock.clone(),
         stats: stats.clone(),
         limits: StreamLimits::default(),
+        state: Arc::new(watch::channel(ReplicationState::Starting).0),
     };
     pg::reset_statements(&client).await?;
     let (shutdown, shutdown_rx) = watch::channel(false);
