@@ -16,10 +16,12 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, StoreConfig};
 use crate::deps::DepIndex;
 use crate::http::{AppState, app};
+use crate::jobs::Jobs;
 use crate::lsn::Lsn;
 use crate::queue::TaskKind;
 use crate::refresh::{Refresher, prove_visibility};
 use crate::replication::{self, ReplicationError, Source, Stream, StreamLimits, StreamStats};
+use crate::schedule;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
 use crate::visibility::VisibilityClock;
@@ -48,7 +50,12 @@ pub enum AppError {
 pub struct RunOptions {
     /// How long to wait for a slot another session holds before giving up.
     pub slot_wait: Duration,
+    /// `max_queue` is lowered to `refresh.max_queue` of the config.
     pub limits: StreamLimits,
+    /// Wraps the opened store (tests slow it down, for example).
+    pub wrap_store: Option<StoreWrapper>,
+    /// Start with the refresh workers paused ([`Refresher::pause`]).
+    pub paused: bool,
 }
 
 impl Default for RunOptions {
@@ -56,7 +63,19 @@ impl Default for RunOptions {
         RunOptions {
             slot_wait: Duration::from_secs(10),
             limits: StreamLimits::default(),
+            wrap_store: None,
+            paused: false,
         }
+    }
+}
+
+/// A function that wraps the store kck opens (see [`RunOptions::wrap_store`]).
+#[derive(Clone)]
+pub struct StoreWrapper(pub Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>);
+
+impl std::fmt::Debug for StoreWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreWrapper")
     }
 }
 
@@ -66,6 +85,10 @@ pub struct Running {
     pub store: Arc<dyn Store>,
     pub stats: Arc<StreamStats>,
     pub clock: Arc<VisibilityClock>,
+    /// The refresh workers' state: pause/resume, per-primer stats.
+    pub refresher: Arc<Refresher>,
+    /// The process worker's jobs and their status.
+    pub jobs: Arc<Jobs>,
     shutdown: watch::Sender<bool>,
     replication: JoinHandle<Result<(), ReplicationError>>,
     others: Vec<JoinHandle<()>>,
@@ -81,7 +104,10 @@ pub fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Start kck. See the module docs.
 pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppError> {
-    let store = open_store(&config)?;
+    let mut store = open_store(&config)?;
+    if let Some(wrap) = &options.wrap_store {
+        store = (wrap.0)(store);
+    }
     let source = Source::new(&config.source)?;
     let catalog = Arc::new(config.catalog.clone());
     let deps = Arc::new(DepIndex::new(catalog.clone()));
@@ -92,20 +118,42 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let workers = config.refresh.workers;
-    let refresher = Arc::new(Refresher::new(
-        &source,
-        workers + 4,
-        catalog.clone(),
-        store.clone(),
-        clock.clone(),
-        config.refresh.visibility_timeout,
-    )?);
+    let refresher = Arc::new(
+        Refresher::new(
+            &source,
+            config.refresh.pool_size,
+            catalog.clone(),
+            store.clone(),
+            clock.clone(),
+            config.refresh.visibility_timeout,
+        )?
+        .with_claim_batch(config.refresh.claim_batch),
+    );
+    if options.paused {
+        refresher.pause();
+    }
     let mut others = Vec::new();
     for worker in 0..workers {
         others.push(tokio::spawn(
             refresher.clone().work(worker, shutdown_rx.clone()),
         ));
     }
+    others.push(tokio::spawn(schedule::run_intervals(
+        refresher.clone(),
+        shutdown_rx.clone(),
+    )));
+    others.push(tokio::spawn(schedule::sweep_expired(
+        refresher.clone(),
+        shutdown_rx.clone(),
+    )));
+    let (jobs, job_tasks) = crate::jobs::spawn(
+        &config.jobs,
+        source.clone(),
+        store.clone(),
+        crate::jobs::holder_id(),
+        shutdown_rx.clone(),
+    );
+    others.extend(job_tasks);
     others.push(tokio::spawn(prove_visibility(
         source.clone(),
         clock.clone(),
@@ -118,7 +166,10 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         store: store.clone(),
         clock: clock.clone(),
         stats: stats.clone(),
-        limits: options.limits,
+        limits: StreamLimits {
+            max_queue: options.limits.max_queue.min(config.refresh.max_queue),
+            ..options.limits
+        },
     };
     let (started_tx, started_rx) = oneshot::channel();
     let mut replication = tokio::spawn(supervise(
@@ -142,6 +193,9 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         }
     }
 
+    // Warm before serving, so that the first requests hit (the stream runs meanwhile).
+    schedule::warm(&refresher, workers).await;
+
     let listener = tokio::net::TcpListener::bind(config.http.bind)
         .await
         .map_err(|source| AppError::Bind {
@@ -163,6 +217,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         store: store.clone(),
         catalog,
         primer: config.prime_on_cache_miss.then(|| refresher.clone()),
+        refresher: Some(refresher.clone()),
     };
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {
@@ -178,6 +233,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         store,
         stats,
         clock,
+        refresher,
+        jobs,
         shutdown,
         replication,
         others,

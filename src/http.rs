@@ -28,6 +28,9 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// Computes misses; `None` when misses answer 404 (`prime_on_cache_miss: false`).
     pub primer: Option<Arc<Refresher>>,
+    /// Records reads, revalidates stale entries and serves invalidation ([`crate::invalidate`]); `None` in
+    /// a server that runs no refreshes.
+    pub refresher: Option<Arc<Refresher>>,
 }
 
 /// The router.
@@ -35,6 +38,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/fetch/{*key}", get(fetch))
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::invalidate::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -112,19 +116,54 @@ async fn fetch(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiE
     let raw = key_text(&uri)?;
     let key = state.catalog.parse_key(raw)?;
     let canonical = state.catalog.render(&key);
+    if let Some(refresher) = &state.refresher {
+        refresher.touch(&canonical);
+    }
+    let mut expired = false;
     if let Some(entry) = state
         .store
         .get(&canonical)
         .await
         .map_err(|e| internal(&e))?
     {
-        return Ok(entry_response(entry, "hit"));
+        // An expired (or invalidated) entry is never served as fresh: within the primer's
+        // stale_while_revalidate it is served marked stale while it is recomputed, else it is a miss.
+        let Some(expires) = entry
+            .expires_at_ms
+            .filter(|at| *at <= crate::refresh::now_ms())
+        else {
+            return Ok(entry_response(entry, "hit"));
+        };
+        expired = true;
+        let grace = state.catalog.primers[key.primer]
+            .policy
+            .stale_while_revalidate;
+        if let Some(refresher) = &state.refresher {
+            let servable = grace.is_some_and(|g| {
+                crate::refresh::now_ms() < expires.saturating_add(g.as_millis() as i64)
+            });
+            if servable || state.primer.is_none() {
+                refresher.revalidate(key.clone(), canonical.clone());
+            }
+            if servable {
+                let mut response = entry_response(entry, "stale");
+                response
+                    .headers_mut()
+                    .insert("kck-stale", HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+        }
     }
     let Some(refresher) = &state.primer else {
+        let why = if expired {
+            "has expired and is being recomputed"
+        } else {
+            "is not in the cache"
+        };
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_cached",
-            format!("'{canonical}' is not in the cache (prime_on_cache_miss is off)"),
+            format!("'{canonical}' {why} (prime_on_cache_miss is off)"),
         ));
     };
     match refresher.prime(&key, &canonical).await {

@@ -107,6 +107,8 @@ pub struct Primer {
     pub query: String,
     pub shape: Shape,
     pub dependencies: Vec<Dependency>,
+    /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
+    pub policy: crate::schedule::Policy,
 }
 
 /// A typed parameter value of a key.
@@ -605,6 +607,7 @@ mod tests {
                 },
                 mapping: Mapping::AllKeys,
             }],
+            policy: Default::default(),
         }
     }
 

@@ -422,6 +422,10 @@ pub struct StreamStats {
     pub acked: AtomicU64,
     /// The last position received (commit end or keepalive).
     pub received: AtomicU64,
+    /// Times the flusher waited because the queue was over `refresh.max_queue` (backpressure).
+    pub backpressure_waits: AtomicU64,
+    /// Whether the flusher is waiting for the queue to shrink now.
+    pub throttled: std::sync::atomic::AtomicBool,
 }
 
 /// Bounds of the stream loop.
@@ -429,12 +433,15 @@ pub struct StreamStats {
 pub struct StreamLimits {
     /// Tasks collected in memory before the loop waits for the store.
     pub batch_tasks: usize,
+    /// The flusher waits while the store's queue holds at least this many tasks (`refresh.max_queue`).
+    pub max_queue: u64,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
         StreamLimits {
             batch_tasks: 10_000,
+            max_queue: u64::MAX,
         }
     }
 }
@@ -501,9 +508,12 @@ impl Stream {
         let (durable_tx, mut durable_rx) = watch::channel(start);
         let store = self.store.clone();
         let stats = self.stats.clone();
+        let max_queue = self.limits.max_queue;
+        let mut flusher_shutdown = shutdown.clone();
         let flusher = tokio::spawn(async move {
             while let Some((tasks, ack)) = batch_rx.recv().await {
                 if !tasks.is_empty() {
+                    wait_for_room(store.as_ref(), max_queue, &stats, &mut flusher_shutdown).await;
                     let n = tasks.len() as u64;
                     store.enqueue(tasks).await?;
                     stats.tasks_queued.fetch_add(n, Ordering::Relaxed);
@@ -589,6 +599,59 @@ impl Stream {
             ));
         }
         result
+    }
+}
+
+/// Backpressure: wait while the queue holds `max_queue` tasks or more (or until shutdown, when what was read
+/// is written anyway so that it can be acknowledged). Meanwhile the stream loop fills its batch and stops
+/// reading, and the slot keeps the WAL.
+async fn wait_for_room(
+    store: &dyn Store,
+    max_queue: u64,
+    stats: &StreamStats,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    if max_queue == u64::MAX {
+        return;
+    }
+    let mut waiting = false;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let depth = match store.queue_stats().await {
+            Ok(s) => s.depth,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot read the queue's size; writing without waiting.");
+                break;
+            }
+        };
+        if depth < max_queue {
+            break;
+        }
+        if !waiting {
+            waiting = true;
+            stats.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+            stats.throttled.store(true, Ordering::Relaxed);
+            tracing::info!(
+                depth,
+                max_queue,
+                "The refresh queue is full: reading changes pauses until the workers catch up (the slot \
+                 keeps the WAL). Add workers, or raise refresh.max_queue if the store has room."
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if waiting {
+        stats.throttled.store(false, Ordering::Relaxed);
+        tracing::debug!("The refresh queue has room again; reading changes.");
     }
 }
 

@@ -13,6 +13,8 @@
 //! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
 //!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
 //!   it was claimed keeps it queued (the newer change still needs a refresh).
+//! - **Leases are exclusive.** [`Store::try_lease`] gives a named lease to one holder at a time, until it
+//!   runs out or is released.
 
 pub mod embedded;
 
@@ -145,4 +147,13 @@ pub trait Store: Send + Sync + 'static {
     /// Small named values kck keeps about itself (for example the config fingerprint).
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>>;
     async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()>;
+
+    /// Take or renew the lease `name` for `holder` for `ttl` from now. Returns true if `holder` holds it
+    /// now: it was free, its previous holder's lease ran out, or `holder` already held it (then it is
+    /// extended). Atomic across every process sharing the store: at most one holder at a time. Used by the
+    /// process worker ([`crate::jobs`]) so that a job runs at most once at a time.
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Give up the lease `name` if `holder` holds it (otherwise do nothing).
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
 }
