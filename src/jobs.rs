@@ -231,8 +231,7 @@ async fn run_job(
             }
         }
         // Holding the lease: run unless someone else ran it since we looked.
-        let last = read_last_run(store.as_ref(), &job.name).await;
-        if next_due(&job.schedule, cron.as_ref(), last, now_ms()) <= now_ms() {
+        if read_last_run(store.as_ref(), &job.name).await == last {
             run_once(index, &job, &source, store.as_ref(), &jobs).await;
         }
         if let Err(error) = store.release_lease(&job.name, &jobs.holder).await {

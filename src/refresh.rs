@@ -87,6 +87,22 @@ pub enum RefreshError {
     Store(#[from] StoreError),
 }
 
+/// An error and its causes, joined with `: ` (tokio-postgres says only "db error" at the top; the
+/// cause holds Postgres' message), for logs and status.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// A value bound as a query parameter in text form: Postgres parses it with the parameter's own type, so a
 /// key's `42` binds to an `int4`, `int8` or `numeric` column alike. Never spliced into SQL.
 #[derive(Debug)]
@@ -328,7 +344,7 @@ impl Refresher {
             s.failures += 1;
             s.consecutive_failures += 1;
             consecutive = s.consecutive_failures;
-            s.last_error = Some(error.to_string());
+            s.last_error = Some(error_chain(error));
             s.last_error_at_ms = Some(now_ms());
         });
         // Say it loudly when a primer keeps failing: at 5 failures in a row, then at every power of ten.
@@ -336,7 +352,7 @@ impl Refresher {
             tracing::error!(
                 primer = %self.catalog.primers[primer].name,
                 consecutive_failures = consecutive,
-                %error,
+                error = %error_chain(error),
                 "A primer keeps failing; its keys keep their last value and are retried with backoff \
                  (other primers are not held up). Fix the primer's query or the database."
             );
@@ -870,7 +886,7 @@ impl Refresher {
                             task = %claim.id,
                             attempts = claim.attempts + 1,
                             retry_in = ?delay,
-                            "Refresh failed: {error}"
+                            "Refresh failed: {}", error_chain(&error)
                         )
                     }
                 }
