@@ -473,6 +473,8 @@ impl StreamStats {
 struct OpenTransaction {
     xid: u32,
     final_lsn: Lsn,
+    /// Some of its tasks were handed to the flusher already.
+    flushed: bool,
 }
 
 /// One replication session: reads the slot until `shutdown` or an error.
@@ -504,16 +506,26 @@ impl Stream {
         }
         tracing::info!(slot = %self.source.config.slot, from = %start, "Streaming changes.");
 
-        let (batch_tx, mut batch_rx) = mpsc::channel::<(Vec<crate::store::Task>, Option<Lsn>)>(1);
+        // (tasks, ack, continues a transaction that has tasks queued already).
+        let (batch_tx, mut batch_rx) =
+            mpsc::channel::<(Vec<crate::store::Task>, Option<Lsn>, bool)>(1);
         let (durable_tx, mut durable_rx) = watch::channel(start);
         let store = self.store.clone();
         let stats = self.stats.clone();
         let max_queue = self.limits.max_queue;
         let mut flusher_shutdown = shutdown.clone();
         let flusher = tokio::spawn(async move {
-            while let Some((tasks, ack)) = batch_rx.recv().await {
+            while let Some((tasks, ack, continues)) = batch_rx.recv().await {
                 if !tasks.is_empty() {
-                    wait_for_room(store.as_ref(), max_queue, &stats, &mut flusher_shutdown).await;
+                    // A transaction's tasks can run only once its commit is read: holding back the rest
+                    // of a transaction whose first tasks are queued could wait for ever (they fill the
+                    // queue and wait for the commit). So a transaction waits for room before its first
+                    // tasks are queued, and the rest of it follows: the bound holds between transactions,
+                    // and one transaction larger than it is queued whole.
+                    if !continues {
+                        wait_for_room(store.as_ref(), max_queue, &stats, &mut flusher_shutdown)
+                            .await;
+                    }
                     let n = tasks.len() as u64;
                     store.enqueue(tasks).await?;
                     stats.tasks_queued.fetch_add(n, Ordering::Relaxed);
@@ -554,7 +566,15 @@ impl Stream {
                 }
                 permit = batch_tx.reserve(), if !session.batch.is_empty() => {
                     match permit {
-                        Ok(permit) => permit.send(session.batch.take()),
+                        Ok(permit) => {
+                            let (tasks, ack) = session.batch.take();
+                            // Its transaction has tasks queued already: see the flusher.
+                            let continues = session.open.as_ref().is_some_and(|t| t.flushed);
+                            if let Some(open) = &mut session.open {
+                                open.flushed = true;
+                            }
+                            permit.send((tasks, ack, continues));
+                        }
                         Err(_) => break Err(ReplicationError::Protocol("the queue writer stopped".into())),
                     }
                 }
@@ -575,7 +595,7 @@ impl Stream {
         // Hand over what was read, wait until it is durable, acknowledge it, and close the session.
         let rest = session.batch.take();
         let flushed = if result.is_ok() && (!rest.0.is_empty() || rest.1.is_some()) {
-            batch_tx.send(rest).await.is_ok()
+            batch_tx.send((rest.0, rest.1, false)).await.is_ok()
         } else {
             true
         };
@@ -603,7 +623,8 @@ impl Stream {
 }
 
 /// Backpressure: wait while the queue holds `max_queue` tasks or more (or until shutdown, when what was read
-/// is written anyway so that it can be acknowledged). Meanwhile the stream loop fills its batch and stops
+/// is written anyway so that it can be acknowledged). Not called for the rest of a transaction whose first
+/// tasks are queued (see the flusher). Meanwhile the stream loop fills its batch and stops
 /// reading, and the slot keeps the WAL.
 async fn wait_for_room(
     store: &dyn Store,
@@ -697,6 +718,7 @@ impl Session<'_> {
                 self.open = Some(OpenTransaction {
                     xid,
                     final_lsn: final_lsn.into(),
+                    flushed: false,
                 });
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {
