@@ -69,9 +69,12 @@ impl Default for RunOptions {
     }
 }
 
+/// Wraps one store in another.
+pub type WrapStore = dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync;
+
 /// A function that wraps the store kck opens (see [`RunOptions::wrap_store`]).
 #[derive(Clone)]
-pub struct StoreWrapper(pub Arc<dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync>);
+pub struct StoreWrapper(pub Arc<WrapStore>);
 
 impl std::fmt::Debug for StoreWrapper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -2086,6 +2086,149 @@ primers:
     }
 
     #[test]
+    fn refresh_policy_and_jobs() {
+        use crate::schedule::OnExpiry;
+        let yaml = format!(
+            "{BASE}    refresh_interval: 5m\n    ttl: 30s\n    on_expiry: drop\n    stale_while_revalidate: 10s\n    \
+             cold_after: 1h\n    concurrency: 2\n    warm: SELECT DISTINCT user_id FROM orders\n    batch:\n      \
+             key_column: kck_key\n      query: SELECT user_id AS kck_key, id FROM orders WHERE user_id = ANY($1)\n\
+             refresh:\n  max_queue: 5000\n  cold_after: 2h\n  pool_size: 3\n  claim_batch: 8\n\
+             jobs:\n  - name: totals\n    interval: 1m\n    sql: REFRESH MATERIALIZED VIEW CONCURRENTLY totals\n  \
+             - name: nightly\n    cron: \"0 3 * * *\"\n    sql: DELETE FROM log WHERE at < now() - interval '7 days'\n"
+        );
+        let c = load(&yaml).unwrap();
+        let p = &c.catalog.primers[0].policy;
+        assert_eq!(p.refresh_interval, Some(Duration::from_secs(300)));
+        assert_eq!(p.ttl, Some(Duration::from_secs(30)));
+        assert_eq!(p.on_expiry, OnExpiry::Drop);
+        assert_eq!(p.stale_while_revalidate, Some(Duration::from_secs(10)));
+        assert_eq!(p.cold_after, Some(Duration::from_secs(3600)));
+        assert_eq!(p.concurrency, Some(2));
+        assert_eq!(
+            p.warm.as_deref(),
+            Some("SELECT DISTINCT user_id FROM orders")
+        );
+        let batch = p.batch.as_ref().unwrap();
+        assert_eq!(batch.key_column, "kck_key");
+        assert_eq!(c.refresh.max_queue, 5000);
+        assert_eq!(c.refresh.cold_after, Some(Duration::from_secs(7200)));
+        assert_eq!((c.refresh.pool_size, c.refresh.claim_batch), (3, 8));
+        assert_eq!(c.jobs.len(), 2);
+        assert_eq!(
+            c.jobs[0].schedule,
+            JobSchedule::Interval(Duration::from_secs(60))
+        );
+        assert_eq!(c.jobs[1].schedule, JobSchedule::Cron("0 3 * * *".into()));
+        // Defaults, and the global cold_after for primers without their own.
+        let c = load(&format!("{BASE}refresh:\n  cold_after: 2h\n")).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].policy.cold_after,
+            Some(Duration::from_secs(7200))
+        );
+        let c = load(BASE).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].policy,
+            crate::schedule::Policy::default()
+        );
+        assert_eq!(
+            (
+                c.refresh.max_queue,
+                c.refresh.pool_size,
+                c.refresh.claim_batch
+            ),
+            (1_000_000, 8, 16)
+        );
+        assert!(c.jobs.is_empty());
+    }
+
+    #[test]
+    fn refresh_policy_and_job_errors() {
+        let primer = |extra: &str| format!("{BASE}{extra}");
+        assert_invalid(
+            &primer("    on_expiry: drop\n"),
+            10,
+            "primers[0].on_expiry",
+            "has no effect without `ttl`",
+        );
+        assert_invalid(
+            &primer("    ttl: 1s\n    on_expiry: later\n"),
+            11,
+            "primers[0].on_expiry",
+            "unknown value 'later'",
+        );
+        assert_invalid(
+            &primer("    ttl: soon\n"),
+            10,
+            "primers[0].ttl",
+            "not a duration",
+        );
+        assert_invalid(
+            &primer("    concurrency: 0\n"),
+            10,
+            "primers[0].concurrency",
+            "between 1 and",
+        );
+        assert_invalid(
+            &primer("    warm: SELECT $1\n"),
+            10,
+            "primers[0].warm",
+            "takes no parameters",
+        );
+        assert_invalid(
+            &primer("    batch:\n      query: SELECT 1 AS k\n      key_column: k\n"),
+            11,
+            "primers[0].batch.query",
+            "$1",
+        );
+        assert_invalid(
+            &primer("    batch:\n      key_column: k\n"),
+            11,
+            "primers[0].batch.query",
+            "required",
+        );
+        assert_invalid(
+            &primer("    batch:\n      query: SELECT $1 AS k\n"),
+            11,
+            "primers[0].batch.key_column",
+            "required",
+        );
+        assert_invalid(
+            &format!("{BASE}refresh:\n  max_queue: 0\n"),
+            11,
+            "refresh.max_queue",
+            "between 1 and",
+        );
+        let job = |body: &str| format!("{BASE}jobs:\n  - name: j\n{body}");
+        assert_invalid(
+            &job("    sql: SELECT 1\n"),
+            11,
+            "jobs[0].interval",
+            "required",
+        );
+        assert_invalid(&job("    interval: 1m\n"), 11, "jobs[0].sql", "required");
+        assert_invalid(
+            &job("    sql: SELECT 1\n    interval: 1m\n    cron: \"* * * * *\"\n"),
+            14,
+            "jobs[0].cron",
+            "not both",
+        );
+        assert_invalid(
+            &job("    sql: SELECT 1\n    cron: daily\n"),
+            13,
+            "jobs[0].cron",
+            "not a cron expression",
+        );
+        assert_invalid(
+            &format!(
+                "{BASE}jobs:\n  - name: j\n    sql: x\n    interval: 1s\n  - name: j\n    sql: y\n    interval: 1s\n"
+            ),
+            14,
+            "jobs[1].name",
+            "used twice",
+        );
+    }
+
+    #[test]
     fn relative_paths() {
         let yaml = base_with("primers:", "store:\n  path: /var/lib/kck\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("kck.yaml"), no_env).unwrap();

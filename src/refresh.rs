@@ -192,6 +192,15 @@ pub struct PrimerStats {
 /// How many recently refreshed keys [`Refresher::recent_refreshes`] remembers.
 const RECENT: usize = 1024;
 
+/// A claim with its rank (class, then most recently read first), key and primer.
+type Ranked = (
+    u8,
+    std::cmp::Reverse<Option<Instant>>,
+    Claim,
+    Option<Key>,
+    Option<usize>,
+);
+
 /// One unit of work of a worker: a claim, or key claims of one primer computed with its batch query.
 enum Unit {
     One(Claim, Option<usize>),
@@ -792,13 +801,7 @@ impl Refresher {
     /// Order claimed tasks (hot keys, then lookups and primer pages, then keys never read) and group key
     /// tasks of primers with a batch query.
     fn plan(&self, claims: Vec<Claim>) -> Vec<Unit> {
-        let mut ranked: Vec<(
-            u8,
-            std::cmp::Reverse<Option<Instant>>,
-            Claim,
-            Option<Key>,
-            Option<usize>,
-        )> = claims
+        let mut ranked: Vec<Ranked> = claims
             .into_iter()
             .map(|claim| match TaskKind::parse(&claim.id) {
                 Ok(TaskKind::Key(text)) => {
