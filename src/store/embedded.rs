@@ -35,8 +35,10 @@
 //! # Writes: group commit
 //! One writer thread owns every write. Callers send it a request and await a oneshot reply; the
 //! writer takes every request waiting in its channel (up to a budget), applies them in one write
-//! transaction, commits it durably, and only then answers them all. So concurrent `enqueue` and
-//! `finish` calls share fsyncs. If any request of a batch fails, the transaction is abandoned and the
+//! transaction, commits it, and only then answers them all. So concurrent `enqueue` calls share fsyncs.
+//! A commit is durable (fsync) when one of its writes must be (`enqueue`, `retry`, `remove_key`,
+//! `put_meta`) or the last durable commit is a second old; `finish`, `store_result` and `register_key`
+//! alone commit without an fsync: a crash may lose them whole, which only makes a refresh run again. If any request of a batch fails, the transaction is abandoned and the
 //! batch is redone one request per transaction, so one bad request fails alone.
 //!
 //! # Reads
@@ -265,6 +267,19 @@ impl Op {
             Op::TryLease { .. } => "try_lease",
             Op::ReleaseLease { .. } => "release_lease",
         }
+    }
+
+    /// Whether the write must be on disk before its caller hears back. The others are committed without
+    /// an fsync (redb makes them durable with the next durable commit, at most a second later): a crash
+    /// may lose a recent `finish` (its task stays queued and the refresh runs again), a result or a
+    /// registration (computed again on the next miss). That is the contract's at-least-once, and it takes
+    /// an fsync off every refresh. Leases need no fsync either: only one process opens an embedded store,
+    /// and a crash that loses a lease also ended its holder.
+    fn must_be_durable(&self) -> bool {
+        matches!(
+            self,
+            Op::Enqueue { .. } | Op::Retry { .. } | Op::RemoveKey { .. } | Op::PutMeta { .. }
+        )
     }
 
     fn weight(&self) -> usize {
@@ -552,11 +567,34 @@ struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Request>,
     next_seq: u64,
+    last_durable: std::time::Instant,
+    /// A commit since the last durable one was not durable.
+    durable_pending: bool,
 }
+
+/// The longest a non-durable commit waits for a durable one.
+const DURABLE_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Writer {
     fn run(mut self) {
-        while let Ok(first) = self.rx.recv() {
+        loop {
+            // With a non-durable commit outstanding, wait at most until it is due to be made durable.
+            let first = if self.durable_pending {
+                let due = DURABLE_AT_LEAST_EVERY.saturating_sub(self.last_durable.elapsed());
+                match self.rx.recv_timeout(due) {
+                    Ok(req) => req,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.make_durable();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(req) => req,
+                    Err(_) => break,
+                }
+            };
             let mut weight = first.op.weight();
             let mut batch = vec![first];
             while weight < MAX_BATCH_WEIGHT {
@@ -570,7 +608,29 @@ impl Writer {
             }
             self.process(batch);
         }
+        if self.durable_pending {
+            self.make_durable();
+        }
         // Every handle is gone and every request answered.
+    }
+
+    /// An empty durable commit: makes the non-durable commits before it durable.
+    fn make_durable(&mut self) {
+        let result = self
+            .db
+            .begin_write()
+            .map_err(|e| e.to_string())
+            .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => {
+                self.last_durable = std::time::Instant::now();
+                self.durable_pending = false;
+            }
+            Err(error) => {
+                tracing::error!(%error, "Cannot make the store's recent writes durable; retrying.");
+                self.last_durable = std::time::Instant::now();
+            }
+        }
     }
 
     fn process(&mut self, batch: Vec<Request>) {
@@ -596,9 +656,16 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` in one durable transaction.
+    /// Applies `ops` in one transaction: durable when one of them must be (see [`Op::must_be_durable`]) or
+    /// the last durable commit is a second old.
     fn commit(&mut self, ops: &[&Op]) -> StoreResult<Vec<(Reply, Effect)>> {
-        let txn = self.db.begin_write().ctx("begin write transaction")?;
+        let mut txn = self.db.begin_write().ctx("begin write transaction")?;
+        let durable = ops.iter().any(|op| op.must_be_durable())
+            || self.last_durable.elapsed() >= DURABLE_AT_LEAST_EVERY;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Backend(format!("set durability: {e}")))?;
+        }
         let now = now_ms();
         let mut next_seq = self.next_seq;
         let mut outcomes = Vec::with_capacity(ops.len());
@@ -615,6 +682,10 @@ impl Writer {
         // Seqs handed to a transaction that then fails to commit are skipped, never reused.
         self.next_seq = next_seq;
         txn.commit().ctx("commit")?;
+        if durable {
+            self.last_durable = std::time::Instant::now();
+        }
+        self.durable_pending = !durable;
         Ok(outcomes)
     }
 
@@ -721,6 +792,8 @@ impl EmbeddedStore {
             shared: shared.clone(),
             rx,
             next_seq,
+            last_durable: std::time::Instant::now(),
+            durable_pending: false,
         };
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
@@ -1246,7 +1319,8 @@ mod tests {
         std::process::abort();
     }
 
-    /// What `enqueue`, `finish` and the other writes acknowledged survives the process dying.
+    /// What `enqueue` and the other durable writes acknowledged survives the process dying; a `finish` not
+    /// yet made durable is lost whole or kept whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn survives_a_crash() {
         let dir = tempfile::tempdir().unwrap();
@@ -1264,21 +1338,31 @@ mod tests {
             .unwrap();
         assert!(!status.success(), "the helper process was meant to abort");
         let s = EmbeddedStore::open(dir.path()).unwrap();
+        // Written before a durable write (put_meta, enqueue): durable with it.
         assert_eq!(s.get("p/1").await.unwrap(), Some(entry(7, "one")));
-        assert_eq!(s.get("p/3").await.unwrap(), Some(entry(9, "three")));
-        assert_eq!(
-            s.keys("p", None, 10).await.unwrap(),
-            vec!["p/1", "p/2", "p/3"]
-        );
         assert_eq!(
             s.get_meta("fingerprint").await.unwrap(),
             Some(Bytes::from_static(b"f1"))
         );
         assert_eq!(s.queue_stats().await.unwrap().depth, 100);
+        // The last finish was not durable: it either happened whole or not at all (then its task is
+        // still queued and the refresh runs again).
+        let finished = s.get("p/3").await.unwrap();
         let claims = s.claim(1000, LONG).await.unwrap();
         assert_eq!(claims.len(), 100);
-        assert_eq!(claims[0].id, "t1", "t0 was finished");
-        assert_eq!(claims[99].id, "f");
+        if finished.is_some() {
+            assert_eq!(finished, Some(entry(9, "three")));
+            assert_eq!(
+                s.keys("p", None, 10).await.unwrap(),
+                vec!["p/1", "p/2", "p/3"]
+            );
+            assert_eq!(claims[0].id, "t1", "t0 was finished");
+            assert_eq!(claims[99].id, "f");
+        } else {
+            assert_eq!(s.keys("p", None, 10).await.unwrap(), vec!["p/1", "p/2"]);
+            assert_eq!(claims[0].id, "t0", "the finish was lost whole");
+            assert!(claims.iter().all(|c| c.id != "f"));
+        }
         // The store still writes after recovery.
         s.enqueue(vec![task("after", 1)]).await.unwrap();
         assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["after"]);

@@ -12,7 +12,9 @@
 //!   the larger of the two and keeps its place in line.
 //! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
 //!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
-//!   it was claimed keeps it queued (the newer change still needs a refresh).
+//!   it was claimed keeps it queued (the newer change still needs a refresh). A backend may make
+//!   [`Store::finish`], [`Store::store_result`] and [`Store::register_key`] durable lazily: a crash may then
+//!   lose one whole (never half of one), which only makes a refresh run again.
 //! - **Leases are exclusive.** [`Store::try_lease`] gives a named lease to one holder at a time, until it
 //!   runs out or is released.
 
