@@ -232,7 +232,17 @@ async fn run_job(
         }
         // Holding the lease: run unless someone else ran it since we looked.
         if read_last_run(store.as_ref(), &job.name).await == last {
-            run_once(index, &job, &source, store.as_ref(), &jobs).await;
+            let stopped = tokio::select! {
+                _ = run_once(index, &job, &source, store.as_ref(), &jobs) => false,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            if stopped {
+                // Closing its connection ends the statement (Postgres rolls it back).
+                tracing::warn!(job = %job.name, "Stopping: the running job is abandoned.");
+                jobs.update(index, |s| s.running = false);
+                let _ = store.release_lease(&job.name, &jobs.holder).await;
+                return;
+            }
         }
         if let Err(error) = store.release_lease(&job.name, &jobs.holder).await {
             tracing::warn!(job = %job.name, %error, "Cannot release the job's lease; it runs out by itself.");

@@ -830,3 +830,48 @@ fn status(jobs: &kck::jobs::Jobs, name: &str) -> kck::jobs::JobStatus {
         .find(|s| s.name == name)
         .expect("job status")
 }
+
+#[tokio::test]
+async fn a_primer_concurrency_caps_its_refreshes_in_flight() {
+    let db = database().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each computation holds an advisory lock while it sleeps: `alone` is false if another computation of
+    // the primer ran at the same time.
+    let primers = r#"  - name: slow
+    key: "slow/{id:int}"
+    shape: row
+    query: "SELECT u.id, pg_try_advisory_xact_lock(4711) AS alone, (SELECT 1 FROM pg_sleep(0.05)) AS slept, u.name FROM users u WHERE u.id = $1"
+    depends_on:
+      - table: users
+        columns: { id: id }
+    concurrency: 1
+"#;
+    let (config, _) = write(dir.path(), &db, primers, "  claim_batch: 1\n", "");
+    let config = Config {
+        refresh: kck::config::RefreshConfig {
+            workers: 4,
+            ..config.refresh.clone()
+        },
+        ..config
+    };
+    let running = start(config.clone(), RunOptions::default()).await;
+    let addr = running.http_addr;
+    for id in 1..=12 {
+        assert_eq!(fetch(addr, &format!("slow/{id}")).await.1["alone"], json!(true));
+    }
+    running.refresher.pause();
+    let pg = db.client().await;
+    pg.batch_execute("UPDATE users SET name = name || '+' WHERE id <= 12").await.unwrap();
+    wait_read(&running, &pg).await;
+    running.refresher.resume();
+    wait_drained(&running, &pg, TIMEOUT).await;
+    assert_eq!(stats_of(&running, "slow").refreshes, 12);
+    for id in 1..=12 {
+        let entry = running.store.get(&format!("slow/{id}")).await.unwrap().unwrap();
+        let value: Value = serde_json::from_slice(&entry.value).unwrap();
+        assert!(value["name"].as_str().unwrap().ends_with('+'), "{value}");
+        assert_eq!(value["alone"], json!(true), "two refreshes of the primer overlapped: {value}");
+    }
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
