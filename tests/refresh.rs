@@ -857,20 +857,34 @@ async fn a_primer_concurrency_caps_its_refreshes_in_flight() {
     let running = start(config.clone(), RunOptions::default()).await;
     let addr = running.http_addr;
     for id in 1..=12 {
-        assert_eq!(fetch(addr, &format!("slow/{id}")).await.1["alone"], json!(true));
+        assert_eq!(
+            fetch(addr, &format!("slow/{id}")).await.1["alone"],
+            json!(true)
+        );
     }
     running.refresher.pause();
     let pg = db.client().await;
-    pg.batch_execute("UPDATE users SET name = name || '+' WHERE id <= 12").await.unwrap();
+    pg.batch_execute("UPDATE users SET name = name || '+' WHERE id <= 12")
+        .await
+        .unwrap();
     wait_read(&running, &pg).await;
     running.refresher.resume();
     wait_drained(&running, &pg, TIMEOUT).await;
     assert_eq!(stats_of(&running, "slow").refreshes, 12);
     for id in 1..=12 {
-        let entry = running.store.get(&format!("slow/{id}")).await.unwrap().unwrap();
+        let entry = running
+            .store
+            .get(&format!("slow/{id}"))
+            .await
+            .unwrap()
+            .unwrap();
         let value: Value = serde_json::from_slice(&entry.value).unwrap();
         assert!(value["name"].as_str().unwrap().ends_with('+'), "{value}");
-        assert_eq!(value["alone"], json!(true), "two refreshes of the primer overlapped: {value}");
+        assert_eq!(
+            value["alone"],
+            json!(true),
+            "two refreshes of the primer overlapped: {value}"
+        );
     }
     running.stop().await.unwrap();
     db.cleanup().await;
