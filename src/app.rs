@@ -18,9 +18,9 @@ use crate::deps::DepIndex;
 use crate::http::{AppState, app};
 use crate::jobs::Jobs;
 use crate::lsn::Lsn;
-use crate::queue::TaskKind;
+use crate::ops::{self, Ops, Telemetry};
 use crate::refresh::{Refresher, prove_visibility};
-use crate::replication::{self, ReplicationError, Source, Stream, StreamLimits, StreamStats};
+use crate::replication::{ReplicationError, Source, Stream, StreamLimits, StreamStats};
 use crate::schedule;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub wrap_store: Option<StoreWrapper>,
     /// Start with the refresh workers paused ([`Refresher::pause`]).
     pub paused: bool,
+    /// How often the slot monitor reads the slot (lag, retained WAL, wal_status).
+    pub monitor_interval: Duration,
 }
 
 impl Default for RunOptions {
@@ -65,6 +67,7 @@ impl Default for RunOptions {
             limits: StreamLimits::default(),
             wrap_store: None,
             paused: false,
+            monitor_interval: Duration::from_secs(2),
         }
     }
 }
@@ -92,7 +95,11 @@ pub struct Running {
     pub refresher: Arc<Refresher>,
     /// The process worker's jobs and their status.
     pub jobs: Arc<Jobs>,
+    /// Status, metrics and the slot monitor's readings.
+    pub ops: Arc<Ops>,
     shutdown: watch::Sender<bool>,
+    /// Becomes true when replication stopped with an error (kck cannot go on).
+    failed: watch::Receiver<bool>,
     replication: JoinHandle<Result<(), ReplicationError>>,
     others: Vec<JoinHandle<()>>,
     http: JoinHandle<std::io::Result<()>>,
@@ -114,7 +121,14 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let source = Source::new(&config.source)?;
     let catalog = Arc::new(config.catalog.clone());
     let deps = Arc::new(DepIndex::new(catalog.clone()));
-    let slot = replication::preflight(&source, &deps, options.slot_wait).await?;
+    let telemetry = Arc::new(Telemetry::default());
+    let slot = ops::slot::prepare(&source, &deps, options.slot_wait, &telemetry).await?;
+    if slot.created {
+        // Changes made while no slot existed were not seen: refresh whatever is cached.
+        store
+            .enqueue(ops::slot::rebuild_tasks(&catalog, slot.confirmed_flush))
+            .await?;
+    }
     let clock = Arc::new(VisibilityClock::new(slot.confirmed_flush, 100_000));
     let stats = Arc::new(StreamStats::default());
     stats.acked.store(slot.confirmed_flush.0, Ordering::Relaxed);
@@ -129,6 +143,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             store.clone(),
             clock.clone(),
             config.refresh.visibility_timeout,
+            telemetry.clone(),
         )?
         .with_claim_batch(config.refresh.claim_batch),
     );
@@ -175,13 +190,22 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         },
     };
     let (started_tx, started_rx) = oneshot::channel();
-    let mut replication = tokio::spawn(supervise(
+    let (failed_tx, failed) = watch::channel(false);
+    let supervised = supervise(
         stream,
         slot.confirmed_flush,
         options.slot_wait,
         started_tx,
         shutdown_rx.clone(),
-    ));
+        telemetry.clone(),
+    );
+    let mut replication = tokio::spawn(async move {
+        let result = supervised.await;
+        if result.is_err() {
+            let _ = failed_tx.send(true);
+        }
+        result
+    });
     tokio::select! {
         started = started_rx => {
             if started.is_err() {
@@ -216,15 +240,30 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         addr: config.http.bind,
         source,
     })?;
+    let ops = Arc::new(Ops::new(
+        source.clone(),
+        catalog.clone(),
+        store.clone(),
+        stats.clone(),
+        clock.clone(),
+        refresher.clone(),
+        telemetry.clone(),
+    ));
+    others.push(tokio::spawn(ops::monitor::run(
+        ops.clone(),
+        options.monitor_interval,
+        shutdown_rx.clone(),
+    )));
     let state = AppState {
         store: store.clone(),
         catalog,
         primer: config.prime_on_cache_miss.then(|| refresher.clone()),
         refresher: Some(refresher.clone()),
     };
+    let router = ops::http::observe(app(state).merge(ops::http::router(ops.clone())), telemetry);
     let mut http_shutdown = shutdown_rx.clone();
     let http = tokio::spawn(async move {
-        axum::serve(listener, app(state))
+        axum::serve(listener, router)
             .with_graceful_shutdown(async move {
                 let _ = http_shutdown.wait_for(|stop| *stop).await;
             })
@@ -238,7 +277,9 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         clock,
         refresher,
         jobs,
+        ops,
         shutdown,
+        failed,
         replication,
         others,
         http,
@@ -253,6 +294,7 @@ async fn supervise(
     slot_wait: Duration,
     started: oneshot::Sender<()>,
     mut shutdown: watch::Receiver<bool>,
+    telemetry: Arc<Telemetry>,
 ) -> Result<(), ReplicationError> {
     let mut started = Some(started);
     let mut failures = 0u32;
@@ -271,34 +313,32 @@ async fn supervise(
         }
         failures += 1;
         let delay = Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000));
-        tracing::error!(%error, retry_in = ?delay, "Replication stopped; reconnecting.");
+        tracing::error!(
+            %error,
+            retry_in = ?delay,
+            "Replication stopped; reconnecting. If this repeats, check that Postgres is up and \
+             reachable (kck status shows the slot)."
+        );
+        telemetry
+            .events
+            .error("replication", format!("stopped: {error}; reconnecting"));
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return Ok(()),
         }
         // The slot may have been dropped meanwhile: then changes were missed, and every key is rebuilt.
-        match replication::preflight(&stream.source, &stream.deps, slot_wait).await {
+        match ops::slot::prepare(&stream.source, &stream.deps, slot_wait, &telemetry).await {
             Ok(slot) if slot.created => {
-                tracing::error!(
-                    slot = %stream.source.config.slot,
-                    "The replication slot had disappeared and was created again: changes may have been \
-                     missed, so every cached key is being refreshed."
-                );
-                let tasks = stream
-                    .deps
-                    .catalog()
-                    .primers
-                    .iter()
-                    .map(|p| {
-                        TaskKind::Primer {
-                            primer: p.name.clone(),
-                            after: None,
-                        }
-                        .task(slot.confirmed_flush)
-                    })
-                    .collect();
+                let message = "The replication slot had disappeared (or was invalidated) and was created \
+                               again: changes may have been missed, so every cached key is being refreshed.";
+                tracing::error!(slot = %stream.source.config.slot, "{message}");
+                telemetry.events.error("slot", message);
+                let tasks = ops::slot::rebuild_tasks(stream.deps.catalog(), slot.confirmed_flush);
                 if let Err(error) = stream.store.enqueue(tasks).await {
-                    tracing::error!(%error, "Cannot queue the rebuild.");
+                    tracing::error!(
+                        %error,
+                        "Cannot queue the rebuild of the cache; restart kck once the store works again."
+                    );
                 }
                 stream
                     .stats
@@ -306,7 +346,14 @@ async fn supervise(
                     .store(slot.confirmed_flush.0, Ordering::Relaxed);
             }
             Ok(_) => {}
-            Err(error) => tracing::error!(%error, "The source is not ready."),
+            // An invalidated slot under `on_slot_lost: fail`: retrying cannot help.
+            Err(error @ ReplicationError::SlotLost { .. }) => return Err(error),
+            Err(error) => {
+                tracing::error!(%error, "The source is not ready; retrying.");
+                telemetry
+                    .events
+                    .error("replication", format!("source not ready: {error}"));
+            }
         }
         if failures > 0 && stream.stats.acked.load(Ordering::Relaxed) > start.0 {
             failures = 0;
@@ -315,6 +362,15 @@ async fn supervise(
 }
 
 impl Running {
+    /// Resolves when replication stopped with an error that retrying cannot fix (then call
+    /// [`Running::stop`] to get it). Never resolves otherwise.
+    pub async fn failed(&self) {
+        let mut failed = self.failed.clone();
+        if failed.wait_for(|f| *f).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Ask every part to stop.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);

@@ -47,6 +47,19 @@ pub struct SourceConfig {
     pub create_publication: bool,
     /// The logical replication slot kck owns. Default `kck`.
     pub slot: String,
+    /// Warn when the slot keeps more WAL than this many bytes (at start-up and while running). Default 1 GiB.
+    pub max_retained_wal: u64,
+    /// What to do when Postgres invalidated the slot (`wal_status = lost`). Default [`SlotLostPolicy::Fail`].
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// What kck does when its slot was invalidated (`source.on_slot_lost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLostPolicy {
+    /// Stop with an error that says what to do.
+    Fail,
+    /// Drop the slot, create it again, and refresh every cached key.
+    Recreate,
 }
 
 /// Where cache entries and the refresh queue live.
@@ -144,6 +157,7 @@ pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
 pub const DEFAULT_CLAIM_BATCH: usize = 16;
+pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
 
 /// The environment variables that override fields, with the field each overrides.
 pub const ENV_OVERRIDES: [(&str, &str); 5] = [
@@ -200,6 +214,8 @@ impl fmt::Debug for SourceConfig {
             .field("publication", &self.publication)
             .field("create_publication", &self.create_publication)
             .field("slot", &self.slot)
+            .field("max_retained_wal", &self.max_retained_wal)
+            .field("on_slot_lost", &self.on_slot_lost)
             .finish()
     }
 }
@@ -284,6 +300,8 @@ struct RawSource {
     publication: Option<Spanned<String>>,
     create_publication: Option<Spanned<bool>>,
     slot: Option<Spanned<String>>,
+    max_retained_wal: Option<Spanned<String>>,
+    on_slot_lost: Option<Spanned<String>>,
 }
 
 /// One struct for every store kind: a field of another kind is rejected by validation, by name.
@@ -705,11 +723,35 @@ impl Loader<'_> {
         let create_publication = section
             .and_then(|s| s.create_publication.as_ref())
             .is_some_and(|s| s.value);
+        let max_retained_wal = match section.and_then(|s| s.max_retained_wal.as_ref()) {
+            None => DEFAULT_MAX_RETAINED_WAL,
+            Some(v) => crate::ops::size::parse_byte_size(&v.value)
+                .map_err(|m| self.err(line_of(v), "source.max_retained_wal", m))?,
+        };
+        let on_slot_lost = match section.and_then(|s| s.on_slot_lost.as_ref()) {
+            None => SlotLostPolicy::Fail,
+            Some(v) => match v.value.as_str() {
+                "fail" => SlotLostPolicy::Fail,
+                "recreate" => SlotLostPolicy::Recreate,
+                other => {
+                    return Err(self.err(
+                        line_of(v),
+                        "source.on_slot_lost",
+                        format!(
+                            "'{other}' is not a policy: use 'fail' (stop and say what to do) or 'recreate' \
+                             (drop and create the slot again, then refresh every cached key)"
+                        ),
+                    ));
+                }
+            },
+        };
         Ok(SourceConfig {
             url,
             publication,
             create_publication,
             slot,
+            max_retained_wal,
+            on_slot_lost,
         })
     }
 

@@ -10,6 +10,7 @@ pub mod http;
 pub mod invalidate;
 pub mod jobs;
 pub mod lsn;
+pub mod ops;
 pub mod primer;
 pub mod queue;
 pub mod refresh;

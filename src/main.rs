@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kck::app::{self, RunOptions};
 use kck::config::Config;
 use kck::invalidate::{self, Mode};
+use kck::ops;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
 #[derive(Debug, Parser)]
@@ -60,6 +61,9 @@ enum Command {
         /// Remove the keys instead (their next fetch is a miss).
         #[arg(long)]
         drop: bool,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
         /// A bearer token for the server, if it asks for one.
         #[arg(long, env = "KCK_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -77,9 +81,70 @@ enum Command {
         /// Every cached key of this primer.
         #[arg(long)]
         primer: Option<String>,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
         /// A bearer token for the server, if it asks for one.
         #[arg(long, env = "KCK_TOKEN", hide_env_values = true)]
         token: Option<String>,
+    },
+    /// Check the config against the live database: one line per finding, each problem with its fix.
+    /// Exits 1 when there are problems.
+    Check {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 0 when there are warnings but no failures.
+        #[arg(long)]
+        warnings_ok: bool,
+    },
+    /// Show the slot, lag, queue, primers and recent errors of a running kck (over HTTP), or what
+    /// Postgres and the store say when none answers. Exits 1 when there are problems.
+    Status {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage kck's replication slot.
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+    },
+    /// Print a cached entry (value, LSN, time) without computing it. Exits 1 when it is not cached.
+    Get {
+        /// The key, as in /fetch/KEY.
+        key: String,
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+    },
+    /// Print the cached keys of a primer, one per line.
+    Keys {
+        primer: String,
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// Drop the replication slot (stop kck first). Frees the WAL it retains; the next start creates a new
+    /// slot and refreshes every cached key.
+    Drop {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Confirm: without it, nothing is dropped.
+        #[arg(long)]
+        yes_drop_the_slot: bool,
     },
 }
 
@@ -97,12 +162,26 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("kck: {e:#}");
+            eprintln!("kck: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: kck's messages often already include their cause's text.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -117,19 +196,58 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+/// Run a command; `Ok(false)` exits 1 without an error message (the command printed why).
+async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
         Command::Run { config } => {
             let config = Config::load(&config)?;
             let running = app::start(config, RunOptions::default()).await?;
-            let stop = running_signal().await;
-            tracing::info!(
-                signal = stop,
-                "Stopping: finishing requests and flushing the stream."
-            );
+            tokio::select! {
+                stop = running_signal() => tracing::info!(
+                    signal = stop,
+                    "Stopping: finishing requests and flushing the stream."
+                ),
+                () = running.failed() => tracing::error!("Replication failed; stopping."),
+            }
             running.stop().await?;
             tracing::info!("Stopped.");
-            Ok(())
+            Ok(true)
+        }
+        Command::Check {
+            config,
+            json,
+            warnings_ok,
+        } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::check(&config, json, warnings_ok).await?)
+        }
+        Command::Status { config, url, json } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::status(&config, url.as_deref(), json).await?)
+        }
+        Command::Slot {
+            command:
+                SlotCommand::Drop {
+                    config,
+                    yes_drop_the_slot,
+                },
+        } => {
+            let config = Config::load(&config)?;
+            ops::cli::slot_drop(&config, yes_drop_the_slot).await?;
+            Ok(true)
+        }
+        Command::Get { key, config, url } => {
+            let config = Config::load(&config)?;
+            Ok(ops::cli::get(&config, &key, url.as_deref()).await?)
+        }
+        Command::Keys {
+            primer,
+            config,
+            url,
+        } => {
+            let config = Config::load(&config)?;
+            ops::cli::keys(&config, &primer, url.as_deref()).await?;
+            Ok(true)
         }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
@@ -142,7 +260,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             println!("{}: ok", config.file.display());
-            Ok(())
+            Ok(true)
         }
         Command::Invalidate {
             config,
@@ -150,6 +268,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             primer,
             prefix,
             drop,
+            url,
             token,
         } => {
             let config = Config::load(&config)?;
@@ -160,16 +279,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 prefix,
                 mode: Some(mode),
             };
-            let base = invalidate::base_url(config.http.bind);
+            let base = url.unwrap_or_else(|| invalidate::base_url(config.http.bind));
             let answer = invalidate::call(&base, "/invalidate", &request, token.as_deref()).await?;
             let done = if drop { "dropped" } else { "invalidated" };
             println!("{done} {} key(s)", answer.keys);
-            Ok(())
+            Ok(true)
         }
         Command::Refresh {
             config,
             key,
             primer,
+            url,
             token,
         } => {
             let config = Config::load(&config)?;
@@ -178,10 +298,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 primer,
                 ..Default::default()
             };
-            let base = invalidate::base_url(config.http.bind);
+            let base = url.unwrap_or_else(|| invalidate::base_url(config.http.bind));
             let answer = invalidate::call(&base, "/refresh", &request, token.as_deref()).await?;
             println!("queued a refresh of {} key(s)", answer.keys);
-            Ok(())
+            Ok(true)
         }
     }
 }

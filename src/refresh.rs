@@ -43,6 +43,7 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_postgres::NoTls;
 
 use crate::lsn::Lsn;
+use crate::ops::Telemetry;
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
 use crate::replication::Source;
@@ -55,20 +56,29 @@ use crate::visibility::{Snapshot, VisibilityClock};
 pub enum RefreshError {
     #[error("no Postgres connection available: {0}")]
     Pool(String),
-    #[error("the query of primer '{primer}' failed: {source}")]
+    #[error(
+        "the query of primer '{primer}' failed: {}",
+        crate::replication::pg_error_text(source)
+    )]
     Query {
         primer: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("the lookup query of primer '{primer}' (dependency {dependency}) failed: {source}")]
+    #[error(
+        "the lookup query of primer '{primer}' (dependency {dependency}) failed: {}",
+        crate::replication::pg_error_text(source)
+    )]
     Lookup {
         primer: String,
         dependency: usize,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("the batch query of primer '{primer}' failed: {source}")]
+    #[error(
+        "the batch query of primer '{primer}' failed: {}",
+        crate::replication::pg_error_text(source)
+    )]
     Batch {
         primer: String,
         #[source]
@@ -85,22 +95,6 @@ pub enum RefreshError {
     NotVisible { needed: Lsn, visible: Lsn },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// An error and its causes, joined with `: ` (tokio-postgres says only "db error" at the top; the
-/// cause holds Postgres' message), for logs and status.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.ends_with(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = c.source();
-    }
-    text
 }
 
 /// A value bound as a query parameter in text form: Postgres parses it with the parameter's own type, so a
@@ -148,7 +142,8 @@ pub fn wrapped_query(query: &str, shape: Shape) -> String {
     }
 }
 
-fn wrapped_lookup(query: &str) -> String {
+/// The SQL kck runs for a dependency's lookup query.
+pub fn wrapped_lookup(query: &str) -> String {
     format!("SELECT row_to_json(q)::text FROM ({query}\n) q")
 }
 
@@ -168,7 +163,101 @@ pub fn now_ms() -> i64 {
 
 type PrimeCell = Arc<OnceCell<Entry>>;
 
-/// What the refresh workers did for one primer, since the process started (for status and metrics).
+/// How one primer's refreshes go, for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PrimerHealth {
+    /// Refreshes that worked (keys computed, lookups run, key pages listed; fetch misses included).
+    pub refreshes: u64,
+    pub failures: u64,
+    /// Failures since the last refresh that worked: a primer with some is failing now.
+    pub consecutive_failures: u32,
+    /// When a refresh of it last worked (ms since the Unix epoch).
+    pub last_refresh_at_ms: Option<i64>,
+    /// The last error and when (ms since the Unix epoch).
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    /// Time of the last key computation and the mean of all, in milliseconds.
+    pub last_duration_ms: Option<f64>,
+    pub mean_duration_ms: Option<f64>,
+    #[serde(skip)]
+    timed: u64,
+}
+
+/// Per-primer refresh health and recent key refresh durations. Kept by the [`Refresher`]; read by
+/// `crate::ops::status`.
+#[derive(Debug, Default)]
+pub struct RefreshHealth {
+    primers: Mutex<HashMap<String, PrimerHealth>>,
+    /// The last key refresh durations (ms), for percentiles.
+    recent_ms: Mutex<VecDeque<f64>>,
+}
+
+const RECENT_DURATIONS: usize = 512;
+
+impl RefreshHealth {
+    fn succeeded(&self, primer: &str, duration: Option<Duration>) -> bool {
+        let mut primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        let health = primers.entry(primer.to_string()).or_default();
+        let was_failing = health.consecutive_failures > 0;
+        health.refreshes += 1;
+        health.consecutive_failures = 0;
+        health.last_refresh_at_ms = Some(now_ms());
+        if let Some(duration) = duration {
+            let ms = duration.as_secs_f64() * 1000.0;
+            health.timed += 1;
+            let mean = health.mean_duration_ms.unwrap_or(0.0);
+            health.mean_duration_ms = Some(mean + (ms - mean) / health.timed as f64);
+            health.last_duration_ms = Some(ms);
+            drop(primers);
+            let mut recent = self.recent_ms.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_DURATIONS {
+                recent.pop_front();
+            }
+            recent.push_back(ms);
+        }
+        was_failing
+    }
+
+    /// Returns the consecutive failures now.
+    fn failed(&self, primer: &str, error: &str) -> u32 {
+        let mut primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        let health = primers.entry(primer.to_string()).or_default();
+        health.failures += 1;
+        health.consecutive_failures = health.consecutive_failures.saturating_add(1);
+        health.last_error = Some(error.to_string());
+        health.last_error_at_ms = Some(now_ms());
+        health.consecutive_failures
+    }
+
+    /// `(refreshes, failures)` of all primers.
+    pub fn totals(&self) -> (u64, u64) {
+        let primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        primers
+            .values()
+            .fold((0, 0), |(r, f), h| (r + h.refreshes, f + h.failures))
+    }
+
+    /// The health of `primer` (default when it never ran).
+    pub fn primer(&self, primer: &str) -> PrimerHealth {
+        let primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        primers.get(primer).cloned().unwrap_or_default()
+    }
+
+    /// `(p50, p95, max)` of the recent key refresh durations, in milliseconds.
+    pub fn latency_ms(&self) -> Option<(f64, f64, f64)> {
+        let recent = self.recent_ms.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.is_empty() {
+            return None;
+        }
+        let mut sorted: Vec<f64> = recent.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.95), sorted[sorted.len() - 1]))
+    }
+}
+
+/// What the refresh workers did for one primer, since the process started (for tests and status; failures
+/// and last errors are also in [`Refresher::health`], which `/status` shows).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrimerStats {
     pub primer: String,
@@ -232,6 +321,9 @@ pub struct Refresher {
     limits: Vec<Option<Arc<Semaphore>>>,
     stats: Vec<Mutex<PrimerStats>>,
     recent: Mutex<VecDeque<String>>,
+    /// Per-primer successes and failures, for `/status`.
+    pub health: RefreshHealth,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Refresher {
@@ -242,6 +334,7 @@ impl Refresher {
         store: Arc<dyn Store>,
         clock: Arc<VisibilityClock>,
         visibility_timeout: Duration,
+        telemetry: Arc<Telemetry>,
     ) -> Result<Refresher, RefreshError> {
         let manager = Manager::from_config(
             source.pg.clone(),
@@ -282,7 +375,51 @@ impl Refresher {
             limits,
             stats,
             recent: Mutex::new(VecDeque::new()),
+            health: RefreshHealth::default(),
+            telemetry,
         })
+    }
+
+    /// Whether Postgres answers on a pooled connection (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), RefreshError> {
+        let client = self.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| RefreshError::Pool(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Record a refresh of `primer` that worked.
+    fn record_success(&self, primer: &str, duration: Option<Duration>) {
+        if self.health.succeeded(primer, duration) {
+            self.telemetry.metrics.consecutive_failures(primer, 0);
+            tracing::info!(%primer, "Primer refreshes work again.");
+        }
+    }
+
+    /// Record a failed refresh of `primer`.
+    fn record_failure(&self, primer: &str, error: &RefreshError) {
+        let message = error.to_string();
+        let failures = self.health.failed(primer, &message);
+        self.telemetry
+            .metrics
+            .consecutive_failures(primer, failures);
+        self.telemetry
+            .events
+            .error(format!("primer {primer}"), message);
+    }
+
+    /// The primer a task belongs to, for metrics and health.
+    fn task_primer(&self, kind: &TaskKind) -> String {
+        match kind {
+            TaskKind::Key(text) => self
+                .catalog
+                .parse_key(text)
+                .map(|k| self.catalog.primers[k.primer].name.clone())
+                .unwrap_or_else(|_| "unknown".into()),
+            TaskKind::Lookup { primer, .. } | TaskKind::Primer { primer, .. } => primer.clone(),
+        }
     }
 
     /// How many tasks a worker claims at once (`refresh.claim_batch`).
@@ -353,7 +490,7 @@ impl Refresher {
             s.failures += 1;
             s.consecutive_failures += 1;
             consecutive = s.consecutive_failures;
-            s.last_error = Some(error_chain(error));
+            s.last_error = Some(error.to_string());
             s.last_error_at_ms = Some(now_ms());
         });
         // Say it loudly when a primer keeps failing: at 5 failures in a row, then at every power of ten.
@@ -361,7 +498,7 @@ impl Refresher {
             tracing::error!(
                 primer = %self.catalog.primers[primer].name,
                 consecutive_failures = consecutive,
-                error = %error_chain(error),
+                %error,
                 "A primer keeps failing; its keys keep their last value and are retried with backoff \
                  (other primers are not held up). Fix the primer's query or the database."
             );
@@ -579,6 +716,12 @@ impl Refresher {
             })
             .await
             .cloned();
+        let primer = &self.catalog.primers[key.primer].name;
+        match &result {
+            Ok(_) => self.record_success(primer, None),
+            Err(e @ RefreshError::Query { .. }) => self.record_failure(primer, e),
+            Err(_) => {}
+        }
         let mut priming = self.priming.lock().unwrap_or_else(|e| e.into_inner());
         if priming.get(text).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             priming.remove(text);
@@ -858,38 +1001,65 @@ impl Refresher {
             .collect()
     }
 
-    async fn settle(&self, claim: &Claim, primer: Option<usize>) {
+    async fn settle(&self, claim: &Claim, index: Option<usize>) {
+        let started = Instant::now();
         let outcome = self.run(claim).await;
+        let elapsed = started.elapsed();
+        let kind = TaskKind::parse(&claim.id).ok();
+        let primer = match index {
+            Some(i) => self.catalog.primers[i].name.clone(),
+            None => kind
+                .as_ref()
+                .map_or_else(|| "unknown".to_string(), |k| self.task_primer(k)),
+        };
         let written = match outcome {
             Ok(Outcome::Done(result, follow_up)) => {
-                if let (Some(p), Some((_, key, _))) = (primer, &result) {
+                if let (Some(p), Some((_, key, _))) = (index, &result) {
                     self.refreshed(p, key);
                 }
+                let computed = result.is_some();
                 let result = result
                     .as_ref()
                     .map(|(primer, key, entry)| (primer.as_str(), key.as_str(), entry.clone()));
-                self.store
-                    .finish(claim, result, follow_up)
-                    .await
-                    .map(|_| ())
+                let finished = self.store.finish(claim, result, follow_up).await;
+                let label = match (&finished, computed, &kind) {
+                    (Err(_), _, _) => None,
+                    (Ok(Some(Stored::KeptNewer(_))), _, _) => Some("kept_newer"),
+                    (Ok(_), true, _) => Some("ok"),
+                    (Ok(_), false, Some(TaskKind::Key(_))) => Some("not_cached"),
+                    (Ok(_), false, _) => Some("ok"),
+                };
+                if let Some(label) = label {
+                    let timed = computed.then_some(elapsed);
+                    self.telemetry.metrics.refresh(&primer, label, timed);
+                    if label != "not_cached" {
+                        self.record_success(&primer, timed);
+                    }
+                }
+                finished.map(|_| ())
             }
             Err(error) => {
                 let delay = backoff(claim.attempts);
                 match &error {
                     RefreshError::NotVisible { .. } => {
+                        self.telemetry.metrics.refresh(&primer, "not_visible", None);
                         tracing::debug!(task = %claim.id, %error, "Retrying later.")
                     }
                     _ => {
+                        self.telemetry.metrics.refresh(&primer, "failed", None);
+                        self.record_failure(&primer, &error);
                         if let (Some(p), RefreshError::Query { .. } | RefreshError::Lookup { .. }) =
-                            (primer, &error)
+                            (index, &error)
                         {
                             self.failed(p, &error);
                         }
                         tracing::warn!(
                             task = %claim.id,
+                            %primer,
                             attempts = claim.attempts + 1,
                             retry_in = ?delay,
-                            "Refresh failed: {}", error_chain(&error)
+                            "Refresh failed; retrying with backoff. Fix the primer's query (or the \
+                             database) and it recovers on its own: {error}"
                         )
                     }
                 }
@@ -904,17 +1074,32 @@ impl Refresher {
     /// Refresh key tasks of one primer with its batch query; on failure, each key on its own (with its
     /// own retries).
     async fn settle_batch(&self, index: usize, items: Vec<(Claim, Key, String)>) {
+        let started = Instant::now();
         match self.run_batch(index, &items).await {
             Ok(results) => {
+                // Each key's share of the batch query's time.
+                let each = started.elapsed() / items.len().max(1) as u32;
                 self.stat(index, |s| s.batch_queries += 1);
                 let primer = self.catalog.primers[index].name.as_str();
                 for ((claim, _, text), entry) in items.iter().zip(results) {
-                    if entry.is_some() {
-                        self.refreshed(index, text);
-                    }
+                    let computed = entry.is_some();
                     let result = entry.map(|e| (primer, text.as_str(), e));
-                    if let Err(error) = self.store.finish(claim, result, Vec::new()).await {
-                        tracing::error!(task = %claim.id, %error, "Cannot record a refresh; it will run again.");
+                    match self.store.finish(claim, result, Vec::new()).await {
+                        Ok(stored) => {
+                            if computed {
+                                self.refreshed(index, text);
+                                let label = match stored {
+                                    Some(Stored::KeptNewer(_)) => "kept_newer",
+                                    _ => "ok",
+                                };
+                                self.telemetry.metrics.refresh(primer, label, Some(each));
+                                self.record_success(primer, Some(each));
+                            } else {
+                                self.telemetry.metrics.refresh(primer, "not_cached", None);
+                            }
+                        }
+                        Err(error) => tracing::error!(task = %claim.id, %error,
+                            "Cannot record a refresh; it will run again."),
                     }
                 }
             }
@@ -924,6 +1109,7 @@ impl Refresher {
                     RefreshError::Batch { .. } | RefreshError::BatchShape { .. }
                 ) {
                     self.failed(index, &error);
+                    self.record_failure(&self.catalog.primers[index].name, &error);
                 }
                 tracing::warn!(primer = %self.catalog.primers[index].name, %error,
                     "Batch refresh failed; refreshing the keys one by one.");

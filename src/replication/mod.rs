@@ -46,13 +46,13 @@ use pgoutput::{DecodeError, Message, Relation};
 pub enum ReplicationError {
     #[error("the source connection string is not valid: {0}")]
     BadUrl(String),
-    #[error("cannot connect to Postgres at {target}: {source}")]
+    #[error("cannot connect to Postgres at {target}: {}", pg_error_text(source))]
     Connect {
         target: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("query failed while {doing}: {source}")]
+    #[error("query failed while {doing}: {}", pg_error_text(source))]
     Query {
         doing: &'static str,
         #[source]
@@ -97,9 +97,11 @@ pub enum ReplicationError {
     )]
     SlotOtherDatabase { slot: String, database: String },
     #[error(
-        "replication slot '{slot}' has lost WAL it needed (wal_status = lost; see max_slot_wal_keep_size), \
-         so changes were missed. Drop the slot (SELECT pg_drop_replication_slot('{slot}')) and the kck \
-         store, then start kck again to rebuild the cache."
+        "replication slot '{slot}' was invalidated: Postgres removed WAL it still needed (wal_status = \
+         lost, because it retained more than max_slot_wal_keep_size), so changes were missed and the slot \
+         cannot be used again. Run `kck slot drop --config FILE --yes-drop-the-slot` (or SELECT \
+         pg_drop_replication_slot('{slot}')) and start kck again: it creates a new slot and refreshes every \
+         cached key. To do this automatically, set source.on_slot_lost: recreate."
     )]
     SlotLost { slot: String },
     #[error("replication stream failed: {0}")]
@@ -110,6 +112,28 @@ pub enum ReplicationError {
     Protocol(String),
     #[error("cannot queue refreshes: {0}")]
     Store(#[from] StoreError),
+}
+
+/// A Postgres error as a person needs it: the server's message, SQLSTATE, detail and hint, or the
+/// client-side cause (tokio-postgres's `Display` says only "db error" or "error connecting to server").
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
 }
 
 impl ReplicationError {
@@ -235,12 +259,292 @@ pub struct SlotState {
     pub created: bool,
 }
 
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn quote_table(t: &TableName) -> String {
+pub(crate) fn quote_table(t: &TableName) -> String {
     format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The checks. Each reads one thing from the source and, where there is a rule, says what is wrong with the
+// fix in the error. [`preflight`] runs them before kck starts; `kck check` (`crate::ops::check`) runs the
+// same functions to report every finding at once instead of stopping at the first.
+
+fn query_error(doing: &'static str) -> impl Fn(tokio_postgres::Error) -> ReplicationError {
+    move |source| ReplicationError::Query { doing, source }
+}
+
+/// `SHOW wal_level`.
+pub async fn read_wal_level(client: &tokio_postgres::Client) -> Result<String, ReplicationError> {
+    Ok(client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(query_error("reading wal_level"))?
+        .get(0))
+}
+
+/// kck needs `wal_level = logical`.
+pub fn check_wal_level(actual: &str) -> Result<(), ReplicationError> {
+    if actual == "logical" {
+        Ok(())
+    } else {
+        Err(ReplicationError::WalLevel {
+            actual: actual.to_string(),
+        })
+    }
+}
+
+/// The connected role and database.
+#[derive(Debug, Clone)]
+pub struct RoleInfo {
+    pub role: String,
+    /// `REPLICATION` attribute or superuser.
+    pub may_replicate: bool,
+    pub superuser: bool,
+    pub database: String,
+}
+
+impl RoleInfo {
+    /// kck's role needs the `REPLICATION` attribute.
+    pub fn check(&self) -> Result<(), ReplicationError> {
+        if self.may_replicate {
+            Ok(())
+        } else {
+            Err(ReplicationError::NoReplicationPrivilege {
+                role: self.role.clone(),
+            })
+        }
+    }
+}
+
+pub async fn read_role(client: &tokio_postgres::Client) -> Result<RoleInfo, ReplicationError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper, rolsuper, current_database()::text \
+             FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(query_error("reading the role's privileges"))?;
+    Ok(RoleInfo {
+        role: row.get(0),
+        may_replicate: row.get(1),
+        superuser: row.get(2),
+        database: row.get(3),
+    })
+}
+
+pub async fn publication_exists(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<bool, ReplicationError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_error("looking for the publication"))?
+        .is_some())
+}
+
+/// The tables a publication publishes.
+pub async fn published_tables(
+    client: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<TableName>, ReplicationError> {
+    Ok(client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_error("listing the publication's tables"))?
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect())
+}
+
+/// The tables the primers read, sorted.
+pub fn needed_tables(deps: &DepIndex) -> Vec<&TableName> {
+    let mut tables: Vec<&TableName> = deps.tables().collect();
+    tables.sort();
+    tables
+}
+
+/// Tables as SQL: `"public"."a", "public"."b"`.
+pub fn table_list(tables: &[&TableName]) -> String {
+    tables
+        .iter()
+        .map(|t| quote_table(t))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every needed table must be in the publication.
+pub fn check_published(
+    publication: &str,
+    needed: &[&TableName],
+    published: &[TableName],
+) -> Result<(), ReplicationError> {
+    let missing: Vec<&TableName> = needed
+        .iter()
+        .filter(|t| !published.contains(t))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplicationError::TablesNotPublished {
+            publication: publication.to_string(),
+            tables: table_list(&missing),
+        })
+    }
+}
+
+/// A replication slot as `pg_replication_slots` shows it, with the server's current WAL position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub name: String,
+    /// `None` for a physical slot.
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    /// A session streams from it now.
+    pub active: bool,
+    pub active_pid: Option<i32>,
+    /// Everything before it is acknowledged: streaming resumes there.
+    pub confirmed_flush: Option<Lsn>,
+    /// The oldest WAL the slot keeps.
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (see `max_slot_wal_keep_size`).
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is in danger of losing WAL; `None` when
+    /// `max_slot_wal_keep_size` is -1 (no limit).
+    pub safe_wal_size: Option<i64>,
+    /// The server's current WAL position (write position; receive position on a standby).
+    pub current_wal: Option<Lsn>,
+}
+
+impl SlotInfo {
+    /// WAL the server keeps for this slot, in bytes.
+    pub fn retained_bytes(&self) -> Option<u64> {
+        Some(self.current_wal?.0.saturating_sub(self.restart_lsn?.0))
+    }
+
+    /// WAL written but not yet acknowledged by the slot's consumer, in bytes.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        Some(self.current_wal?.0.saturating_sub(self.confirmed_flush?.0))
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
+
+    /// The slot must be a pgoutput slot of this database, with its WAL.
+    pub fn check(&self, database: &str) -> Result<(), ReplicationError> {
+        if self.plugin.as_deref() != Some("pgoutput") {
+            return Err(ReplicationError::SlotPlugin {
+                slot: self.name.clone(),
+                plugin: self
+                    .plugin
+                    .clone()
+                    .unwrap_or_else(|| "(physical slot)".into()),
+            });
+        }
+        if self.database.as_deref() != Some(database) {
+            return Err(ReplicationError::SlotOtherDatabase {
+                slot: self.name.clone(),
+                database: self.database.clone().unwrap_or_default(),
+            });
+        }
+        if self.is_lost() {
+            return Err(ReplicationError::SlotLost {
+                slot: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Read the slot `slot`, if it exists.
+pub async fn read_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotInfo>, ReplicationError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active, active_pid, confirmed_flush_lsn::text, \
+             restart_lsn::text, wal_status, safe_wal_size, \
+             (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END)::text \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_error("reading the replication slot"))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let lsn = |i: usize| -> Result<Option<Lsn>, ReplicationError> {
+        row.get::<_, Option<String>>(i)
+            .map(|t| parse_lsn(&t))
+            .transpose()
+    };
+    Ok(Some(SlotInfo {
+        name: slot.to_string(),
+        plugin: row.get(0),
+        database: row.get(1),
+        active: row.get(2),
+        active_pid: row.get(3),
+        confirmed_flush: lsn(4)?,
+        restart_lsn: lsn(5)?,
+        wal_status: row.get(6),
+        safe_wal_size: row.get(7),
+        current_wal: lsn(8)?,
+    }))
+}
+
+/// Create the logical slot `slot` with pgoutput; returns its consistent point.
+pub async fn create_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Lsn, ReplicationError> {
+    let lsn: String = client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(query_error("creating the replication slot"))?
+        .get(0);
+    parse_lsn(&lsn)
+}
+
+/// Drop the slot `slot`; `false` if there was none. Fails if a session streams from it.
+pub async fn drop_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<bool, ReplicationError> {
+    let Some(info) = read_slot(client, slot).await? else {
+        return Ok(false);
+    };
+    if info.active {
+        return Err(ReplicationError::SlotInUse {
+            slot: slot.to_string(),
+            pid: info
+                .active_pid
+                .map_or_else(|| "unknown".into(), |p| p.to_string()),
+        });
+    }
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map_err(query_error("dropping the replication slot"))?;
+    Ok(true)
 }
 
 /// Check the source and prepare the slot. `slot_wait` is how long to wait for a slot that another session
@@ -251,154 +555,60 @@ pub async fn preflight(
     slot_wait: Duration,
 ) -> Result<SlotState, ReplicationError> {
     let client = source.connect().await?;
-    let q = |doing| move |source| ReplicationError::Query { doing, source };
-
-    let wal_level: String = client
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(q("reading wal_level"))?
-        .get(0);
-    if wal_level != "logical" {
-        return Err(ReplicationError::WalLevel { actual: wal_level });
-    }
-
-    let row = client
-        .query_one(
-            "SELECT current_user::text, rolreplication OR rolsuper, current_database()::text \
-             FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(q("reading the role's privileges"))?;
-    let (role, may_replicate, database): (String, bool, String) =
-        (row.get(0), row.get(1), row.get(2));
-    if !may_replicate {
-        return Err(ReplicationError::NoReplicationPrivilege { role });
-    }
+    check_wal_level(&read_wal_level(&client).await?)?;
+    let role = read_role(&client).await?;
+    role.check()?;
 
     let publication = &source.config.publication;
-    let mut tables: Vec<&TableName> = deps.tables().collect();
-    tables.sort();
-    let table_list = tables
-        .iter()
-        .map(|t| quote_table(t))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-        .map_err(q("looking for the publication"))?
-        .is_some();
-    if !exists {
+    let tables = needed_tables(deps);
+    if !publication_exists(&client, publication).await? {
         if !source.config.create_publication {
             return Err(ReplicationError::PublicationMissing {
                 publication: publication.clone(),
-                database,
-                tables: table_list,
+                database: role.database,
+                tables: table_list(&tables),
             });
         }
         let sql = format!(
-            "CREATE PUBLICATION {} FOR TABLE {table_list}",
-            quote_ident(publication)
+            "CREATE PUBLICATION {} FOR TABLE {}",
+            quote_ident(publication),
+            table_list(&tables)
         );
         client
             .batch_execute(&sql)
             .await
-            .map_err(q("creating the publication"))?;
-        tracing::info!(%publication, tables = %table_list, "Created the publication.");
+            .map_err(query_error("creating the publication"))?;
+        tracing::info!(%publication, tables = %table_list(&tables), "Created the publication.");
     }
-    let published: Vec<TableName> = client
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-        .map_err(q("listing the publication's tables"))?
-        .iter()
-        .map(|r| TableName {
-            schema: r.get(0),
-            name: r.get(1),
-        })
-        .collect();
-    let missing: Vec<String> = tables
-        .iter()
-        .filter(|t| !published.contains(t))
-        .map(|t| quote_table(t))
-        .collect();
-    if !missing.is_empty() {
-        return Err(ReplicationError::TablesNotPublished {
-            publication: publication.clone(),
-            tables: missing.join(", "),
-        });
-    }
+    let published = published_tables(&client, publication).await?;
+    check_published(publication, &tables, &published)?;
 
     let slot = &source.config.slot;
     let deadline = tokio::time::Instant::now() + slot_wait;
     loop {
-        let row = client
-            .query_opt(
-                "SELECT plugin::text, database::text, active, active_pid::text, \
-                 confirmed_flush_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = $1",
-                &[slot],
-            )
-            .await
-            .map_err(q("reading the replication slot"))?;
-        let Some(row) = row else {
-            let lsn: String = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[slot],
-                )
-                .await
-                .map_err(q("creating the replication slot"))?
-                .get(0);
-            let confirmed_flush = parse_lsn(&lsn)?;
+        let Some(info) = read_slot(&client, slot).await? else {
+            let confirmed_flush = create_slot(&client, slot).await?;
             tracing::info!(%slot, lsn = %confirmed_flush, "Created the replication slot.");
             return Ok(SlotState {
                 confirmed_flush,
                 created: true,
             });
         };
-        let plugin: Option<String> = row.get(0);
-        let slot_db: Option<String> = row.get(1);
-        let active: bool = row.get(2);
-        let pid: Option<String> = row.get(3);
-        let confirmed: Option<String> = row.get(4);
-        let wal_status: Option<String> = row.get(5);
-        if plugin.as_deref() != Some("pgoutput") {
-            return Err(ReplicationError::SlotPlugin {
-                slot: slot.clone(),
-                plugin: plugin.unwrap_or_else(|| "(physical slot)".into()),
-            });
-        }
-        if slot_db.as_deref() != Some(database.as_str()) {
-            return Err(ReplicationError::SlotOtherDatabase {
-                slot: slot.clone(),
-                database: slot_db.unwrap_or_default(),
-            });
-        }
-        if wal_status.as_deref() == Some("lost") {
-            return Err(ReplicationError::SlotLost { slot: slot.clone() });
-        }
-        if active {
+        info.check(&role.database)?;
+        if info.active {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ReplicationError::SlotInUse {
                     slot: slot.clone(),
-                    pid: pid.unwrap_or_else(|| "unknown".into()),
+                    pid: info
+                        .active_pid
+                        .map_or_else(|| "unknown".into(), |p| p.to_string()),
                 });
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let confirmed_flush = match confirmed {
-            Some(text) => parse_lsn(&text)?,
-            None => Lsn::ZERO,
-        };
         return Ok(SlotState {
-            confirmed_flush,
+            confirmed_flush: info.confirmed_flush.unwrap_or(Lsn::ZERO),
             created: false,
         });
     }
@@ -426,6 +636,9 @@ pub struct StreamStats {
     pub backpressure_waits: AtomicU64,
     /// Whether the flusher is waiting for the queue to shrink now.
     pub throttled: std::sync::atomic::AtomicBool,
+    /// A session holds the slot and streams (set once START_REPLICATION is accepted, cleared when the
+    /// session ends).
+    pub streaming: std::sync::atomic::AtomicBool,
 }
 
 /// Bounds of the stream loop.
@@ -494,7 +707,7 @@ impl Stream {
     pub async fn run(
         &self,
         start: Lsn,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
         started: &mut Option<oneshot::Sender<()>>,
     ) -> Result<(), ReplicationError> {
         let mut client = ReplicationClient::connect(self.source.replication_config(start)).await?;
@@ -504,6 +717,18 @@ impl Stream {
         if let Some(started) = started.take() {
             let _ = started.send(());
         }
+        self.stats.streaming.store(true, Ordering::Relaxed);
+        let result = self.stream(client, start, shutdown).await;
+        self.stats.streaming.store(false, Ordering::Relaxed);
+        result
+    }
+
+    async fn stream(
+        &self,
+        mut client: ReplicationClient,
+        start: Lsn,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ReplicationError> {
         tracing::info!(slot = %self.source.config.slot, from = %start, "Streaming changes.");
 
         // (tasks, ack, continues a transaction that has tasks queued already).

@@ -47,6 +47,7 @@ where
         entries_never_go_backwards,
         store_result_indexes_the_key,
         register_key_and_keys_paging,
+        key_count_counts_the_primers_keys,
         remove_key_removes_entry_and_index,
         enqueue_coalesces_by_id,
         claim_is_oldest_first_and_skips_claimed,
@@ -297,6 +298,21 @@ async fn register_key_and_keys_paging<S: Store>(s: S) {
         all.extend(page);
     }
     assert_eq!(all, vec!["p/a", "p/b", "p/c", "p/d", "p/e"]);
+}
+
+async fn key_count_counts_the_primers_keys<S: Store>(s: S) {
+    assert_eq!(s.key_count("p").await.unwrap(), 0);
+    for k in ["p/c", "p/a", "p/b"] {
+        s.register_key("p", k).await.unwrap();
+    }
+    s.register_key("p", "p/a").await.unwrap();
+    s.register_key("p2", "p2/a").await.unwrap();
+    s.store_result("p", "p/d", entry(5, "{}")).await.unwrap();
+    assert_eq!(s.key_count("p").await.unwrap(), 4);
+    assert_eq!(s.key_count("p2").await.unwrap(), 1);
+    assert_eq!(s.key_count("").await.unwrap(), 0);
+    s.remove_key("p", "p/a").await.unwrap();
+    assert_eq!(s.key_count("p").await.unwrap(), 3);
 }
 
 async fn remove_key_removes_entry_and_index<S: Store>(s: S) {

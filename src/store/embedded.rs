@@ -984,6 +984,21 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
+    async fn key_count(&self, primer: &str) -> StoreResult<u64> {
+        let op = "key_count";
+        let txn = self.read()?;
+        let table = txn.open_table(KEY_INDEX).ctx(op)?;
+        let mut count = 0;
+        for item in table.range((primer, "")..).ctx(op)? {
+            let (k, _) = item.ctx(op)?;
+            if k.value().0 != primer {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
         if tasks.is_empty() {
             return Ok(());

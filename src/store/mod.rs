@@ -122,6 +122,23 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<String>>;
 
+    /// How many keys are indexed under `primer` (for `kck status`). The default pages through
+    /// [`Store::keys`]; a backend that can count cheaper should override it. Callers cache the answer for a
+    /// few seconds, so it may be approximate for a backend that cannot count exactly.
+    async fn key_count(&self, primer: &str) -> StoreResult<u64> {
+        const PAGE: usize = 10_000;
+        let mut count = 0u64;
+        let mut after: Option<String> = None;
+        loop {
+            let keys = self.keys(primer, after.as_deref(), PAGE).await?;
+            count += keys.len() as u64;
+            if keys.len() < PAGE {
+                return Ok(count);
+            }
+            after = keys.into_iter().next_back();
+        }
+    }
+
     /// Durably add tasks, coalescing by id.
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()>;
 

@@ -1,0 +1,296 @@
+//! Prometheus metrics: every name kck exports is a constant here, and every recording goes through
+//! [`Metrics`], so names and labels are never scattered literals.
+//!
+//! Each running kck has its own registry (a `PrometheusRecorder` used as a *local* recorder, not the
+//! process-global one), so two instances in one process (the tests) do not mix their numbers. Event
+//! counters (refreshes, fetches, HTTP answers) are recorded where the event happens; gauges that describe
+//! state (lag, queue, slot) are set by the slot monitor and again just before each `/metrics` render, so a
+//! scrape always sees fresh values. Counters that the replication stream already keeps as atomics
+//! ([`crate::replication::StreamStats`]) are copied in at render time.
+//!
+//! Rendering drains histogram samples; [`Metrics::upkeep`] (run by the monitor) does the same when nobody
+//! scrapes, so memory stays bounded.
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// Bytes of WAL the server wrote that kck has not acknowledged yet (server WAL position minus the slot's
+/// confirmed position).
+pub const REPLICATION_LAG_BYTES: &str = "kck_replication_lag_bytes";
+/// How long ago the server wrote the oldest WAL kck has not acknowledged yet (0 when caught up). Its
+/// resolution is the monitor interval.
+pub const REPLICATION_LAG_SECONDS: &str = "kck_replication_lag_seconds";
+/// 1 while a replication session holds the slot and streams.
+pub const REPLICATION_STREAMING: &str = "kck_replication_streaming";
+/// Transactions decoded from the slot.
+pub const REPLICATION_TRANSACTIONS: &str = "kck_replication_transactions_total";
+/// Row changes (INSERT, UPDATE, DELETE) decoded from the slot.
+pub const REPLICATION_EVENTS: &str = "kck_replication_events_total";
+/// Refresh tasks the stream queued (before coalescing).
+pub const REPLICATION_TASKS_QUEUED: &str = "kck_replication_tasks_queued_total";
+/// WAL the server keeps for the slot (current WAL position minus the slot's restart LSN).
+pub const SLOT_RETAINED_WAL_BYTES: &str = "kck_slot_retained_wal_bytes";
+/// Bytes that can still be written before the slot is in danger of being invalidated (`safe_wal_size`);
+/// absent when `max_slot_wal_keep_size` is -1.
+pub const SLOT_SAFE_WAL_BYTES: &str = "kck_slot_safe_wal_bytes";
+/// 1 when the slot exists and a session (kck) holds it.
+pub const SLOT_ACTIVE: &str = "kck_slot_active";
+/// 1 for the slot's current `wal_status` (label `status`: reserved, extended, unreserved, lost, missing).
+pub const SLOT_WAL_STATUS: &str = "kck_slot_wal_status";
+/// Refresh tasks waiting in the queue (claimed ones included).
+pub const QUEUE_DEPTH: &str = "kck_queue_depth";
+/// Refresh tasks being worked on.
+pub const QUEUE_CLAIMED: &str = "kck_queue_claimed";
+/// Age of the oldest task in the queue (0 when empty).
+pub const QUEUE_OLDEST_AGE_SECONDS: &str = "kck_queue_oldest_age_seconds";
+/// Refresh tasks finished, by `primer` and `outcome`: `ok` (value stored, or lookup / key listing done),
+/// `kept_newer` (a newer value was already stored), `not_cached` (the key is no longer cached),
+/// `not_visible` (the change was not visible yet: retried), `failed` (retried with backoff).
+pub const REFRESHES: &str = "kck_refreshes_total";
+/// Time to refresh one key (from claim to result: visibility wait and the primer query), by `primer`.
+pub const REFRESH_DURATION_SECONDS: &str = "kck_refresh_duration_seconds";
+/// Consecutive failed refreshes of a primer (0 when its last refresh worked).
+pub const REFRESH_CONSECUTIVE_FAILURES: &str = "kck_refresh_consecutive_failures";
+/// `/fetch` answers by `result`: `hit`, `miss` (computed on the spot), `not_cached` (404), `error`.
+pub const FETCHES: &str = "kck_fetches_total";
+/// `/fetch` latency by `result`.
+pub const FETCH_DURATION_SECONDS: &str = "kck_fetch_duration_seconds";
+/// HTTP answers by `route` (the route pattern, e.g. `/fetch/{*key}`) and `status`.
+pub const HTTP_RESPONSES: &str = "kck_http_responses_total";
+/// Cached keys per `primer` (counted at most every few seconds).
+pub const PRIMER_KEYS: &str = "kck_primer_keys";
+/// Always 1, with the `version` label.
+pub const BUILD_INFO: &str = "kck_build_info";
+
+/// The `wal_status` values a slot can have, and `missing` for no slot.
+pub const WAL_STATUSES: [&str; 5] = ["reserved", "extended", "unreserved", "lost", "missing"];
+
+const DURATION_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// One kck's metrics registry. See the module docs.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let builder = PrometheusBuilder::new();
+        let builder = [REFRESH_DURATION_SECONDS, FETCH_DURATION_SECONDS]
+            .iter()
+            .fold(builder, |b, name| {
+                // Only fails for empty buckets, and these are not empty.
+                match b.set_buckets_for_metric(Matcher::Full(name.to_string()), &DURATION_BUCKETS) {
+                    Ok(b) => b,
+                    Err(_) => unreachable!("bucket list is not empty"),
+                }
+            });
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        let metrics = Metrics { recorder, handle };
+        metrics.with(describe);
+        metrics.with(|| {
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        });
+        metrics
+    }
+
+    /// Run `f` with this registry as the recorder of the `metrics` macros.
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drain histogram samples into their buckets (bounded memory when nobody scrapes).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    pub fn gauge(&self, name: &'static str, value: f64) {
+        self.with(|| metrics::gauge!(name).set(value));
+    }
+
+    /// Set a counter that is kept elsewhere as a running total.
+    pub fn counter_total(&self, name: &'static str, value: u64) {
+        self.with(|| metrics::counter!(name).absolute(value));
+    }
+
+    /// A refresh task finished.
+    pub fn refresh(&self, primer: &str, outcome: &'static str, elapsed: Option<Duration>) {
+        let primer = primer.to_string();
+        self.with(|| {
+            metrics::counter!(REFRESHES, "primer" => primer.clone(), "outcome" => outcome)
+                .increment(1);
+            if let Some(elapsed) = elapsed {
+                metrics::histogram!(REFRESH_DURATION_SECONDS, "primer" => primer)
+                    .record(elapsed.as_secs_f64());
+            }
+        });
+    }
+
+    pub fn consecutive_failures(&self, primer: &str, failures: u32) {
+        let primer = primer.to_string();
+        self.with(|| {
+            metrics::gauge!(REFRESH_CONSECUTIVE_FAILURES, "primer" => primer).set(failures as f64)
+        });
+    }
+
+    pub fn primer_keys(&self, primer: &str, keys: u64) {
+        let primer = primer.to_string();
+        self.with(|| metrics::gauge!(PRIMER_KEYS, "primer" => primer).set(keys as f64));
+    }
+
+    /// A `/fetch` was answered.
+    pub fn fetch(&self, result: &'static str, elapsed: Duration) {
+        self.with(|| {
+            metrics::counter!(FETCHES, "result" => result).increment(1);
+            metrics::histogram!(FETCH_DURATION_SECONDS, "result" => result)
+                .record(elapsed.as_secs_f64());
+        });
+    }
+
+    /// Any HTTP request was answered.
+    pub fn http(&self, route: &str, status: u16) {
+        let route = route.to_string();
+        self.with(|| {
+            metrics::counter!(HTTP_RESPONSES, "route" => route, "status" => status.to_string())
+                .increment(1)
+        });
+    }
+
+    /// The slot's `wal_status` (or `missing`): 1 for it, 0 for the others.
+    pub fn wal_status(&self, status: &str) {
+        self.with(|| {
+            for s in WAL_STATUSES {
+                metrics::gauge!(SLOT_WAL_STATUS, "status" => s).set(if s == status {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        });
+    }
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "WAL written by the server that kck has not acknowledged yet."
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "How long ago the server wrote the oldest WAL kck has not acknowledged (0 when caught up)."
+    );
+    describe_gauge!(
+        REPLICATION_STREAMING,
+        "1 while a replication session holds the slot and streams."
+    );
+    describe_counter!(REPLICATION_TRANSACTIONS, "Transactions decoded.");
+    describe_counter!(REPLICATION_EVENTS, "Row changes decoded.");
+    describe_counter!(
+        REPLICATION_TASKS_QUEUED,
+        "Refresh tasks queued by the stream."
+    );
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "WAL the server keeps for kck's slot."
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL_BYTES,
+        Unit::Bytes,
+        "WAL that can still be written before the slot risks invalidation (max_slot_wal_keep_size)."
+    );
+    describe_gauge!(SLOT_ACTIVE, "1 when a session holds kck's slot.");
+    describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status.");
+    describe_gauge!(QUEUE_DEPTH, "Refresh tasks in the queue.");
+    describe_gauge!(QUEUE_CLAIMED, "Refresh tasks being worked on.");
+    describe_gauge!(
+        QUEUE_OLDEST_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest queued refresh task."
+    );
+    describe_counter!(REFRESHES, "Refresh tasks finished, by primer and outcome.");
+    describe_histogram!(
+        REFRESH_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to refresh one key."
+    );
+    describe_gauge!(
+        REFRESH_CONSECUTIVE_FAILURES,
+        "Consecutive failed refreshes of a primer."
+    );
+    describe_counter!(FETCHES, "Fetches by result (hit, miss, not_cached, error).");
+    describe_histogram!(FETCH_DURATION_SECONDS, Unit::Seconds, "Fetch latency.");
+    describe_counter!(HTTP_RESPONSES, "HTTP responses by route and status.");
+    describe_gauge!(PRIMER_KEYS, "Cached keys per primer.");
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which kck runs."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_registries_do_not_mix_and_render_prometheus_text() {
+        let a = Metrics::new();
+        let b = Metrics::new();
+        a.fetch("hit", Duration::from_millis(2));
+        a.fetch("hit", Duration::from_millis(3));
+        b.fetch("miss", Duration::from_millis(40));
+        a.refresh("user", "ok", Some(Duration::from_millis(5)));
+        a.wal_status("reserved");
+        let text = a.render();
+        assert!(
+            text.contains("kck_fetches_total{result=\"hit\"} 2"),
+            "{text}"
+        );
+        assert!(!text.contains("result=\"miss\""), "{text}");
+        assert!(
+            text.contains("kck_refreshes_total{primer=\"user\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kck_refresh_duration_seconds_bucket{primer=\"user\",le=\"0.005\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kck_slot_wal_status{status=\"reserved\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kck_slot_wal_status{status=\"lost\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP kck_fetches_total"), "{text}");
+        assert!(text.contains("kck_build_info{version="), "{text}");
+        assert!(b.render().contains("kck_fetches_total{result=\"miss\"} 1"));
+    }
+}

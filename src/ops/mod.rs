@@ -1,0 +1,104 @@
+//! Operating kck: what an operator sees and does.
+//!
+//! People run CDC tools next to production databases; what they fear is silent lag, a forgotten slot that
+//! fills the disk with WAL, and errors that show up hours later. This module makes those visible:
+//!
+//! - [`check`]: `kck check`, every finding about the live database at once, each with its fix.
+//! - [`slot`]: the slot's life: the `on_slot_lost` policy, the retained-WAL warning, `kck slot drop`.
+//! - [`monitor`]: a task that reads the slot every few seconds (lag, retained WAL, `wal_status`), keeps a
+//!   short history for the dashboard, and says clearly when the slot is in danger or lost.
+//! - [`metrics`]: the Prometheus names (defined once) and the per-instance registry.
+//! - [`status`]: the `/status` document, from a running kck or, when none answers, from Postgres and the
+//!   store alone.
+//! - [`http`]: `/status`, `/metrics`, `/readyz`, `/cache/keys/{primer}`, the dashboard at `/`, and the
+//!   layer that counts every HTTP answer.
+//! - [`cli`] and [`client`]: the `kck check | status | slot drop | get | keys` commands.
+//!
+//! **Architecture invariant:** `ops` observes; the only thing it changes is the slot, and only when told to
+//! (`kck slot drop`, or `source.on_slot_lost: recreate`).
+
+pub mod check;
+pub mod cli;
+pub mod client;
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod monitor;
+pub mod size;
+pub mod slot;
+pub mod status;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use crate::config::SourceConfig;
+use crate::primer::Catalog;
+use crate::refresh::Refresher;
+use crate::replication::{Source, StreamStats};
+use crate::store::Store;
+use crate::visibility::VisibilityClock;
+
+/// What every part of a running kck reports into: the metrics registry and the recent problems.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    pub metrics: metrics::Metrics,
+    pub events: events::EventLog,
+    pub fetches: FetchCounts,
+}
+
+/// `/fetch` answers so far, for the hit ratio.
+#[derive(Debug, Default)]
+pub struct FetchCounts {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub not_cached: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A running kck as the operations surface sees it. Built by `app::start`.
+pub struct Ops {
+    pub source: Source,
+    pub catalog: Arc<Catalog>,
+    pub store: Arc<dyn Store>,
+    pub stats: Arc<StreamStats>,
+    pub clock: Arc<VisibilityClock>,
+    pub refresher: Arc<Refresher>,
+    pub telemetry: Arc<Telemetry>,
+    /// The slot monitor's readings.
+    pub watch: monitor::SlotWatch,
+    /// When this kck started (ms since the Unix epoch).
+    pub started_at_ms: i64,
+    key_counts: status::KeyCountCache,
+}
+
+impl Ops {
+    pub fn new(
+        source: Source,
+        catalog: Arc<Catalog>,
+        store: Arc<dyn Store>,
+        stats: Arc<StreamStats>,
+        clock: Arc<VisibilityClock>,
+        refresher: Arc<Refresher>,
+        telemetry: Arc<Telemetry>,
+    ) -> Ops {
+        for primer in &catalog.primers {
+            telemetry.metrics.consecutive_failures(&primer.name, 0);
+        }
+        Ops {
+            source,
+            catalog,
+            store,
+            stats,
+            clock,
+            refresher,
+            telemetry,
+            watch: monitor::SlotWatch::default(),
+            started_at_ms: crate::refresh::now_ms(),
+            key_counts: status::KeyCountCache::default(),
+        }
+    }
+
+    pub fn source_config(&self) -> &SourceConfig {
+        &self.source.config
+    }
+}
