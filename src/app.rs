@@ -248,6 +248,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         clock.clone(),
         refresher.clone(),
         telemetry.clone(),
+        jobs.clone(),
     ));
     others.push(tokio::spawn(ops::monitor::run(
         ops.clone(),

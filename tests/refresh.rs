@@ -789,6 +789,31 @@ async fn jobs_run_on_schedule_never_twice_at_once_and_report_errors() {
         status(&mine, "broken").failures + status(&other, "broken").failures >= 1
     })
     .await;
+    // Status and metrics show the jobs.
+    let addr = running.http_addr;
+    let doc: Value = reqwest::get(format!("http://{addr}/status?history=false"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slow = doc["jobs"]
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["name"] == "slow"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no job 'slow' in /status: {doc}"));
+    assert_eq!(slow["schedule"], json!("interval 100ms"));
+    eventually("metrics show the jobs", TIMEOUT, || async {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("kck_job_runs_total{job=\"broken\",outcome=\"failed\"}")
+            && text.contains("kck_job_last_failed{job=\"broken\"} 1")
+    })
+    .await;
     let _ = tx.send(true);
     for h in handles {
         h.await.unwrap();

@@ -64,6 +64,8 @@ pub struct Ops {
     pub clock: Arc<VisibilityClock>,
     pub refresher: Arc<Refresher>,
     pub telemetry: Arc<Telemetry>,
+    /// The process worker's jobs.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// The slot monitor's readings.
     pub watch: monitor::SlotWatch,
     /// When this kck started (ms since the Unix epoch).
@@ -80,6 +82,7 @@ impl Ops {
         clock: Arc<VisibilityClock>,
         refresher: Arc<Refresher>,
         telemetry: Arc<Telemetry>,
+        jobs: Arc<crate::jobs::Jobs>,
     ) -> Ops {
         for primer in &catalog.primers {
             telemetry.metrics.consecutive_failures(&primer.name, 0);
@@ -92,6 +95,7 @@ impl Ops {
             clock,
             refresher,
             telemetry,
+            jobs,
             watch: monitor::SlotWatch::default(),
             started_at_ms: crate::refresh::now_ms(),
             key_counts: status::KeyCountCache::default(),
