@@ -78,6 +78,11 @@ async fn measure(
                 counts.hits.fetch_add(1, Ordering::Relaxed);
                 "hit"
             }
+            // Served from the cache (marked stale) while it is recomputed: a hit for the ratio.
+            (200..=299, Some("stale")) => {
+                counts.hits.fetch_add(1, Ordering::Relaxed);
+                "stale"
+            }
             (200..=299, _) => {
                 counts.misses.fetch_add(1, Ordering::Relaxed);
                 "miss"
