@@ -240,16 +240,18 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         addr: config.http.bind,
         source,
     })?;
-    let ops = Arc::new(Ops::new(
-        source.clone(),
-        catalog.clone(),
-        store.clone(),
-        stats.clone(),
-        clock.clone(),
-        refresher.clone(),
-        telemetry.clone(),
-        jobs.clone(),
-    ));
+    let ops = Arc::new(
+        Ops::new(
+            source.clone(),
+            catalog.clone(),
+            store.clone(),
+            stats.clone(),
+            clock.clone(),
+            refresher.clone(),
+            telemetry.clone(),
+        )
+        .with_jobs(jobs.clone()),
+    );
     others.push(tokio::spawn(ops::monitor::run(
         ops.clone(),
         options.monitor_interval,

@@ -63,6 +63,7 @@ pub struct JobStatus {
 }
 
 /// The process worker's jobs and their status.
+#[derive(Default)]
 pub struct Jobs {
     status: Vec<Mutex<JobStatus>>,
     /// This process's lease holder id.

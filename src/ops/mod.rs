@@ -82,7 +82,6 @@ impl Ops {
         clock: Arc<VisibilityClock>,
         refresher: Arc<Refresher>,
         telemetry: Arc<Telemetry>,
-        jobs: Arc<crate::jobs::Jobs>,
     ) -> Ops {
         for primer in &catalog.primers {
             telemetry.metrics.consecutive_failures(&primer.name, 0);
@@ -95,11 +94,17 @@ impl Ops {
             clock,
             refresher,
             telemetry,
-            jobs,
+            jobs: Arc::default(),
             watch: monitor::SlotWatch::default(),
             started_at_ms: crate::refresh::now_ms(),
             key_counts: status::KeyCountCache::default(),
         }
+    }
+
+    /// The process worker's jobs to report.
+    pub fn with_jobs(mut self, jobs: Arc<crate::jobs::Jobs>) -> Ops {
+        self.jobs = jobs;
+        self
     }
 
     pub fn source_config(&self) -> &SourceConfig {
