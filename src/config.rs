@@ -25,6 +25,8 @@ pub struct Config {
     pub file: PathBuf,
     pub source: SourceConfig,
     pub store: StoreConfig,
+    /// What this process does (`roles`, or `kck run --roles`). Default: everything.
+    pub roles: Roles,
     pub http: HttpConfig,
     pub refresh: RefreshConfig,
     /// Named SQL statements run on a schedule (the process worker, [`crate::jobs`]).
@@ -47,6 +49,9 @@ pub struct SourceConfig {
     pub create_publication: bool,
     /// The logical replication slot kck owns. Default `kck`.
     pub slot: String,
+    /// When another kck holds the slot: wait as a hot standby and take over when it dies (true), or stop
+    /// with [`crate::replication::ReplicationError::SlotInUse`] (false, the default).
+    pub standby: bool,
     /// Warn when the slot keeps more WAL than this many bytes (at start-up and while running). Default 1 GiB.
     pub max_retained_wal: u64,
     /// What to do when Postgres invalidated the slot (`wal_status = lost`). Default [`SlotLostPolicy::Fail`].
@@ -67,8 +72,181 @@ pub enum SlotLostPolicy {
 /// Chosen by `store.kind`; each kind has its own fields in the `store` section.
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
-    /// redb in one file under `path` (a directory; created if missing).
+    /// redb in one file under `path` (a directory; created if missing). One process at a time.
     Embedded { path: PathBuf },
+    /// A ScyllaDB or Cassandra cluster, shared by any number of kck processes.
+    Scylla(ScyllaConfig),
+}
+
+/// `store.kind: scylla`.
+///
+/// `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port` (the port defaults to 9042). `KCK_STORE_NODES` (comma-separated).
+    pub nodes: Vec<String>,
+    /// The keyspace holding kck's tables. Default `kck`.
+    pub keyspace: String,
+    /// How the keyspace is replicated when kck creates it (`kck store init`, or `init: true`).
+    pub replication: KeyspaceReplication,
+    /// Consistency of every read and write. Default `local_quorum`.
+    pub consistency: Consistency,
+    pub username: Option<String>,
+    /// `KCK_STORE_PASSWORD` overrides it.
+    pub password: Option<String>,
+    /// Connect with TLS, trusting the certificate authorities in this PEM file.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Create the keyspace and tables (if missing) at start-up. Default false.
+    pub init: bool,
+}
+
+impl fmt::Debug for ScyllaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScyllaConfig")
+            .field("nodes", &self.nodes)
+            .field("keyspace", &self.keyspace)
+            .field("replication", &self.replication)
+            .field("consistency", &self.consistency)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("init", &self.init)
+            .finish()
+    }
+}
+
+/// The replication of kck's keyspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyspaceReplication {
+    /// `{'class': 'SimpleStrategy', 'replication_factor': N}`: one data centre (development).
+    Simple { replication_factor: u32 },
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3, ...}`: replicas per data centre.
+    NetworkTopology { datacenters: Vec<(String, u32)> },
+}
+
+/// A CQL consistency level (`store.consistency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    One,
+    Two,
+    Three,
+    Quorum,
+    All,
+    LocalOne,
+    LocalQuorum,
+    EachQuorum,
+}
+
+impl Consistency {
+    pub const NAMES: [(&'static str, Consistency); 8] = [
+        ("one", Consistency::One),
+        ("two", Consistency::Two),
+        ("three", Consistency::Three),
+        ("quorum", Consistency::Quorum),
+        ("all", Consistency::All),
+        ("local_one", Consistency::LocalOne),
+        ("local_quorum", Consistency::LocalQuorum),
+        ("each_quorum", Consistency::EachQuorum),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Consistency::NAMES
+            .iter()
+            .find(|(_, c)| *c == self)
+            .map_or("?", |(n, _)| n)
+    }
+
+    /// Whether lightweight transactions should use `LOCAL_SERIAL` (the data centre's replicas) rather
+    /// than `SERIAL`.
+    pub fn is_local(self) -> bool {
+        matches!(self, Consistency::LocalOne | Consistency::LocalQuorum)
+    }
+}
+
+/// What one kck process does. Several processes sharing a ScyllaDB store may split the roles; only one of
+/// them streams from the slot at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// Hold the replication slot and queue refreshes.
+    pub replication: bool,
+    /// Run refresh workers.
+    pub refresh: bool,
+    /// Serve HTTP.
+    pub http: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Roles::ALL
+    }
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        replication: true,
+        refresh: true,
+        http: true,
+    };
+    pub const NAMES: [&'static str; 3] = ["replication", "refresh", "http"];
+
+    /// Parse a list of role names (`replication,refresh,http`, in any order, at least one).
+    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Roles, String> {
+        let mut roles = Roles {
+            replication: false,
+            refresh: false,
+            http: false,
+        };
+        let mut any = false;
+        for name in names {
+            let name = name.trim();
+            let slot = match name {
+                "replication" => &mut roles.replication,
+                "refresh" => &mut roles.refresh,
+                "http" => &mut roles.http,
+                other => {
+                    return Err(format!(
+                        "unknown role '{other}': the roles are replication, refresh and http"
+                    ));
+                }
+            };
+            if *slot {
+                return Err(format!("role '{name}' is given twice"));
+            }
+            *slot = true;
+            any = true;
+        }
+        if !any {
+            return Err(
+                "no role given: name at least one of replication, refresh and http".to_owned(),
+            );
+        }
+        Ok(roles)
+    }
+
+    /// Parse `replication,refresh,http` (the `--roles` flag and `KCK_ROLES`).
+    pub fn parse_list(text: &str) -> Result<Roles, String> {
+        Roles::parse(text.split(',').filter(|s| !s.trim().is_empty()))
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.replication {
+            out.push("replication");
+        }
+        if self.refresh {
+            out.push("refresh");
+        }
+        if self.http {
+            out.push("http");
+        }
+        out
+    }
+}
+
+impl fmt::Display for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.names().join(","))
+    }
 }
 
 /// The HTTP server.
@@ -157,14 +335,18 @@ pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
 pub const DEFAULT_CLAIM_BATCH: usize = 16;
+pub const DEFAULT_KEYSPACE: &str = "kck";
+pub const DEFAULT_CQL_PORT: u16 = 9042;
 pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
 
 /// The environment variables that override fields, with the field each overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 5] = [
+pub const ENV_OVERRIDES: [(&str, &str); 7] = [
     ("KCK_SOURCE_URL", "source.url"),
     ("KCK_SOURCE_PUBLICATION", "source.publication"),
     ("KCK_SOURCE_SLOT", "source.slot"),
     ("KCK_STORE_PATH", "store.path"),
+    ("KCK_STORE_NODES", "store.nodes"),
+    ("KCK_STORE_PASSWORD", "store.password"),
     ("KCK_HTTP_BIND", "http.bind"),
 ];
 
@@ -214,6 +396,7 @@ impl fmt::Debug for SourceConfig {
             .field("publication", &self.publication)
             .field("create_publication", &self.create_publication)
             .field("slot", &self.slot)
+            .field("standby", &self.standby)
             .field("max_retained_wal", &self.max_retained_wal)
             .field("on_slot_lost", &self.on_slot_lost)
             .finish()
@@ -285,6 +468,7 @@ fn redact_url(url: &str) -> String {
 struct RawConfig {
     source: Option<Spanned<RawSource>>,
     store: Option<Spanned<RawStore>>,
+    roles: Option<Spanned<Vec<Spanned<String>>>>,
     http: Option<Spanned<RawHttp>>,
     refresh: Option<Spanned<RawRefresh>>,
     jobs: Option<Spanned<Vec<Spanned<RawJob>>>>,
@@ -300,6 +484,7 @@ struct RawSource {
     publication: Option<Spanned<String>>,
     create_publication: Option<Spanned<bool>>,
     slot: Option<Spanned<String>>,
+    standby: Option<Spanned<bool>>,
     max_retained_wal: Option<Spanned<String>>,
     on_slot_lost: Option<Spanned<String>>,
 }
@@ -310,6 +495,60 @@ struct RawSource {
 struct RawStore {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
+    nodes: Option<Spanned<Vec<Spanned<String>>>>,
+    keyspace: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "present")]
+    replication: Option<Spanned<ReplicationPairs>>,
+    consistency: Option<Spanned<String>>,
+    username: Option<Spanned<String>>,
+    password: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "present")]
+    tls: Option<Spanned<RawTls>>,
+    init: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<Spanned<String>>,
+}
+
+/// A number or a word, as the values of `store.replication` are.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Int(i64),
+    Text(String),
+}
+
+/// The `store.replication` mapping, in file order.
+#[derive(Debug)]
+struct ReplicationPairs(Vec<(String, Spanned<Scalar>)>);
+
+impl<'de> Deserialize<'de> for ReplicationPairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ReplicationPairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a mapping such as { class: NetworkTopologyStrategy, dc1: 3 } or { class: SimpleStrategy, replication_factor: 1 }",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ReplicationPairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value()?;
+                    pairs.push((key, value));
+                }
+                Ok(ReplicationPairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -671,6 +910,7 @@ impl Loader<'_> {
     fn load(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let source = self.source(&raw)?;
         let store = self.store(&raw)?;
+        let roles = self.roles(&raw)?;
         let http = self.http(&raw)?;
         let refresh = self.refresh(&raw)?;
         let jobs = self.jobs(&raw)?;
@@ -683,6 +923,7 @@ impl Loader<'_> {
             file: self.file.to_owned(),
             source,
             store,
+            roles,
             http,
             refresh,
             jobs,
@@ -723,6 +964,9 @@ impl Loader<'_> {
         let create_publication = section
             .and_then(|s| s.create_publication.as_ref())
             .is_some_and(|s| s.value);
+        let standby = section
+            .and_then(|s| s.standby.as_ref())
+            .is_some_and(|s| s.value);
         let max_retained_wal = match section.and_then(|s| s.max_retained_wal.as_ref()) {
             None => DEFAULT_MAX_RETAINED_WAL,
             Some(v) => crate::ops::size::parse_byte_size(&v.value)
@@ -750,6 +994,7 @@ impl Loader<'_> {
             publication,
             create_publication,
             slot,
+            standby,
             max_retained_wal,
             on_slot_lost,
         })
@@ -758,18 +1003,40 @@ impl Loader<'_> {
     fn store(&self, raw: &RawConfig) -> Result<StoreConfig, ConfigError> {
         let section = raw.store.as_ref().map(|s| &s.value);
         let kind = section.and_then(|s| s.kind.as_ref());
-        match kind.map(|k| k.value.as_str()) {
-            None | Some("embedded") => {}
+        let is_scylla = match kind.map(|k| k.value.as_str()) {
+            None | Some("embedded") => false,
+            Some("scylla") => true,
             Some(other) => {
                 return Err(self.err(
                     kind.map_or(0, line_of),
                     "store.kind",
-                    format!("unknown store kind '{other}': the only kind is 'embedded'"),
+                    format!("unknown store kind '{other}': the kinds are 'embedded' and 'scylla'"),
+                ));
+            }
+        };
+        if is_scylla {
+            return self.scylla_store(raw).map(StoreConfig::Scylla);
+        }
+        // Fields of the other kind are named, not ignored.
+        if let Some(s) = section {
+            let scylla_fields: [(&str, Option<usize>); 8] = [
+                ("nodes", s.nodes.as_ref().map(line_of)),
+                ("keyspace", s.keyspace.as_ref().map(line_of)),
+                ("replication", s.replication.as_ref().map(line_of)),
+                ("consistency", s.consistency.as_ref().map(line_of)),
+                ("username", s.username.as_ref().map(line_of)),
+                ("password", s.password.as_ref().map(line_of)),
+                ("tls", s.tls.as_ref().map(line_of)),
+                ("init", s.init.as_ref().map(line_of)),
+            ];
+            if let Some((name, Some(line))) = scylla_fields.iter().find(|(_, l)| l.is_some()) {
+                return Err(self.err(
+                    *line,
+                    format!("store.{name}"),
+                    format!("`{name}` is a field of the scylla store; set `kind: scylla` to use it (the embedded store takes only `path`)"),
                 ));
             }
         }
-        // Only the embedded kind exists; a new kind adds an arm above, its fields to `RawStore`, and checks
-        // that the other kinds' fields are absent.
         let path = match (self.env)("KCK_STORE_PATH") {
             Some(v) => {
                 if v.is_empty() {
@@ -787,6 +1054,267 @@ impl Loader<'_> {
             },
         };
         Ok(StoreConfig::Embedded { path })
+    }
+
+    fn scylla_store(&self, raw: &RawConfig) -> Result<ScyllaConfig, ConfigError> {
+        let line = self.section_line(&raw.store, "store");
+        let Some(s) = raw.store.as_ref().map(|s| &s.value) else {
+            unreachable!("kind: scylla comes from the store section");
+        };
+        if let Some(p) = &s.path {
+            return Err(self.err(
+                line_of(p),
+                "store.path",
+                "`path` is a field of the embedded store; the scylla store keeps its data in the cluster \
+                 named by `nodes`",
+            ));
+        }
+        let nodes = match (self.env)("KCK_STORE_NODES") {
+            Some(v) => {
+                let list: Vec<&str> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if list.is_empty() {
+                    return Err(self.env_err(
+                        "KCK_STORE_NODES",
+                        "is empty: give host:port contact points, separated by commas",
+                    ));
+                }
+                list.into_iter()
+                    .map(check_node)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|m| self.env_err("KCK_STORE_NODES", m))?
+            }
+            None => match &s.nodes {
+                None => {
+                    return Err(self.err(
+                        line,
+                        "store.nodes",
+                        "required for the scylla store: contact points such as [\"10.0.0.1:9042\", \"10.0.0.2:9042\"] \
+                         (or set KCK_STORE_NODES)",
+                    ));
+                }
+                Some(list) if list.value.is_empty() => {
+                    return Err(self.err(
+                        line_of(list),
+                        "store.nodes",
+                        "is empty: give at least one host:port contact point",
+                    ));
+                }
+                Some(list) => list
+                    .value
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| {
+                        check_node(&n.value)
+                            .map_err(|m| self.err(line_of(n), format!("store.nodes[{i}]"), m))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            },
+        };
+        let keyspace = match &s.keyspace {
+            Some(k) => {
+                check_keyspace(&k.value).map_err(|m| self.err(line_of(k), "store.keyspace", m))?
+            }
+            None => DEFAULT_KEYSPACE.to_owned(),
+        };
+        let replication = match &s.replication {
+            Some(r) => self.keyspace_replication(r)?,
+            None => KeyspaceReplication::Simple {
+                replication_factor: 1,
+            },
+        };
+        let consistency = match &s.consistency {
+            Some(c) => Consistency::NAMES
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(c.value.trim()))
+                .map(|(_, c)| *c)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Consistency::NAMES.iter().map(|(n, _)| *n).collect();
+                    self.err(
+                        line_of(c),
+                        "store.consistency",
+                        format!(
+                            "unknown consistency '{}': use one of {}",
+                            c.value,
+                            names.join(", ")
+                        ),
+                    )
+                })?,
+            None => Consistency::LocalQuorum,
+        };
+        let username = match &s.username {
+            Some(u) if u.value.is_empty() => {
+                return Err(self.err(
+                    line_of(u),
+                    "store.username",
+                    "is empty: give a user name or remove the field",
+                ));
+            }
+            Some(u) => Some(u.value.clone()),
+            None => None,
+        };
+        let password = match (self.env)("KCK_STORE_PASSWORD") {
+            Some(v) => Some(v),
+            None => s.password.as_ref().map(|p| p.value.clone()),
+        };
+        if password.is_some() && username.is_none() {
+            let (at, how) = match &s.password {
+                Some(p) if (self.env)("KCK_STORE_PASSWORD").is_none() => {
+                    (line_of(p), "store.password is set")
+                }
+                _ => (line, "KCK_STORE_PASSWORD is set"),
+            };
+            return Err(self.err(
+                at,
+                "store.username",
+                format!("{how} but store.username is not: give the user name to log in with"),
+            ));
+        }
+        let tls_ca_file = match &s.tls {
+            None => None,
+            Some(t) => match &t.value.ca_file {
+                Some(f) if f.value.is_empty() => {
+                    return Err(self.err(
+                        line_of(f),
+                        "store.tls.ca_file",
+                        "is empty: give a PEM file",
+                    ));
+                }
+                Some(f) => Some(self.relative(&f.value)),
+                None => {
+                    return Err(self.err(
+                        line_of(t),
+                        "store.tls.ca_file",
+                        "required with `tls`: the PEM file of the certificate authority that signed the nodes' certificates",
+                    ));
+                }
+            },
+        };
+        let init = s.init.as_ref().is_some_and(|i| i.value);
+        Ok(ScyllaConfig {
+            nodes,
+            keyspace,
+            replication,
+            consistency,
+            username,
+            password,
+            tls_ca_file,
+            init,
+        })
+    }
+
+    fn keyspace_replication(
+        &self,
+        raw: &Spanned<ReplicationPairs>,
+    ) -> Result<KeyspaceReplication, ConfigError> {
+        let pairs = &raw.value.0;
+        let count = |name: &str, v: &Spanned<Scalar>| -> Result<u32, ConfigError> {
+            match &v.value {
+                Scalar::Int(n) if (1..=100).contains(n) => Ok(*n as u32),
+                Scalar::Int(n) => Err(self.err(
+                    line_of(v),
+                    format!("store.replication.{name}"),
+                    format!("must be a replica count between 1 and 100, got {n}"),
+                )),
+                Scalar::Text(t) => Err(self.err(
+                    line_of(v),
+                    format!("store.replication.{name}"),
+                    format!("must be a replica count (a number), got '{t}'"),
+                )),
+            }
+        };
+        let class = pairs.iter().find(|(k, _)| k == "class");
+        let class_name = match class.map(|(_, v)| &v.value) {
+            Some(Scalar::Text(t)) => t.rsplit('.').next().unwrap_or(t).to_owned(),
+            Some(Scalar::Int(n)) => {
+                return Err(self.err(
+                    class.map_or(line_of(raw), |(_, v)| line_of(v)),
+                    "store.replication.class",
+                    format!("must be SimpleStrategy or NetworkTopologyStrategy, got {n}"),
+                ));
+            }
+            None => {
+                return Err(self.err(
+                    line_of(raw),
+                    "store.replication.class",
+                    "required: SimpleStrategy (with replication_factor) or NetworkTopologyStrategy (with a \
+                     replica count per data centre, such as dc1: 3)",
+                ));
+            }
+        };
+        let others = pairs.iter().filter(|(k, _)| k != "class");
+        match class_name.as_str() {
+            "SimpleStrategy" => {
+                let mut factor = None;
+                for (k, v) in others {
+                    if k != "replication_factor" {
+                        return Err(self.err(
+                            line_of(v),
+                            format!("store.replication.{k}"),
+                            "SimpleStrategy takes only replication_factor; use NetworkTopologyStrategy to give \
+                             replicas per data centre",
+                        ));
+                    }
+                    factor = Some(count(k, v)?);
+                }
+                let replication_factor = factor.ok_or_else(|| {
+                    self.err(
+                        line_of(raw),
+                        "store.replication.replication_factor",
+                        "required with SimpleStrategy, such as replication_factor: 3",
+                    )
+                })?;
+                Ok(KeyspaceReplication::Simple { replication_factor })
+            }
+            "NetworkTopologyStrategy" => {
+                let mut datacenters = Vec::new();
+                for (k, v) in others {
+                    if k.is_empty()
+                        || !k
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                    {
+                        return Err(self.err(
+                            line_of(v),
+                            format!("store.replication.{k}"),
+                            "is not a data centre name: use letters, digits, '_', '-' and '.'",
+                        ));
+                    }
+                    datacenters.push((k.clone(), count(k, v)?));
+                }
+                if datacenters.is_empty() {
+                    return Err(self.err(
+                        line_of(raw),
+                        "store.replication",
+                        "NetworkTopologyStrategy needs a replica count per data centre, such as dc1: 3",
+                    ));
+                }
+                Ok(KeyspaceReplication::NetworkTopology { datacenters })
+            }
+            other => Err(self.err(
+                class.map_or(line_of(raw), |(_, v)| line_of(v)),
+                "store.replication.class",
+                format!("unknown replication class '{other}': use SimpleStrategy or NetworkTopologyStrategy"),
+            )),
+        }
+    }
+
+    fn roles(&self, raw: &RawConfig) -> Result<Roles, ConfigError> {
+        match &raw.roles {
+            None => Ok(Roles::ALL),
+            Some(list) => {
+                for (i, r) in list.value.iter().enumerate() {
+                    if let Err(m) = Roles::parse([r.value.as_str()]) {
+                        return Err(self.err(line_of(r), format!("roles[{i}]"), m));
+                    }
+                }
+                Roles::parse(list.value.iter().map(|r| r.value.as_str()))
+                    .map_err(|m| self.err(line_of(list), "roles", m))
+            }
+        }
     }
 
     /// A path from the file, relative to the file's directory.
@@ -1104,6 +1632,45 @@ fn check_slot_name(name: &str) -> Result<String, String> {
     } else {
         Err(format!(
             "'{name}' is not a valid replication slot name: use 1 to 63 lower-case letters, digits and '_'"
+        ))
+    }
+}
+
+/// A CQL contact point: `host:port`, or `host` (port 9042). IPv6 addresses in brackets: `[::1]:9042`.
+fn check_node(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let bad = || {
+        format!(
+            "'{text}' is not a contact point: write host:port, such as 10.0.0.1:9042 or scylla:9042"
+        )
+    };
+    if text.is_empty() || text.contains(char::is_whitespace) || text.contains('/') {
+        return Err(bad());
+    }
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(text.to_owned());
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            port.parse::<u16>().map_err(|_| bad())?;
+            Ok(text.to_owned())
+        }
+        Some(_) => Err(bad()),
+        None => Ok(format!("{text}:{DEFAULT_CQL_PORT}")),
+    }
+}
+
+/// Keyspace names kck accepts: what CQL takes unquoted, kept lower-case (CQL folds unquoted names).
+fn check_keyspace(name: &str) -> Result<String, String> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some('a'..='z'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= 48;
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid keyspace name: use a lower-case letter, then lower-case letters, digits and '_', at most 48 characters"
         ))
     }
 }
@@ -2030,7 +2597,9 @@ primers:
         assert_eq!(c.source.publication, "kck_pub");
         assert!(c.source.create_publication);
         assert_eq!(c.source.slot, "kck_slot");
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("/etc/kck/data/cache"));
         assert_eq!(c.http.bind, "0.0.0.0:9090".parse::<SocketAddr>().unwrap());
         assert_eq!(c.refresh.workers, 8);
@@ -2115,7 +2684,9 @@ primers:
         assert_eq!(c.source.publication, "kck");
         assert_eq!(c.source.slot, "kck");
         assert!(!c.source.create_publication);
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("/etc/kck/./kck-data"));
         assert_eq!(c.http.bind, "127.0.0.1:8080".parse::<SocketAddr>().unwrap());
         assert_eq!(c.refresh.workers, 4);
@@ -2274,14 +2845,20 @@ primers:
     fn relative_paths() {
         let yaml = base_with("primers:", "store:\n  path: /var/lib/kck\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("/var/lib/kck"));
         let yaml = base_with("primers:", "store:\n  path: ../data\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("conf/kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("conf/../data"));
         let c = Config::from_yaml_str(BASE, Path::new("kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("./kck-data"));
     }
 
@@ -2336,10 +2913,10 @@ primers:
     fn other_section_errors() {
         let at_end = |extra: &str| format!("{BASE}{extra}");
         assert_invalid(
-            &at_end("store:\n  kind: scylla\n"),
+            &at_end("store:\n  kind: redis\n"),
             11,
             "store.kind",
-            "unknown store kind 'scylla'",
+            "unknown store kind 'redis': the kinds are 'embedded' and 'scylla'",
         );
         assert_invalid(
             &at_end("store:\n  path: ''\n"),
@@ -2413,6 +2990,251 @@ primers:
         .unwrap();
         assert_eq!(c.refresh.visibility_timeout, Duration::from_secs(90));
         assert_eq!(c.refresh.workers, 256);
+    }
+
+    #[test]
+    fn scylla_store() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        let c = load(&at_end(
+            "store:\n  kind: scylla\n  nodes: [\"10.0.0.1:9042\", scylla-2, \"[::1]:19042\"]\n  keyspace: kck_prod\n  replication: { class: NetworkTopologyStrategy, dc1: 3, eu-west: 2 }\n  consistency: LOCAL_QUORUM\n  username: kck\n  password: pw\n  tls: { ca_file: certs/ca.pem }\n  init: true\n",
+        ))
+        .unwrap();
+        let StoreConfig::Scylla(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(
+            s.nodes,
+            vec!["10.0.0.1:9042", "scylla-2:9042", "[::1]:19042"]
+        );
+        assert_eq!(s.keyspace, "kck_prod");
+        assert_eq!(
+            s.replication,
+            KeyspaceReplication::NetworkTopology {
+                datacenters: vec![("dc1".into(), 3), ("eu-west".into(), 2)]
+            }
+        );
+        assert_eq!(s.consistency, Consistency::LocalQuorum);
+        assert_eq!(s.username.as_deref(), Some("kck"));
+        assert_eq!(s.password.as_deref(), Some("pw"));
+        assert!(!format!("{s:?}").contains("pw"), "Debug shows the password");
+        assert_eq!(
+            s.tls_ca_file.as_deref(),
+            Some(Path::new("/etc/kck/certs/ca.pem"))
+        );
+        assert!(s.init);
+
+        // Defaults, and the environment.
+        let c = load_env(
+            &at_end("store:\n  kind: scylla\n  nodes: [a:1]\n  username: u\n"),
+            &[
+                ("KCK_STORE_NODES", "n1:9042, n2"),
+                ("KCK_STORE_PASSWORD", "secret"),
+            ],
+        )
+        .unwrap();
+        let StoreConfig::Scylla(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(s.nodes, vec!["n1:9042", "n2:9042"]);
+        assert_eq!(s.keyspace, "kck");
+        assert_eq!(
+            s.replication,
+            KeyspaceReplication::Simple {
+                replication_factor: 1
+            }
+        );
+        assert_eq!(s.consistency, Consistency::LocalQuorum);
+        assert_eq!(s.password.as_deref(), Some("secret"));
+        assert_eq!(s.tls_ca_file, None);
+        assert!(!s.init);
+        let c = load(&at_end(
+            "store:\n  kind: scylla\n  nodes: [a]\n  replication: { class: org.apache.cassandra.locator.SimpleStrategy, replication_factor: 3 }\n  consistency: one\n",
+        ))
+        .unwrap();
+        let StoreConfig::Scylla(s) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(
+            s.replication,
+            KeyspaceReplication::Simple {
+                replication_factor: 3
+            }
+        );
+        assert_eq!(s.consistency, Consistency::One);
+    }
+
+    #[test]
+    fn scylla_store_errors() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        let scylla = |rest: &str| at_end(&format!("store:\n  kind: scylla\n  nodes: [a]\n{rest}"));
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n"),
+            11,
+            "store.nodes",
+            "required for the scylla store",
+        );
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n  nodes: []\n"),
+            12,
+            "store.nodes",
+            "is empty",
+        );
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n  nodes: [\"a:b\"]\n"),
+            12,
+            "store.nodes[0]",
+            "'a:b' is not a contact point",
+        );
+        assert_invalid(
+            &scylla("  path: x\n"),
+            13,
+            "store.path",
+            "field of the embedded store",
+        );
+        assert_invalid(
+            &at_end("store:\n  nodes: [a]\n"),
+            11,
+            "store.nodes",
+            "set `kind: scylla`",
+        );
+        assert_invalid(
+            &scylla("  keyspace: Kck\n"),
+            13,
+            "store.keyspace",
+            "not a valid keyspace name",
+        );
+        assert_invalid(
+            &scylla("  consistency: most\n"),
+            13,
+            "store.consistency",
+            "use one of one, two",
+        );
+        assert_invalid(
+            &scylla("  password: p\n"),
+            13,
+            "store.username",
+            "store.password is set",
+        );
+        assert_invalid(
+            &scylla("  username: ''\n"),
+            13,
+            "store.username",
+            "is empty",
+        );
+        assert_invalid(
+            &scylla("  tls: {}\n"),
+            13,
+            "store.tls.ca_file",
+            "required with `tls`",
+        );
+        assert_invalid(
+            &scylla("  tls: { ca: x }\n"),
+            13,
+            "store.tls.ca",
+            "unknown field `ca`",
+        );
+        assert_invalid(
+            &scylla("  replication: { dc1: 3 }\n"),
+            13,
+            "store.replication.class",
+            "required",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: Everywhere }\n"),
+            13,
+            "store.replication.class",
+            "unknown replication class 'Everywhere'",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: SimpleStrategy }\n"),
+            13,
+            "store.replication.replication_factor",
+            "required with SimpleStrategy",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: SimpleStrategy, dc1: 3 }\n"),
+            13,
+            "store.replication.dc1",
+            "SimpleStrategy takes only replication_factor",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: NetworkTopologyStrategy }\n"),
+            13,
+            "store.replication",
+            "a replica count per data centre",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: NetworkTopologyStrategy, dc1: three }\n"),
+            13,
+            "store.replication.dc1",
+            "got 'three'",
+        );
+        assert_invalid(
+            &scylla("  replication: { class: NetworkTopologyStrategy, dc1: 0 }\n"),
+            13,
+            "store.replication.dc1",
+            "between 1 and 100, got 0",
+        );
+        let err = load_env(&scylla(""), &[("KCK_STORE_NODES", " , ")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KCK_STORE_NODES") && err.contains("is empty"),
+            "{err}"
+        );
+        let err = load_env(&scylla(""), &[("KCK_STORE_PASSWORD", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KCK_STORE_PASSWORD is set but store.username is not"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn roles_and_standby() {
+        let at_end = |extra: &str| format!("{BASE}{extra}");
+        let c = load(BASE).unwrap();
+        assert_eq!(c.roles, Roles::ALL);
+        assert!(!c.source.standby);
+        let c = load(&at_end("roles: [http, refresh]\n")).unwrap();
+        assert_eq!(
+            c.roles,
+            Roles {
+                replication: false,
+                refresh: true,
+                http: true
+            }
+        );
+        assert_eq!(c.roles.to_string(), "refresh,http");
+        let c = load(&base_with("  url:", "  standby: true\n  url:")).unwrap();
+        assert!(c.source.standby);
+        assert_invalid(
+            &at_end("roles: [http, cache]\n"),
+            10,
+            "roles[1]",
+            "unknown role 'cache'",
+        );
+        assert_invalid(&at_end("roles: []\n"), 10, "roles", "no role given");
+        assert_invalid(&at_end("roles: [http, http]\n"), 10, "roles", "given twice");
+        assert_eq!(
+            Roles::parse_list("replication,refresh,http"),
+            Ok(Roles::ALL)
+        );
+        assert_eq!(
+            Roles::parse_list(" replication "),
+            Ok(Roles {
+                replication: true,
+                refresh: false,
+                http: false
+            })
+        );
+        assert!(Roles::parse_list("").unwrap_err().contains("no role given"));
+        assert!(
+            Roles::parse_list("http,web")
+                .unwrap_err()
+                .contains("unknown role 'web'")
+        );
     }
 
     #[test]
@@ -2797,7 +3619,9 @@ primers:
         assert_eq!(c.source.publication, "pub2");
         assert_eq!(c.source.slot, "slot2");
         // Relative to the working directory, not to the file.
-        let StoreConfig::Embedded { path } = &c.store;
+        let StoreConfig::Embedded { path } = &c.store else {
+            panic!("expected the embedded store, got {:?}", c.store)
+        };
         assert_eq!(path, Path::new("rel/data"));
         assert_eq!(c.http.bind, "[::1]:81".parse::<SocketAddr>().unwrap());
         // The URL may come from the environment alone; an override wins over a bad file value.

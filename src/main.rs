@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
-use kck::config::Config;
+use kck::config::{Config, Roles, StoreConfig};
 use kck::invalidate::{self, Mode};
 use kck::ops;
 
@@ -30,12 +30,31 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Create the store's keyspace and tables if they are missing (scylla), or the store file
+    /// (embedded). Safe to run again.
+    Init {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Stream changes, refresh the cache, and serve it over HTTP until SIGINT or SIGTERM.
     Run {
         /// The config file (YAML).
         #[arg(long, short, env = "KCK_CONFIG")]
         config: PathBuf,
+        /// What this process does, comma-separated: replication (hold the slot), refresh (workers), http.
+        /// Overrides `roles` in the config; default: all three. Splitting roles needs store.kind: scylla.
+        #[arg(long, env = "KCK_ROLES", value_parser = Roles::parse_list)]
+        roles: Option<Roles>,
+    },
+    /// Manage the store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// Read and validate a config file, then print a summary of its primers.
     Validate {
@@ -199,8 +218,11 @@ fn init_logging(format: LogFormat) {
 /// Run a command; `Ok(false)` exits 1 without an error message (the command printed why).
 async fn run(command: Command) -> anyhow::Result<bool> {
     match command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
+        Command::Run { config, roles } => {
+            let mut config = Config::load(&config)?;
+            if let Some(roles) = roles {
+                config.roles = roles;
+            }
             let running = app::start(config, RunOptions::default()).await?;
             tokio::select! {
                 stop = running_signal() => tracing::info!(
@@ -249,6 +271,14 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             ops::cli::keys(&config, &primer, url.as_deref()).await?;
             Ok(true)
         }
+        Command::Store {
+            command: StoreCommand::Init { config },
+        } => {
+            let config = Config::load(&config)?;
+            let done = app::init_store(&config).await?;
+            println!("{done}");
+            Ok(true)
+        }
         Command::Validate { config } => {
             let config = Config::load(&config)?;
             for primer in &config.catalog.primers {
@@ -259,6 +289,16 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                     primer.dependencies.len()
                 );
             }
+            match &config.store {
+                StoreConfig::Embedded { path } => println!("store: embedded, {}", path.display()),
+                StoreConfig::Scylla(s) => println!(
+                    "store: scylla, keyspace {} on {} ({})",
+                    s.keyspace,
+                    s.nodes.join(", "),
+                    s.consistency.name()
+                ),
+            }
+            println!("roles: {}", config.roles);
             println!("{}: ok", config.file.display());
             Ok(true)
         }

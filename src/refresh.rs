@@ -46,7 +46,7 @@ use crate::lsn::Lsn;
 use crate::ops::Telemetry;
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
-use crate::replication::Source;
+use crate::replication::{ReplicationState, Source};
 use crate::schedule::AccessLog;
 use crate::store::{Claim, Entry, Store, StoreError, Stored, Task};
 use crate::visibility::{Snapshot, VisibilityClock};
@@ -91,6 +91,8 @@ pub enum RefreshError {
     BatchShape { primer: String, key_column: String },
     #[error("could not read a snapshot: {0}")]
     Snapshot(String),
+    #[error("could not mark a position in the WAL for a cache miss: {0}")]
+    Mark(String),
     #[error("the change at {needed} is not visible yet (visible up to {visible})")]
     NotVisible { needed: Lsn, visible: Lsn },
     #[error(transparent)]
@@ -315,6 +317,8 @@ pub struct Refresher {
     pool: Pool,
     visibility_timeout: Duration,
     priming: Mutex<HashMap<String, PrimeCell>>,
+    /// The state of this process's own replication stream, if it has the role.
+    local_stream: Option<watch::Receiver<ReplicationState>>,
     paused: watch::Sender<bool>,
     claim_batch: usize,
     /// Per primer: its `concurrency` limit.
@@ -370,6 +374,7 @@ impl Refresher {
             pool,
             visibility_timeout,
             priming: Mutex::new(HashMap::new()),
+            local_stream: None,
             paused: watch::Sender::new(false),
             claim_batch: crate::config::DEFAULT_CLAIM_BATCH,
             limits,
@@ -378,6 +383,38 @@ impl Refresher {
             health: RefreshHealth::default(),
             telemetry,
         })
+    }
+
+    /// Tell the refresher about this process's own replication stream: while it streams, a miss waits
+    /// for what it decoded; otherwise for a position marked in the WAL (see [`Refresher::prime`]).
+    pub fn with_local_stream(mut self, state: watch::Receiver<ReplicationState>) -> Refresher {
+        self.local_stream = Some(state);
+        self
+    }
+
+    /// A position such that every change a stream may have read before now (and so may have skipped for a
+    /// key that was not registered yet) is at or before it.
+    async fn miss_position(&self) -> Result<Lsn, RefreshError> {
+        let streaming = self
+            .local_stream
+            .as_ref()
+            .is_some_and(|s| *s.borrow() == ReplicationState::Streaming);
+        if streaming {
+            return Ok(self.clock.decoded());
+        }
+        // The stream runs in another process (or is reconnecting): mark the WAL now. Whatever it read
+        // before was flushed before this mark, and once it reads the mark the watermark passes it.
+        let client = self.client().await?;
+        let text: String = client
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'kck-sync', '')::text",
+                &[],
+            )
+            .await
+            .map_err(|e| RefreshError::Mark(e.to_string()))?
+            .get(0);
+        text.parse()
+            .map_err(|e: crate::lsn::ParseLsnError| RefreshError::Mark(e.to_string()))
     }
 
     /// Whether Postgres answers on a pooled connection (for `/readyz`).
@@ -707,7 +744,8 @@ impl Refresher {
                 // decodes from now on is refreshed. Then the computation waits until everything the stream
                 // decoded before is visible, so no change falls between the two.
                 self.store.register_key(primer, text).await?;
-                let entry = self.compute(key, self.clock.decoded()).await?;
+                let needed = self.miss_position().await?;
+                let entry = self.compute(key, needed).await?;
                 self.stat(key.primer, |s| s.primes += 1);
                 match self.store.store_result(primer, text, entry.clone()).await? {
                     Stored::Written => Ok(entry),

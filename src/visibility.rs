@@ -153,6 +153,22 @@ impl VisibilityClock {
         }
     }
 
+    /// Another kck process proved every commit up to `lsn` visible (it published its watermark through the
+    /// shared store): visibility is a property of the database, so it holds here too.
+    pub fn learn(&self, lsn: Lsn) {
+        let mut state = self.lock();
+        let mut popped = false;
+        while state.unproven.front().is_some_and(|&(l, _)| l <= lsn) {
+            state.unproven.pop_front();
+            popped = true;
+        }
+        drop(state);
+        self.advance(lsn);
+        if popped {
+            self.room.notify_waiters();
+        }
+    }
+
     /// Learn from a snapshot taken now; returns the watermark after it.
     pub fn observe(&self, snapshot: &Snapshot) -> Lsn {
         let mut state = self.lock();
@@ -268,5 +284,20 @@ mod tests {
             Lsn(60)
         );
         assert_eq!(clock.wait_visible(Lsn(60), Duration::ZERO).await, Lsn(60));
+    }
+
+    #[tokio::test]
+    async fn a_watermark_learned_from_another_process_moves_this_one() {
+        let clock = VisibilityClock::new(Lsn::ZERO, 8);
+        clock.learn(Lsn(50));
+        assert_eq!(clock.visible(), Lsn(50));
+        clock.learn(Lsn(40));
+        assert_eq!(clock.visible(), Lsn(50), "never backwards");
+        // Commits this process decoded up to the learned position are proven by it.
+        clock.record_commit(Lsn(60), 1).await;
+        clock.record_commit(Lsn(70), 2).await;
+        clock.learn(Lsn(65));
+        assert_eq!((clock.visible(), clock.unproven()), (Lsn(65), 1));
+        assert_eq!(clock.observe(&Snapshot::parse("3:3:").unwrap()), Lsn(70));
     }
 }

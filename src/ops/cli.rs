@@ -34,17 +34,20 @@ pub enum CliError {
 
 /// Open the store of `config` for reading, without creating it: a missing store means kck never ran
 /// with this config (or `store.path` differs from the running kck's).
-pub fn open_existing_store(
+pub async fn open_existing_store(
     config: &Config,
 ) -> Result<std::sync::Arc<dyn crate::store::Store>, CliError> {
-    let crate::config::StoreConfig::Embedded { path } = &config.store;
-    if !path.exists() {
+    if let crate::config::StoreConfig::Embedded { path } = &config.store
+        && !path.exists()
+    {
         return Err(CliError::Refused(format!(
             "no kck answers over HTTP and there is no store at {}: kck has not run with this config, or it              runs with another store.path (KCK_STORE_PATH) or http.bind (pass --url http://HOST:PORT)",
             path.display()
         )));
     }
-    crate::app::open_store(config).map_err(CliError::Store)
+    crate::app::open_store(config)
+        .await
+        .map_err(CliError::Store)
 }
 
 /// `kck check`: true when there are no problems (or only warnings, with `warnings_ok`).
@@ -141,7 +144,7 @@ pub async fn get(config: &Config, key: &str, url: Option<&str>) -> Result<bool, 
     let entry = match client.entry(&canonical).await {
         Ok(entry) => entry,
         Err(ClientError::Unreachable { .. }) => {
-            let store = open_existing_store(config)?;
+            let store = open_existing_store(config).await?;
             match store.get(&canonical).await.map_err(CliError::Store)? {
                 Some(entry) => {
                     let value: serde_json::Value = serde_json::from_slice(&entry.value)
@@ -210,7 +213,7 @@ pub async fn keys(config: &Config, primer: &str, url: Option<&str>) -> Result<()
             }
         }
         Err(ClientError::Unreachable { .. }) => {
-            let store = open_existing_store(config)?;
+            let store = open_existing_store(config).await?;
             loop {
                 let keys = store
                     .keys(primer, after.as_deref(), PAGE)

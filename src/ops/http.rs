@@ -28,6 +28,7 @@ use serde_json::json;
 use crate::http::ApiError;
 use crate::ops::status::Status;
 use crate::ops::{Ops, Telemetry};
+use crate::replication::ReplicationState;
 
 /// The dashboard page.
 pub const DASHBOARD: &str = include_str!("dashboard.html");
@@ -134,8 +135,20 @@ async fn metrics(State(ops): State<Arc<Ops>>) -> Response {
 
 async fn readyz(State(ops): State<Arc<Ops>>) -> Response {
     let mut not_ready = Vec::new();
-    let slot = ops.stats.streaming.load(Ordering::Relaxed);
-    if !slot {
+    let role = *ops.replication.borrow();
+    let slot = match role {
+        // No replication role: the slot is another process's business.
+        ReplicationState::Off => true,
+        ReplicationState::Standby => {
+            not_ready.push(format!(
+                "slot: standby, waiting to take over slot '{}' from the kck that holds it",
+                ops.source.config.slot
+            ));
+            false
+        }
+        _ => ops.stats.streaming.load(Ordering::Relaxed),
+    };
+    if !slot && role != ReplicationState::Standby {
         not_ready.push(format!(
             "slot: the replication stream does not hold slot '{}' (starting or reconnecting; see /status \
              and kck's log)",
@@ -173,6 +186,7 @@ async fn readyz(State(ops): State<Arc<Ops>>) -> Response {
     let body = json!({
         "ready": not_ready.is_empty(),
         "checks": {"slot": slot, "store": store, "postgres": postgres},
+        "replication": role.as_str(),
         "not_ready": not_ready,
     });
     let code = if not_ready.is_empty() {

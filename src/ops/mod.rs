@@ -70,6 +70,8 @@ pub struct Ops {
     pub watch: monitor::SlotWatch,
     /// When this kck started (ms since the Unix epoch).
     pub started_at_ms: i64,
+    /// What this process's replication role does (off, standby, starting, streaming).
+    pub replication: tokio::sync::watch::Receiver<crate::replication::ReplicationState>,
     key_counts: status::KeyCountCache,
 }
 
@@ -97,6 +99,10 @@ impl Ops {
             jobs: Arc::default(),
             watch: monitor::SlotWatch::default(),
             started_at_ms: crate::refresh::now_ms(),
+            replication: tokio::sync::watch::channel(
+                crate::replication::ReplicationState::Starting,
+            )
+            .1,
             key_counts: status::KeyCountCache::default(),
         }
     }
@@ -104,6 +110,15 @@ impl Ops {
     /// The process worker's jobs to report.
     pub fn with_jobs(mut self, jobs: Arc<crate::jobs::Jobs>) -> Ops {
         self.jobs = jobs;
+        self
+    }
+
+    /// Follow this process's replication role (see [`crate::app::ReplicationState`]).
+    pub fn with_replication_state(
+        mut self,
+        state: tokio::sync::watch::Receiver<crate::replication::ReplicationState>,
+    ) -> Ops {
+        self.replication = state;
         self
     }
 

@@ -81,6 +81,10 @@ pub struct SlotStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamStatus {
     pub streaming: bool,
+    /// This process's replication role: `off` (not this process's role), `standby`, `starting` or
+    /// `streaming` (see [`crate::app::ReplicationState`]).
+    #[serde(default)]
+    pub replication: String,
     pub received_lsn: String,
     pub acked_lsn: String,
     pub visible_lsn: String,
@@ -271,6 +275,7 @@ impl Status {
         slot.held_by_this_kck = Some(streaming);
         let stream = StreamStatus {
             streaming,
+            replication: ops.replication.borrow().as_str().to_owned(),
             received_lsn: Lsn(stats.received.load(Ordering::Relaxed)).to_string(),
             acked_lsn: Lsn(stats.acked.load(Ordering::Relaxed)).to_string(),
             visible_lsn: ops.clock.visible().to_string(),
@@ -391,7 +396,7 @@ impl Status {
         if let Some(note) = note {
             problems_first.push(note);
         }
-        let (queue, primers) = match crate::ops::cli::open_existing_store(config) {
+        let (queue, primers) = match crate::ops::cli::open_existing_store(config).await {
             Ok(store) => {
                 let queue = store.queue_stats().await.ok().map(|q| queue_status(&q));
                 let counts = count_keys(store.as_ref(), &config.catalog.primers).await;
@@ -489,10 +494,11 @@ impl Status {
         if let Some(stream) = &self.stream {
             out.push_str(&format!(
                 "stream         {}; {} transactions, {} row changes decoded, acknowledged up to {}\n",
-                if stream.streaming {
-                    "streaming"
-                } else {
-                    "NOT streaming"
+                match (stream.streaming, stream.replication.as_str()) {
+                    (true, _) => "streaming",
+                    (false, "off") => "not this process's role (no replication role)",
+                    (false, "standby") => "standby (another kck streams; this one takes over if it dies)",
+                    _ => "NOT streaming",
                 },
                 stream.transactions,
                 stream.events,
@@ -658,6 +664,7 @@ fn problems(status: &Status) -> Vec<String> {
     }
     if let Some(stream) = &status.stream
         && !stream.streaming
+        && !matches!(stream.replication.as_str(), "off" | "standby")
     {
         out.push(
             "The replication stream is not running: kck is reconnecting (see recent errors and kck's log)."

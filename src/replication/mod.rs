@@ -84,9 +84,15 @@ pub enum ReplicationError {
     TablesNotPublished { publication: String, tables: String },
     #[error(
         "replication slot '{slot}' is in use by another process (pid {pid}); is another kck running \
-         with this slot? Stop it, or give this one its own source.slot."
+         with this slot? Stop it, give this one its own source.slot, or set source.standby: true to \
+         wait as a hot standby that takes over when the other one dies."
     )]
     SlotInUse { slot: String, pid: String },
+    #[error(
+        "lost the session that marks this kck as the owner of replication slot '{slot}' (the advisory \
+         lock's connection closed)"
+    )]
+    OwnershipLost { slot: String },
     #[error(
         "replication slot '{slot}' uses output plugin '{plugin}', not pgoutput; drop it (SELECT \
          pg_drop_replication_slot('{slot}')) or choose another source.slot"
@@ -143,6 +149,7 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::Query { .. }
             | ReplicationError::Protocol(_)
+            | ReplicationError::OwnershipLost { .. }
             | ReplicationError::Store(_) => true,
             ReplicationError::Stream(e) => !matches!(e, PgWireError::Auth(_) | PgWireError::Tls(_)),
             _ => false,
@@ -248,6 +255,37 @@ impl Source {
         .with_wakeup_interval(Duration::from_secs(1))
         .with_buffer_size(1024)
         .with_application_name("kck")
+    }
+}
+
+/// What a process with the `replication` role is doing about the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationState {
+    /// This process does not have the `replication` role.
+    Off,
+    /// Another process owns the slot; this one waits to take over (`source.standby: true`).
+    Standby,
+    /// This process owns the slot and is (re)connecting to stream from it.
+    Starting,
+    /// This process streams changes from the slot.
+    Streaming,
+}
+
+impl ReplicationState {
+    /// `off`, `standby`, `starting` or `streaming`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationState::Off => "off",
+            ReplicationState::Standby => "standby",
+            ReplicationState::Starting => "starting",
+            ReplicationState::Streaming => "streaming",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -554,6 +592,21 @@ pub async fn preflight(
     deps: &DepIndex,
     slot_wait: Duration,
 ) -> Result<SlotState, ReplicationError> {
+    let (client, database) = check_source_on(source, deps).await?;
+    prepare_slot(source, &client, &database, slot_wait).await
+}
+
+/// Everything [`preflight`] checks except the slot (wal_level, privilege, publication and its tables), so
+/// that a hot standby reports a bad source at once rather than when it takes over.
+pub async fn check_source(source: &Source, deps: &DepIndex) -> Result<(), ReplicationError> {
+    check_source_on(source, deps).await.map(drop)
+}
+
+/// [`check_source`]; returns the connection and the database name.
+async fn check_source_on(
+    source: &Source,
+    deps: &DepIndex,
+) -> Result<(tokio_postgres::Client, String), ReplicationError> {
     let client = source.connect().await?;
     check_wal_level(&read_wal_level(&client).await?)?;
     let role = read_role(&client).await?;
@@ -582,19 +635,28 @@ pub async fn preflight(
     }
     let published = published_tables(&client, publication).await?;
     check_published(publication, &tables, &published)?;
+    Ok((client, role.database))
+}
 
+/// Find the slot (or create it) and wait up to `slot_wait` for another session to release it.
+async fn prepare_slot(
+    source: &Source,
+    client: &tokio_postgres::Client,
+    database: &str,
+    slot_wait: Duration,
+) -> Result<SlotState, ReplicationError> {
     let slot = &source.config.slot;
     let deadline = tokio::time::Instant::now() + slot_wait;
     loop {
-        let Some(info) = read_slot(&client, slot).await? else {
-            let confirmed_flush = create_slot(&client, slot).await?;
+        let Some(info) = read_slot(client, slot).await? else {
+            let confirmed_flush = create_slot(client, slot).await?;
             tracing::info!(%slot, lsn = %confirmed_flush, "Created the replication slot.");
             return Ok(SlotState {
                 confirmed_flush,
                 created: true,
             });
         };
-        info.check(&role.database)?;
+        info.check(database)?;
         if info.active {
             if tokio::time::Instant::now() >= deadline {
                 return Err(ReplicationError::SlotInUse {
@@ -611,6 +673,119 @@ pub async fn preflight(
             confirmed_flush: info.confirmed_flush.unwrap_or(Lsn::ZERO),
             created: false,
         });
+    }
+}
+
+/// The advisory lock that marks the one kck process allowed to stream from a slot.
+///
+/// Postgres lets one session at a time consume a slot, but a process that finds the slot busy cannot tell
+/// a live owner from one that just died, and retrying `START_REPLICATION` in a loop is noisy. So the owner
+/// also holds a session-level advisory lock, `pg_try_advisory_lock(SLOT_LOCK_CLASS, hashtext(slot))`, on a
+/// connection of its own for as long as it streams. Postgres releases it the moment that session ends
+/// (the process died, or its connection dropped), so a hot standby polling the lock takes over within a
+/// poll interval; no election of our own.
+pub struct SlotLock {
+    /// Kept open: the lock lives as long as this session.
+    _client: tokio_postgres::Client,
+    closed: watch::Receiver<bool>,
+    slot: String,
+}
+
+/// Server-side TCP keepalives of the slot lock's session: a dead peer is noticed after 10 s idle plus 3
+/// unanswered probes 5 s apart. (Ignored on Unix-socket connections.)
+pub const SLOT_LOCK_KEEPALIVE: &str =
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3";
+
+/// The first key of the slot lock (`'kck'` in ASCII), so that kck's locks do not collide with an
+/// application's single-key advisory locks.
+pub const SLOT_LOCK_CLASS: i32 = 0x006b_636b;
+
+impl SlotLock {
+    /// Open the lock's own session (without taking the lock).
+    ///
+    /// The session asks the server for TCP keepalives ([`SLOT_LOCK_KEEPALIVE`]): if the owner's machine
+    /// vanishes without closing its connections, Postgres ends the session, and so frees the lock, within
+    /// about 25 s instead of the operating system's default of hours. A process that dies on a live
+    /// machine frees it at once (its kernel closes the connection).
+    pub async fn connect(source: &Source) -> Result<SlotLock, ReplicationError> {
+        let mut pg = source.pg.clone();
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let (client, connection) =
+            pg.connect(NoTls)
+                .await
+                .map_err(|e| ReplicationError::Connect {
+                    target: source.display(),
+                    source: e,
+                })?;
+        let (closed_tx, closed) = watch::channel(false);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "The slot lock's connection closed.");
+            }
+            let _ = closed_tx.send(true);
+        });
+        client
+            .batch_execute(SLOT_LOCK_KEEPALIVE)
+            .await
+            .map_err(|source| ReplicationError::Query {
+                doing: "setting TCP keepalives on the slot lock's session",
+                source,
+            })?;
+        Ok(SlotLock {
+            _client: client,
+            closed,
+            slot: source.config.slot.clone(),
+        })
+    }
+
+    /// Take the lock if it is free: `true` when this session holds it (also when it already did).
+    pub async fn try_lock(&self) -> Result<bool, ReplicationError> {
+        Ok(self
+            ._client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&SLOT_LOCK_CLASS, &self.slot],
+            )
+            .await
+            .map_err(|source| ReplicationError::Query {
+                doing: "taking the slot's advisory lock",
+                source,
+            })?
+            .get(0))
+    }
+
+    /// The process holding the lock (for messages), or "unknown".
+    pub async fn holder(source: &Source) -> String {
+        let query = async {
+            let client = source.connect().await.ok()?;
+            let row = client
+                .query_opt(
+                    "SELECT l.pid::text FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
+                     AND l.classid = $1::int4::oid AND l.objid = hashtext($2)::oid AND l.objsubid = 2 \
+                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                    &[&SLOT_LOCK_CLASS, &source.config.slot],
+                )
+                .await
+                .ok()??;
+            row.get::<_, Option<String>>(0)
+        };
+        query.await.unwrap_or_else(|| "unknown".into())
+    }
+
+    /// Wait until the lock's session ends (the lock is then gone).
+    pub async fn lost(&mut self) {
+        let _ = self.closed.wait_for(|closed| *closed).await;
+    }
+
+    pub fn is_lost(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    pub fn slot(&self) -> &str {
+        &self.slot
     }
 }
 
@@ -698,6 +873,8 @@ pub struct Stream {
     pub clock: Arc<VisibilityClock>,
     pub stats: Arc<StreamStats>,
     pub limits: StreamLimits,
+    /// Set to [`ReplicationState::Streaming`] once a session streams.
+    pub state: Arc<watch::Sender<ReplicationState>>,
 }
 
 impl Stream {
@@ -714,6 +891,7 @@ impl Stream {
         if let Err(e) = client.wait_started().await {
             return Err(slot_error(e, &self.source.config.slot));
         }
+        self.state.send_replace(ReplicationState::Streaming);
         if let Some(started) = started.take() {
             let _ = started.send(());
         }

@@ -147,12 +147,13 @@ async fn get_missing_is_none<S: Store>(s: S) {
 }
 
 async fn get_round_trips_what_was_stored<S: Store>(s: S) {
+    let in_an_hour = now_ms() + 3_600_000;
     let cases = [
         Entry {
             value: Bytes::from_static(br#"{"id":42,"items":[1,2,3]}"#),
             lsn: Lsn(0x16_B374_D848),
             computed_at_ms: 1_700_000_000_123,
-            expires_at_ms: Some(1_700_000_060_123),
+            expires_at_ms: Some(in_an_hour),
         },
         Entry {
             value: Bytes::new(),
@@ -162,9 +163,10 @@ async fn get_round_trips_what_was_stored<S: Store>(s: S) {
         },
         Entry {
             value: Bytes::from(vec![b'x'; 300_000]),
-            lsn: Lsn(u64::MAX),
+            // The largest LSN every backend must take (see the contract).
+            lsn: Lsn(i64::MAX as u64),
             computed_at_ms: -5,
-            expires_at_ms: Some(i64::MIN),
+            expires_at_ms: Some(i64::MAX),
         },
     ];
     for (i, e) in cases.iter().enumerate() {
@@ -178,6 +180,22 @@ async fn get_round_trips_what_was_stored<S: Store>(s: S) {
         assert_eq!(got.as_ref(), Some(e), "entry {i} read back differs");
     }
     assert_eq!(s.get("p/other").await.unwrap(), None);
+
+    // An entry whose expiry has passed is either kept as it was or dropped (the contract allows both),
+    // never changed.
+    for (i, expires) in [1_700_000_060_123, i64::MIN].into_iter().enumerate() {
+        let key = format!("p/expired-{i}");
+        let e = Entry {
+            expires_at_ms: Some(expires),
+            ..entry(3, "old")
+        };
+        s.store_result("p", &key, e.clone()).await.unwrap();
+        let got = s.get(&key).await.unwrap();
+        assert!(
+            got.is_none() || got.as_ref() == Some(&e),
+            "expired entry {i} read back as {got:?}"
+        );
+    }
 }
 
 async fn entries_never_go_backwards<S: Store>(s: S) {
@@ -422,13 +440,13 @@ async fn finish_and_reclaim<S: Store>(s: &S, c: &Claim) -> Claim {
 }
 
 async fn expired_lease_makes_a_task_claimable_again<S: Store>(s: S) {
-    s.enqueue(vec![task("short", 1), task("long", 1)])
+    s.enqueue(vec![task("long", 1), task("short", 1)])
         .await
         .unwrap();
-    let first = claim(&s, 1, Duration::from_millis(1)).await;
-    assert_eq!(ids(&first), vec!["short"]);
     let long = claim(&s, 1, LONG).await;
     assert_eq!(ids(&long), vec!["long"]);
+    let first = claim(&s, 1, Duration::from_millis(1)).await;
+    assert_eq!(ids(&first), vec!["short"]);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let again = claim_eventually(&s, "short").await;
     assert!(again.attempts >= first[0].attempts);

@@ -1,24 +1,51 @@
 //! The store: cache entries, the per-primer key index, and the durable refresh queue.
 //!
-//! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default) implements it, and
-//! [`conformance`] is the test suite every backend must pass.
+//! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default, one process) and
+//! `scylla` (ScyllaDB or Cassandra, shared by many processes; the `scylla` Cargo feature) implement it,
+//! [`cql`] holds the ScyllaDB data model, and `conformance` is the test suite every backend must pass.
 //!
 //! # Contract
 //! - **Entries never go backwards.** [`Store::store_result`] writes an entry only if no entry with a higher
-//!   LSN is stored for that key (an equal LSN replaces: it is a recomputation of the same state).
-//! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash. The replication
-//!   stream acknowledges a position to Postgres only after that.
+//!   LSN is stored for that key, and reports [`Stored::KeptNewer`] with that LSN when one is. An equal LSN
+//!   is a recomputation of the same state: the embedded store replaces the entry; a backend that cannot
+//!   compare and write atomically (ScyllaDB) keeps one of the two whole (see [`cql`]: the later
+//!   computation where the database's tie-break compares values) and reports `Written`.
+//!   Under concurrent writes to one key, `Written` means the entry was written; a newer one may have
+//!   replaced it since. `KeptNewer` is never reported for an entry that was kept.
+//! - **LSNs up to 2^63 − 1.** A backend may refuse (with an error) an entry whose LSN is above
+//!   `7FFFFFFF/FFFFFFFF` (ScyllaDB orders entries by a signed 64-bit timestamp); Postgres would need to
+//!   write 8 EiB of WAL to get there. The embedded store takes any LSN.
+//! - **Expired entries.** An entry whose `expires_at_ms` has passed may be dropped ([`Store::get`] then
+//!   answers `None`, as for a key never stored; ScyllaDB drops it with a TTL), or kept as it was (the
+//!   embedded store; readers compare `expires_at_ms` themselves). It is never changed.
+//! - **Removal.** After [`Store::remove_key`], a backend that orders by LSN without reading (ScyllaDB)
+//!   shadows the removed LSN: the key can be stored again from a higher LSN (kck's labels only grow).
+//! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash (of kck, and
+//!   for ScyllaDB of fewer replicas than the configured consistency needs). The replication stream
+//!   acknowledges a position to Postgres only after that.
 //! - **Tasks coalesce.** One pending task per [`Task::id`]; enqueuing an id that is pending raises its LSN to
-//!   the larger of the two and keeps its place in line.
-//! - **At-least-once.** A claimed task that is neither finished nor retried (its worker died) is handed out
-//!   again once its lease runs out (embedded: after a restart). Finishing a task whose LSN was raised while
-//!   it was claimed keeps it queued (the newer change still needs a refresh). A backend may make
-//!   [`Store::finish`], [`Store::store_result`] and [`Store::register_key`] durable lazily: a crash may then
-//!   lose one whole (never half of one), which only makes a refresh run again.
+//!   the larger of the two and keeps its place in line (and its `enqueued_at_ms`).
+//! - **Oldest first.** [`Store::claim`] hands out the tasks enqueued first (retried tasks keep their place
+//!   once due). With several processes on ScyllaDB, "first" follows each process's clock, so tasks
+//!   enqueued within clock skew of each other may come out of order.
+//! - **At-least-once, never twice at once.** A claimed task is not handed to another worker while its lease
+//!   lasts. A claimed task that is neither finished nor retried (its worker died) is handed out again once
+//!   its lease runs out (embedded: also after a restart), with one more attempt. Finishing a task whose LSN
+//!   was raised while it was claimed keeps it queued (the newer change still needs a refresh) and
+//!   releases it.
+//! - **Finish.** [`Store::finish`] stores the result, queues the follow-ups and removes the task. The
+//!   embedded store does it in one transaction; ScyllaDB does it in that order, so a crash part-way leaves
+//!   the task to run again when its lease runs out, and loses nothing.
+//! - **Lazy durability.** A backend may make [`Store::finish`], [`Store::store_result`] and
+//!   [`Store::register_key`] durable lazily: a crash may then lose one whole (never half of one), which
+//!   only makes a refresh run again.
 //! - **Leases are exclusive.** [`Store::try_lease`] gives a named lease to one holder at a time, until it
 //!   runs out or is released.
 
+pub mod cql;
 pub mod embedded;
+#[cfg(feature = "scylla")]
+pub mod scylla;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
@@ -69,7 +96,7 @@ pub struct Claim {
 pub enum Stored {
     /// The entry was written.
     Written,
-    /// A newer entry (of this LSN) was kept.
+    /// A newer entry (of this LSN, higher than the one offered) was kept.
     KeptNewer(Lsn),
 }
 
