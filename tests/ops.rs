@@ -803,8 +803,16 @@ async fn an_invalidated_slot_stops_kck_with_the_fix_or_is_recreated_and_the_cach
         TIMEOUT,
     )
     .await;
-    let (_, status) = get_json(&format!("http://{}/status", running.http_addr)).await;
-    assert_eq!(status["slot"]["wal_status"], "reserved", "{status}");
+    // The slot monitor reads the slot every 2 s: wait for a reading of the new slot.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let status = loop {
+        let (_, status) = get_json(&format!("http://{}/status", running.http_addr)).await;
+        if status["slot"]["wal_status"] == "reserved" {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let events = status["recent_errors"].to_string();
     assert!(
         events.contains("dropping the slot, creating it again"),
