@@ -319,6 +319,22 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     if options.paused {
         refresher.pause();
     }
+    // Reads are seen (and remembered) by the process that serves them.
+    refresher.access.set_sees_reads(roles.http);
+    if roles.refresh
+        && !roles.http
+        && config
+            .catalog
+            .primers
+            .iter()
+            .any(|p| p.policy.cold_after.is_some())
+    {
+        tracing::warn!(
+            "cold_after is set, but this process does not serve HTTP, so it cannot see which keys are read: \
+             its workers recompute every key instead of dropping cold ones, and run them oldest first. Run \
+             the refresh role with the http role for cold keys to be dropped and hot keys to go first."
+        );
+    }
     for worker in 0..workers {
         others.push(tokio::spawn(
             refresher.clone().work(worker, shutdown_rx.clone()),

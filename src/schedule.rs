@@ -83,6 +83,8 @@ const SHARDS: usize = 16;
 /// count as read at boot, which errs towards recomputing.
 pub struct AccessLog {
     boot: Instant,
+    /// Whether this process sees the reads (it serves HTTP). Without them nothing counts as cold.
+    sees_reads: std::sync::atomic::AtomicBool,
     per_shard: usize,
     shards: Vec<Mutex<HashMap<String, Instant>>>,
 }
@@ -92,6 +94,7 @@ impl AccessLog {
     pub fn new(capacity: usize) -> AccessLog {
         AccessLog {
             boot: Instant::now(),
+            sees_reads: std::sync::atomic::AtomicBool::new(true),
             per_shard: (capacity / SHARDS).max(16),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
@@ -136,9 +139,17 @@ impl AccessLog {
         shard.get(key).copied()
     }
 
-    /// Whether `key` was not read for `cold_after`.
+    /// Whether `key` was not read for `cold_after` (never, in a process that does not see the reads).
     pub fn is_cold(&self, key: &str, cold_after: Option<Duration>) -> bool {
-        cold_after.is_some_and(|after| self.last_read(key).elapsed() >= after)
+        self.sees_reads.load(std::sync::atomic::Ordering::Relaxed)
+            && cold_after.is_some_and(|after| self.last_read(key).elapsed() >= after)
+    }
+
+    /// Say whether this process sees the reads (serves HTTP). The log is kept per process, so a refresh
+    /// worker in a process without the `http` role cannot tell cold keys from hot ones: it drops none.
+    pub fn set_sees_reads(&self, sees: bool) {
+        self.sees_reads
+            .store(sees, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// How many keys are remembered.
