@@ -34,8 +34,10 @@ use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::auth::Authenticator;
 use crate::config::{Config, Roles, StoreConfig};
 use crate::deps::DepIndex;
+use crate::freshness::Progress;
 use crate::http::{AppState, app};
 use crate::jobs::Jobs;
 use crate::lsn::Lsn;
@@ -48,6 +50,7 @@ use crate::replication::{
 use crate::schedule;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
+use crate::update::{UpdateError, Updates};
 use crate::visibility::VisibilityClock;
 
 /// The store meta name under which the streaming process publishes its visible watermark (LSN text).
@@ -68,6 +71,10 @@ pub enum AppError {
     },
     #[error("cannot start the refresh workers: {0}")]
     Refresh(#[from] crate::refresh::RefreshError),
+    #[error("cannot set up updaters: {0}")]
+    Update(#[from] UpdateError),
+    #[error("write.url is not a valid connection string: {0}")]
+    WriteUrl(String),
     #[error("{0}")]
     Roles(String),
     #[error("a kck task failed: {0}")]
@@ -390,6 +397,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
                 others.push(tokio::spawn(publish_watermark(
                     store.clone(),
                     clock.clone(),
+                    stats.clone(),
                     state_rx.clone(),
                     options.watermark_poll,
                     shutdown_rx.clone(),
@@ -486,14 +494,35 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             addr: config.http.bind,
             source,
         })?;
+        let updates = if config.updaters.is_empty() {
+            None
+        } else {
+            let pg = config
+                .write
+                .url
+                .parse::<tokio_postgres::Config>()
+                .map_err(|e| AppError::WriteUrl(e.to_string()))?;
+            Some(Arc::new(Updates::new(
+                pg,
+                config.write.connections,
+                config.updaters.clone(),
+                config.http.request_timeout,
+            )?))
+        };
         let state = AppState {
             store: store.clone(),
             catalog,
             primer: config.prime_on_cache_miss.then(|| refresher.clone()),
+            hub: refresher.hub.clone(),
+            progress: Progress::new(store.clone(), stats.clone(), clock.clone(), shared_store),
+            updates,
+            auth: Authenticator::from_config(&config.auth).map(Arc::new),
+            limits: config.http.clone(),
+            shutdown: shutdown_rx.clone(),
             refresher: Some(refresher.clone()),
         };
         let router = ops::http::observe(
-            app(state).merge(ops::http::router(ops.clone())),
+            app(state, ops::http::router(ops.clone())),
             telemetry.clone(),
         );
         let mut http_shutdown = shutdown_rx.clone();
@@ -557,18 +586,23 @@ async fn follow_watermark(
     }
 }
 
-/// While this process streams, publish its visible watermark whenever it moves (at most every `every`).
+/// While this process streams, publish its visible watermark, and its acknowledged position (for
+/// freshness waits in other processes: [`crate::freshness::ACKED_META`]), whenever they move (at most every
+/// `every`).
 async fn publish_watermark(
     store: Arc<dyn Store>,
     clock: Arc<VisibilityClock>,
+    stats: Arc<StreamStats>,
     state: watch::Receiver<ReplicationState>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut published = Lsn::ZERO;
+    let mut published_acked = Lsn::ZERO;
     loop {
         let visible = clock.visible();
-        if *state.borrow() == ReplicationState::Streaming && visible > published {
+        let streaming = *state.borrow() == ReplicationState::Streaming;
+        if streaming && visible > published {
             match store
                 .put_meta(VISIBLE_META, Bytes::from(visible.to_string()))
                 .await
@@ -576,6 +610,18 @@ async fn publish_watermark(
                 Ok(()) => published = visible,
                 Err(error) => {
                     tracing::warn!(%error, "Cannot publish the visible watermark; retrying.")
+                }
+            }
+        }
+        let acked = Lsn(stats.acked.load(Ordering::Acquire));
+        if streaming && acked > published_acked {
+            match store
+                .put_meta(crate::freshness::ACKED_META, Bytes::from(acked.to_string()))
+                .await
+            {
+                Ok(()) => published_acked = acked,
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot publish the acknowledged position; retrying.")
                 }
             }
         }

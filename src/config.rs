@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
+use crate::auth::{Access, AccessRule, AuthConfig, JwtConfig};
 use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
+use crate::update::{Statement, Updater, UpdaterParam, ValueType};
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -34,6 +36,33 @@ pub struct Config {
     /// On a `/fetch` miss: compute, store and return (true), or answer 404 (false). Default true.
     pub prime_on_cache_miss: bool,
     pub catalog: Catalog,
+    /// `auth`: off by default.
+    pub auth: AuthConfig,
+    /// `write`: the connections updaters write through.
+    pub write: WriteConfig,
+    /// From `updaters` and `updaters_dir`, in that order; names are unique.
+    pub updaters: Vec<Updater>,
+}
+
+/// Where updaters write.
+///
+/// `Debug` hides the password of `url`.
+#[derive(Clone)]
+pub struct WriteConfig {
+    /// The Postgres connection updaters use: `write.url` (`KCK_WRITE_URL`), or else `source.url`. A role
+    /// with just the privileges the updaters need is best.
+    pub url: String,
+    /// Connections in the updaters' pool. Default 4.
+    pub connections: usize,
+}
+
+impl fmt::Debug for WriteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteConfig")
+            .field("url", &redact_url(&self.url))
+            .field("connections", &self.connections)
+            .finish()
+    }
 }
 
 /// Where the data comes from.
@@ -254,6 +283,35 @@ impl fmt::Display for Roles {
 pub struct HttpConfig {
     /// Default `127.0.0.1:8080`. `KCK_HTTP_BIND`.
     pub bind: SocketAddr,
+    /// How long a request may take, waits excluded (a request that waits gets `max_wait` more). Updaters'
+    /// statements get it as their `statement_timeout`. Default 30 s.
+    pub request_timeout: Duration,
+    /// The largest request body, in bytes. Default 1 MiB.
+    pub body_limit: usize,
+    /// The most keys one `POST /fetch` may ask for. Default 1000.
+    pub max_batch_keys: usize,
+    /// How long a freshness wait (`min_lsn`, `wait=fresh`, `wait_change`) lasts when the request gives no
+    /// `timeout`. Default 5 s.
+    pub wait_timeout: Duration,
+    /// The longest `timeout` a request may give. Default 60 s.
+    pub max_wait: Duration,
+    /// Origins browsers may call kck from (CORS), such as `https://app.example.com`, or `*`. Default none:
+    /// no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: DEFAULT_HTTP_BIND,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            body_limit: DEFAULT_BODY_LIMIT,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            max_wait: DEFAULT_MAX_WAIT,
+            cors_origins: Vec::new(),
+        }
+    }
 }
 
 /// Refresh workers.
@@ -338,9 +396,20 @@ pub const DEFAULT_CLAIM_BATCH: usize = 16;
 pub const DEFAULT_KEYSPACE: &str = "kck";
 pub const DEFAULT_CQL_PORT: u16 = 9042;
 pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+pub const DEFAULT_WRITE_CONNECTIONS: usize = 4;
+pub const MAX_WRITE_CONNECTIONS: usize = 256;
+pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+/// What `/fetch` answers in `Cache-Control` unless a primer says otherwise: caches may keep the value but
+/// must revalidate it (cheap with `ETag`).
+pub const DEFAULT_CACHE_CONTROL: &str = "no-cache";
 
 /// The environment variables that override fields, with the field each overrides.
-pub const ENV_OVERRIDES: [(&str, &str); 7] = [
+pub const ENV_OVERRIDES: [(&str, &str); 8] = [
     ("KCK_SOURCE_URL", "source.url"),
     ("KCK_SOURCE_PUBLICATION", "source.publication"),
     ("KCK_SOURCE_SLOT", "source.slot"),
@@ -348,6 +417,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 7] = [
     ("KCK_STORE_NODES", "store.nodes"),
     ("KCK_STORE_PASSWORD", "store.password"),
     ("KCK_HTTP_BIND", "http.bind"),
+    ("KCK_WRITE_URL", "write.url"),
 ];
 
 impl Config {
@@ -475,6 +545,10 @@ struct RawConfig {
     prime_on_cache_miss: Option<Spanned<bool>>,
     primers_dir: Option<Spanned<String>>,
     primers: Option<Spanned<Vec<Spanned<RawPrimer>>>>,
+    auth: Option<Spanned<RawAuth>>,
+    write: Option<Spanned<RawWrite>>,
+    updaters_dir: Option<Spanned<String>>,
+    updaters: Option<Spanned<Vec<Spanned<RawUpdater>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,6 +629,245 @@ impl<'de> Deserialize<'de> for ReplicationPairs {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     bind: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    body_limit: Option<Spanned<ScalarText>>,
+    max_batch_keys: Option<Spanned<i64>>,
+    wait_timeout: Option<Spanned<String>>,
+    max_wait: Option<Spanned<String>>,
+    cors_origins: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWrite {
+    url: Option<Spanned<String>>,
+    connections: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt: Option<Spanned<RawJwt>>,
+    public_paths: Option<Spanned<Vec<Spanned<String>>>>,
+    operator: Option<Spanned<RawAccess>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    algorithms: Option<Spanned<Vec<Spanned<String>>>>,
+    secret_env: Option<Spanned<String>>,
+    public_key_file: Option<Spanned<String>>,
+    jwks_file: Option<Spanned<String>>,
+    issuer: Option<Spanned<OneOrMany>>,
+    audience: Option<Spanned<OneOrMany>>,
+    leeway: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpdater {
+    name: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<Spanned<RawParam>>>>,
+    statements: Option<Spanned<Vec<Spanned<String>>>>,
+    access: Option<Spanned<RawAccess>>,
+}
+
+/// An updater parameter: `name:type` (type default `text`), or `{ name, type, nullable }`.
+#[derive(Debug)]
+struct RawParam {
+    name: String,
+    ty: Option<String>,
+    nullable: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParamFields {
+    name: String,
+    #[serde(rename = "type")]
+    ty: Option<String>,
+    #[serde(default)]
+    nullable: bool,
+}
+
+impl<'de> Deserialize<'de> for RawParam {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawParam;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`name:type` (such as user_id:int) or { name: user_id, type: int, nullable: false }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawParam, E> {
+                let (name, ty) = match v.split_once(':') {
+                    Some((n, t)) => (n.trim(), Some(t.trim().to_owned())),
+                    None => (v.trim(), None),
+                };
+                Ok(RawParam {
+                    name: name.to_owned(),
+                    ty,
+                    nullable: false,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawParam, A::Error> {
+                let f =
+                    RawParamFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawParam {
+                    name: f.name,
+                    ty: f.ty,
+                    nullable: f.nullable,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `access`: one rule (a mapping) or a list of rules, any of which grants access.
+#[derive(Debug)]
+struct RawAccess(Vec<Spanned<RawAccessRule>>, Option<RawAccessRule>);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessRule {
+    require: Option<Spanned<RequirePairs>>,
+    #[serde(rename = "match")]
+    matches: Option<Spanned<ColumnPairs>>,
+}
+
+impl<'de> Deserialize<'de> for RawAccess {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawAccess;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "a rule such as { require: { role: admin }, match: { sub: user_id } }, or a list of rules",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawAccess, A::Error> {
+                let rule =
+                    RawAccessRule::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawAccess(Vec::new(), Some(rule)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawAccess, A::Error> {
+                let rules = Vec::<Spanned<RawAccessRule>>::deserialize(
+                    serde::de::value::SeqAccessDeserializer::new(seq),
+                )?;
+                Ok(RawAccess(rules, None))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `require`: claim → accepted value (a scalar) or values (a list of scalars), in file order.
+#[derive(Debug)]
+struct RequirePairs(Vec<(String, Vec<String>)>);
+
+impl<'de> Deserialize<'de> for RequirePairs {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RequirePairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping from claim to required value, such as { role: admin }")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RequirePairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(claim) = map.next_key::<String>()? {
+                    let OneOrMany(values) = map.next_value::<OneOrMany>()?;
+                    pairs.push((claim, values));
+                }
+                Ok(RequirePairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// A scalar (string, number or boolean) as text, or a list of them.
+#[derive(Debug)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(ScalarText(v)) = seq.next_element::<ScalarText>()? {
+                    out.push(v);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A scalar (string, number or boolean) as text.
+#[derive(Debug)]
+struct ScalarText(String);
+
+impl<'de> Deserialize<'de> for ScalarText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ScalarText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, a number or true/false")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_owned()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<ScalarText, E> {
+                Ok(ScalarText(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -601,6 +914,8 @@ struct RawPrimer {
     warm: Option<Spanned<String>>,
     concurrency: Option<Spanned<i64>>,
     batch: Option<Spanned<RawBatch>>,
+    cache_control: Option<Spanned<String>>,
+    access: Option<Spanned<RawAccess>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -907,15 +1222,19 @@ impl Loader<'_> {
         }
     }
 
-    fn load(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn load(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
         let source = self.source(&raw)?;
         let store = self.store(&raw)?;
         let roles = self.roles(&raw)?;
         let http = self.http(&raw)?;
         let refresh = self.refresh(&raw)?;
         let jobs = self.jobs(&raw)?;
+        let auth = self.auth(&raw)?;
+        let write = self.write(&raw, &source)?;
         let prime_on_cache_miss = raw.prime_on_cache_miss.as_ref().is_none_or(|s| s.value);
-        let mut catalog = self.primers(raw)?;
+        let auth_on = auth.jwt.is_some();
+        let updaters = self.updaters(raw.updaters.take(), raw.updaters_dir.take(), auth_on)?;
+        let mut catalog = self.primers(raw, auth_on)?;
         for primer in &mut catalog.primers {
             primer.policy.cold_after = primer.policy.cold_after.or(refresh.cold_after);
         }
@@ -929,6 +1248,9 @@ impl Loader<'_> {
             jobs,
             prime_on_cache_miss,
             catalog,
+            auth,
+            write,
+            updaters,
         })
     }
 
@@ -1336,7 +1658,329 @@ impl Loader<'_> {
                 parse_bind,
             )?
             .unwrap_or(DEFAULT_HTTP_BIND);
-        Ok(HttpConfig { bind })
+        let duration = |field: Option<&Spanned<String>>, name: &str, default: Duration| match field
+        {
+            None => Ok(default),
+            Some(t) => parse_duration(&t.value).map_err(|m| self.err(line_of(t), name, m)),
+        };
+        let request_timeout = duration(
+            section.and_then(|s| s.request_timeout.as_ref()),
+            "http.request_timeout",
+            DEFAULT_REQUEST_TIMEOUT,
+        )?;
+        let wait_timeout = duration(
+            section.and_then(|s| s.wait_timeout.as_ref()),
+            "http.wait_timeout",
+            DEFAULT_WAIT_TIMEOUT,
+        )?;
+        let max_wait = duration(
+            section.and_then(|s| s.max_wait.as_ref()),
+            "http.max_wait",
+            DEFAULT_MAX_WAIT,
+        )?;
+        if wait_timeout > max_wait {
+            let line = section
+                .and_then(|s| s.wait_timeout.as_ref())
+                .map_or(1, line_of);
+            return Err(self.err(
+                line,
+                "http.wait_timeout",
+                format!(
+                    "{} is longer than http.max_wait ({}): the default wait must be allowed",
+                    humantime::format_duration(wait_timeout),
+                    humantime::format_duration(max_wait)
+                ),
+            ));
+        }
+        let body_limit = match section.and_then(|s| s.body_limit.as_ref()) {
+            None => DEFAULT_BODY_LIMIT,
+            Some(b) => {
+                parse_size(&b.value.0).map_err(|m| self.err(line_of(b), "http.body_limit", m))?
+            }
+        };
+        let max_batch_keys = match section.and_then(|s| s.max_batch_keys.as_ref()) {
+            None => DEFAULT_MAX_BATCH_KEYS,
+            Some(n) => match usize::try_from(n.value) {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(n),
+                        "http.max_batch_keys",
+                        format!("must be between 1 and 100000, got {}", n.value),
+                    ));
+                }
+            },
+        };
+        let mut cors_origins = Vec::new();
+        if let Some(list) = section.and_then(|s| s.cors_origins.as_ref()) {
+            for (i, o) in list.value.iter().enumerate() {
+                let origin = check_origin(&o.value)
+                    .map_err(|m| self.err(line_of(o), format!("http.cors_origins[{i}]"), m))?;
+                cors_origins.push(origin);
+            }
+            if cors_origins.len() > 1 && cors_origins.iter().any(|o| o == "*") {
+                return Err(self.err(
+                    line_of(list),
+                    "http.cors_origins",
+                    "`*` allows every origin: give it alone, or list the origins",
+                ));
+            }
+        }
+        Ok(HttpConfig {
+            bind,
+            request_timeout,
+            body_limit,
+            max_batch_keys,
+            wait_timeout,
+            max_wait,
+            cors_origins,
+        })
+    }
+
+    fn write(&self, raw: &RawConfig, source: &SourceConfig) -> Result<WriteConfig, ConfigError> {
+        let section = raw.write.as_ref().map(|s| &s.value);
+        let url = self
+            .string_field(
+                "KCK_WRITE_URL",
+                "write.url",
+                section.and_then(|s| s.url.as_ref()),
+                check_url,
+            )?
+            .unwrap_or_else(|| source.url.clone());
+        let connections = match section.and_then(|s| s.connections.as_ref()) {
+            None => DEFAULT_WRITE_CONNECTIONS,
+            Some(c) => match usize::try_from(c.value) {
+                Ok(n) if (1..=MAX_WRITE_CONNECTIONS).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(c),
+                        "write.connections",
+                        format!(
+                            "must be between 1 and {MAX_WRITE_CONNECTIONS}, got {}",
+                            c.value
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok(WriteConfig { url, connections })
+    }
+
+    fn auth(&self, raw: &RawConfig) -> Result<AuthConfig, ConfigError> {
+        let mut auth = AuthConfig::default();
+        let Some(section) = raw.auth.as_ref().map(|s| &s.value) else {
+            return Ok(auth);
+        };
+        if let Some(paths) = &section.public_paths {
+            auth.public_paths.clear();
+            for (i, p) in paths.value.iter().enumerate() {
+                if !p.value.starts_with('/') || p.value.contains(['?', '#', ' ']) {
+                    return Err(self.err(
+                        line_of(p),
+                        format!("auth.public_paths[{i}]"),
+                        format!(
+                            "'{}' is not a request path: write it as it appears in the URL, starting with / \
+                             (such as /healthz), without a query",
+                            p.value
+                        ),
+                    ));
+                }
+                auth.public_paths.push(p.value.clone());
+            }
+        }
+        if let Some(jwt) = &section.jwt {
+            auth.jwt = Some(self.jwt(jwt)?);
+        }
+        if let Some(operator) = &section.operator {
+            auth.operator = Some(build_access(
+                operator,
+                &[],
+                self.file,
+                "auth.operator",
+                auth.jwt.is_some(),
+            )?);
+        }
+        Ok(auth)
+    }
+
+    fn jwt(&self, section: &Spanned<RawJwt>) -> Result<JwtConfig, ConfigError> {
+        let line = line_of(section);
+        let jwt = &section.value;
+        let Some(algorithms) = &jwt.algorithms else {
+            return Err(self.err(
+                line,
+                "auth.jwt.algorithms",
+                "required: the algorithms tokens may be signed with, such as [RS256] or [HS256]; kck \
+                 never takes the algorithm from the token",
+            ));
+        };
+        if algorithms.value.is_empty() {
+            return Err(self.err(
+                line_of(algorithms),
+                "auth.jwt.algorithms",
+                "list at least one algorithm",
+            ));
+        }
+        let mut algs = Vec::with_capacity(algorithms.value.len());
+        for (i, a) in algorithms.value.iter().enumerate() {
+            let alg = crate::auth::parse_algorithm(a.value.trim())
+                .map_err(|m| self.err(line_of(a), format!("auth.jwt.algorithms[{i}]"), m))?;
+            if !algs.contains(&alg) {
+                algs.push(alg);
+            }
+        }
+        let sources = [
+            ("secret_env", &jwt.secret_env),
+            ("public_key_file", &jwt.public_key_file),
+            ("jwks_file", &jwt.jwks_file),
+        ];
+        let given: Vec<_> = sources.iter().filter(|(_, v)| v.is_some()).collect();
+        let (kind, value) = match given.as_slice() {
+            [(kind, Some(value))] => (*kind, value),
+            [] | [(_, None)] => {
+                return Err(self.err(
+                    line,
+                    "auth.jwt",
+                    "give the verification key: `secret_env` (the environment variable holding an HS* \
+                     secret), `public_key_file` (a PEM public key) or `jwks_file` (a JWKS document)",
+                ));
+            }
+            more => {
+                return Err(self.err(
+                    line,
+                    "auth.jwt",
+                    format!(
+                        "give only one of secret_env, public_key_file and jwks_file (found {})",
+                        more.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        };
+        let field = format!("auth.jwt.{kind}");
+        let value_line = line_of(value);
+        let (keys, key_source) = match kind {
+            "secret_env" => {
+                let var = value.value.trim();
+                let secret = (self.env)(var).ok_or_else(|| {
+                    self.err(
+                        value_line,
+                        &field,
+                        format!(
+                            "the environment variable {var} is not set: it must hold the HS* secret"
+                        ),
+                    )
+                })?;
+                let keys = crate::auth::secret_key(secret.as_bytes())
+                    .map_err(|m| self.err(value_line, &field, format!("{var}: {m}")))?;
+                (keys, format!("secret_env {var}"))
+            }
+            _ => {
+                let path = self.relative(&value.value);
+                let bytes = std::fs::read(&path).map_err(|e| {
+                    self.err(
+                        value_line,
+                        &field,
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let keys = if kind == "jwks_file" {
+                    crate::auth::jwks_keys(&String::from_utf8_lossy(&bytes))
+                } else {
+                    crate::auth::pem_key(&bytes)
+                }
+                .map_err(|m| self.err(value_line, &field, format!("{}: {m}", path.display())))?;
+                (keys, format!("{kind} {}", path.display()))
+            }
+        };
+        let strings = |v: &Option<Spanned<OneOrMany>>,
+                       name: &str|
+         -> Result<Option<Vec<String>>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(v)
+                    if v.value.0.is_empty() || v.value.0.iter().any(|s| s.trim().is_empty()) =>
+                {
+                    Err(self.err(line_of(v), name, "give a non-empty value or list of values"))
+                }
+                Some(v) => Ok(Some(v.value.0.clone())),
+            }
+        };
+        let issuer = strings(&jwt.issuer, "auth.jwt.issuer")?;
+        let audience = strings(&jwt.audience, "auth.jwt.audience")?;
+        let leeway = match &jwt.leeway {
+            None => DEFAULT_JWT_LEEWAY,
+            Some(l) => {
+                let d = humantime::parse_duration(l.value.trim()).map_err(|e| {
+                    self.err(
+                        line_of(l),
+                        "auth.jwt.leeway",
+                        format!("'{}' is not a duration ({e}); write e.g. 30s", l.value),
+                    )
+                })?;
+                if d > Duration::from_secs(300) {
+                    return Err(self.err(
+                        line_of(l),
+                        "auth.jwt.leeway",
+                        "at most 5m: a longer leeway keeps expired tokens valid too long",
+                    ));
+                }
+                d
+            }
+        };
+        JwtConfig::new(algs, keys, key_source, issuer, audience, leeway)
+            .map_err(|m| self.err(line, "auth.jwt", m))
+    }
+
+    fn updaters(
+        &self,
+        list: Option<Spanned<Vec<Spanned<RawUpdater>>>>,
+        dir: Option<Spanned<String>>,
+        auth_on: bool,
+    ) -> Result<Vec<Updater>, ConfigError> {
+        let mut updaters = Vec::new();
+        // (file, line of the name, field prefix) per updater, for duplicate names.
+        let mut origins: Vec<(PathBuf, usize, String)> = Vec::new();
+        if let Some(list) = list {
+            for (i, item) in list.value.into_iter().enumerate() {
+                let line = line_of(&item);
+                let prefix = format!("updaters[{i}].");
+                let (updater, name_line) =
+                    build_updater(item.value, line, self.file, &prefix, None, auth_on)?;
+                updaters.push(updater);
+                origins.push((self.file.to_owned(), name_line, prefix));
+            }
+        }
+        if let Some(dir) = &dir {
+            let path = self.relative(&dir.value);
+            for file in sql_files(&path).map_err(|e| {
+                self.err(
+                    line_of(dir),
+                    "updaters_dir",
+                    format!("cannot read the directory {}: {e}", path.display()),
+                )
+            })? {
+                let (updater, name_line) = load_sql_updater(&file, auth_on)?;
+                updaters.push(updater);
+                origins.push((file, name_line, String::new()));
+            }
+        }
+        for i in 0..updaters.len() {
+            if let Some(j) = (0..i).find(|&j| updaters[j].name == updaters[i].name) {
+                let (file, line, prefix) = &origins[i];
+                return Err(invalid(
+                    file,
+                    *line,
+                    format!("{prefix}name"),
+                    format!(
+                        "the updater name '{}' is already used at {}:{}; updater names must be unique",
+                        updaters[i].name,
+                        origins[j].0.display(),
+                        origins[j].1
+                    ),
+                ));
+            }
+        }
+        Ok(updaters)
     }
 
     fn refresh(&self, raw: &RawConfig) -> Result<RefreshConfig, ConfigError> {
@@ -1503,7 +2147,7 @@ impl Loader<'_> {
         Ok(jobs)
     }
 
-    fn primers(&self, raw: RawConfig) -> Result<Catalog, ConfigError> {
+    fn primers(&self, raw: RawConfig, auth_on: bool) -> Result<Catalog, ConfigError> {
         let mut primers = Vec::new();
         let mut origins = Vec::new();
         let primers_line = self.section_line(&raw.primers, "primers");
@@ -1521,8 +2165,14 @@ impl Loader<'_> {
                     .query
                     .as_ref()
                     .is_some_and(|q| is_literal_block(self.text, line_of(q)));
-                let (primer, origin) =
-                    build_primer(item.value, line, origin, None, query_is_literal_block)?;
+                let (primer, origin) = build_primer(
+                    item.value,
+                    line,
+                    origin,
+                    None,
+                    query_is_literal_block,
+                    auth_on,
+                )?;
                 primers.push(primer);
                 origins.push(origin);
             }
@@ -1537,7 +2187,7 @@ impl Loader<'_> {
                     format!("cannot read the directory {}: {e}", path.display()),
                 )
             })? {
-                let (primer, origin) = load_sql_primer(&file)?;
+                let (primer, origin) = load_sql_primer(&file, auth_on)?;
                 primers.push(primer);
                 origins.push(origin);
             }
@@ -1708,20 +2358,35 @@ fn sql_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// The first line of a `.sql` primer file.
 const SQL_MARKER: &str = "-- kck:primer";
+/// The first line of a `.sql` updater file.
+const UPDATER_MARKER: &str = "-- kck:updater";
 
-/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
-fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
+/// A `.sql` file split into its YAML header (line numbers kept: the marker line is blanked) and its body.
+struct SqlFile {
+    header: String,
+    body: String,
+    /// The line of the file where the body starts.
+    body_line: usize,
+}
+
+/// Read a `.sql` file whose first line is `marker`, then `--` lines forming a YAML header, then SQL.
+fn read_sql_file(file: &Path, marker: &str, what: &str) -> Result<SqlFile, ConfigError> {
     let text = read_text(file)?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut lines = text.split_inclusive('\n');
     let first = lines.next().unwrap_or("");
-    if first.trim_end() != SQL_MARKER {
+    if first.trim_end() != marker {
+        let hint = match first.trim_end() {
+            SQL_MARKER => ": this is a primer file; put it in `primers_dir`",
+            UPDATER_MARKER => ": this is an updater file; put it in `updaters_dir`",
+            _ => "",
+        };
         return Err(invalid(
             file,
             1,
             "header",
             format!(
-                "a primer file must start with the line `{SQL_MARKER}` (found `{}`)",
+                "{what} file must start with the line `{marker}` (found `{}`){hint}",
                 first.trim_end().chars().take(60).collect::<String>()
             ),
         ));
@@ -1744,7 +2409,20 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         offset += l.len();
         line += 1;
     }
-    let body = &text[offset..];
+    Ok(SqlFile {
+        header,
+        body: text[offset..].to_owned(),
+        body_line: line + 1,
+    })
+}
+
+/// Read a `.sql` primer: `-- kck:primer`, then `--` lines forming a YAML header, then the query.
+fn load_sql_primer(file: &Path, auth_on: bool) -> Result<(Primer, PrimerOrigin), ConfigError> {
+    let SqlFile {
+        header,
+        body,
+        body_line,
+    } = read_sql_file(file, SQL_MARKER, "a primer")?;
     let raw: RawPrimer = from_yaml(&header, file)?;
     if let Some(q) = &raw.query {
         return Err(invalid(
@@ -1770,10 +2448,47 @@ fn load_sql_primer(file: &Path) -> Result<(Primer, PrimerOrigin), ConfigError> {
         origin,
         Some(SqlBody {
             default_name,
-            query: body.to_owned(),
-            line: line + 1,
+            query: body,
+            line: body_line,
         }),
         false,
+        auth_on,
+    )
+}
+
+/// Read a `.sql` updater: `-- kck:updater`, a YAML header (`name`, `params`, `access`), then its
+/// statements separated by `;`. Returns the updater and the line of its name.
+fn load_sql_updater(file: &Path, auth_on: bool) -> Result<(Updater, usize), ConfigError> {
+    let SqlFile {
+        header,
+        body,
+        body_line,
+    } = read_sql_file(file, UPDATER_MARKER, "an updater")?;
+    let raw: RawUpdater = from_yaml(&header, file)?;
+    if let Some(st) = &raw.statements {
+        return Err(invalid(
+            file,
+            line_of(st),
+            "statements",
+            "the statements of a .sql updater are the body of the file, after the header: remove \
+             `statements` from the header",
+        ));
+    }
+    let default_name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    build_updater(
+        raw,
+        1,
+        file,
+        "",
+        Some(SqlBody {
+            default_name,
+            query: body,
+            line: body_line,
+        }),
+        auth_on,
     )
 }
 
@@ -1795,6 +2510,7 @@ fn build_primer(
     mut origin: PrimerOrigin,
     sql: Option<SqlBody>,
     query_is_literal_block: bool,
+    auth_on: bool,
 ) -> Result<(Primer, PrimerOrigin), ConfigError> {
     let file = origin.file.clone();
     let prefix = origin.prefix.clone();
@@ -2044,6 +2760,22 @@ fn build_primer(
     }
 
     let policy = build_policy(&raw, &template, &err)?;
+    let cache_control = match &raw.cache_control {
+        None => None,
+        Some(c) => {
+            Some(check_cache_control(&c.value).map_err(|m| err(line_of(c), "cache_control", m))?)
+        }
+    };
+    let access = match &raw.access {
+        None => None,
+        Some(a) => Some(build_access(
+            a,
+            &names,
+            &file,
+            &format!("{prefix}access"),
+            auth_on,
+        )?),
+    };
 
     Ok((
         Primer {
@@ -2053,6 +2785,8 @@ fn build_primer(
             shape,
             dependencies,
             policy,
+            cache_control,
+            access,
         },
         origin,
     ))
@@ -2186,6 +2920,360 @@ fn build_policy(
     })
 }
 
+/// A `Cache-Control` value: printable ASCII, not empty.
+fn check_cache_control(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "'{value}' is not a Cache-Control value: use printable ASCII such as \"max-age=5\", \
+             \"no-cache\" or \"private, max-age=30\""
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// Validate an `access` rule or list of rules; `params` are the names `match` may refer to (key
+/// parameters of a primer, parameters of an updater). `field` is the dotted field of `access`.
+fn build_access(
+    access: &Spanned<RawAccess>,
+    params: &[&str],
+    file: &Path,
+    field: &str,
+    auth_on: bool,
+) -> Result<Access, ConfigError> {
+    let line = line_of(access);
+    if !auth_on {
+        return Err(invalid(
+            file,
+            line,
+            field,
+            "access rules need authentication: configure `auth.jwt` (without it every request is \
+             anonymous, and an access rule would either refuse everything or protect nothing)",
+        ));
+    }
+    let rules: Vec<(usize, String, &RawAccessRule)> = match &access.value {
+        RawAccess(_, Some(rule)) => vec![(line, field.to_owned(), rule)],
+        RawAccess(list, None) => list
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (line_of(r), format!("{field}[{i}]"), &r.value))
+            .collect(),
+    };
+    if rules.is_empty() {
+        return Err(invalid(file, line, field, "list at least one rule"));
+    }
+    let mut out = Vec::with_capacity(rules.len());
+    for (rule_line, rule_field, rule) in rules {
+        let mut require = Vec::new();
+        if let Some(r) = &rule.require {
+            for (claim, values) in &r.value.0 {
+                if claim.is_empty() || values.is_empty() {
+                    return Err(invalid(
+                        file,
+                        line_of(r),
+                        format!("{rule_field}.require"),
+                        "each entry names a claim and its required value (or a list of accepted values)",
+                    ));
+                }
+                require.push((claim.clone(), values.clone()));
+            }
+        }
+        let mut matches = Vec::new();
+        if let Some(m) = &rule.matches {
+            for (claim, param) in &m.value.0 {
+                let Some(index) = params.iter().position(|p| *p == param.value) else {
+                    return Err(invalid(
+                        file,
+                        line_of(param),
+                        format!("{rule_field}.match.{claim}"),
+                        format!(
+                            "'{}' is not a parameter here (the parameters: {}); `match` maps a claim to the \
+                             parameter it must equal, such as {{ sub: user_id }}",
+                            param.value,
+                            list_or_none(params)
+                        ),
+                    ));
+                };
+                matches.push((claim.clone(), index));
+            }
+        }
+        if require.is_empty() && matches.is_empty() {
+            return Err(invalid(
+                file,
+                rule_line,
+                rule_field,
+                "a rule needs `require` (claims and their values) or `match` (claims that must equal \
+                 parameters), or both",
+            ));
+        }
+        out.push(AccessRule { require, matches });
+    }
+    Ok(Access { rules: out })
+}
+
+/// SQL that controls the transaction itself: an updater's statements run inside kck's transaction.
+const TRANSACTION_CONTROL: [&str; 9] = [
+    "BEGIN",
+    "START",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "ABORT",
+    "SAVEPOINT",
+    "RELEASE",
+    "PREPARE",
+];
+
+/// Validate one updater. `line` is the line of the updater as a whole (its mapping, or 1 for a `.sql`
+/// file); `prefix` is its field prefix (`updaters[2].`, empty for a `.sql` file). Returns it and the line
+/// of its name.
+fn build_updater(
+    raw: RawUpdater,
+    line: usize,
+    file: &Path,
+    prefix: &str,
+    sql: Option<SqlBody>,
+    auth_on: bool,
+) -> Result<(Updater, usize), ConfigError> {
+    let err = |line: usize, field: &str, message: String| {
+        invalid(file, line, format!("{prefix}{field}"), message)
+    };
+    let (name, name_line) = match (&raw.name, &sql) {
+        (Some(n), _) => (n.value.clone(), line_of(n)),
+        (None, Some(sql)) => (sql.default_name.clone(), 1),
+        (None, None) => {
+            return Err(err(
+                line,
+                "name",
+                "required: the updater's name, used as POST /update/<name>".into(),
+            ));
+        }
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    {
+        let hint = if raw.name.is_none() {
+            " (the name comes from the file name; set `name` in the header)"
+        } else {
+            ""
+        };
+        return Err(err(
+            name_line,
+            "name",
+            format!(
+                "'{name}' is not a valid updater name: use lower-case letters, digits and '_'{hint}"
+            ),
+        ));
+    }
+
+    let mut params: Vec<UpdaterParam> = Vec::new();
+    if let Some(list) = &raw.params {
+        for (i, p) in list.value.iter().enumerate() {
+            let field = format!("params[{i}]");
+            let p_line = line_of(p);
+            let name_ok = {
+                let mut chars = p.value.name.chars();
+                matches!(chars.next(), Some('a'..='z' | '_'))
+                    && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+            };
+            if !name_ok {
+                return Err(err(
+                    p_line,
+                    &field,
+                    format!(
+                        "'{}' is not a valid parameter name: use lower-case letters, digits and '_', not \
+                         starting with a digit",
+                        p.value.name
+                    ),
+                ));
+            }
+            if params.iter().any(|q| q.name == p.value.name) {
+                return Err(err(
+                    p_line,
+                    &field,
+                    format!("parameter '{}' is declared twice", p.value.name),
+                ));
+            }
+            let ty = match &p.value.ty {
+                None => ValueType::Text,
+                Some(t) => ValueType::parse(t.trim()).ok_or_else(|| {
+                    err(
+                        p_line,
+                        &field,
+                        format!(
+                            "unknown type '{t}' for parameter '{}': use {}",
+                            p.value.name,
+                            ValueType::NAMES
+                        ),
+                    )
+                })?,
+            };
+            params.push(UpdaterParam {
+                name: p.value.name.clone(),
+                ty,
+                nullable: p.value.nullable,
+            });
+        }
+    }
+    let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+
+    // Statements: (text, scan, line of the statement, field).
+    let mut scanned: Vec<(String, SqlScan, usize, String)> = Vec::new();
+    match (&raw.statements, &sql) {
+        (Some(list), _) => {
+            if list.value.is_empty() {
+                return Err(err(
+                    line_of(list),
+                    "statements",
+                    "list at least one SQL statement".into(),
+                ));
+            }
+            for (i, st) in list.value.iter().enumerate() {
+                let field = format!("statements[{i}]");
+                let scan = scan_sql(&st.value).map_err(|(_, m)| {
+                    err(line_of(st), &field, m.replace("the query", "the statement"))
+                })?;
+                let text = st.value[..scan.end].trim_start().to_owned();
+                scanned.push((text, scan, line_of(st), field));
+            }
+        }
+        (None, Some(sql)) => {
+            let scans = scan_statements(&sql.query, true).map_err(|(offset, m)| {
+                err(
+                    line_at(&sql.query, offset, sql.line),
+                    "statements",
+                    m.replace(
+                        "the query is empty",
+                        "the file has no SQL statement after its header",
+                    ),
+                )
+            })?;
+            for (i, scan) in scans.into_iter().enumerate() {
+                let text = sql.query[scan.start..scan.end].to_owned();
+                let l = line_at(&sql.query, scan.start, sql.line);
+                scanned.push((text, scan, l, format!("statements[{i}]")));
+            }
+        }
+        (None, None) => {
+            return Err(err(
+                line,
+                "statements",
+                "required: the SQL statements to run, in one transaction, such as \
+                 [\"UPDATE users SET name = $2 WHERE id = $1\"]"
+                    .into(),
+            ));
+        }
+    }
+    let mut statements = Vec::with_capacity(scanned.len());
+    let mut used = vec![false; params.len()];
+    for (text, scan, st_line, field) in scanned {
+        let first_word: String = text
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect::<String>()
+            .to_ascii_uppercase();
+        if TRANSACTION_CONTROL.contains(&first_word.as_str()) {
+            return Err(err(
+                st_line,
+                &field,
+                format!(
+                    "`{first_word}` controls the transaction, which kck runs for you: all statements of an \
+                     updater run in one transaction that kck commits, or rolls back on any error"
+                ),
+            ));
+        }
+        if scan.max() > params.len() {
+            return Err(err(
+                st_line,
+                &field,
+                format!(
+                    "the statement uses ${} but the updater has {}: parameters are bound as $1..$n in \
+                     the order they are declared",
+                    scan.max(),
+                    match params.len() {
+                        0 => "no parameters".to_owned(),
+                        1 => format!("1 parameter ({})", names.join(", ")),
+                        n => format!("{n} parameters ({})", names.join(", ")),
+                    }
+                ),
+            ));
+        }
+        for (i, u) in scan.used.iter().enumerate() {
+            used[i] |= u;
+        }
+        statements.push(Statement {
+            sql: text,
+            uses: scan.used,
+        });
+    }
+    if let Some(unused) = used.iter().position(|u| !u) {
+        let p_line = raw.params.as_ref().map_or(line, line_of);
+        return Err(err(
+            p_line,
+            "params",
+            format!(
+                "parameter '{}' (${}) is not used by any statement: remove it, or use it",
+                names[unused],
+                unused + 1
+            ),
+        ));
+    }
+    let access = match &raw.access {
+        None => None,
+        Some(a) => Some(build_access(
+            a,
+            &names,
+            file,
+            &format!("{prefix}access"),
+            auth_on,
+        )?),
+    };
+    Ok((
+        Updater {
+            name,
+            params,
+            statements,
+            access,
+        },
+        name_line,
+    ))
+}
+
+/// A CORS origin: `*`, or `scheme://host[:port]` (no path), as browsers send it in `Origin`.
+fn check_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim();
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if ok {
+        Ok(origin.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not an origin: write it as browsers send it, such as https://app.example.com or \
+             http://localhost:3000 (no path), or *"
+        ))
+    }
+}
+
+/// `http.body_limit`: a size as [`crate::ops::size::parse_byte_size`] reads it (`1MB`, `512kB`: powers of
+/// 1024, as in postgresql.conf), between 1 kB and 1 GB.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let bytes = crate::ops::size::parse_byte_size(text)?;
+    if !(1 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "'{text}' is out of range: give between 1kB and 1GB"
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| format!("'{text}' is too large for this machine"))
+}
+
 fn list_or_none(names: &[&str]) -> String {
     if names.is_empty() {
         "none".to_owned()
@@ -2249,6 +3337,8 @@ struct SqlScan {
     used: Vec<bool>,
     /// Byte offset of the first occurrence of the highest placeholder.
     max_offset: usize,
+    /// The start of the statement: its first token (leading whitespace and comments excluded).
+    start: usize,
     /// The end of the statement: trailing whitespace, comments and `;` excluded.
     end: usize,
 }
@@ -2262,9 +3352,18 @@ impl SqlScan {
 /// Scan a query: placeholders outside string literals, quoted identifiers, comments and dollar-quoted
 /// strings. Errors (with a byte offset) for an empty query, a second statement, and unterminated quotes.
 fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
+    let mut statements = scan_statements(sql, false)?;
+    statements.pop().ok_or((0, "the query is empty".into()))
+}
+
+/// Scan SQL holding one statement (`many == false`: a second one is an error) or several separated by
+/// `;` (each scanned like a query; empty statements are skipped). Offsets are into `sql`.
+fn scan_statements(sql: &str, many: bool) -> Result<Vec<SqlScan>, (usize, String)> {
     let b = sql.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let mut statements = Vec::new();
     let mut scan = SqlScan::default();
+    let mut in_statement = false;
     let mut i = 0;
     // Offset of the first `;` outside quotes and comments.
     let mut semicolon: Option<usize> = None;
@@ -2314,12 +3413,23 @@ fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
             i += 1;
             continue;
         }
-        match c {
-            b';' => {
+        if c == b';' {
+            if many {
+                if in_statement {
+                    statements.push(std::mem::take(&mut scan));
+                    in_statement = false;
+                }
+            } else {
                 semicolon = Some(i);
-                i += 1;
-                continue;
             }
+            i += 1;
+            continue;
+        }
+        if !in_statement {
+            in_statement = true;
+            scan.start = start;
+        }
+        match c {
             b'\'' => {
                 let escapes =
                     i > 0 && matches!(b[i - 1], b'e' | b'E') && !(i > 1 && ident(b[i - 2]));
@@ -2415,10 +3525,13 @@ fn scan_sql(sql: &str) -> Result<SqlScan, (usize, String)> {
         }
         scan.end = i;
     }
-    if scan.end == 0 {
+    if in_statement {
+        statements.push(scan);
+    }
+    if statements.is_empty() {
         return Err((0, "the query is empty".into()));
     }
-    Ok(scan)
+    Ok(statements)
 }
 
 /// The rule: the highest `$n` equals the number of values bound (`names`), and each of `$1..$n` appears.
@@ -3941,5 +5054,548 @@ SELECT id, total FROM orders WHERE user_id = $1 ORDER BY id;
         assert_eq!(closest("pth", &["kind", "path"]), Some("path"));
         assert_eq!(closest("zzzzzz", &["kind", "path"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    // ---------------------------------------------------------------------------------------------
+    // HTTP, write, auth, updaters
+
+    #[test]
+    fn http_write_and_auth_defaults() {
+        let c = load(BASE).unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.body_limit, 1 << 20);
+        assert_eq!(c.http.max_batch_keys, 1000);
+        assert_eq!(c.http.wait_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.max_wait, Duration::from_secs(60));
+        assert_eq!(c.write.url, c.source.url);
+        assert_eq!(c.write.connections, 4);
+        assert!(c.auth.jwt.is_none());
+        assert_eq!(
+            c.auth.public_paths,
+            ["/healthz", "/readyz", "/openapi.json"]
+        );
+        assert!(c.updaters.is_empty());
+        assert_eq!(c.catalog.primers[0].cache_control, None);
+        assert_eq!(c.catalog.primers[0].access, None);
+        // The write URL's password stays out of Debug.
+        let c = load(&format!("{BASE}write:\n  url: postgres://w:hush@db/app\n")).unwrap();
+        assert!(!format!("{:?}", c.write).contains("hush"));
+    }
+
+    #[test]
+    fn http_and_write_fields() {
+        let c = load(&format!(
+            "{BASE}http:\n  request_timeout: 10s\n  body_limit: 64KiB\n  max_batch_keys: 50\n  \
+             wait_timeout: 2s\n  max_wait: 20s\nwrite:\n  url: postgres://writer@db/app\n  connections: 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.http.request_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.body_limit, 64 * 1024);
+        assert_eq!(c.http.max_batch_keys, 50);
+        assert_eq!(c.http.wait_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.max_wait, Duration::from_secs(20));
+        assert!(c.http.cors_origins.is_empty());
+        assert_eq!(c.write.url, "postgres://writer@db/app");
+        assert_eq!(c.write.connections, 2);
+        let c = load(&format!(
+            "{BASE}http:\n  cors_origins: [\"https://app.example.com\", \"http://localhost:3000\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.http.cors_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  cors_origins: [\"https://app.example.com/path\"]\n"),
+            11,
+            "http.cors_origins[0]",
+            "not an origin",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  cors_origins: [\"*\", \"https://a.example\"]\n"),
+            11,
+            "http.cors_origins",
+            "give it alone",
+        );
+        for (size, bytes) in [("1048576", 1 << 20), ("2MB", 2 << 20), ("1 MiB", 1 << 20)] {
+            let c = load(&format!("{BASE}http:\n  body_limit: {size}\n")).unwrap();
+            assert_eq!(c.http.body_limit, bytes, "{size}");
+        }
+        assert_invalid(
+            &format!("{BASE}http:\n  body_limit: 12 parsecs\n"),
+            11,
+            "http.body_limit",
+            "not a size",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  body_limit: 10\n"),
+            11,
+            "http.body_limit",
+            "between 1kB and 1GB",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  wait_timeout: 2m\n"),
+            11,
+            "http.wait_timeout",
+            "longer than http.max_wait",
+        );
+        assert_invalid(
+            &format!("{BASE}http:\n  max_batch_keys: 0\n"),
+            11,
+            "http.max_batch_keys",
+            "between 1 and 100000",
+        );
+        assert_invalid(
+            &format!("{BASE}write:\n  connections: 0\n"),
+            11,
+            "write.connections",
+            "between 1 and 256",
+        );
+        let c = load_env(BASE, &[("KCK_WRITE_URL", "postgres://env@db/app")]).unwrap();
+        assert_eq!(c.write.url, "postgres://env@db/app");
+    }
+
+    #[test]
+    fn primer_cache_control() {
+        let yaml = base_with(
+            "    depends_on:",
+            "    cache_control: \"public, max-age=5\"\n    depends_on:",
+        );
+        let c = load(&yaml).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].cache_control.as_deref(),
+            Some("public, max-age=5")
+        );
+        let yaml = base_with(
+            "    depends_on:",
+            "    cache_control: \"a\\nb\"\n    depends_on:",
+        );
+        assert_invalid(
+            &yaml,
+            7,
+            "primers[0].cache_control",
+            "not a Cache-Control value",
+        );
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn with_auth(auth: &str) -> String {
+        format!("{BASE}auth:\n  jwt:\n    secret_env: KCK_JWT_SECRET\n{auth}")
+    }
+
+    #[test]
+    fn jwt_settings() {
+        let yaml = with_auth(
+            "    algorithms: [HS256, HS512]\n    issuer: https://id.example/\n    audience: [kck, api]\n    leeway: 10s\n",
+        );
+        let c = load_env(&yaml, &[("KCK_JWT_SECRET", SECRET)]).unwrap();
+        let jwt = c.auth.jwt.as_ref().unwrap();
+        assert_eq!(
+            jwt.algorithms,
+            [
+                jsonwebtoken::Algorithm::HS256,
+                jsonwebtoken::Algorithm::HS512
+            ]
+        );
+        assert_eq!(jwt.issuer, Some(vec!["https://id.example/".to_owned()]));
+        assert_eq!(jwt.audience, Some(vec!["kck".to_owned(), "api".to_owned()]));
+        assert_eq!(jwt.leeway, Duration::from_secs(10));
+        assert!(
+            !format!("{c:?}").contains(SECRET),
+            "the secret stays out of Debug"
+        );
+        let c = load_env(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[("KCK_JWT_SECRET", SECRET)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.jwt.as_ref().map(|j| j.leeway),
+            Some(Duration::from_secs(30))
+        );
+
+        let env = [("KCK_JWT_SECRET", SECRET)];
+        let invalid = |yaml: &str, env: &[(&str, &str)], line: usize, field: &str, needle: &str| {
+            assert_invalid_at(load_env(yaml, env), Path::new(FILE), line, field, needle)
+        };
+        invalid(&with_auth(""), &env, 12, "auth.jwt.algorithms", "required");
+        invalid(
+            &with_auth("    algorithms: [none]\n"),
+            &env,
+            13,
+            "auth.jwt.algorithms[0]",
+            "never accepted",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[],
+            12,
+            "auth.jwt.secret_env",
+            "KCK_JWT_SECRET is not set",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n"),
+            &[("KCK_JWT_SECRET", "short")],
+            12,
+            "auth.jwt.secret_env",
+            "at least 32",
+        );
+        invalid(
+            &with_auth("    algorithms: [RS256]\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "none of the algorithms",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    jwks_file: keys.json\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "only one of",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  jwt:\n    algorithms: [RS256]\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "give the verification key",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    leeway: 1h\n"),
+            &env,
+            14,
+            "auth.jwt.leeway",
+            "at most 5m",
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n    public_key_file: /nonexistent/key.pem\n"),
+            &env,
+            12,
+            "auth.jwt",
+            "only one of",
+        );
+        invalid(
+            &format!(
+                "{BASE}auth:\n  jwt:\n    algorithms: [RS256]\n    public_key_file: /nonexistent/key.pem\n"
+            ),
+            &env,
+            13,
+            "auth.jwt.public_key_file",
+            "cannot read /nonexistent/key.pem",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  public_paths: [healthz]\n"),
+            &env,
+            11,
+            "auth.public_paths[0]",
+            "starting with /",
+        );
+        // The operator rule: claims only (operations routes have no parameters), and it needs jwt.
+        let c = load_env(
+            &with_auth("    algorithms: [HS256]\n  operator: { require: { role: ops } }\n"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.operator.map(|o| o.rules[0].require.clone()),
+            Some(vec![("role".to_owned(), vec!["ops".to_owned()])])
+        );
+        invalid(
+            &with_auth("    algorithms: [HS256]\n  operator: { match: { sub: id } }\n"),
+            &env,
+            14,
+            "auth.operator.match.sub",
+            "the parameters: none",
+        );
+        invalid(
+            &format!("{BASE}auth:\n  operator: {{ require: {{ role: ops }} }}\n"),
+            &env,
+            11,
+            "auth.operator",
+            "configure `auth.jwt`",
+        );
+        // Public paths may be replaced, and auth may be off with only public_paths given.
+        let c = load(&format!(
+            "{BASE}auth:\n  public_paths: [/healthz, /metrics]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.auth.public_paths, ["/healthz", "/metrics"]);
+        assert!(c.auth.jwt.is_none());
+    }
+
+    const UPDATERS: &str = "\
+updaters:
+  - name: place_order
+    params: [id:int, user_id:int, total:numeric, { name: note, type: text, nullable: true }]
+    statements:
+      - INSERT INTO orders (id, user_id, total, note) VALUES ($1, $2, $3, $4);
+      - UPDATE users SET orders = orders + 1 WHERE id = $2
+  - name: ping
+    statements: [SELECT 1]
+";
+
+    #[test]
+    fn updaters_from_yaml() {
+        use crate::update::{UpdaterParam, ValueType};
+        let c = load(&format!("{BASE}{UPDATERS}")).unwrap();
+        assert_eq!(c.updaters.len(), 2);
+        let u = &c.updaters[0];
+        assert_eq!(u.name, "place_order");
+        let param = |name: &str, ty, nullable| UpdaterParam {
+            name: name.into(),
+            ty,
+            nullable,
+        };
+        assert_eq!(
+            u.params,
+            vec![
+                param("id", ValueType::Int, false),
+                param("user_id", ValueType::Int, false),
+                param("total", ValueType::Numeric, false),
+                param("note", ValueType::Text, true),
+            ]
+        );
+        assert_eq!(
+            u.statements[0].sql,
+            "INSERT INTO orders (id, user_id, total, note) VALUES ($1, $2, $3, $4)"
+        );
+        assert_eq!(u.statements[0].uses, vec![true; 4]);
+        assert_eq!(u.statements[1].uses, vec![false, true]);
+        assert!(c.updaters[1].params.is_empty());
+        assert_eq!(c.updaters[1].statements[0].uses, Vec::<bool>::new());
+    }
+
+    #[test]
+    fn updater_errors() {
+        let u = |body: &str| format!("{BASE}updaters:\n  - name: u\n{body}");
+        assert_invalid(
+            &u("    params: [id:int]\n"),
+            11,
+            "updaters[0].statements",
+            "required",
+        );
+        assert_invalid(
+            &u("    params: [id:integer]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params[0]",
+            "unknown type 'integer'",
+        );
+        assert_invalid(
+            &u("    params: [id:int, id:text]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params[1]",
+            "declared twice",
+        );
+        assert_invalid(
+            &u("    params: [id:int]\n    statements: [\"SELECT $1, $2\"]\n"),
+            13,
+            "updaters[0].statements[0]",
+            "uses $2 but the updater has 1 parameter (id)",
+        );
+        assert_invalid(
+            &u("    params: [id:int, spare]\n    statements: [SELECT $1]\n"),
+            12,
+            "updaters[0].params",
+            "'spare' ($2) is not used by any statement",
+        );
+        assert_invalid(
+            &u("    statements: [SELECT 1, COMMIT]\n"),
+            12,
+            "updaters[0].statements[1]",
+            "controls the transaction",
+        );
+        assert_invalid(
+            &u("    statements: [\"SELECT 1; SELECT 2\"]\n"),
+            12,
+            "updaters[0].statements[0]",
+            "more than one statement",
+        );
+        assert_invalid(
+            &u("    statements: [SELECT 1]\n    access: { require: { role: admin } }\n"),
+            13,
+            "updaters[0].access",
+            "configure `auth.jwt`",
+        );
+        assert_invalid(
+            &format!("{BASE}updaters:\n  - name: Bad-Name\n    statements: [SELECT 1]\n"),
+            11,
+            "updaters[0].name",
+            "not a valid updater name",
+        );
+        assert_invalid(
+            &format!(
+                "{BASE}updaters:\n  - name: a\n    statements: [SELECT 1]\n  - name: a\n    statements: [SELECT 2]\n"
+            ),
+            13,
+            "updaters[1].name",
+            "already used",
+        );
+    }
+
+    #[test]
+    fn access_rules() {
+        let env = [("KCK_JWT_SECRET", SECRET)];
+        let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_JWT_SECRET\n";
+        let yaml = format!(
+            "{}{auth}",
+            base_with(
+                "    depends_on:",
+                "    access:\n      - match: { sub: user_id }\n      - require: { role: [admin, ops], level: 3 }\n    depends_on:"
+            )
+        );
+        let c = load_env(&yaml, &env).unwrap();
+        let access = c.catalog.primers[0].access.as_ref().unwrap();
+        assert_eq!(
+            access.rules,
+            vec![
+                AccessRule {
+                    require: vec![],
+                    matches: vec![("sub".into(), 0)],
+                },
+                AccessRule {
+                    require: vec![
+                        ("role".into(), vec!["admin".into(), "ops".into()]),
+                        ("level".into(), vec!["3".into()]),
+                    ],
+                    matches: vec![],
+                },
+            ]
+        );
+        // One rule as a mapping; an updater's parameters.
+        let yaml = format!(
+            "{BASE}{auth}updaters:\n  - name: u\n    params: [id:int]\n    statements: [SELECT $1]\n    access: {{ match: {{ sub: id }}, require: {{ role: user }} }}\n"
+        );
+        let c = load_env(&yaml, &env).unwrap();
+        assert_eq!(c.updaters[0].access.as_ref().unwrap().rules.len(), 1);
+
+        let bad = format!(
+            "{}{auth}",
+            base_with(
+                "    depends_on:",
+                "    access: { match: { sub: uid } }\n    depends_on:"
+            )
+        );
+        assert_invalid_at(
+            load_env(&bad, &env),
+            Path::new(FILE),
+            7,
+            "primers[0].access.match.sub",
+            "'uid' is not a parameter here (the parameters: user_id)",
+        );
+        let bad = format!(
+            "{}{auth}",
+            base_with("    depends_on:", "    access: {}\n    depends_on:")
+        );
+        assert_invalid_at(
+            load_env(&bad, &env),
+            Path::new(FILE),
+            7,
+            "primers[0].access",
+            "a rule needs `require`",
+        );
+        let no_auth = base_with(
+            "    depends_on:",
+            "    access: { require: { role: admin } }\n    depends_on:",
+        );
+        assert_invalid(&no_auth, 7, "primers[0].access", "configure `auth.jwt`");
+    }
+
+    #[test]
+    fn sql_updaters() {
+        let dir = tempfile::tempdir().unwrap();
+        let updaters = dir.path().join("updaters");
+        std::fs::create_dir(&updaters).unwrap();
+        write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: [id:int, user_id:int]\nINSERT INTO orders (id, user_id) VALUES ($1, $2);\n\n\
+             -- then count it\nUPDATE users SET orders = orders + 1\n WHERE id = $2;\n",
+        );
+        let config = write(
+            dir.path(),
+            "kck.yaml",
+            &format!("{BASE}updaters_dir: updaters\n"),
+        );
+        let c = Config::load_with_env(&config, no_env).unwrap();
+        assert_eq!(c.updaters.len(), 1);
+        let u = &c.updaters[0];
+        assert_eq!(u.name, "place_order");
+        assert_eq!(
+            u.statements
+                .iter()
+                .map(|s| s.sql.as_str())
+                .collect::<Vec<_>>(),
+            [
+                "INSERT INTO orders (id, user_id) VALUES ($1, $2)",
+                "UPDATE users SET orders = orders + 1\n WHERE id = $2"
+            ]
+        );
+        // Errors name the file and the line of the statement.
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: [id:int]\nSELECT $1;\nSELECT $2;\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            4,
+            "statements[1]",
+            "uses $2",
+        );
+        let file = write(&updaters, "place_order.sql", SQL_PRIMER);
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            1,
+            "header",
+            "this is a primer file; put it in `primers_dir`",
+        );
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- statements: [SELECT 1]\nSELECT 1\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            2,
+            "statements",
+            "body of the file",
+        );
+        let file = write(
+            &updaters,
+            "place_order.sql",
+            "-- kck:updater\n-- params: []\n\n",
+        );
+        assert_invalid_at(
+            Config::load_with_env(&config, no_env),
+            &file,
+            3,
+            "statements",
+            "no SQL statement",
+        );
+    }
+
+    #[test]
+    fn scanning_several_statements() {
+        let sql =
+            "INSERT INTO t VALUES ($1, ';');;\n-- c; d\nUPDATE t SET x = $$a;b$$ WHERE y = $2;  ";
+        let scans = scan_statements(sql, true).unwrap();
+        assert_eq!(scans.len(), 2);
+        assert_eq!(
+            &sql[scans[0].start..scans[0].end],
+            "INSERT INTO t VALUES ($1, ';')"
+        );
+        assert_eq!(
+            &sql[scans[1].start..scans[1].end],
+            "UPDATE t SET x = $$a;b$$ WHERE y = $2"
+        );
+        assert_eq!(scans[0].used, vec![true]);
+        assert_eq!(scans[1].used, vec![false, true]);
+        assert!(scan_statements(" ; -- nothing\n", true).is_err());
+        assert!(scan_statements("SELECT 1; SELECT 2", false).is_err());
     }
 }

@@ -1,25 +1,58 @@
-//! The HTTP API: `/fetch` serves cached values; `/healthz` says the process is alive.
+//! The HTTP API: router, handlers, and the JSON error shape.
 //!
-//! [`app`] builds the router from an [`AppState`]; `main` and the tests call the same function. Handlers
-//! never fail: every error becomes [`ApiError`], a JSON body `{"error": {"code", "message"}}` with a 4xx
-//! status that explains the problem, or a 5xx whose details go to the log only.
+//! [`app`] builds the router from an [`AppState`] and the operations routes ([`crate::ops::http`]); `main`
+//! and the tests call the same function. Routes are added through [`Routes`], which remembers them, so
+//! that the OpenAPI document ([`crate::openapi`]) can be checked against every route there is.
 //!
-//! **Architecture invariant:** `http` reads the store and asks [`Refresher::prime`] for misses; it never
-//! touches the replication stream or the queue. A cache hit is one store lookup and the stored bytes
-//! written as they are.
+//! - `GET /fetch/{key}`: a cached value, with `ETag` and `Cache-Control`; `If-None-Match` → `304`. An
+//!   expired entry is never a hit: within its primer's `stale_while_revalidate` it is answered marked
+//!   `kck-stale: true` while [`Refresher::revalidate`] recomputes it, else it is computed like a miss.
+//!   `?min_lsn=X/Y` waits until the value reflects that position; `?wait_change=ETAG` long-polls until
+//!   the value differs from that version (`304` if it does not within the timeout).
+//! - `POST /fetch`: many keys in one round trip.
+//! - `POST /update/{name}`: run an updater ([`crate::update`]); `?wait=fresh` also waits until every cached
+//!   value reflects the write.
+//! - `GET /healthz`, `GET /openapi.json`.
+//!
+//! Handlers never fail: every error becomes [`ApiError`], a JSON body `{"error": {"code", "message"}}` with
+//! a 4xx status that explains the problem, or a 5xx whose details go to the log only. Extractor rejections
+//! (bad query string, wrong content type, body too large) are mapped to the same shape, and a last layer
+//! ([`json_errors`]) turns any other error response into it.
+//!
+//! Middleware, outermost first: JSON error bodies, the request timeout (longer for a request that waits),
+//! authentication ([`crate::auth::authenticate`], when configured), the body limit.
+//!
+//! **Architecture invariant:** `http` reads the store, asks [`Refresher::prime`] for misses and
+//! [`Updates::run`] for writes, and reads the stream's progress through [`Progress`] to wait for freshness;
+//! it never drives the replication stream or the queue. A cache hit that waits for nothing is one store
+//! lookup and the stored bytes written as they are.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get, post};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::primer::{Catalog, KeyError};
+use crate::auth::{AuthError, Authenticator, Principal, claim_text};
+use crate::config::{DEFAULT_CACHE_CONTROL, HttpConfig};
+use crate::freshness::{Hub, Progress, Waited};
+use crate::lsn::Lsn;
+use crate::primer::{Catalog, Key, KeyError, Primer};
 use crate::refresh::{RefreshError, Refresher};
 use crate::store::{Entry, Store};
+use crate::update::{ArgError, UpdateError, Updater, Updates, ValueType, parse_args};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -28,17 +61,148 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     /// Computes misses; `None` when misses answer 404 (`prime_on_cache_miss: false`).
     pub primer: Option<Arc<Refresher>>,
-    /// Records reads, revalidates stale entries and serves invalidation ([`crate::invalidate`]); `None` in
+    /// Told about store writes by the refresh workers and priming; freshness waits listen.
+    pub hub: Arc<Hub>,
+    /// The stream's progress and the queue's floor (read only).
+    pub progress: Progress,
+    /// Runs updaters; `None` when none are configured.
+    pub updates: Option<Arc<Updates>>,
+    /// Checks bearer tokens; `None` when authentication is off.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Timeouts and limits (`http` in the config).
+    pub limits: HttpConfig,
+    /// Turns true when kck stops: waits end early so that in-flight requests finish quickly.
+    pub shutdown: watch::Receiver<bool>,
+    /// Records reads (hot keys go first, cold ones are dropped) and revalidates expired entries; `None` in
     /// a server that runs no refreshes.
     pub refresher: Option<Arc<Refresher>>,
 }
 
-/// The router.
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/fetch/{*key}", get(fetch))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .merge(crate::invalidate::routes())
+/// A router that remembers its routes (path and method): axum cannot list a router's routes, and the
+/// OpenAPI test and the authentication middleware need them all. Routers of kck are built with it.
+pub struct Routes<S = ()> {
+    router: Router<S>,
+    listed: Vec<(&'static str, Method)>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Default for Routes<S> {
+    fn default() -> Self {
+        Routes {
+            router: Router::new(),
+            listed: Vec::new(),
+        }
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Routes<S> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `GET path` (an axum path: `{name}` is one segment, `{*name}` the rest).
+    pub fn get<H, T>(self, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        self.add(path, Method::GET, get(handler))
+    }
+
+    /// `POST path`.
+    pub fn post<H, T>(self, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        self.add(path, Method::POST, post(handler))
+    }
+
+    /// `DELETE path`.
+    pub fn delete<H, T>(self, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        self.add(path, Method::DELETE, axum::routing::delete(handler))
+    }
+
+    fn add(mut self, path: &'static str, method: Method, handler: MethodRouter<S>) -> Self {
+        self.listed.push((path, method));
+        // A second method on a path is merged into its method router.
+        self.router = self.router.route(path, handler);
+        self
+    }
+
+    /// Every route as (path, method), the path as OpenAPI writes it (`{*key}` becomes `{key}`).
+    pub fn listed(&self) -> Vec<(String, Method)> {
+        self.listed
+            .iter()
+            .map(|(path, method)| (path.replace("{*", "{"), method.clone()))
+            .collect()
+    }
+
+    /// The router, with its state.
+    pub fn with_state(self, state: S) -> Router {
+        self.router.with_state(state)
+    }
+}
+
+/// The API routes (the operations routes are [`crate::ops::http::routes`]).
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .get("/fetch/{*key}", fetch)
+        .post("/fetch", fetch_many)
+        .post("/update/{name}", update)
+        .get("/healthz", || async { "ok\n" })
+        .get("/openapi.json", openapi)
+}
+
+/// Whether `path` is one of the API routes' paths (not an operations route, not unknown).
+pub fn is_api_path(path: &str) -> bool {
+    static API: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        routes()
+            .listed
+            .iter()
+            .map(|(path, _)| path.to_string())
+            .collect()
+    });
+    API.iter().any(|pattern| path_matches(pattern, path))
+}
+
+/// Whether a request path matches an axum route path (`{x}`: one non-empty segment; `{*x}`: the rest,
+/// non-empty).
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut parts = path.split('/');
+    for segment in pattern.split('/') {
+        if segment.starts_with("{*") {
+            return parts.next().is_some_and(|p| !p.is_empty());
+        }
+        match parts.next() {
+            Some(p) if segment.starts_with('{') => {
+                if p.is_empty() {
+                    return false;
+                }
+            }
+            Some(p) if p == segment => {}
+            _ => return false,
+        }
+    }
+    parts.next().is_none()
+}
+
+/// The router: the API routes and `operations` (the operations routes, with their state), behind the same
+/// layers.
+pub fn app(state: AppState, operations: Router) -> Router {
+    let timeouts = Timeouts {
+        request: state.limits.request_timeout,
+        wait: state.limits.max_wait,
+    };
+    let body_limit = state.limits.body_limit;
+    let cors_origins = state.limits.cors_origins.clone();
+    let auth = state.auth.clone();
+    let mut router = routes()
+        .with_state(state)
+        .merge(operations)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -47,19 +211,71 @@ pub fn app(state: AppState) -> Router {
                 "this route does not accept that method",
             )
         })
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            Duration::from_secs(30),
-        ))
-        .with_state(state)
+        // Innermost: extractors that read the body stop at the limit (413, mapped to JSON).
+        .layer(DefaultBodyLimit::max(body_limit));
+    if let Some(auth) = auth {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::authenticate,
+        ));
+    }
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        timeouts,
+        request_timeout,
+    ));
+    // CORS outside authentication: browsers send preflight requests without the token.
+    let router = match cors(&cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    // Outermost: whatever answered with an error, the body has the stable shape.
+    router.layer(axum::middleware::map_response(json_errors))
 }
 
-/// An error answer: `{"error": {"code": ..., "message": ...}}`.
+/// The CORS layer for `http.cors_origins` (`None` when there are none): GET and POST, with the headers
+/// the API reads and the ones it answers with.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::HEAD, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+            ])
+            .expose_headers([
+                header::ETAG,
+                header::CACHE_CONTROL,
+                header::HeaderName::from_static("kck-lsn"),
+                header::HeaderName::from_static("kck-computed-at"),
+                header::HeaderName::from_static("kck-cache"),
+                header::HeaderName::from_static("kck-stale"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Errors
+
+/// An error answer: `{"error": {"code": ..., "message": ..., ...details}}`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// More fields of the `error` object (the parameter at fault, how far behind kck is, ...).
+    pub details: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -68,14 +284,30 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            details: serde_json::Map::new(),
         }
+    }
+
+    /// Add a field to the `error` object.
+    pub fn with(mut self, name: &str, value: impl Into<serde_json::Value>) -> ApiError {
+        self.details.insert(name.to_owned(), value.into());
+        self
+    }
+
+    fn body(&self) -> serde_json::Value {
+        let mut error = serde_json::Map::with_capacity(2 + self.details.len());
+        error.insert("code".into(), self.code.into());
+        error.insert("message".into(), self.message.clone().into());
+        for (k, v) in &self.details {
+            error.insert(k.clone(), v.clone());
+        }
+        serde_json::json!({ "error": error })
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
+        (self.status, axum::Json(self.body())).into_response()
     }
 }
 
@@ -90,6 +322,21 @@ impl From<KeyError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let status = match e {
+            AuthError::Forbidden(_) => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        let code = match e {
+            AuthError::Missing => "unauthorized",
+            AuthError::Invalid => "invalid_token",
+            AuthError::Forbidden(_) => "forbidden",
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
 fn internal(error: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(%error, "Request failed.");
     ApiError::new(
@@ -97,6 +344,402 @@ fn internal(error: &dyn std::fmt::Display) -> ApiError {
         "internal",
         "internal error; see kck's log",
     )
+}
+
+fn prime_error(e: RefreshError) -> ApiError {
+    match e {
+        e @ RefreshError::Query { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "primer_failed", e.to_string())
+        }
+        e => internal(&e),
+    }
+}
+
+fn bad_query(e: QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+        format!("bad query string: {}", e.body_text()),
+    )
+}
+
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than the limit of {limit} bytes (http.body_limit)"),
+        )
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_body", e.body_text())
+    }
+}
+
+/// `415` unless the request says its (non-empty) body is JSON.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let ok = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| {
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        ))
+    }
+}
+
+/// The last layer: an error response whose body is not JSON (from a layer or axum itself) gets the
+/// stable shape; its headers (`Allow`, `WWW-Authenticate`, ...) are kept.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, _) = response.into_parts();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => "timeout",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let message = status.canonical_reason().unwrap_or("error").to_owned();
+    let mut fixed = ApiError::new(status, code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            fixed.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    fixed
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    request: Duration,
+    /// Added for a request that asks to wait (`min_lsn`, `wait`, `wait_change`).
+    wait: Duration,
+}
+
+/// Answers `504 timeout` when a request takes longer than `http.request_timeout` (plus `http.max_wait`
+/// if it asked to wait). The handler is dropped; an update already running completes on its own.
+async fn request_timeout(State(t): State<Timeouts>, request: Request, next: Next) -> Response {
+    let waits = request.uri().query().is_some_and(|q| {
+        q.split('&').any(|pair| {
+            matches!(
+                pair.split('=').next(),
+                Some("min_lsn" | "wait" | "wait_change")
+            )
+        })
+    });
+    let limit = if waits { t.request + t.wait } else { t.request };
+    let update = request.method() == Method::POST && request.uri().path().starts_with("/update/");
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut message = format!(
+                "the request took longer than {} (http.request_timeout)",
+                humantime::format_duration(limit)
+            );
+            if update {
+                // The transaction runs in its own task: it is not cut off, so its outcome is unknown here.
+                message.push_str(
+                    "; the update goes on in the background and may still commit: check before retrying it",
+                );
+            }
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fetch
+
+/// The query string of `GET /fetch/{key}`. Unknown parameters are refused: a misspelt `min_lsn` must not
+/// silently skip the wait.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchQuery {
+    min_lsn: Option<String>,
+    timeout: Option<String>,
+    wait_change: Option<String>,
+}
+
+/// The query string of `POST /fetch`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchManyQuery {
+    min_lsn: Option<String>,
+    timeout: Option<String>,
+}
+
+/// The query string of `POST /update/{name}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateQuery {
+    wait: Option<String>,
+    timeout: Option<String>,
+}
+
+impl AppState {
+    /// When a wait asked for with `timeout` (or the default) ends.
+    fn deadline(&self, timeout: Option<&str>) -> Result<(Instant, Duration), ApiError> {
+        let wait = match timeout {
+            None => self.limits.wait_timeout,
+            Some(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_timeout",
+                    format!("timeout '{t}' is not a duration ({e}); write e.g. 2s or 500ms"),
+                )
+            })?,
+        };
+        if wait > self.limits.max_wait {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_timeout",
+                format!(
+                    "timeout {} is longer than the maximum of {} (http.max_wait)",
+                    humantime::format_duration(wait),
+                    humantime::format_duration(self.limits.max_wait)
+                ),
+            ));
+        }
+        Ok((Instant::now() + wait, wait))
+    }
+
+    /// 403 unless the principal may read `key`.
+    fn check_key_access(
+        &self,
+        principal: &Principal,
+        key: &Key,
+        text: &str,
+    ) -> Result<(), AuthError> {
+        let primer = &self.catalog.primers[key.primer];
+        let Some(access) = &primer.access else {
+            return Ok(());
+        };
+        let equals = |i: usize, claim: &serde_json::Value| {
+            let (Some(param), Some(text)) = (primer.template.params.get(i), claim_text(claim))
+            else {
+                return false;
+            };
+            param.ty.parse_value(&text).as_ref() == key.params.get(i)
+        };
+        if access.allows(principal, &equals) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!("'{text}'")))
+        }
+    }
+
+    /// The entry for `key`: stored, or computed now (a miss). `(entry, "hit" | "miss")`.
+    /// The entry for `key`: a hit, or computed (a miss). An expired (or invalidated) entry is never a
+    /// hit: within its primer's `stale_while_revalidate` it is answered as `stale` while it is recomputed
+    /// in the background, else it is computed now like a miss.
+    async fn lookup(&self, key: &Key, text: &str) -> Result<(Entry, &'static str), ApiError> {
+        if let Some(refresher) = &self.refresher {
+            refresher.touch(text);
+        }
+        let mut expired = false;
+        if let Some(entry) = self.store.get(text).await.map_err(|e| internal(&e))? {
+            let now = crate::refresh::now_ms();
+            let Some(expires) = entry.expires_at_ms.filter(|at| *at <= now) else {
+                return Ok((entry, "hit"));
+            };
+            expired = true;
+            if let Some(refresher) = &self.refresher {
+                let grace = self.catalog.primers[key.primer]
+                    .policy
+                    .stale_while_revalidate;
+                let servable =
+                    grace.is_some_and(|g| now < expires.saturating_add(g.as_millis() as i64));
+                if servable || self.primer.is_none() {
+                    refresher.revalidate(key.clone(), text.to_owned());
+                }
+                if servable {
+                    return Ok((entry, "stale"));
+                }
+            }
+        }
+        if expired && self.primer.is_none() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_cached",
+                format!(
+                    "'{text}' has expired and is being recomputed (prime_on_cache_miss is off)"
+                ),
+            ));
+        }
+        Ok((self.prime(key, text).await?, "miss"))
+    }
+
+    async fn prime(&self, key: &Key, text: &str) -> Result<Entry, ApiError> {
+        let Some(refresher) = &self.primer else {
+            return Err(not_cached(text));
+        };
+        refresher.prime(key, text).await.map_err(prime_error)
+    }
+
+    /// The entry for `key` once it reflects every change up to `min`: its own LSN is at least `min`, or
+    /// the whole cache has caught up with `min` (an entry nothing changed keeps its older LSN).
+    async fn lookup_fresh(
+        &self,
+        key: &Key,
+        text: &str,
+        min: Lsn,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(Entry, &'static str), ApiError> {
+        let waited = self
+            .hub
+            .wait_for(Some(text), deadline, &self.shutdown, move || async move {
+                // Caught up first, then the read: a refresh that finished before the check is in the read.
+                let caught_up = self
+                    .progress
+                    .caught_up(min)
+                    .await
+                    .map_err(|e| internal(&e))?;
+                match self.store.get(text).await.map_err(|e| internal(&e))? {
+                    Some(entry) if caught_up || entry.lsn >= min => Ok(Some((entry, "hit"))),
+                    Some(_) => Ok(None),
+                    // A miss is computed once the stream has decoded `min`: priming then sees it.
+                    None if self.progress.decoded() >= min => {
+                        let entry = self.prime(key, text).await?;
+                        let fresh = entry.lsn >= min
+                            || self
+                                .progress
+                                .caught_up(min)
+                                .await
+                                .map_err(|e| internal(&e))?;
+                        Ok(fresh.then_some((entry, "miss")))
+                    }
+                    None if self.primer.is_none() => Err(not_cached(text)),
+                    None => Ok(None),
+                }
+            })
+            .await?;
+        match waited {
+            Waited::Done(found) => Ok(found),
+            Waited::TimedOut => {
+                let entry_lsn = self.store.get(text).await.ok().flatten().map(|e| e.lsn);
+                Err(self.not_fresh(text, min, entry_lsn, timeout).await)
+            }
+            Waited::ShuttingDown => Err(shutting_down()),
+        }
+    }
+
+    async fn not_fresh(
+        &self,
+        text: &str,
+        min: Lsn,
+        entry_lsn: Option<Lsn>,
+        timeout: Duration,
+    ) -> ApiError {
+        let lag = self.progress.lag().await;
+        let behind = min.0.saturating_sub(lag.received.0);
+        let stream = if behind > 0 {
+            format!(
+                "kck's stream has received up to {} ({behind} bytes behind)",
+                lag.received
+            )
+        } else {
+            format!(
+                "kck's stream has received it ({}); refreshes up to it are still queued (oldest owed change: {})",
+                lag.received,
+                lag.pending_floor
+                    .map_or_else(|| "none".to_owned(), |f| f.to_string())
+            )
+        };
+        let mut error = ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "not_fresh",
+            format!(
+                "'{text}' does not reflect {min} after {}: {stream}",
+                humantime::format_duration(timeout)
+            ),
+        )
+        .with("key", text)
+        .with("min_lsn", min.to_string())
+        .with(
+            "entry_lsn",
+            entry_lsn.map_or(serde_json::Value::Null, |l| l.to_string().into()),
+        );
+        error.details.extend(lag.to_json(min));
+        error
+    }
+
+    /// The entry for `key` once its version differs from `etag` (`None` on timeout or shutdown).
+    async fn wait_changed(
+        &self,
+        key: &Key,
+        text: &str,
+        etag: &str,
+        deadline: Instant,
+    ) -> Result<Option<(Entry, &'static str)>, ApiError> {
+        let waited = self
+            .hub
+            .wait_for(Some(text), deadline, &self.shutdown, move || async move {
+                match self.store.get(text).await.map_err(|e| internal(&e))? {
+                    Some(entry) if etag_of(&entry) != etag => {
+                        Ok::<_, ApiError>(Some((entry, "hit")))
+                    }
+                    Some(_) => Ok(None),
+                    None => Ok(Some((self.prime(key, text).await?, "miss"))),
+                }
+            })
+            .await?;
+        Ok(match waited {
+            Waited::Done(found) => Some(found),
+            Waited::TimedOut | Waited::ShuttingDown => None,
+        })
+    }
+}
+
+fn not_cached(text: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_cached",
+        format!("'{text}' is not in the cache (prime_on_cache_miss is off)"),
+    )
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+        "kck is stopping; retry on another instance or after it restarts",
+    )
+}
+
+fn parse_min_lsn(text: Option<&str>) -> Result<Option<Lsn>, ApiError> {
+    text.map(|t| {
+        t.trim().parse::<Lsn>().map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_min_lsn",
+                format!("min_lsn: {e}"),
+            )
+        })
+    })
+    .transpose()
 }
 
 /// The key text of a `/fetch/...` path, percent-encoding kept (a text parameter may hold an encoded `/`).
@@ -112,84 +755,588 @@ fn key_text(uri: &Uri) -> Result<&str, ApiError> {
     Ok(text)
 }
 
-async fn fetch(State(state): State<AppState>, uri: Uri) -> Result<Response, ApiError> {
-    let raw = key_text(&uri)?;
-    let key = state.catalog.parse_key(raw)?;
-    let canonical = state.catalog.render(&key);
-    if let Some(refresher) = &state.refresher {
-        refresher.touch(&canonical);
-    }
-    let mut expired = false;
-    if let Some(entry) = state
-        .store
-        .get(&canonical)
-        .await
-        .map_err(|e| internal(&e))?
-    {
-        // An expired (or invalidated) entry is never served as fresh: within the primer's
-        // stale_while_revalidate it is served marked stale while it is recomputed, else it is a miss.
-        let Some(expires) = entry
-            .expires_at_ms
-            .filter(|at| *at <= crate::refresh::now_ms())
-        else {
-            return Ok(entry_response(entry, "hit"));
-        };
-        expired = true;
-        let grace = state.catalog.primers[key.primer]
-            .policy
-            .stale_while_revalidate;
-        if let Some(refresher) = &state.refresher {
-            let servable = grace.is_some_and(|g| {
-                crate::refresh::now_ms() < expires.saturating_add(g.as_millis() as i64)
-            });
-            if servable || state.primer.is_none() {
-                refresher.revalidate(key.clone(), canonical.clone());
-            }
-            if servable {
-                let mut response = entry_response(entry, "stale");
-                response
-                    .headers_mut()
-                    .insert("kck-stale", HeaderValue::from_static("true"));
-                return Ok(response);
-            }
+async fn fetch(
+    State(state): State<AppState>,
+    principal: Principal,
+    uri: Uri,
+    headers: HeaderMap,
+    query: Result<Query<FetchQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    let key = state.catalog.parse_key(key_text(&uri)?)?;
+    let text = state.catalog.render(&key);
+    state.check_key_access(&principal, &key, &text)?;
+    let primer = &state.catalog.primers[key.primer];
+    let min = parse_min_lsn(query.min_lsn.as_deref())?;
+    if min.is_none() && query.wait_change.is_none() {
+        if query.timeout.is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "timeout applies to min_lsn or wait_change; give one of them",
+            ));
         }
+        let (entry, cache) = state.lookup(&key, &text).await?;
+        return Ok(entry_response(entry, cache, primer, &headers));
     }
-    let Some(refresher) = &state.primer else {
-        let why = if expired {
-            "has expired and is being recomputed"
-        } else {
-            "is not in the cache"
-        };
+    let (deadline, timeout) = state.deadline(query.timeout.as_deref())?;
+    if let (Some(_), Some(_)) = (min, &query.wait_change) {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_cached",
-            format!("'{canonical}' {why} (prime_on_cache_miss is off)"),
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "give min_lsn or wait_change, not both",
         ));
-    };
-    match refresher.prime(&key, &canonical).await {
-        Ok(entry) => Ok(entry_response(entry, "miss")),
-        Err(e @ RefreshError::Query { .. }) => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "primer_failed",
-            e.to_string(),
-        )),
-        Err(e) => Err(internal(&e)),
+    }
+    if let Some(min) = min {
+        let (entry, cache) = state
+            .lookup_fresh(&key, &text, min, deadline, timeout)
+            .await?;
+        return Ok(entry_response(entry, cache, primer, &headers));
+    }
+    let given = query
+        .wait_change
+        .as_deref()
+        .map(strip_etag)
+        .unwrap_or_default();
+    let given = format!("\"{given}\"");
+    match state.wait_changed(&key, &text, &given, deadline).await? {
+        Some((entry, cache)) => Ok(entry_response(entry, cache, primer, &HeaderMap::new())),
+        None => Ok(not_modified(&given, primer)),
     }
 }
 
-fn entry_response(entry: Entry, cache: &'static str) -> Response {
-    let mut headers = HeaderMap::with_capacity(4);
+/// An ETag without `W/` and quotes.
+fn strip_etag(tag: &str) -> &str {
+    let tag = tag.trim();
+    let tag = tag.strip_prefix("W/").unwrap_or(tag);
+    tag.trim_matches('"')
+}
+
+/// The entry's version: its LSN and when it was computed (an equal-LSN recomputation is a new version).
+pub fn etag_of(entry: &Entry) -> String {
+    format!("\"{:x}-{:x}\"", entry.lsn.0, entry.computed_at_ms as u64)
+}
+
+/// Whether `If-None-Match` (a list of tags, or `*`) matches `etag` (weak comparison, as RFC 9110 asks).
+fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    let bare = strip_etag(etag);
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|tag| tag.trim() == "*" || strip_etag(tag) == bare)
+}
+
+fn cache_headers(headers: &mut HeaderMap, etag: &str, primer: &Primer) {
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        headers.insert(header::ETAG, v);
+    }
+    let cache_control = primer
+        .cache_control
+        .as_deref()
+        .unwrap_or(DEFAULT_CACHE_CONTROL);
+    if let Ok(v) = HeaderValue::from_str(cache_control) {
+        headers.insert(header::CACHE_CONTROL, v);
+    }
+}
+
+fn not_modified(etag: &str, primer: &Primer) -> Response {
+    let mut headers = HeaderMap::with_capacity(2);
+    cache_headers(&mut headers, etag, primer);
+    (StatusCode::NOT_MODIFIED, headers).into_response()
+}
+
+fn computed_at(entry: &Entry) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(entry.computed_at_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn entry_response(
+    entry: Entry,
+    cache: &'static str,
+    primer: &Primer,
+    request: &HeaderMap,
+) -> Response {
+    let etag = etag_of(&entry);
+    let mut headers = HeaderMap::with_capacity(6);
+    cache_headers(&mut headers, &etag, primer);
+    if let Ok(v) = HeaderValue::from_str(&entry.lsn.to_string()) {
+        headers.insert("kck-lsn", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&computed_at(&entry)) {
+        headers.insert("kck-computed-at", v);
+    }
+    headers.insert("kck-cache", HeaderValue::from_static(cache));
+    if cache == "stale" {
+        headers.insert("kck-stale", HeaderValue::from_static("true"));
+    }
+    if none_match(request, &etag) {
+        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(v) = HeaderValue::from_str(&entry.lsn.to_string()) {
-        headers.insert("kck-lsn", v);
-    }
-    let computed = UNIX_EPOCH + Duration::from_millis(entry.computed_at_ms.max(0) as u64);
-    if let Ok(v) = HeaderValue::from_str(&humantime::format_rfc3339_millis(computed).to_string()) {
-        headers.insert("kck-computed-at", v);
-    }
-    headers.insert("kck-cache", HeaderValue::from_static(cache));
     (headers, entry.value).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Batch fetch
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchManyRequest {
+    keys: Vec<String>,
+}
+
+/// One key's answer in `POST /fetch`.
+#[derive(Debug, Serialize)]
+struct FetchManyItem {
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<Box<RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lsn: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    computed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<serde_json::Value>,
+}
+
+impl FetchManyItem {
+    fn error(e: ApiError) -> FetchManyItem {
+        let status = e.status.as_u16();
+        let error = e.body().get("error").cloned();
+        FetchManyItem {
+            status,
+            value: None,
+            lsn: None,
+            etag: None,
+            computed_at: None,
+            cache: None,
+            error,
+        }
+    }
+
+    fn entry(entry: Entry, cache: &'static str) -> FetchManyItem {
+        let value = String::from_utf8(entry.value.to_vec())
+            .ok()
+            .and_then(|s| RawValue::from_string(s).ok());
+        let Some(value) = value else {
+            return FetchManyItem::error(internal(&"a cached value is not valid JSON"));
+        };
+        FetchManyItem {
+            status: 200,
+            etag: Some(etag_of(&entry)),
+            lsn: Some(entry.lsn.to_string()),
+            computed_at: Some(computed_at(&entry)),
+            value: Some(value),
+            cache: Some(cache),
+            error: None,
+        }
+    }
+}
+
+/// How many keys of one `POST /fetch` are looked up at once.
+const BATCH_CONCURRENCY: usize = 16;
+
+async fn fetch_many(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    query: Result<Query<FetchManyQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    let body = body.map_err(|e| body_error(e, state.limits.body_limit))?;
+    require_json(&headers)?;
+    let request: FetchManyRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("the body must be {{\"keys\": [\"key\", ...]}}: {e}"),
+        )
+    })?;
+    let mut keys = request.keys;
+    keys.sort();
+    keys.dedup();
+    let max = state.limits.max_batch_keys;
+    if keys.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_keys",
+            format!(
+                "{} distinct keys asked for; at most {max} per request (http.max_batch_keys)",
+                keys.len()
+            ),
+        ));
+    }
+    let min = parse_min_lsn(query.min_lsn.as_deref())?;
+    let wait = match (min, &query.timeout) {
+        (Some(_), timeout) => Some(state.deadline(timeout.as_deref())?),
+        (None, Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "timeout applies to min_lsn; give it too",
+            ));
+        }
+        (None, None) => None,
+    };
+    let state = &state;
+    let principal = &principal;
+    let results: BTreeMap<String, FetchManyItem> = futures_util::stream::iter(keys)
+        .map(|asked| async move {
+            let item = async {
+                let key = state.catalog.parse_key(&asked)?;
+                let text = state.catalog.render(&key);
+                state.check_key_access(principal, &key, &text)?;
+                let (entry, cache) = match (min, wait) {
+                    (Some(min), Some((deadline, timeout))) => {
+                        state
+                            .lookup_fresh(&key, &text, min, deadline, timeout)
+                            .await?
+                    }
+                    _ => state.lookup(&key, &text).await?,
+                };
+                Ok::<_, ApiError>(FetchManyItem::entry(entry, cache))
+            }
+            .await
+            .unwrap_or_else(FetchManyItem::error);
+            (asked, item)
+        })
+        .buffer_unordered(BATCH_CONCURRENCY)
+        .collect()
+        .await;
+    Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Update
+
+fn arg_error(e: ArgError) -> ApiError {
+    let code = match e {
+        ArgError::NotAnObject => "bad_json",
+        ArgError::Missing { .. } => "missing_parameter",
+        ArgError::Unknown { .. } => "unknown_parameter",
+        ArgError::BadValue { .. } | ArgError::Null { .. } => "bad_parameter",
+    };
+    let param = e.param().map(str::to_owned);
+    let error = ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string());
+    match param {
+        Some(p) => error.with("parameter", p),
+        None => error,
+    }
+}
+
+fn update_error(e: UpdateError) -> ApiError {
+    let statement = match &e {
+        UpdateError::Statement { statement, .. } => Some(*statement),
+        _ => None,
+    };
+    let Some(db) = e.db_error() else {
+        return match e {
+            UpdateError::Commit { .. } => {
+                tracing::error!(error = %e, "The connection failed during COMMIT.");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "commit_unknown",
+                    "the database connection failed during COMMIT: the write may or may not have been \
+                     committed; check before retrying",
+                )
+            }
+            UpdateError::Pool(_) | UpdateError::Statement { .. } | UpdateError::Begin { .. } => {
+                tracing::warn!(error = %e, "Update failed: no usable database connection.");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "no usable database connection for updates; nothing was written, retry later",
+                )
+            }
+            UpdateError::Task(_) => internal(&e),
+        };
+    };
+    let code = db.code().code().to_owned();
+    let with_context = |error: ApiError| {
+        let error = error.with("sqlstate", code.clone());
+        match statement {
+            Some(n) => error.with("statement", n),
+            None => error,
+        }
+    };
+    let class = &code[..code.len().min(2)];
+    let error = match (class, code.as_str()) {
+        ("23", _) => {
+            let constraint = db.constraint().map(str::to_owned);
+            let error = ApiError::new(
+                StatusCode::CONFLICT,
+                "constraint_violation",
+                format!("{}; nothing was written", db.message()),
+            );
+            match constraint {
+                Some(c) => error.with("constraint", c),
+                None => error,
+            }
+        }
+        ("22", _) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_parameter_value",
+            format!(
+                "Postgres refused a value: {}; nothing was written",
+                db.message()
+            ),
+        ),
+        ("P0", _) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected",
+            format!("{}; nothing was written", db.message()),
+        ),
+        ("40", _) => ApiError::new(
+            StatusCode::CONFLICT,
+            "transaction_conflict",
+            "the transaction conflicted with concurrent ones and was rolled back after several attempts; \
+             nothing was written, retry",
+        ),
+        (_, "57014") => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "the update ran longer than http.request_timeout and was rolled back; nothing was written",
+        ),
+        ("08" | "53" | "57", _) => {
+            tracing::warn!(error = %e, "Update failed: the database is unavailable.");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the database is unavailable; nothing was written, retry later",
+            )
+        }
+        _ => {
+            tracing::error!(error = %e, "An updater failed in Postgres.");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "updater_failed",
+                format!(
+                    "the updater failed in Postgres (SQLSTATE {code}); nothing was written; details are in \
+                     kck's log"
+                ),
+            )
+        }
+    };
+    with_context(error)
+}
+
+/// 403 unless the principal may run `updater` with these arguments.
+fn check_update_access(
+    updater: &Updater,
+    principal: &Principal,
+    args: &[Option<String>],
+) -> Result<(), AuthError> {
+    let Some(access) = &updater.access else {
+        return Ok(());
+    };
+    let equals = |i: usize, claim: &serde_json::Value| {
+        let (Some(param), Some(Some(arg)), Some(text)) =
+            (updater.params.get(i), args.get(i), claim_text(claim))
+        else {
+            return false;
+        };
+        match param.ty {
+            ValueType::Int => text.parse::<i64>().ok().map(|n| n.to_string()).as_ref() == Some(arg),
+            ValueType::Uuid => {
+                crate::primer::ParamType::Uuid.parse_value(&text)
+                    == crate::primer::ParamType::Uuid.parse_value(arg)
+            }
+            _ => &text == arg,
+        }
+    };
+    if access.allows(principal, &equals) {
+        Ok(())
+    } else {
+        Err(AuthError::Forbidden(format!("updater '{}'", updater.name)))
+    }
+}
+
+async fn update(
+    State(state): State<AppState>,
+    principal: Principal,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<UpdateQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) =
+        name.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_path", e.body_text()))?;
+    let Query(query) = query.map_err(bad_query)?;
+    let unknown = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_updater",
+            format!("there is no updater named '{name}'"),
+        )
+    };
+    let updates = state.updates.as_ref().ok_or_else(unknown)?;
+    let updater = updates.get(&name).ok_or_else(unknown)?.clone();
+    let wait = match query.wait.as_deref() {
+        None => None,
+        Some("fresh") => Some(state.deadline(query.timeout.as_deref())?),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("wait={other}: the only kind of wait is wait=fresh"),
+            ));
+        }
+    };
+    if wait.is_none() && query.timeout.is_some() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "timeout applies to wait=fresh; give it too",
+        ));
+    }
+    let body = body.map_err(|e| body_error(e, state.limits.body_limit))?;
+    if !body.trim_ascii().is_empty() {
+        require_json(&headers)?;
+    }
+    let args = parse_args(&updater, &body).map_err(arg_error)?;
+    check_update_access(&updater, &principal, &args)?;
+    let outcome = updates
+        .run(updater.clone(), args)
+        .await
+        .map_err(update_error)?;
+    let mut answer = serde_json::Map::new();
+    answer.insert("rows".into(), outcome.rows.clone().into());
+    answer.insert(
+        "lsn".into(),
+        outcome
+            .lsn
+            .map_or(serde_json::Value::Null, |l| l.to_string().into()),
+    );
+    let Some((deadline, timeout)) = wait else {
+        return Ok(axum::Json(answer).into_response());
+    };
+    let committed = |error: ApiError| {
+        let mut error = error
+            .with("committed", true)
+            .with("rows", outcome.rows.clone());
+        error
+            .details
+            .insert("lsn".into(), answer.get("lsn").cloned().unwrap_or_default());
+        error
+    };
+    let Some(lsn) = outcome.lsn else {
+        return Err(committed(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "not_fresh",
+            "the write was committed (do not retry it), but kck could not read its WAL position, so it \
+             cannot wait for the cache to reflect it",
+        )));
+    };
+    let progress = &state.progress;
+    let waited = state
+        .hub
+        .wait_for(None, deadline, &state.shutdown, move || async move {
+            progress
+                .caught_up(lsn)
+                .await
+                .map(|done| done.then_some(()))
+                .map_err(|e| internal(&e))
+        })
+        .await?;
+    match waited {
+        Waited::Done(()) => {
+            answer.insert("fresh".into(), true.into());
+            Ok(axum::Json(answer).into_response())
+        }
+        Waited::TimedOut => {
+            let lag = progress.lag().await;
+            let mut error = committed(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "not_fresh",
+                format!(
+                    "the write was committed at {lsn} (do not retry it), but after {} the cache does not \
+                     reflect it yet: kck's stream has received up to {} and the oldest change still \
+                     queued for refresh is {}",
+                    humantime::format_duration(timeout),
+                    lag.received,
+                    lag.pending_floor
+                        .map_or_else(|| "none".to_owned(), |f| f.to_string())
+                ),
+            ));
+            error.details.extend(lag.to_json(lsn));
+            Err(error)
+        }
+        Waited::ShuttingDown => Err(committed(shutting_down())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// OpenAPI
+
+async fn openapi() -> Response {
+    static DOCUMENT: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
+        Bytes::from(serde_json::to_vec_pretty(&crate::openapi::document()).unwrap_or_default())
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        DOCUMENT.clone(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_paths_are_told_from_the_others() {
+        for api in [
+            "/fetch/user/1",
+            "/fetch/a%2Fb/c",
+            "/fetch",
+            "/update/x",
+            "/healthz",
+            "/openapi.json",
+        ] {
+            assert!(is_api_path(api), "{api}");
+        }
+        for other in [
+            "/",
+            "/status",
+            "/metrics",
+            "/fetch/",
+            "/update/",
+            "/update/x/y",
+            "/cache/entry/user/1",
+            "/fetchx",
+        ] {
+            assert!(!is_api_path(other), "{other}");
+        }
+        assert_eq!(
+            routes().listed().first(),
+            Some(&("/fetch/{key}".to_string(), Method::GET))
+        );
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly_and_accepts_lists_and_star() {
+        let mut h = HeaderMap::new();
+        assert!(!none_match(&h, "\"a-1\""));
+        h.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"x\", W/\"a-1\""),
+        );
+        assert!(none_match(&h, "\"a-1\""));
+        assert!(!none_match(&h, "\"a-2\""));
+        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        assert!(none_match(&h, "\"zzz\""));
+    }
 }

@@ -8,6 +8,8 @@
 //! - **Refresh**: the keys are queued for a refresh; their current values are served meanwhile.
 //!
 //! A target is one key, every key of a primer, or every key starting with a prefix (`orders_by_user/`).
+//! The routes are operations routes ([`crate::ops::http::routes`]): with authentication on, they need
+//! `auth.operator`'s claims.
 //! The CLI cannot open the embedded store (the running kck holds its lock), so it sends these requests
 //! to the server's `http.bind`.
 
@@ -15,13 +17,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, Uri};
-use axum::routing::{delete, post};
 use serde::{Deserialize, Serialize};
 
-use crate::http::{ApiError, AppState};
+use crate::http::ApiError;
+use crate::ops::Ops;
 use crate::primer::KeyError;
 use crate::queue::TaskKind;
 use crate::refresh::{Refresher, now_ms};
@@ -308,59 +309,44 @@ pub struct Answer {
     pub mode: Option<Mode>,
 }
 
-/// `DELETE /cache/{key}` (`?mode=refresh` to mark it expired and refresh it instead of dropping it),
-/// `POST /invalidate`, `POST /refresh`. Merged into [`crate::http::app`].
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/cache/{*key}", delete(delete_key))
-        .route("/invalidate", post(invalidate_handler))
-        .route("/refresh", post(refresh_handler))
-}
-
-fn refresher(state: &AppState) -> Result<&Arc<Refresher>, ApiError> {
-    state.refresher.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "this server does not run refreshes",
-        )
-    })
-}
-
 #[derive(Debug, Deserialize)]
-struct DeleteParams {
+pub struct DeleteParams {
     mode: Option<Mode>,
 }
 
-async fn delete_key(
-    State(state): State<AppState>,
+/// `DELETE /cache/{key}`: drop a key (`?mode=refresh`: mark it expired and refresh it instead). An
+/// operations route (see [`crate::ops::http::routes`]): behind `auth.operator` when authentication is on.
+pub async fn delete_key(
+    State(ops): State<Arc<Ops>>,
     Query(params): Query<DeleteParams>,
     uri: Uri,
 ) -> Result<Json<Answer>, ApiError> {
     let key = uri.path().strip_prefix("/cache/").unwrap_or_default();
     let mode = params.mode.unwrap_or(Mode::Drop);
-    let keys = invalidate(refresher(&state)?, &Target::Key(key.to_owned()), mode).await?;
+    let keys = invalidate(&ops.refresher, &Target::Key(key.to_owned()), mode).await?;
     Ok(Json(Answer {
         keys,
         mode: Some(mode),
     }))
 }
 
-async fn invalidate_handler(
-    State(state): State<AppState>,
+/// `POST /invalidate` (an operations route).
+pub async fn invalidate_handler(
+    State(ops): State<Arc<Ops>>,
     body: Result<Json<Request>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Answer>, ApiError> {
     let Json(request) = body.map_err(bad_body)?;
     let mode = request.mode.unwrap_or_default();
-    let keys = invalidate(refresher(&state)?, &request.target()?, mode).await?;
+    let keys = invalidate(&ops.refresher, &request.target()?, mode).await?;
     Ok(Json(Answer {
         keys,
         mode: Some(mode),
     }))
 }
 
-async fn refresh_handler(
-    State(state): State<AppState>,
+/// `POST /refresh` (an operations route).
+pub async fn refresh_handler(
+    State(ops): State<Arc<Ops>>,
     body: Result<Json<Request>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Answer>, ApiError> {
     let Json(request) = body.map_err(bad_body)?;
@@ -371,7 +357,7 @@ async fn refresh_handler(
             "/refresh takes no \"mode\" (use /invalidate to drop keys)",
         ));
     }
-    let keys = refresh(refresher(&state)?, &request.target()?).await?;
+    let keys = refresh(&ops.refresher, &request.target()?).await?;
     Ok(Json(Answer { keys, mode: None }))
 }
 

@@ -1,15 +1,20 @@
 //! kck: a cache that keeps itself fresh from Postgres logical replication.
 //!
 //! See `ARCHITECTURE.md` for the code map. Data flows one way:
-//! [`replication`] → [`deps`] → [`queue`] → [`refresh`] → [`store`] ← [`http`].
+//! [`replication`] → [`deps`] → [`queue`] → [`refresh`] → [`store`] ← [`http`]. Writes go the other way
+//! round, through Postgres: [`http`] → [`update`] → Postgres → [`replication`]; [`freshness`] lets a
+//! request wait until the cache has caught up with one.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod deps;
+pub mod freshness;
 pub mod http;
 pub mod invalidate;
 pub mod jobs;
 pub mod lsn;
+pub mod openapi;
 pub mod ops;
 pub mod primer;
 pub mod queue;
@@ -17,4 +22,5 @@ pub mod refresh;
 pub mod replication;
 pub mod schedule;
 pub mod store;
+pub mod update;
 pub mod visibility;

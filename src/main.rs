@@ -289,6 +289,17 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                     primer.dependencies.len()
                 );
             }
+            for updater in &config.updaters {
+                println!(
+                    "updater {}: {} parameters, {} statements",
+                    updater.name,
+                    updater.params.len(),
+                    updater.statements.len()
+                );
+            }
+            if let Some(jwt) = &config.auth.jwt {
+                println!("auth: JWT {:?} from {}", jwt.algorithms, jwt.key_source);
+            }
             match &config.store {
                 StoreConfig::Embedded { path } => println!("store: embedded, {}", path.display()),
                 StoreConfig::Scylla(s) => println!(

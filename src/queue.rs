@@ -93,18 +93,21 @@ impl TaskKind {
         }
     }
 
+    /// A task for one change at `lsn` (its floor is `lsn`).
     pub fn task(&self, lsn: Lsn) -> Task {
-        Task { id: self.id(), lsn }
+        Task::new(self.id(), lsn)
     }
 }
 
-/// Tasks collected from the stream and not yet handed to the store, deduplicated by id.
+/// Tasks collected from the stream and not yet handed to the store, deduplicated by id: a task keeps the
+/// newest LSN that asked for it and, as its floor, the oldest (see [`Task::floor`]).
 ///
 /// The caller flushes it when [`TaskBatch::is_full`], so memory stays bounded however large a transaction
 /// is; `ack` is the position Postgres may be told once this batch (and every one before it) is durable.
 #[derive(Debug, Default)]
 pub struct TaskBatch {
-    tasks: HashMap<String, Lsn>,
+    /// id → (floor, lsn).
+    tasks: HashMap<String, (Lsn, Lsn)>,
     /// Commit end LSN (or idle keepalive position) up to which every change's tasks are in this batch or an
     /// earlier one.
     pub ack: Option<Lsn>,
@@ -121,8 +124,9 @@ impl TaskBatch {
     }
 
     pub fn add(&mut self, kind: &TaskKind, lsn: Lsn) {
-        let slot = self.tasks.entry(kind.id()).or_insert(lsn);
-        *slot = (*slot).max(lsn);
+        let slot = self.tasks.entry(kind.id()).or_insert((lsn, lsn));
+        slot.0 = slot.0.min(lsn);
+        slot.1 = slot.1.max(lsn);
     }
 
     pub fn advance_ack(&mut self, lsn: Lsn) {
@@ -147,7 +151,7 @@ impl TaskBatch {
         let tasks = self
             .tasks
             .drain()
-            .map(|(id, lsn)| Task { id, lsn })
+            .map(|(id, (floor, lsn))| Task { id, lsn, floor })
             .collect();
         (tasks, self.ack.take())
     }
@@ -200,6 +204,8 @@ mod tests {
         tasks.sort_by(|x, y| x.id.cmp(&y.id));
         assert_eq!(ack, Some(Lsn(10)));
         assert_eq!(tasks[0].lsn, Lsn(9));
+        assert_eq!(tasks[0].floor, Lsn(5), "the floor is the oldest change");
+        assert_eq!((tasks[1].floor, tasks[1].lsn), (Lsn(1), Lsn(1)));
         assert!(batch.is_empty());
     }
 }

@@ -42,6 +42,7 @@ use postgres_types::{Format, IsNull, ToSql, Type};
 use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_postgres::NoTls;
 
+use crate::freshness::Hub;
 use crate::lsn::Lsn;
 use crate::ops::Telemetry;
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
@@ -314,6 +315,8 @@ pub struct Refresher {
     pub clock: Arc<VisibilityClock>,
     /// When each key was last fetched (hot keys first, cold keys dropped).
     pub access: AccessLog,
+    /// Told about every entry this refresher writes and every task it finishes (freshness waits).
+    pub hub: Arc<Hub>,
     pool: Pool,
     visibility_timeout: Duration,
     priming: Mutex<HashMap<String, PrimeCell>>,
@@ -371,6 +374,7 @@ impl Refresher {
             store,
             clock,
             access: AccessLog::new(ACCESS_LOG_CAPACITY),
+            hub: Arc::new(Hub::default()),
             pool,
             visibility_timeout,
             priming: Mutex::new(HashMap::new()),
@@ -748,7 +752,10 @@ impl Refresher {
                 let entry = self.compute(key, needed).await?;
                 self.stat(key.primer, |s| s.primes += 1);
                 match self.store.store_result(primer, text, entry.clone()).await? {
-                    Stored::Written => Ok(entry),
+                    Stored::Written => {
+                        self.hub.written(text);
+                        Ok(entry)
+                    }
                     Stored::KeptNewer(_) => Ok(self.store.get(text).await?.unwrap_or(entry)),
                 }
             })
@@ -1056,10 +1063,15 @@ impl Refresher {
                     self.refreshed(p, key);
                 }
                 let computed = result.is_some();
-                let result = result
+                let written = result
                     .as_ref()
                     .map(|(primer, key, entry)| (primer.as_str(), key.as_str(), entry.clone()));
-                let finished = self.store.finish(claim, result, follow_up).await;
+                let finished = self.store.finish(claim, written, follow_up).await;
+                match (&finished, &result) {
+                    (Ok(Some(Stored::Written)), Some((_, key, _))) => self.hub.written(key),
+                    (Ok(_), _) => self.hub.progressed(),
+                    (Err(_), _) => {}
+                }
                 let label = match (&finished, computed, &kind) {
                     (Err(_), _, _) => None,
                     (Ok(Some(Stored::KeptNewer(_))), _, _) => Some("kept_newer"),

@@ -37,7 +37,12 @@ pub enum ClientError {
 pub struct KckClient {
     pub base: String,
     http: reqwest::Client,
+    /// A bearer token from `KCK_TOKEN`, for a kck with `auth.jwt` (it needs `auth.operator`'s claims).
+    token: Option<String>,
 }
+
+/// The environment variable holding the bearer token the commands send.
+pub const TOKEN_ENV: &str = "KCK_TOKEN";
 
 /// The URL to reach the kck of `config`: `http.bind`, with a wildcard address replaced by loopback.
 pub fn base_url(config: &Config) -> String {
@@ -62,12 +67,20 @@ impl KckClient {
             .connect_timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();
-        KckClient { base, http }
+        let token = std::env::var(TOKEN_ENV)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        KckClient { base, http, token }
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, ClientError> {
         let url = format!("{}{path}", self.base);
-        let response = self.http.get(&url).send().await.map_err(|source| {
+        let mut request = self.http.get(&url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|source| {
             if source.is_connect() || source.is_timeout() {
                 ClientError::Unreachable {
                     url: url.clone(),

@@ -21,11 +21,10 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::ApiError;
+use crate::http::{ApiError, Routes};
 use crate::ops::status::Status;
 use crate::ops::{Ops, Telemetry};
 use crate::replication::ReplicationState;
@@ -38,16 +37,25 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// At most this many keys per `/cache/keys` page.
 pub const MAX_KEYS_PAGE: usize = 10_000;
 
-/// The operations routes (merged into `crate::http::app`'s router by `app::start`).
+/// The operations routes (given to `crate::http::app`, which puts them behind the same layers as the API:
+/// JSON errors, timeout, authentication). Listed through [`Routes`] so that the OpenAPI document is checked
+/// against them too.
+pub fn routes() -> Routes<Arc<Ops>> {
+    Routes::new()
+        .get("/", dashboard)
+        .get("/status", status)
+        .get("/metrics", metrics)
+        .get("/readyz", readyz)
+        .get("/cache/keys/{primer}", keys)
+        .get("/cache/entry/{*key}", entry)
+        .delete("/cache/{*key}", crate::invalidate::delete_key)
+        .post("/invalidate", crate::invalidate::invalidate_handler)
+        .post("/refresh", crate::invalidate::refresh_handler)
+}
+
+/// [`routes`] with their state.
 pub fn router(ops: Arc<Ops>) -> Router {
-    Router::new()
-        .route("/", get(dashboard))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/readyz", get(readyz))
-        .route("/cache/keys/{primer}", get(keys))
-        .route("/cache/entry/{*key}", get(entry))
-        .with_state(ops)
+    routes().with_state(ops)
 }
 
 /// Count every answer (and measure `/fetch`) of `router`.
@@ -75,7 +83,8 @@ async fn measure(
             .and_then(|v| v.to_str().ok());
         let counts = &telemetry.fetches;
         let result = match (status.as_u16(), cache) {
-            (200..=299, Some("hit")) => {
+            // 304: the client's copy is current (If-None-Match, or a long poll that saw no change).
+            (200..=299, Some("hit")) | (304, _) => {
                 counts.hits.fetch_add(1, Ordering::Relaxed);
                 "hit"
             }

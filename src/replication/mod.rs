@@ -1010,7 +1010,16 @@ impl Stream {
         client.update_applied_lsn(durable.into());
         self.stats.acked.store(durable.0, Ordering::Relaxed);
         if result.is_ok() {
-            // Give the worker a moment to report the final position before the connection closes.
+            // The client reports a raised position at most once per status interval, and stopping does
+            // not report it: wait (boundedly) until it went out, so that the slot keeps what was made
+            // durable and a restart does not read it again.
+            let metrics = client.metrics();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while Lsn::from(metrics.last_applied_lsn()) < durable
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let _ = tokio::time::timeout(Duration::from_secs(2), client.shutdown()).await;
         } else {
             client.abort();

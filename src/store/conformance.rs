@@ -60,6 +60,9 @@ where
         retry_delays_the_task,
         queue_stats_track_depth_claims_and_age,
         meta_round_trips,
+        pending_floor_bound,
+        pending_floor_bound_after_a_raised_finish,
+        pending_floor_bound_with_follow_ups,
         wait_for_tasks_wakes_and_times_out,
         concurrent_enqueue_and_finish_lose_nothing,
         concurrent_writes_to_one_key_keep_the_newest,
@@ -92,9 +95,15 @@ fn entry(lsn: u64, value: &str) -> Entry {
 }
 
 fn task(id: &str, lsn: u64) -> Task {
+    Task::new(id, Lsn(lsn))
+}
+
+/// A task standing for changes from `floor` to `lsn`.
+fn task_from(id: &str, floor: u64, lsn: u64) -> Task {
     Task {
         id: id.to_owned(),
         lsn: Lsn(lsn),
+        floor: Lsn(floor),
     }
 }
 
@@ -111,6 +120,10 @@ fn ids(claims: &[Claim]) -> Vec<&str> {
 
 async fn claim<S: Store>(s: &S, max: usize, lease: Duration) -> Vec<Claim> {
     s.claim(max, lease).await.expect("claim failed")
+}
+
+async fn floor<S: Store>(s: &S) -> Option<Lsn> {
+    s.pending_floor().await.expect("pending_floor failed")
 }
 
 async fn stats<S: Store>(s: &S) -> QueueStats {
@@ -677,6 +690,156 @@ async fn meta_round_trips<S: Store>(s: S) {
     assert_eq!(s.get("fingerprint").await.unwrap(), None);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The pending floor
+//
+// The contract asks for a lower bound (`None` only when nothing is queued); `exact` also checks that the
+// bound is the floor itself, as the embedded store keeps it (see `exact_pending_floor`).
+
+/// `pending_floor` is at most `expected` (exactly it when `exact`), and `None` exactly when `expected` is.
+async fn check_floor<S: Store>(s: &S, exact: bool, expected: Option<Lsn>, what: &str) {
+    let got = floor(s).await;
+    match (got, expected) {
+        (None, None) => {}
+        (Some(g), Some(e)) if g == e || (!exact && g < e) => {}
+        _ => panic!(
+            "{what}: pending_floor is {got:?}, expected {}{expected:?}",
+            if exact { "" } else { "at most " }
+        ),
+    }
+}
+
+async fn pending_floor_bound<S: Store>(s: S) {
+    pending_floor_is_the_oldest_change_still_owed(s, false).await
+}
+
+async fn pending_floor_bound_after_a_raised_finish<S: Store>(s: S) {
+    finishing_a_raised_task_moves_its_floor_past_the_claim(s, false).await
+}
+
+async fn pending_floor_bound_with_follow_ups<S: Store>(s: S) {
+    follow_ups_inherit_the_finished_tasks_floor(s, false).await
+}
+
+/// The floor properties, checking that `pending_floor` is exact (not only a lower bound), for backends
+/// that track floors (the embedded store). Panics at the first failure, naming it.
+pub async fn exact_pending_floor<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    run_one(
+        "pending_floor_is_the_oldest_change_still_owed (exact)",
+        async { pending_floor_is_the_oldest_change_still_owed(make().await, true).await },
+    )
+    .await;
+    run_one(
+        "finishing_a_raised_task_moves_its_floor_past_the_claim (exact)",
+        async { finishing_a_raised_task_moves_its_floor_past_the_claim(make().await, true).await },
+    )
+    .await;
+    run_one(
+        "follow_ups_inherit_the_finished_tasks_floor (exact)",
+        async { follow_ups_inherit_the_finished_tasks_floor(make().await, true).await },
+    )
+    .await;
+}
+
+async fn pending_floor_is_the_oldest_change_still_owed<S: Store>(s: S, exact: bool) {
+    check_floor(&s, exact, None, "an empty queue has no floor").await;
+    s.enqueue(vec![task("a", 5), task("b", 3)]).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(3)), "pending_floor").await;
+    s.enqueue(vec![task("b", 7)]).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(3)),
+        "coalescing a newer change must keep the oldest change owed",
+    )
+    .await;
+    s.enqueue(vec![task("a", 2)]).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(2)),
+        "coalescing an older change must lower the floor",
+    )
+    .await;
+    s.enqueue(vec![task_from("c", 1, 9)]).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(1)),
+        "a task's own floor counts, not its LSN",
+    )
+    .await;
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&claims), vec!["a", "b", "c"]);
+    assert_eq!(claims[0].lsn, Lsn(5));
+    check_floor(&s, exact, Some(Lsn(1)), "claimed tasks still owe").await;
+    s.retry(&claims[2], Duration::ZERO).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(1)), "retried tasks still owe").await;
+    s.finish(&claims[0], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(1)), "after finishing a").await;
+    let c = claim_eventually(&s, "c").await;
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(3)), "after finishing c, b owes 3").await;
+    s.finish(&claims[1], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, None, "nothing is owed once all finished").await;
+}
+
+async fn finishing_a_raised_task_moves_its_floor_past_the_claim<S: Store>(s: S, exact: bool) {
+    s.enqueue(vec![task("a", 5)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("a", 8)]).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(5)), "pending_floor").await;
+    s.finish(&c, None, Vec::new()).await.unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(6)),
+        "the refresh saw every change up to the claim's LSN (5): 6..=8 is still owed",
+    )
+    .await;
+    let again = claim_eventually(&s, "a").await;
+    assert_eq!(again.lsn, Lsn(8));
+    s.finish(&again, None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, None, "pending_floor").await;
+}
+
+async fn follow_ups_inherit_the_finished_tasks_floor<S: Store>(s: S, exact: bool) {
+    // A lookup standing for changes 4..=10 hands its debt to the keys it finds.
+    s.enqueue(vec![task_from("lookup", 4, 10)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.finish(&c, None, vec![task("k1", 10), task("k2", 10)])
+        .await
+        .unwrap();
+    check_floor(
+        &s,
+        exact,
+        Some(Lsn(4)),
+        "follow-ups must inherit the finished task's floor",
+    )
+    .await;
+    let ks = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&ks), vec!["k1", "k2"]);
+    s.finish(&ks[0], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(4)), "k2 still owes 4").await;
+    s.finish(&ks[1], None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, None, "pending_floor").await;
+
+    // A task kept because it was raised: its follow-ups take its old floor, it keeps the rest.
+    s.enqueue(vec![task_from("m", 3, 6)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    s.enqueue(vec![task("m", 9)]).await.unwrap();
+    s.finish(&c, None, vec![task("f", 6)]).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(3)), "f inherits m's floor 3").await;
+    let f = claim_eventually(&s, "f").await;
+    s.finish(&f, None, Vec::new()).await.unwrap();
+    check_floor(&s, exact, Some(Lsn(7)), "m owes 7..=9").await;
+}
+
 async fn wait_for_tasks_wakes_and_times_out<S: Store>(s: S) {
     let s = Arc::new(s);
     // Nothing to wait for: it returns after its timeout.
@@ -810,6 +973,7 @@ async fn concurrent_enqueue_and_finish_lose_nothing<S: Store>(s: S) {
         QueueStats::default(),
         "queue must be empty"
     );
+    assert_eq!(floor(&*s).await, None, "an empty queue has no floor");
 }
 
 async fn concurrent_writes_to_one_key_keep_the_newest<S: Store>(s: S) {

@@ -14,6 +14,8 @@
 //! | `queue_ready`          | seq                   | task id: tasks that are due, oldest first      |
 //! | `queue_delayed`        | (not_before_ms, seq)  | task id: retried tasks, soonest due first       |
 //! | `queue_delayed_by_seq` | seq                   | task id: the same tasks, oldest first          |
+//! | `queue_task_floor`     | task id               | the task's floor (see [`Store::pending_floor`]) |
+//! | `queue_floor`          | (floor, task id)      | `()`: the floors in order, for `pending_floor`  |
 //! | `meta`                 | name                  | bytes                                          |
 //! | `leases`               | name                  | (holder, expires_at_ms)                        |
 //!
@@ -30,6 +32,9 @@
 //!   largest stored one), so seq order is enqueue order and the oldest task is the smaller of the
 //!   first keys of `queue_ready` and `queue_delayed_by_seq`.
 //! - Every key in `key_index` is in `key_primers` and the reverse. `store_result` indexes the key.
+//! - Every task in `queue_tasks` has one row in `queue_task_floor` and the matching (floor, id) in
+//!   `queue_floor`, and nothing else is in either, so the pending floor is the first key of
+//!   `queue_floor`. (A store written before floors existed gets them at open: floor = the task's LSN.)
 //! - An entry's LSN never decreases: the comparison runs inside the write transaction that replaces it.
 //!
 //! # Writes: group commit
@@ -82,6 +87,8 @@ const DELAYED: TableDefinition<(i64, u64), &str> = TableDefinition::new("queue_d
 const DELAYED_BY_SEQ: TableDefinition<u64, &str> = TableDefinition::new("queue_delayed_by_seq");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LEASES: TableDefinition<&str, (&str, i64)> = TableDefinition::new("leases");
+const TASK_FLOOR: TableDefinition<&str, u64> = TableDefinition::new("queue_task_floor");
+const FLOORS: TableDefinition<(u64, &str), ()> = TableDefinition::new("queue_floor");
 
 /// (seq, lsn, enqueued_at_ms, attempts, not_before_ms); `not_before_ms == 0` means ready.
 type TaskRow = (u64, u64, i64, u32, i64);
@@ -332,6 +339,8 @@ struct Tables<'t> {
     delayed_by_seq: Table<'t, u64, &'static str>,
     meta: Table<'t, &'static str, &'static [u8]>,
     leases: Table<'t, &'static str, (&'static str, i64)>,
+    task_floor: Table<'t, &'static str, u64>,
+    floors: Table<'t, (u64, &'static str), ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -347,6 +356,8 @@ impl<'t> Tables<'t> {
             delayed_by_seq: txn.open_table(DELAYED_BY_SEQ).ctx(op)?,
             meta: txn.open_table(META).ctx(op)?,
             leases: txn.open_table(LEASES).ctx(op)?,
+            task_floor: txn.open_table(TASK_FLOOR).ctx(op)?,
+            floors: txn.open_table(FLOORS).ctx(op)?,
         })
     }
 
@@ -390,24 +401,65 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn enqueue(&mut self, tasks: &[Task], next_seq: &mut u64, now: i64) -> StoreResult<()> {
+    /// Adds or coalesces `tasks`. `inherit`: a floor every task's floor is lowered to (the floor of
+    /// the task whose follow-ups these are).
+    fn enqueue(
+        &mut self,
+        tasks: &[Task],
+        inherit: Option<u64>,
+        next_seq: &mut u64,
+        now: i64,
+    ) -> StoreResult<()> {
         let op = "enqueue";
         for task in tasks {
-            let existing = self.tasks.get(task.id.as_str()).ctx(op)?.map(|g| g.value());
+            let id = task.id.as_str();
+            let floor = task.floor.min(task.lsn).0.min(inherit.unwrap_or(u64::MAX));
+            let existing = self.tasks.get(id).ctx(op)?.map(|g| g.value());
             match existing {
                 Some((seq, lsn, enqueued_at, attempts, not_before)) => {
                     if task.lsn.0 > lsn {
                         let row: TaskRow = (seq, task.lsn.0, enqueued_at, attempts, not_before);
-                        self.tasks.insert(task.id.as_str(), row).ctx(op)?;
+                        self.tasks.insert(id, row).ctx(op)?;
+                    }
+                    let old = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
+                    if old.is_none_or(|old| floor < old) {
+                        self.set_floor(id, old, Some(floor), op)?;
                     }
                 }
                 None => {
                     let seq = *next_seq;
                     *next_seq += 1;
                     let row: TaskRow = (seq, task.lsn.0, now, 0, 0);
-                    self.tasks.insert(task.id.as_str(), row).ctx(op)?;
-                    self.ready.insert(seq, task.id.as_str()).ctx(op)?;
+                    self.tasks.insert(id, row).ctx(op)?;
+                    self.ready.insert(seq, id).ctx(op)?;
+                    self.set_floor(id, None, Some(floor), op)?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves task `id`'s floor from `old` to `new` (`None`: no floor row) in both floor tables.
+    fn set_floor(
+        &mut self,
+        id: &str,
+        old: Option<u64>,
+        new: Option<u64>,
+        op: &str,
+    ) -> StoreResult<()> {
+        if old == new {
+            return Ok(());
+        }
+        if let Some(old) = old {
+            self.floors.remove((old, id)).ctx(op)?;
+        }
+        match new {
+            Some(new) => {
+                self.task_floor.insert(id, new).ctx(op)?;
+                self.floors.insert((new, id), ()).ctx(op)?;
+            }
+            None => {
+                self.task_floor.remove(id).ctx(op)?;
             }
         }
         Ok(())
@@ -424,23 +476,30 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    /// Removes the task unless its LSN was raised past `claim.lsn`. Returns whether no task is left.
-    fn finish_task(&mut self, claim: &Claim) -> StoreResult<bool> {
+    /// Removes the task unless its LSN was raised past `claim.lsn` (then its floor rises past
+    /// `claim.lsn`). Returns whether no task is left, and the task's floor before (for its follow-ups
+    /// to inherit), if it was pending.
+    fn finish_task(&mut self, claim: &Claim) -> StoreResult<(bool, Option<u64>)> {
         let op = "finish";
-        let Some((seq, lsn, _, _, not_before)) = self
-            .tasks
-            .get(claim.id.as_str())
-            .ctx(op)?
-            .map(|g| g.value())
+        let id = claim.id.as_str();
+        let Some((seq, lsn, _, _, not_before)) = self.tasks.get(id).ctx(op)?.map(|g| g.value())
         else {
-            return Ok(true);
+            return Ok((true, None));
         };
+        let floor = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
         if lsn > claim.lsn.0 {
-            return Ok(false);
+            // Every change up to the claim's LSN was seen by the refresh just done.
+            let raised = floor
+                .unwrap_or(lsn)
+                .max(claim.lsn.0.saturating_add(1))
+                .min(lsn);
+            self.set_floor(id, floor, Some(raised), op)?;
+            return Ok((false, floor));
         }
-        self.tasks.remove(claim.id.as_str()).ctx(op)?;
+        self.tasks.remove(id).ctx(op)?;
         self.unorder(seq, not_before, op)?;
-        Ok(true)
+        self.set_floor(id, floor, None, op)?;
+        Ok((true, floor))
     }
 
     fn retry(&mut self, claim: &Claim, not_before_ms: i64) -> StoreResult<()> {
@@ -480,7 +539,7 @@ impl<'t> Tables<'t> {
                 (Reply::Unit, Effect::None)
             }
             Op::Enqueue { tasks } => {
-                self.enqueue(tasks, next_seq, now)?;
+                self.enqueue(tasks, None, next_seq, now)?;
                 (Reply::Unit, Effect::Wake)
             }
             Op::Finish {
@@ -493,8 +552,8 @@ impl<'t> Tables<'t> {
                     None => None,
                 };
                 // The task goes first, so that a follow-up with the same id is a new task.
-                let task_gone = self.finish_task(claim)?;
-                self.enqueue(follow_up, next_seq, now)?;
+                let (task_gone, floor) = self.finish_task(claim)?;
+                self.enqueue(follow_up, floor, next_seq, now)?;
                 (
                     Reply::Finished(stored),
                     Effect::Release {
@@ -834,9 +893,29 @@ impl EmbeddedStore {
                 .ctx("read queue")?
                 .map(|(k, _)| k.value());
             next_seq = last_ready.max(last_delayed).map_or(0, |s| s + 1);
+            Self::backfill_floors(tables)?;
         }
         txn.commit().ctx("commit")?;
         Ok(next_seq)
+    }
+
+    /// Gives every task without a floor (a store written before floors existed) the floor = its LSN.
+    fn backfill_floors(mut tables: Tables<'_>) -> StoreResult<()> {
+        let op = "backfill task floors";
+        if tables.task_floor.len().ctx(op)? == tables.tasks.len().ctx(op)? {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        for item in tables.tasks.iter().ctx(op)? {
+            let (id, row) = item.ctx(op)?;
+            if tables.task_floor.get(id.value()).ctx(op)?.is_none() {
+                missing.push((id.value().to_owned(), row.value().1));
+            }
+        }
+        for (id, lsn) in missing {
+            tables.set_floor(&id, None, Some(lsn), op)?;
+        }
+        Ok(())
     }
 
     async fn call(&self, op: Op) -> StoreResult<Reply> {
@@ -1161,6 +1240,13 @@ impl Store for EmbeddedStore {
         })
     }
 
+    async fn pending_floor(&self) -> StoreResult<Option<Lsn>> {
+        let op = "pending_floor";
+        let txn = self.read()?;
+        let floors = txn.open_table(FLOORS).ctx(op)?;
+        Ok(floors.first().ctx(op)?.map(|(k, _)| Lsn(k.value().0)))
+    }
+
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>> {
         let txn = self.read()?;
         let meta = txn.open_table(META).ctx("get_meta")?;
@@ -1226,10 +1312,7 @@ mod tests {
     }
 
     fn task(id: &str, lsn: u64) -> Task {
-        Task {
-            id: id.to_owned(),
-            lsn: Lsn(lsn),
-        }
+        Task::new(id, Lsn(lsn))
     }
 
     fn ids(claims: &[Claim]) -> Vec<&str> {
@@ -1241,6 +1324,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::run_all(|| {
+            let path = dir
+                .path()
+                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
+    /// The embedded store keeps floors exactly, not just a lower bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn its_pending_floor_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::exact_pending_floor(|| {
             let path = dir
                 .path()
                 .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
@@ -1286,6 +1383,7 @@ mod tests {
                 oldest_enqueued_at_ms: oldest
             }
         );
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(1)));
         // New tasks line up after the stored ones (seqs are not reused).
         s.enqueue(vec![task("d", 4)]).await.unwrap();
         // Claims did not survive; the retried task is still delayed.
@@ -1381,6 +1479,31 @@ mod tests {
         // The store still writes after recovery.
         s.enqueue(vec![task("after", 1)]).await.unwrap();
         assert_eq!(ids(&s.claim(10, LONG).await.unwrap()), vec!["after"]);
+    }
+
+    /// A store written before task floors existed gets them when opened: each task's floor is its LSN.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_without_floors_gets_them_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.enqueue(vec![task("a", 7), task("b", 4), Task::new("c", Lsn(9))])
+                .await
+                .unwrap();
+        }
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(TASK_FLOOR).unwrap();
+            txn.delete_table(FLOORS).unwrap();
+            txn.commit().unwrap();
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(4)));
+        let claims = s.claim(10, LONG).await.unwrap();
+        let b = claims.iter().find(|c| c.id == "b").unwrap();
+        s.finish(b, None, Vec::new()).await.unwrap();
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
     }
 
     #[tokio::test]

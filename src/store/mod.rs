@@ -24,7 +24,8 @@
 //!   for ScyllaDB of fewer replicas than the configured consistency needs). The replication stream
 //!   acknowledges a position to Postgres only after that.
 //! - **Tasks coalesce.** One pending task per [`Task::id`]; enqueuing an id that is pending raises its LSN to
-//!   the larger of the two and keeps its place in line (and its `enqueued_at_ms`).
+//!   the larger of the two, lowers its floor to the smaller of the two (see below), and keeps its place in
+//!   line (and its `enqueued_at_ms`).
 //! - **Oldest first.** [`Store::claim`] hands out the tasks enqueued first (retried tasks keep their place
 //!   once due). With several processes on ScyllaDB, "first" follows each process's clock, so tasks
 //!   enqueued within clock skew of each other may come out of order.
@@ -41,6 +42,24 @@
 //!   only makes a refresh run again.
 //! - **Leases are exclusive.** [`Store::try_lease`] gives a named lease to one holder at a time, until it
 //!   runs out or is released.
+//! - **The pending floor.** Every pending task (claimed or not, due or delayed) has a *floor*: the lowest
+//!   change LSN it still owes a refresh for ([`Task::floor`], at most [`Task::lsn`]).
+//!   [`Store::pending_floor`] answers a lower bound of the lowest floor of all pending tasks, and `None`
+//!   only when nothing is pending. `/update?wait=fresh` and `/fetch?min_lsn` rely on it: once the stream
+//!   has durably queued everything up to `L` and the pending floor is above `L` (or nothing is pending),
+//!   every change up to `L` is reflected in every cached entry. A lower bound is always safe; the tighter
+//!   it is, the sooner waits end. The trait's default is `Some(0)` while anything is queued (waits then
+//!   last until the queue drains). The embedded store is exact, moving floors like this:
+//!   - a new task's floor is its [`Task::floor`];
+//!   - coalescing keeps the smaller floor: `floor = min(pending.floor, task.floor)`;
+//!   - [`Store::finish`] that keeps a task (its LSN was raised after the claim) sets its floor to
+//!     `max(floor, claim.lsn + 1)`: the refresh just done saw every change up to `claim.lsn`;
+//!   - the follow-ups of [`Store::finish`] inherit the finished task's floor: each is enqueued with
+//!     `floor = min(follow_up.floor, floor of the task being finished)` (when that task is still pending),
+//!     so that a lookup or primer-page task hands its debt on to the key tasks it creates, in the same
+//!     atomic write (a backend whose `finish` is not atomic must queue the follow-ups before it removes
+//!     the task, so that the debt is never unaccounted for);
+//!   - [`Store::retry`] leaves the floor as it is.
 
 pub mod cql;
 pub mod embedded;
@@ -77,6 +96,21 @@ pub struct Task {
     pub id: String,
     /// The commit LSN of the newest change that asked for this task: the refresh must see it.
     pub lsn: Lsn,
+    /// The commit LSN of the oldest change this task still owes a refresh for (`floor <= lsn`). Until the
+    /// task is finished, [`Store::pending_floor`] is at most this. Usually equal to `lsn`; lower when the
+    /// task stands for several changes (the stream's batch coalesced them).
+    pub floor: Lsn,
+}
+
+impl Task {
+    /// A task for one change: its floor is its LSN.
+    pub fn new(id: impl Into<String>, lsn: Lsn) -> Task {
+        Task {
+            id: id.into(),
+            lsn,
+            floor: lsn,
+        }
+    }
 }
 
 /// A task handed to one worker.
@@ -189,6 +223,17 @@ pub trait Store: Send + Sync + 'static {
     async fn wait_for_tasks(&self, timeout: Duration);
 
     async fn queue_stats(&self) -> StoreResult<QueueStats>;
+
+    /// A lower bound of the lowest floor of all pending tasks (claimed or not, due or delayed), or `None`
+    /// when the queue is empty: no change older than it can still be missing from a cached entry. See "The
+    /// pending floor" in the module docs. Called by freshness waits (every 50 ms while a client waits), so
+    /// it should be a point lookup, not a scan of the queue.
+    ///
+    /// The default is safe but loose: `Some(0)` while the queue holds any task, so waits last until it
+    /// drains. A backend should track floors exactly (the embedded store does).
+    async fn pending_floor(&self) -> StoreResult<Option<Lsn>> {
+        Ok((self.queue_stats().await?.depth > 0).then_some(Lsn::ZERO))
+    }
 
     /// Small named values kck keeps about itself (for example the config fingerprint).
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>>;
