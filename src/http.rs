@@ -1254,10 +1254,12 @@ async fn update(
             Ok(axum::Json(answer).into_response())
         }
         Waited::TimedOut => {
+            // The write is committed: answer 202 (accepted, not yet reflected), never an error status a
+            // client might retry the write on.
             let lag = progress.lag().await;
-            let mut error = committed(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "not_fresh",
+            let mut not_fresh = serde_json::Map::new();
+            not_fresh.insert(
+                "message".into(),
                 format!(
                     "the write was committed at {lsn} (do not retry it), but after {} the cache does not \
                      reflect it yet: kck's stream has received up to {} and the oldest change still \
@@ -1266,10 +1268,13 @@ async fn update(
                     lag.received,
                     lag.pending_floor
                         .map_or_else(|| "none".to_owned(), |f| f.to_string())
-                ),
-            ));
-            error.details.extend(lag.to_json(lsn));
-            Err(error)
+                )
+                .into(),
+            );
+            not_fresh.extend(lag.to_json(lsn));
+            answer.insert("fresh".into(), false.into());
+            answer.insert("not_fresh".into(), not_fresh.into());
+            Ok((StatusCode::ACCEPTED, axum::Json(answer)).into_response())
         }
         Waited::ShuttingDown => Err(committed(shutting_down())),
     }

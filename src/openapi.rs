@@ -140,7 +140,8 @@ pub fn document() -> Value {
                         "422": error("`rejected`: the database raised an exception (a trigger or function); nothing was written."),
                         "502": error("The updater failed in Postgres; nothing was written."),
                         "503": error("The database is unavailable (nothing was written), or the connection failed during COMMIT (`commit_unknown`)."),
-                        "504": error("`timeout` (nothing was written), or `not_fresh` with `committed: true`: the write was committed but the cache did not reflect it in time; do not retry it.")
+                        "202": { "description": "With `wait=fresh`: the write was committed but the cache did not reflect it within the timeout: `fresh: false` and `not_fresh` say how far behind kck is. Do not retry the write." },
+                        "504": error("`timeout`: the request timed out before the write committed (nothing was written).")
                     }
                 }
             },

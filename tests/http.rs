@@ -493,6 +493,30 @@ async fn wait_fresh_answers_once_the_cache_reflects_the_write() {
             "the json parameter is stored as its JSON text"
         );
     }
+    // A wait too short for the refresh: 202, the write committed but not yet reflected; never an error
+    // status a client might retry the write on.
+    let a = http
+        .post(
+            "/update/place_order?wait=fresh&timeout=1ms",
+            json!({"id": 99, "user_id": 1, "total": 1, "note": "late"}),
+        )
+        .await;
+    match a.status.as_u16() {
+        200 => assert_eq!(a.json()["fresh"], true),
+        202 => {
+            let body = a.json();
+            assert_eq!(body["fresh"], false, "{body}");
+            assert!(body["lsn"].is_string(), "{body}");
+            assert!(
+                body["not_fresh"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("do not retry"),
+                "{body}"
+            );
+        }
+        other => panic!("wait=fresh answered {other}: {}", a.text),
+    }
     running.stop().await.unwrap();
     db.cleanup().await;
 }
