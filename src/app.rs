@@ -39,6 +39,7 @@ use crate::config::{Config, Roles, StoreConfig};
 use crate::deps::DepIndex;
 use crate::freshness::Progress;
 use crate::http::{AppState, app};
+use crate::jobs::Jobs;
 use crate::lsn::Lsn;
 use crate::ops::{self, Ops, Telemetry};
 use crate::refresh::{Refresher, prove_visibility};
@@ -46,6 +47,7 @@ pub use crate::replication::ReplicationState;
 use crate::replication::{
     self, ReplicationError, SlotLock, SlotState, Source, Stream, StreamLimits, StreamStats,
 };
+use crate::schedule;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
 use crate::update::{UpdateError, Updates};
@@ -94,6 +96,23 @@ pub struct RunOptions {
     /// Use this store instead of opening the configured one, as a store that several kck instances
     /// share (tests run split roles in one process this way).
     pub shared_store: Option<Arc<dyn Store>>,
+    /// Wraps the opened store (tests slow it down, for example).
+    pub wrap_store: Option<StoreWrapper>,
+    /// Start with the refresh workers paused ([`Refresher::pause`]).
+    pub paused: bool,
+}
+
+/// Wraps one store in another.
+pub type WrapStore = dyn Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync;
+
+/// A function that wraps the store kck opens (see [`RunOptions::wrap_store`]).
+#[derive(Clone)]
+pub struct StoreWrapper(pub Arc<WrapStore>);
+
+impl std::fmt::Debug for StoreWrapper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreWrapper")
+    }
 }
 
 impl Default for RunOptions {
@@ -105,6 +124,8 @@ impl Default for RunOptions {
             watermark_poll: Duration::from_millis(50),
             monitor_interval: Duration::from_secs(2),
             shared_store: None,
+            wrap_store: None,
+            paused: false,
         }
     }
 }
@@ -119,6 +140,10 @@ pub struct Running {
     pub clock: Arc<VisibilityClock>,
     /// Status, metrics and the slot monitor's readings.
     pub ops: Arc<Ops>,
+    /// The refresh workers' state: pause/resume, per-primer stats.
+    pub refresher: Arc<Refresher>,
+    /// The process worker's jobs and their status.
+    pub jobs: Arc<Jobs>,
     replication_state: watch::Receiver<ReplicationState>,
     shutdown: watch::Sender<bool>,
     /// Becomes true when replication stopped with an error (kck cannot go on).
@@ -245,10 +270,13 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let roles = config.roles;
     let shared_store =
         options.shared_store.is_some() || matches!(config.store, StoreConfig::Scylla(_));
-    let store = match &options.shared_store {
+    let mut store = match &options.shared_store {
         Some(store) => store.clone(),
         None => open_store(&config).await?,
     };
+    if let Some(wrap) = &options.wrap_store {
+        store = (wrap.0)(store);
+    }
     let source = Source::new(&config.source)?;
     let catalog = Arc::new(config.catalog.clone());
     let deps = Arc::new(DepIndex::new(catalog.clone()));
@@ -285,20 +313,62 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let refresher = Arc::new(
         Refresher::new(
             &source,
-            workers + 4,
+            config.refresh.pool_size,
             catalog.clone(),
             store.clone(),
             clock.clone(),
             config.refresh.visibility_timeout,
             telemetry.clone(),
         )?
-        .with_local_stream(state_rx.clone()),
+        .with_local_stream(state_rx.clone())
+        .with_claim_batch(config.refresh.claim_batch),
     );
+    if options.paused {
+        refresher.pause();
+    }
+    // Reads are seen (and remembered) by the process that serves them.
+    refresher.access.set_sees_reads(roles.http);
+    if roles.refresh
+        && !roles.http
+        && config
+            .catalog
+            .primers
+            .iter()
+            .any(|p| p.policy.cold_after.is_some())
+    {
+        tracing::warn!(
+            "cold_after is set, but this process does not serve HTTP, so it cannot see which keys are read: \
+             its workers recompute every key instead of dropping cold ones, and run them oldest first. Run \
+             the refresh role with the http role for cold keys to be dropped and hot keys to go first."
+        );
+    }
     for worker in 0..workers {
         others.push(tokio::spawn(
             refresher.clone().work(worker, shutdown_rx.clone()),
         ));
     }
+    // Schedules, expiry and jobs run where refreshes do (several such processes coalesce their
+    // schedules in the queue, and take turns at jobs through the store's leases).
+    let (jobs, job_tasks) = if roles.refresh {
+        others.push(tokio::spawn(schedule::run_intervals(
+            refresher.clone(),
+            shutdown_rx.clone(),
+        )));
+        others.push(tokio::spawn(schedule::sweep_expired(
+            refresher.clone(),
+            shutdown_rx.clone(),
+        )));
+        crate::jobs::spawn(
+            &config.jobs,
+            source.clone(),
+            store.clone(),
+            crate::jobs::holder_id(),
+            shutdown_rx.clone(),
+        )
+    } else {
+        (Arc::new(Jobs::default()), Vec::new())
+    };
+    others.extend(job_tasks);
     if shared_store {
         others.push(tokio::spawn(follow_watermark(
             store.clone(),
@@ -339,7 +409,10 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
                 store: store.clone(),
                 clock: clock.clone(),
                 stats: stats.clone(),
-                limits: options.limits,
+                limits: StreamLimits {
+                    max_queue: options.limits.max_queue.min(config.refresh.max_queue),
+                    ..options.limits
+                },
                 state: state_tx.clone(),
             };
             let owned = matches!(slot, Slot::Owned(..));
@@ -393,7 +466,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             refresher.clone(),
             telemetry.clone(),
         )
-        .with_replication_state(state_rx.clone()),
+        .with_replication_state(state_rx.clone())
+        .with_jobs(jobs.clone()),
     );
     others.push(tokio::spawn(ops::monitor::run(
         ops.clone(),
@@ -403,6 +477,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let mut http = None;
     let mut http_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     if roles.http {
+        // Warm before serving, so that the first requests hit.
+        schedule::warm(&refresher, config.refresh.workers).await;
         let listener = match tokio::net::TcpListener::bind(config.http.bind).await {
             Ok(l) => l,
             Err(source) => {
@@ -443,6 +519,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             auth: Authenticator::from_config(&config.auth).map(Arc::new),
             limits: config.http.clone(),
             shutdown: shutdown_rx.clone(),
+            refresher: Some(refresher.clone()),
         };
         let router = ops::http::observe(
             app(state, ops::http::router(ops.clone())),
@@ -467,6 +544,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         stats,
         clock,
         ops,
+        refresher,
+        jobs,
         replication_state: state_rx,
         shutdown,
         failed,

@@ -31,6 +31,8 @@ pub struct Config {
     pub roles: Roles,
     pub http: HttpConfig,
     pub refresh: RefreshConfig,
+    /// Named SQL statements run on a schedule (the process worker, [`crate::jobs`]).
+    pub jobs: Vec<JobConfig>,
     /// On a `/fetch` miss: compute, store and return (true), or answer 404 (false). Default true.
     pub prime_on_cache_miss: bool,
     pub catalog: Catalog,
@@ -320,6 +322,35 @@ pub struct RefreshConfig {
     /// How long a refresh waits for its triggering transaction to become visible before giving up and
     /// retrying later. Default 5 s.
     pub visibility_timeout: Duration,
+    /// Postgres connections for refreshes and fetch misses. Default `workers + 4`.
+    pub pool_size: usize,
+    /// The replication reader waits while the queue holds more tasks than this. Default 1,000,000.
+    pub max_queue: u64,
+    /// A key nobody fetched for this long is dropped instead of recomputed, for primers that do not set
+    /// their own `cold_after`. Default: never.
+    pub cold_after: Option<Duration>,
+    /// How many tasks a worker claims at once and runs hottest first (and batches). Default 16.
+    pub claim_batch: usize,
+}
+
+/// One job of the process worker: a named SQL statement run on a schedule, at most once at a time
+/// across all kck processes sharing the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    pub name: String,
+    /// Run with the simple query protocol: may hold several statements, and may be a statement that
+    /// cannot run in a transaction block (`REFRESH MATERIALIZED VIEW CONCURRENTLY`, `VACUUM`).
+    pub sql: String,
+    pub schedule: JobSchedule,
+}
+
+/// When a job runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSchedule {
+    /// Every period, counted from the end of the previous run's start.
+    Interval(Duration),
+    /// At the times a cron expression matches (5 fields, or 6 with seconds first), in UTC.
+    Cron(String),
 }
 
 /// The configuration is not usable.
@@ -360,6 +391,8 @@ pub const DEFAULT_HTTP_BIND: SocketAddr =
 pub const DEFAULT_WORKERS: usize = 4;
 pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
+pub const DEFAULT_CLAIM_BATCH: usize = 16;
 pub const DEFAULT_KEYSPACE: &str = "kck";
 pub const DEFAULT_CQL_PORT: u16 = 9042;
 pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
@@ -508,6 +541,7 @@ struct RawConfig {
     roles: Option<Spanned<Vec<Spanned<String>>>>,
     http: Option<Spanned<RawHttp>>,
     refresh: Option<Spanned<RawRefresh>>,
+    jobs: Option<Spanned<Vec<Spanned<RawJob>>>>,
     prime_on_cache_miss: Option<Spanned<bool>>,
     primers_dir: Option<Spanned<String>>,
     primers: Option<Spanned<Vec<Spanned<RawPrimer>>>>,
@@ -841,6 +875,26 @@ impl<'de> Deserialize<'de> for ScalarText {
 struct RawRefresh {
     workers: Option<Spanned<i64>>,
     visibility_timeout: Option<Spanned<String>>,
+    pool_size: Option<Spanned<i64>>,
+    max_queue: Option<Spanned<i64>>,
+    cold_after: Option<Spanned<String>>,
+    claim_batch: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: Option<Spanned<String>>,
+    sql: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    cron: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    query: Option<Spanned<String>>,
+    key_column: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -851,6 +905,15 @@ struct RawPrimer {
     shape: Option<Spanned<String>>,
     query: Option<Spanned<String>>,
     depends_on: Option<Spanned<Vec<Spanned<RawDependency>>>>,
+    // Refresh policy (see `crate::schedule::Policy`).
+    refresh_interval: Option<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+    on_expiry: Option<Spanned<String>>,
+    stale_while_revalidate: Option<Spanned<String>>,
+    cold_after: Option<Spanned<String>>,
+    warm: Option<Spanned<String>>,
+    concurrency: Option<Spanned<i64>>,
+    batch: Option<Spanned<RawBatch>>,
     cache_control: Option<Spanned<String>>,
     access: Option<Spanned<RawAccess>>,
 }
@@ -1165,12 +1228,16 @@ impl Loader<'_> {
         let roles = self.roles(&raw)?;
         let http = self.http(&raw)?;
         let refresh = self.refresh(&raw)?;
+        let jobs = self.jobs(&raw)?;
         let auth = self.auth(&raw)?;
         let write = self.write(&raw, &source)?;
         let prime_on_cache_miss = raw.prime_on_cache_miss.as_ref().is_none_or(|s| s.value);
         let auth_on = auth.jwt.is_some();
         let updaters = self.updaters(raw.updaters.take(), raw.updaters_dir.take(), auth_on)?;
-        let catalog = self.primers(raw, auth_on)?;
+        let mut catalog = self.primers(raw, auth_on)?;
+        for primer in &mut catalog.primers {
+            primer.policy.cold_after = primer.policy.cold_after.or(refresh.cold_after);
+        }
         Ok(Config {
             file: self.file.to_owned(),
             source,
@@ -1178,6 +1245,7 @@ impl Loader<'_> {
             roles,
             http,
             refresh,
+            jobs,
             prime_on_cache_miss,
             catalog,
             auth,
@@ -1935,10 +2003,148 @@ impl Loader<'_> {
             Some(t) => parse_duration(&t.value)
                 .map_err(|m| self.err(line_of(t), "refresh.visibility_timeout", m))?,
         };
+        let count = |field: &str, value: Option<&Spanned<i64>>, min: i64, max: i64| {
+            value
+                .map(|v| {
+                    if (min..=max).contains(&v.value) {
+                        Ok(v.value)
+                    } else {
+                        Err(self.err(
+                            line_of(v),
+                            format!("refresh.{field}"),
+                            format!("must be between {min} and {max}, got {}", v.value),
+                        ))
+                    }
+                })
+                .transpose()
+        };
+        let pool_size = count(
+            "pool_size",
+            section.and_then(|s| s.pool_size.as_ref()),
+            1,
+            1024,
+        )?
+        .map_or(workers + 4, |n| n as usize);
+        let max_queue = count(
+            "max_queue",
+            section.and_then(|s| s.max_queue.as_ref()),
+            1,
+            i64::MAX,
+        )?
+        .map_or(DEFAULT_MAX_QUEUE, |n| n as u64);
+        let claim_batch = count(
+            "claim_batch",
+            section.and_then(|s| s.claim_batch.as_ref()),
+            1,
+            1000,
+        )?
+        .map_or(DEFAULT_CLAIM_BATCH, |n| n as usize);
+        let cold_after = section
+            .and_then(|s| s.cold_after.as_ref())
+            .map(|t| {
+                parse_duration(&t.value).map_err(|m| self.err(line_of(t), "refresh.cold_after", m))
+            })
+            .transpose()?;
         Ok(RefreshConfig {
             workers,
             visibility_timeout,
+            pool_size,
+            max_queue,
+            cold_after,
+            claim_batch,
         })
+    }
+
+    fn jobs(&self, raw: &RawConfig) -> Result<Vec<JobConfig>, ConfigError> {
+        let Some(list) = &raw.jobs else {
+            return Ok(Vec::new());
+        };
+        let mut jobs: Vec<JobConfig> = Vec::new();
+        for (i, item) in list.value.iter().enumerate() {
+            let line = line_of(item);
+            let field = |f: &str| format!("jobs[{i}].{f}");
+            let job = &item.value;
+            let Some(name) = &job.name else {
+                return Err(self.err(
+                    line,
+                    field("name"),
+                    "required: the job's name, such as refresh_totals",
+                ));
+            };
+            if name.value.is_empty()
+                || !name
+                    .value
+                    .chars()
+                    .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+            {
+                return Err(self.err(
+                    line_of(name),
+                    field("name"),
+                    format!(
+                        "'{}' is not a valid job name: use lower-case letters, digits and '_'",
+                        name.value
+                    ),
+                ));
+            }
+            if jobs.iter().any(|j| j.name == name.value) {
+                return Err(self.err(
+                    line_of(name),
+                    field("name"),
+                    format!(
+                        "the job name '{}' is used twice; job names must be unique",
+                        name.value
+                    ),
+                ));
+            }
+            let sql = match &job.sql {
+                Some(sql) if !sql.value.trim().is_empty() => sql.value.trim().to_owned(),
+                Some(sql) => {
+                    return Err(self.err(
+                        line_of(sql),
+                        field("sql"),
+                        "is empty: give the SQL to run",
+                    ));
+                }
+                None => {
+                    return Err(self.err(
+                        line,
+                        field("sql"),
+                        "required: the SQL to run, such as REFRESH MATERIALIZED VIEW CONCURRENTLY totals",
+                    ));
+                }
+            };
+            let schedule = match (&job.interval, &job.cron) {
+                (Some(_), Some(c)) => {
+                    return Err(self.err(
+                        line_of(c),
+                        field("cron"),
+                        "give either `interval` or `cron`, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(self.err(
+                        line,
+                        field("interval"),
+                        "required: `interval` (such as 5m) or `cron` (such as \"0 3 * * *\")",
+                    ));
+                }
+                (Some(t), None) => JobSchedule::Interval(
+                    parse_duration(&t.value)
+                        .map_err(|m| self.err(line_of(t), field("interval"), m))?,
+                ),
+                (None, Some(c)) => {
+                    crate::jobs::parse_cron(&c.value)
+                        .map_err(|m| self.err(line_of(c), field("cron"), m))?;
+                    JobSchedule::Cron(c.value.trim().to_owned())
+                }
+            };
+            jobs.push(JobConfig {
+                name: name.value.clone(),
+                sql,
+                schedule,
+            });
+        }
+        Ok(jobs)
     }
 
     fn primers(&self, raw: RawConfig, auth_on: bool) -> Result<Catalog, ConfigError> {
@@ -2553,6 +2759,7 @@ fn build_primer(
         });
     }
 
+    let policy = build_policy(&raw, &template, &err)?;
     let cache_control = match &raw.cache_control {
         None => None,
         Some(c) => {
@@ -2577,11 +2784,140 @@ fn build_primer(
             query,
             shape,
             dependencies,
+            policy,
             cache_control,
             access,
         },
         origin,
     ))
+}
+
+/// The refresh policy fields of a primer (`ttl`, `warm`, `batch`, ...). `cold_after` is the primer's own;
+/// [`Loader::load`] falls back to `refresh.cold_after`.
+fn build_policy(
+    raw: &RawPrimer,
+    template: &KeyTemplate,
+    err: &dyn Fn(usize, &str, String) -> ConfigError,
+) -> Result<crate::schedule::Policy, ConfigError> {
+    use crate::schedule::{BatchQuery, OnExpiry, Policy};
+    let duration = |field: &str, value: &Option<Spanned<String>>| {
+        value
+            .as_ref()
+            .map(|v| parse_duration(&v.value).map_err(|m| err(line_of(v), field, m)))
+            .transpose()
+    };
+    let on_expiry = match &raw.on_expiry {
+        None => OnExpiry::Refresh,
+        Some(v) => match v.value.as_str() {
+            "refresh" => OnExpiry::Refresh,
+            "drop" => OnExpiry::Drop,
+            other => {
+                return Err(err(
+                    line_of(v),
+                    "on_expiry",
+                    format!(
+                        "unknown value '{other}': expected refresh (recompute hot keys, drop cold ones) or drop"
+                    ),
+                ));
+            }
+        },
+    };
+    let ttl = duration("ttl", &raw.ttl)?;
+    if let (None, Some(v)) = (ttl, &raw.on_expiry) {
+        return Err(err(
+            line_of(v),
+            "on_expiry",
+            "has no effect without `ttl`: set a ttl or remove on_expiry".into(),
+        ));
+    }
+    let concurrency = match &raw.concurrency {
+        None => None,
+        Some(c) => match usize::try_from(c.value) {
+            Ok(n) if (1..=crate::config::MAX_WORKERS).contains(&n) => Some(n),
+            _ => {
+                return Err(err(
+                    line_of(c),
+                    "concurrency",
+                    format!(
+                        "must be between 1 and {}, got {}",
+                        crate::config::MAX_WORKERS,
+                        c.value
+                    ),
+                ));
+            }
+        },
+    };
+    let warm = match &raw.warm {
+        None => None,
+        Some(w) => {
+            let scan = scan_sql(&w.value).map_err(|(_, m)| err(line_of(w), "warm", m))?;
+            if scan.max() > 0 {
+                return Err(err(
+                    line_of(w),
+                    "warm",
+                    "the warm query takes no parameters: it lists key parameters, in columns named like the key's                      (such as SELECT id AS user_id FROM users WHERE active)"
+                        .into(),
+                ));
+            }
+            Some(w.value[..scan.end].trim_start().to_owned())
+        }
+    };
+    let batch = match &raw.batch {
+        None => None,
+        Some(b) => {
+            let line = line_of(b);
+            if template.params.len() != 1 {
+                return Err(err(
+                    line,
+                    "batch",
+                    format!(
+                        "a batch query needs a key template with exactly one parameter; '{}' has {}",
+                        template.source,
+                        template.params.len()
+                    ),
+                ));
+            }
+            let Some(q) = &b.value.query else {
+                return Err(err(
+                    line,
+                    "batch.query",
+                    "required: the query over $1, an array of key parameter values, such as                      SELECT user_id AS kck_key, id, total FROM orders WHERE user_id = ANY($1) ORDER BY user_id, id"
+                        .into(),
+                ));
+            };
+            let Some(column) = &b.value.key_column else {
+                return Err(err(
+                    line,
+                    "batch.key_column",
+                    "required: the name of the batch query's first column, which holds each row's key parameter".into(),
+                ));
+            };
+            let scan = scan_sql(&q.value).map_err(|(_, m)| err(line_of(q), "batch.query", m))?;
+            check_placeholders(
+                &scan,
+                &["array of key parameter values"],
+                "a batch",
+                "parameter",
+            )
+            .map_err(|(_, m)| err(line_of(q), "batch.query", m))?;
+            let key_column = parse_identifier(&column.value, "a column name")
+                .map_err(|m| err(line_of(column), "batch.key_column", m))?;
+            Some(BatchQuery {
+                query: q.value[..scan.end].trim_start().to_owned(),
+                key_column,
+            })
+        }
+    };
+    Ok(Policy {
+        refresh_interval: duration("refresh_interval", &raw.refresh_interval)?,
+        ttl,
+        on_expiry,
+        stale_while_revalidate: duration("stale_while_revalidate", &raw.stale_while_revalidate)?,
+        warm,
+        cold_after: duration("cold_after", &raw.cold_after)?,
+        concurrency,
+        batch,
+    })
 }
 
 /// A `Cache-Control` value: printable ASCII, not empty.
@@ -3473,6 +3809,149 @@ primers:
         // Sections given but empty take the defaults too.
         let c = load(&format!("{BASE}store:\nhttp:\nrefresh: {{}}\n")).unwrap();
         assert_eq!(c.refresh.workers, 4);
+    }
+
+    #[test]
+    fn refresh_policy_and_jobs() {
+        use crate::schedule::OnExpiry;
+        let yaml = format!(
+            "{BASE}    refresh_interval: 5m\n    ttl: 30s\n    on_expiry: drop\n    stale_while_revalidate: 10s\n    \
+             cold_after: 1h\n    concurrency: 2\n    warm: SELECT DISTINCT user_id FROM orders\n    batch:\n      \
+             key_column: kck_key\n      query: SELECT user_id AS kck_key, id FROM orders WHERE user_id = ANY($1)\n\
+             refresh:\n  max_queue: 5000\n  cold_after: 2h\n  pool_size: 3\n  claim_batch: 8\n\
+             jobs:\n  - name: totals\n    interval: 1m\n    sql: REFRESH MATERIALIZED VIEW CONCURRENTLY totals\n  \
+             - name: nightly\n    cron: \"0 3 * * *\"\n    sql: DELETE FROM log WHERE at < now() - interval '7 days'\n"
+        );
+        let c = load(&yaml).unwrap();
+        let p = &c.catalog.primers[0].policy;
+        assert_eq!(p.refresh_interval, Some(Duration::from_secs(300)));
+        assert_eq!(p.ttl, Some(Duration::from_secs(30)));
+        assert_eq!(p.on_expiry, OnExpiry::Drop);
+        assert_eq!(p.stale_while_revalidate, Some(Duration::from_secs(10)));
+        assert_eq!(p.cold_after, Some(Duration::from_secs(3600)));
+        assert_eq!(p.concurrency, Some(2));
+        assert_eq!(
+            p.warm.as_deref(),
+            Some("SELECT DISTINCT user_id FROM orders")
+        );
+        let batch = p.batch.as_ref().unwrap();
+        assert_eq!(batch.key_column, "kck_key");
+        assert_eq!(c.refresh.max_queue, 5000);
+        assert_eq!(c.refresh.cold_after, Some(Duration::from_secs(7200)));
+        assert_eq!((c.refresh.pool_size, c.refresh.claim_batch), (3, 8));
+        assert_eq!(c.jobs.len(), 2);
+        assert_eq!(
+            c.jobs[0].schedule,
+            JobSchedule::Interval(Duration::from_secs(60))
+        );
+        assert_eq!(c.jobs[1].schedule, JobSchedule::Cron("0 3 * * *".into()));
+        // Defaults, and the global cold_after for primers without their own.
+        let c = load(&format!("{BASE}refresh:\n  cold_after: 2h\n")).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].policy.cold_after,
+            Some(Duration::from_secs(7200))
+        );
+        let c = load(BASE).unwrap();
+        assert_eq!(
+            c.catalog.primers[0].policy,
+            crate::schedule::Policy::default()
+        );
+        assert_eq!(
+            (
+                c.refresh.max_queue,
+                c.refresh.pool_size,
+                c.refresh.claim_batch
+            ),
+            (1_000_000, 8, 16)
+        );
+        assert!(c.jobs.is_empty());
+    }
+
+    #[test]
+    fn refresh_policy_and_job_errors() {
+        let primer = |extra: &str| format!("{BASE}{extra}");
+        assert_invalid(
+            &primer("    on_expiry: drop\n"),
+            10,
+            "primers[0].on_expiry",
+            "has no effect without `ttl`",
+        );
+        assert_invalid(
+            &primer("    ttl: 1s\n    on_expiry: later\n"),
+            11,
+            "primers[0].on_expiry",
+            "unknown value 'later'",
+        );
+        assert_invalid(
+            &primer("    ttl: soon\n"),
+            10,
+            "primers[0].ttl",
+            "not a duration",
+        );
+        assert_invalid(
+            &primer("    concurrency: 0\n"),
+            10,
+            "primers[0].concurrency",
+            "between 1 and",
+        );
+        assert_invalid(
+            &primer("    warm: SELECT $1\n"),
+            10,
+            "primers[0].warm",
+            "takes no parameters",
+        );
+        assert_invalid(
+            &primer("    batch:\n      query: SELECT 1 AS k\n      key_column: k\n"),
+            11,
+            "primers[0].batch.query",
+            "$1",
+        );
+        assert_invalid(
+            &primer("    batch:\n      key_column: k\n"),
+            11,
+            "primers[0].batch.query",
+            "required",
+        );
+        assert_invalid(
+            &primer("    batch:\n      query: SELECT $1 AS k\n"),
+            11,
+            "primers[0].batch.key_column",
+            "required",
+        );
+        assert_invalid(
+            &format!("{BASE}refresh:\n  max_queue: 0\n"),
+            11,
+            "refresh.max_queue",
+            "between 1 and",
+        );
+        let job = |body: &str| format!("{BASE}jobs:\n  - name: j\n{body}");
+        assert_invalid(
+            &job("    sql: SELECT 1\n"),
+            11,
+            "jobs[0].interval",
+            "required",
+        );
+        assert_invalid(&job("    interval: 1m\n"), 11, "jobs[0].sql", "required");
+        assert_invalid(
+            &job("    sql: SELECT 1\n    interval: 1m\n    cron: \"* * * * *\"\n"),
+            14,
+            "jobs[0].cron",
+            "not both",
+        );
+        assert_invalid(
+            &job("    sql: SELECT 1\n    cron: daily\n"),
+            13,
+            "jobs[0].cron",
+            "not a cron expression",
+        );
+        assert_invalid(
+            &format!(
+                "{BASE}jobs:\n  - name: j\n    sql: x\n    interval: 1s\n  - name: j\n    sql: y\n    interval: 1s\n"
+            ),
+            14,
+            "jobs[1].name",
+            "used twice",
+        );
     }
 
     #[test]

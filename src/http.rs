@@ -4,7 +4,9 @@
 //! and the tests call the same function. Routes are added through [`Routes`], which remembers them, so
 //! that the OpenAPI document ([`crate::openapi`]) can be checked against every route there is.
 //!
-//! - `GET /fetch/{key}`: a cached value, with `ETag` and `Cache-Control`; `If-None-Match` → `304`.
+//! - `GET /fetch/{key}`: a cached value, with `ETag` and `Cache-Control`; `If-None-Match` → `304`. An
+//!   expired entry is never a hit: within its primer's `stale_while_revalidate` it is answered marked
+//!   `kck-stale: true` while [`Refresher::revalidate`] recomputes it, else it is computed like a miss.
 //!   `?min_lsn=X/Y` waits until the value reflects that position; `?wait_change=ETAG` long-polls until
 //!   the value differs from that version (`304` if it does not within the timeout).
 //! - `POST /fetch`: many keys in one round trip.
@@ -71,6 +73,9 @@ pub struct AppState {
     pub limits: HttpConfig,
     /// Turns true when kck stops: waits end early so that in-flight requests finish quickly.
     pub shutdown: watch::Receiver<bool>,
+    /// Records reads (hot keys go first, cold ones are dropped) and revalidates expired entries; `None` in
+    /// a server that runs no refreshes.
+    pub refresher: Option<Arc<Refresher>>,
 }
 
 /// A router that remembers its routes (path and method): axum cannot list a router's routes, and the
@@ -110,6 +115,15 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
         T: 'static,
     {
         self.add(path, Method::POST, post(handler))
+    }
+
+    /// `DELETE path`.
+    pub fn delete<H, T>(self, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+    {
+        self.add(path, Method::DELETE, axum::routing::delete(handler))
     }
 
     fn add(mut self, path: &'static str, method: Method, handler: MethodRouter<S>) -> Self {
@@ -245,6 +259,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 header::HeaderName::from_static("kck-lsn"),
                 header::HeaderName::from_static("kck-computed-at"),
                 header::HeaderName::from_static("kck-cache"),
+                header::HeaderName::from_static("kck-stale"),
             ])
             .max_age(Duration::from_secs(600)),
     )
@@ -536,9 +551,42 @@ impl AppState {
     }
 
     /// The entry for `key`: stored, or computed now (a miss). `(entry, "hit" | "miss")`.
+    /// The entry for `key`: a hit, or computed (a miss). An expired (or invalidated) entry is never a
+    /// hit: within its primer's `stale_while_revalidate` it is answered as `stale` while it is recomputed
+    /// in the background, else it is computed now like a miss.
     async fn lookup(&self, key: &Key, text: &str) -> Result<(Entry, &'static str), ApiError> {
+        if let Some(refresher) = &self.refresher {
+            refresher.touch(text);
+        }
+        let mut expired = false;
         if let Some(entry) = self.store.get(text).await.map_err(|e| internal(&e))? {
-            return Ok((entry, "hit"));
+            let now = crate::refresh::now_ms();
+            let Some(expires) = entry.expires_at_ms.filter(|at| *at <= now) else {
+                return Ok((entry, "hit"));
+            };
+            expired = true;
+            if let Some(refresher) = &self.refresher {
+                let grace = self.catalog.primers[key.primer]
+                    .policy
+                    .stale_while_revalidate;
+                let servable =
+                    grace.is_some_and(|g| now < expires.saturating_add(g.as_millis() as i64));
+                if servable || self.primer.is_none() {
+                    refresher.revalidate(key.clone(), text.to_owned());
+                }
+                if servable {
+                    return Ok((entry, "stale"));
+                }
+            }
+        }
+        if expired && self.primer.is_none() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_cached",
+                format!(
+                    "'{text}' has expired and is being recomputed (prime_on_cache_miss is off)"
+                ),
+            ));
         }
         Ok((self.prime(key, text).await?, "miss"))
     }
@@ -820,6 +868,9 @@ fn entry_response(
         headers.insert("kck-computed-at", v);
     }
     headers.insert("kck-cache", HeaderValue::from_static(cache));
+    if cache == "stale" {
+        headers.insert("kck-stale", HeaderValue::from_static("true"));
+    }
     if none_match(request, &etag) {
         return (StatusCode::NOT_MODIFIED, headers).into_response();
     }

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
 use kck::config::{Config, Roles, StoreConfig};
+use kck::invalidate::{self, Mode};
 use kck::ops;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
@@ -59,6 +60,52 @@ enum Command {
     Validate {
         #[arg(long, short, env = "KCK_CONFIG")]
         config: PathBuf,
+    },
+    /// Invalidate cached keys in a running kck: mark them expired and refresh them (or --drop them).
+    ///
+    /// The running kck holds the store's lock, so this asks it over HTTP, at the config's http.bind
+    /// (KCK_HTTP_BIND overrides it; a wildcard address is reached on loopback).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["key", "primer", "prefix"])))]
+    Invalidate {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// One key, such as orders_by_user/42.
+        key: Option<String>,
+        /// Every cached key of this primer.
+        #[arg(long)]
+        primer: Option<String>,
+        /// Every cached key starting with this, such as orders_by_user/.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Remove the keys instead (their next fetch is a miss).
+        #[arg(long)]
+        drop: bool,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+        /// A bearer token for the server, if it asks for one.
+        #[arg(long, env = "KCK_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Queue a refresh of a key, or of every cached key of a primer, in a running kck.
+    ///
+    /// The running kck holds the store's lock, so this asks it over HTTP, at the config's http.bind
+    /// (KCK_HTTP_BIND overrides it; a wildcard address is reached on loopback).
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["key", "primer"])))]
+    Refresh {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// One key, such as orders_by_user/42.
+        key: Option<String>,
+        /// Every cached key of this primer.
+        #[arg(long)]
+        primer: Option<String>,
+        /// The running kck's base URL (default: from http.bind).
+        #[arg(long, env = "KCK_URL")]
+        url: Option<String>,
+        /// A bearer token for the server, if it asks for one.
+        #[arg(long, env = "KCK_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Check the config against the live database: one line per finding, each problem with its fix.
     /// Exits 1 when there are problems.
@@ -264,6 +311,47 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             }
             println!("roles: {}", config.roles);
             println!("{}: ok", config.file.display());
+            Ok(true)
+        }
+        Command::Invalidate {
+            config,
+            key,
+            primer,
+            prefix,
+            drop,
+            url,
+            token,
+        } => {
+            let config = Config::load(&config)?;
+            let mode = if drop { Mode::Drop } else { Mode::Refresh };
+            let request = invalidate::Request {
+                key,
+                primer,
+                prefix,
+                mode: Some(mode),
+            };
+            let base = url.unwrap_or_else(|| invalidate::base_url(config.http.bind));
+            let answer = invalidate::call(&base, "/invalidate", &request, token.as_deref()).await?;
+            let done = if drop { "dropped" } else { "invalidated" };
+            println!("{done} {} key(s)", answer.keys);
+            Ok(true)
+        }
+        Command::Refresh {
+            config,
+            key,
+            primer,
+            url,
+            token,
+        } => {
+            let config = Config::load(&config)?;
+            let request = invalidate::Request {
+                key,
+                primer,
+                ..Default::default()
+            };
+            let base = url.unwrap_or_else(|| invalidate::base_url(config.http.bind));
+            let answer = invalidate::call(&base, "/refresh", &request, token.as_deref()).await?;
+            println!("queued a refresh of {} key(s)", answer.keys);
             Ok(true)
         }
     }

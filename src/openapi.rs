@@ -245,6 +245,56 @@ pub fn document() -> Value {
                         "404": error("Not cached.")
                     }
                 }
+            },
+            "/cache/{key}": {
+                "delete": {
+                    "operationId": "cacheDelete",
+                    "tags": ["operations"],
+                    "summary": "Invalidate one key: drop it, or (`?mode=refresh`) mark it expired and refresh it",
+                    "parameters": [
+                        {"name": "key", "in": "path", "required": true, "schema": {"type": "string"}},
+                        {"name": "mode", "in": "query", "required": false, "schema": {"type": "string", "enum": ["drop", "refresh"]}}
+                    ],
+                    "responses": {
+                        "200": {"description": "`{keys, mode}`: how many keys were affected (0 when it was not cached).", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "400": error("Bad key."),
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
+            },
+            "/invalidate": {
+                "post": {
+                    "operationId": "invalidate",
+                    "tags": ["operations"],
+                    "summary": "Invalidate a key, a primer's keys or the keys with a prefix: mark them expired and refresh them (mode refresh, the default), or drop them",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object",
+                        "properties": {"key": {"type": "string"}, "primer": {"type": "string"}, "prefix": {"type": "string"},
+                                       "mode": {"type": "string", "enum": ["refresh", "drop"]}},
+                        "additionalProperties": false}}}},
+                    "responses": {
+                        "200": {"description": "`{keys, mode}`.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "400": error("Not exactly one of key, primer, prefix; an unknown primer; a bad key."),
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
+            },
+            "/refresh": {
+                "post": {
+                    "operationId": "refresh",
+                    "tags": ["operations"],
+                    "summary": "Queue a refresh of a key, a primer's keys or the keys with a prefix (their values are served meanwhile)",
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object",
+                        "properties": {"key": {"type": "string"}, "primer": {"type": "string"}, "prefix": {"type": "string"}},
+                        "additionalProperties": false}}}},
+                    "responses": {
+                        "200": {"description": "`{keys}`: how many keys were queued.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "400": error("Not exactly one of key, primer, prefix; an unknown primer; a bad key."),
+                        "401": error("Missing or invalid token (authentication on)."),
+                        "403": error("The token lacks `auth.operator`'s claims.")
+                    }
+                }
             }
         },
         "components": {

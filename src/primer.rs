@@ -107,6 +107,8 @@ pub struct Primer {
     pub query: String,
     pub shape: Shape,
     pub dependencies: Vec<Dependency>,
+    /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
+    pub policy: crate::schedule::Policy,
     /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
     pub cache_control: Option<String>,
     /// Who may fetch its keys when authentication is on (`None`: any valid token). `match` indexes are key
@@ -610,6 +612,7 @@ mod tests {
                 },
                 mapping: Mapping::AllKeys,
             }],
+            policy: Default::default(),
             cache_control: None,
             access: None,
         }

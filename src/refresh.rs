@@ -14,6 +14,23 @@
 //!
 //! The primer query is wrapped so that Postgres builds the JSON (`row_to_json`, `string_agg`): kck stores
 //! and serves those bytes as they are.
+//!
+//! # Choosing what to refresh
+//! - **Coalescing.** The queue holds one task per key (see [`crate::queue`]): however many changes hit a
+//!   key while its task waits, it is refreshed once, seeing the newest.
+//! - **Hot first.** A worker claims up to `refresh.claim_batch` tasks and runs them in order: keys read
+//!   recently (most recent first, from [`AccessLog`]), then lookups and primer pages, then keys never read
+//!   since boot.
+//! - **Cold keys are dropped.** A key nobody read for its primer's `cold_after` is removed instead of
+//!   recomputed; its next fetch is a miss.
+//! - **Bounded concurrency.** `refresh.workers` workers share a pool of `refresh.pool_size` connections;
+//!   a primer's `concurrency` caps how many of them run its queries at once (a worker runs other claimed
+//!   work first rather than wait).
+//! - **Failures.** A failed task is retried with backoff (100 ms doubling to 30 s) and does not hold a
+//!   worker meanwhile, so a primer whose query keeps failing does not block the others; its failures and
+//!   last error are kept per primer ([`Refresher::primer_stats`]) and logged.
+//! - **Batching.** Key tasks of a primer with a `batch` query that are claimed together are computed in
+//!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use postgres_types::{Format, IsNull, ToSql, Type};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_postgres::NoTls;
 
 use crate::freshness::Hub;
@@ -31,6 +48,7 @@ use crate::ops::Telemetry;
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
 use crate::replication::{ReplicationState, Source};
+use crate::schedule::AccessLog;
 use crate::store::{Claim, Entry, Store, StoreError, Stored, Task};
 use crate::visibility::{Snapshot, VisibilityClock};
 
@@ -58,6 +76,20 @@ pub enum RefreshError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error(
+        "the batch query of primer '{primer}' failed: {}",
+        crate::replication::pg_error_text(source)
+    )]
+    Batch {
+        primer: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "the batch query of primer '{primer}' returned a row whose first column is not '{key_column}': \
+         make batch.key_column the query's first column"
+    )]
+    BatchShape { primer: String, key_column: String },
     #[error("could not read a snapshot: {0}")]
     Snapshot(String),
     #[error("could not mark a position in the WAL for a cache miss: {0}")]
@@ -227,11 +259,62 @@ impl RefreshHealth {
     }
 }
 
+/// What the refresh workers did for one primer, since the process started (for tests and status; failures
+/// and last errors are also in [`Refresher::health`], which `/status` shows).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrimerStats {
+    pub primer: String,
+    /// Keys recomputed and stored by the workers (misses computed by fetches not included).
+    pub refreshes: u64,
+    /// Misses computed for fetches (and warming).
+    pub primes: u64,
+    /// Batch queries run (each refreshing several keys).
+    pub batch_queries: u64,
+    /// Keys dropped rather than recomputed because nobody read them for `cold_after`.
+    pub dropped_cold: u64,
+    /// Failed queries of this primer (each is retried with backoff).
+    pub failures: u64,
+    /// Failures since the last success: above 0, the primer is failing now.
+    pub consecutive_failures: u64,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    pub last_refresh_at_ms: Option<i64>,
+}
+
+/// How many recently refreshed keys [`Refresher::recent_refreshes`] remembers.
+const RECENT: usize = 1024;
+
+/// A claim with its rank (class, then most recently read first), key and primer.
+type Ranked = (
+    u8,
+    std::cmp::Reverse<Option<Instant>>,
+    Claim,
+    Option<Key>,
+    Option<usize>,
+);
+
+/// One unit of work of a worker: a claim, or key claims of one primer computed with its batch query.
+enum Unit {
+    One(Claim, Option<usize>),
+    Batch(usize, Vec<(Claim, Key, String)>),
+}
+
+impl Unit {
+    fn primer(&self) -> Option<usize> {
+        match self {
+            Unit::One(_, primer) => *primer,
+            Unit::Batch(primer, _) => Some(*primer),
+        }
+    }
+}
+
 /// Runs primer queries. See the module docs.
 pub struct Refresher {
     pub catalog: Arc<Catalog>,
     pub store: Arc<dyn Store>,
     pub clock: Arc<VisibilityClock>,
+    /// When each key was last fetched (hot keys first, cold keys dropped).
+    pub access: AccessLog,
     /// Told about every entry this refresher writes and every task it finishes (freshness waits).
     pub hub: Arc<Hub>,
     pool: Pool,
@@ -239,7 +322,13 @@ pub struct Refresher {
     priming: Mutex<HashMap<String, PrimeCell>>,
     /// The state of this process's own replication stream, if it has the role.
     local_stream: Option<watch::Receiver<ReplicationState>>,
-    /// Per-primer successes and failures.
+    paused: watch::Sender<bool>,
+    claim_batch: usize,
+    /// Per primer: its `concurrency` limit.
+    limits: Vec<Option<Arc<Semaphore>>>,
+    stats: Vec<Mutex<PrimerStats>>,
+    recent: Mutex<VecDeque<String>>,
+    /// Per-primer successes and failures, for `/status`.
     pub health: RefreshHealth,
     telemetry: Arc<Telemetry>,
 }
@@ -265,15 +354,36 @@ impl Refresher {
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| RefreshError::Pool(e.to_string()))?;
+        let limits = catalog
+            .primers
+            .iter()
+            .map(|p| p.policy.concurrency.map(|n| Arc::new(Semaphore::new(n))))
+            .collect();
+        let stats = catalog
+            .primers
+            .iter()
+            .map(|p| {
+                Mutex::new(PrimerStats {
+                    primer: p.name.clone(),
+                    ..PrimerStats::default()
+                })
+            })
+            .collect();
         Ok(Refresher {
             catalog,
             store,
             clock,
+            access: AccessLog::new(ACCESS_LOG_CAPACITY),
             hub: Arc::new(Hub::default()),
             pool,
             visibility_timeout,
             priming: Mutex::new(HashMap::new()),
             local_stream: None,
+            paused: watch::Sender::new(false),
+            claim_batch: crate::config::DEFAULT_CLAIM_BATCH,
+            limits,
+            stats,
+            recent: Mutex::new(VecDeque::new()),
             health: RefreshHealth::default(),
             telemetry,
         })
@@ -353,6 +463,123 @@ impl Refresher {
         }
     }
 
+    /// How many tasks a worker claims at once (`refresh.claim_batch`).
+    pub fn with_claim_batch(mut self, n: usize) -> Refresher {
+        self.claim_batch = n.max(1);
+        self
+    }
+
+    /// Stop the workers from claiming tasks (those running finish). Changes keep being queued, and
+    /// coalesce. For tests and maintenance.
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Record a fetch of `key` (canonical text).
+    pub fn touch(&self, key: &str) {
+        self.access.touch(key);
+    }
+
+    /// Per primer, what the workers did (in the config's primer order).
+    pub fn primer_stats(&self) -> Vec<PrimerStats> {
+        self.stats
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    /// The keys the workers stored most recently, oldest first (at most 1,024).
+    pub fn recent_refreshes(&self) -> Vec<String> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn stat(&self, primer: usize, f: impl FnOnce(&mut PrimerStats)) {
+        if let Some(s) = self.stats.get(primer) {
+            f(&mut s.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
+    fn refreshed(&self, primer: usize, key: &str) {
+        self.stat(primer, |s| {
+            s.refreshes += 1;
+            s.consecutive_failures = 0;
+            s.last_refresh_at_ms = Some(now_ms());
+        });
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(key.to_owned());
+    }
+
+    fn failed(&self, primer: usize, error: &RefreshError) {
+        let mut consecutive = 0;
+        self.stat(primer, |s| {
+            s.failures += 1;
+            s.consecutive_failures += 1;
+            consecutive = s.consecutive_failures;
+            s.last_error = Some(error.to_string());
+            s.last_error_at_ms = Some(now_ms());
+        });
+        // Say it loudly when a primer keeps failing: at 5 failures in a row, then at every power of ten.
+        if consecutive == 5 || (consecutive >= 10 && consecutive.is_power_of_two()) {
+            tracing::error!(
+                primer = %self.catalog.primers[primer].name,
+                consecutive_failures = consecutive,
+                %error,
+                "A primer keeps failing; its keys keep their last value and are retried with backoff \
+                 (other primers are not held up). Fix the primer's query or the database."
+            );
+        }
+    }
+
+    /// The primer a task is about, if any.
+    fn primer_of(&self, id: &str) -> Option<usize> {
+        match TaskKind::parse(id).ok()? {
+            TaskKind::Key(text) => self.catalog.parse_key(&text).ok().map(|k| k.primer),
+            TaskKind::Lookup { primer, .. } | TaskKind::Primer { primer, .. } => {
+                self.catalog.primer(&primer).map(|(i, _)| i)
+            }
+        }
+    }
+
+    /// Remove a key (entry and index): its next fetch is a miss.
+    pub async fn drop_key(&self, primer: &str, key: &str) -> Result<(), StoreError> {
+        self.store.remove_key(primer, key).await
+    }
+
+    /// Recompute `key` in the background (single flight with fetch misses), for a stale entry served
+    /// meanwhile.
+    pub fn revalidate(self: &Arc<Self>, key: Key, text: String) {
+        if self
+            .priming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&text)
+        {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = this.prime(&key, &text).await {
+                tracing::warn!(key = %text, %error, "Cannot revalidate a stale entry; the next fetch tries again.");
+            }
+        });
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, RefreshError> {
         self.pool
             .get()
@@ -391,6 +618,14 @@ impl Refresher {
         }
     }
 
+    /// The expiry of an entry of `primer` computed now (its `ttl`).
+    fn expiry(&self, primer: usize) -> Option<i64> {
+        self.catalog.primers[primer]
+            .policy
+            .ttl
+            .map(|ttl| now_ms().saturating_add(ttl.as_millis() as i64))
+    }
+
     /// Compute `key` now, seeing at least every change up to `needed`.
     pub async fn compute(&self, key: &Key, needed: Lsn) -> Result<Entry, RefreshError> {
         let label = self.ensure_visible(needed).await?;
@@ -417,8 +652,87 @@ impl Refresher {
             value: Bytes::from(json.unwrap_or_else(|| "null".to_string())),
             lsn: label,
             computed_at_ms: now_ms(),
-            expires_at_ms: None,
+            expires_at_ms: self.expiry(key.primer),
         })
+    }
+
+    /// Compute many keys of primer `index` with its batch query, seeing every change up to `needed`.
+    /// Returns an entry per key, in the order given.
+    pub async fn compute_batch(
+        &self,
+        index: usize,
+        keys: &[&Key],
+        needed: Lsn,
+    ) -> Result<Vec<Entry>, RefreshError> {
+        let primer = &self.catalog.primers[index];
+        let Some(batch) = &primer.policy.batch else {
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                out.push(self.compute(key, needed).await?);
+            }
+            return Ok(out);
+        };
+        let label = self.ensure_visible(needed).await?;
+        let values: Vec<String> = keys
+            .iter()
+            .map(|k| k.params.first().map(param_text).unwrap_or_default())
+            .collect();
+        let array = pg_text_array(&values);
+        let param = TextParam(Some(&array));
+        let batch_error = |source| RefreshError::Batch {
+            primer: primer.name.clone(),
+            source,
+        };
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT row_to_json(q)::text FROM ({}\n) q",
+                batch.query
+            ))
+            .await
+            .map_err(batch_error)?;
+        let rows = client
+            .query(&statement, &[&param as &(dyn ToSql + Sync)])
+            .await
+            .map_err(batch_error)?;
+        drop(client);
+        // Rows per key parameter value, in the query's order.
+        let mut by_value: HashMap<String, Vec<String>> = HashMap::new();
+        for row in rows {
+            let text: Option<String> = row.get(0);
+            let Some(text) = text else { continue };
+            let Some((value, rest)) = split_first_field(&text, &batch.key_column) else {
+                return Err(RefreshError::BatchShape {
+                    primer: primer.name.clone(),
+                    key_column: batch.key_column.clone(),
+                });
+            };
+            by_value.entry(value).or_default().push(rest);
+        }
+        let computed_at_ms = now_ms();
+        let expires_at_ms = self.expiry(index);
+        Ok(values
+            .iter()
+            .map(|value| {
+                let rows = by_value.get(value).map(Vec::as_slice).unwrap_or_default();
+                let json = match primer.shape {
+                    crate::primer::Shape::Rows => format!("[{}]", rows.join(",")),
+                    crate::primer::Shape::Row => {
+                        rows.first().cloned().unwrap_or_else(|| "null".into())
+                    }
+                    crate::primer::Shape::Value => rows
+                        .first()
+                        .and_then(|r| first_field_value(r))
+                        .unwrap_or_else(|| "null".into()),
+                };
+                Entry {
+                    value: Bytes::from(json),
+                    lsn: label,
+                    computed_at_ms,
+                    expires_at_ms,
+                }
+            })
+            .collect())
     }
 
     /// Compute, store and return a key that a fetch missed. Concurrent calls for one key share one query.
@@ -436,6 +750,7 @@ impl Refresher {
                 self.store.register_key(primer, text).await?;
                 let needed = self.miss_position().await?;
                 let entry = self.compute(key, needed).await?;
+                self.stat(key.primer, |s| s.primes += 1);
                 match self.store.store_result(primer, text, entry.clone()).await? {
                     Stored::Written => {
                         self.hub.written(text);
@@ -483,9 +798,18 @@ impl Refresher {
                 if !self.store.is_registered(&text).await? {
                     return Ok(Outcome::Done(None, Vec::new()));
                 }
+                let primer = &self.catalog.primers[key.primer];
+                if self.access.is_cold(&text, primer.policy.cold_after) {
+                    self.drop_key(&primer.name, &text).await?;
+                    self.stat(key.primer, |s| s.dropped_cold += 1);
+                    tracing::debug!(key = %text, "Dropped a cold key instead of recomputing it.");
+                    return Ok(Outcome::Done(None, Vec::new()));
+                }
                 let entry = self.compute(&key, claim.lsn).await?;
-                let primer = self.catalog.primers[key.primer].name.clone();
-                Ok(Outcome::Done(Some((primer, text, entry)), Vec::new()))
+                Ok(Outcome::Done(
+                    Some((primer.name.clone(), text, entry)),
+                    Vec::new(),
+                ))
             }
             TaskKind::Lookup {
                 primer,
@@ -533,24 +857,47 @@ impl Refresher {
             return Ok(Vec::new());
         };
         self.ensure_visible(needed).await?;
+        let keys = self
+            .list_keys(index, query, args)
+            .await
+            .map_err(|e| match e {
+                RefreshError::Query { primer, source } => RefreshError::Lookup {
+                    primer,
+                    dependency,
+                    source,
+                },
+                other => other,
+            })?;
+        Ok(keys
+            .into_iter()
+            .map(|(_, text)| TaskKind::Key(text).task(needed))
+            .collect())
+    }
+
+    /// Run `query` (a lookup or warm query: its columns are named like the key parameters of primer
+    /// `index`) with `args` bound as `$1..$n` in text form, and return the keys its rows name. Rows that
+    /// do not make a valid key are skipped.
+    pub async fn list_keys(
+        &self,
+        index: usize,
+        query: &str,
+        args: &[Option<String>],
+    ) -> Result<Vec<(Key, String)>, RefreshError> {
+        let primer = &self.catalog.primers[index];
         let params: Vec<TextParam<'_>> = args.iter().map(|a| TextParam(a.as_deref())).collect();
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-        let lookup_error = |source| RefreshError::Lookup {
-            primer: primer_name.to_string(),
-            dependency,
+        let query_error = |source| RefreshError::Query {
+            primer: primer.name.clone(),
             source,
         };
         let client = self.client().await?;
         let statement = client
             .prepare_cached(&wrapped_lookup(query))
             .await
-            .map_err(lookup_error)?;
-        let rows = client
-            .query(&statement, &refs)
-            .await
-            .map_err(lookup_error)?;
-        let mut tasks = Vec::new();
+            .map_err(query_error)?;
+        let rows = client.query(&statement, &refs).await.map_err(query_error)?;
+        let mut keys = Vec::new();
         for row in rows {
             let json: Option<String> = row.get(0);
             let Some(Ok(serde_json::Value::Object(object))) =
@@ -571,23 +918,32 @@ impl Refresher {
                 .collect();
             let values: Vec<Option<&str>> = texts.iter().map(|t| t.as_deref()).collect();
             if let Some(key) = self.catalog.key_from_text(index, &values) {
-                tasks.push(TaskKind::Key(self.catalog.render(&key)).task(needed));
+                let text = self.catalog.render(&key);
+                keys.push((key, text));
             }
         }
-        Ok(tasks)
+        Ok(keys)
     }
 
-    /// Claim and run tasks until `shutdown`.
+    /// Claim and run tasks until `shutdown`. See the module docs for the order.
     pub async fn work(self: Arc<Self>, worker: usize, mut shutdown: watch::Receiver<bool>) {
         const LEASE: Duration = Duration::from_secs(60);
+        let mut paused = self.paused.subscribe();
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let claims = match self.store.claim(1, LEASE).await {
+            if *paused.borrow_and_update() {
+                tokio::select! {
+                    _ = paused.wait_for(|p| !*p) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            let claims = match self.store.claim(self.claim_batch, LEASE).await {
                 Ok(claims) => claims,
                 Err(error) => {
-                    tracing::error!(worker, %error, "Cannot claim refresh tasks; retrying in 1 s.");
+                    tracing::error!(worker, %error, "Cannot claim refresh tasks; retrying in 1 s. Check the store.");
                     sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await;
                     continue;
                 }
@@ -596,25 +952,116 @@ impl Refresher {
                 tokio::select! {
                     _ = self.store.wait_for_tasks(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => {}
+                    _ = paused.changed() => {}
                 }
                 continue;
             }
-            for claim in claims {
-                self.settle(&claim).await;
+            let mut units: VecDeque<Unit> = self.plan(claims).into();
+            while let Some(unit) = units.pop_front() {
+                let limit = unit.primer().and_then(|p| self.limits[p].clone());
+                let _permit = match limit {
+                    None => None,
+                    Some(limit) => match limit.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            // The primer is at its concurrency: run other claimed work first.
+                            let other_ready = units.iter().any(|u| {
+                                u.primer()
+                                    .and_then(|p| self.limits[p].as_ref())
+                                    .is_none_or(|l| l.available_permits() > 0)
+                            });
+                            if other_ready {
+                                units.push_back(unit);
+                                continue;
+                            }
+                            limit.acquire_owned().await.ok()
+                        }
+                    },
+                };
+                match unit {
+                    Unit::One(claim, primer) => self.settle(&claim, primer).await,
+                    Unit::Batch(primer, claims) => self.settle_batch(primer, claims).await,
+                }
             }
         }
     }
 
-    async fn settle(&self, claim: &Claim) {
+    /// Order claimed tasks (hot keys, then lookups and primer pages, then keys never read) and group key
+    /// tasks of primers with a batch query.
+    fn plan(&self, claims: Vec<Claim>) -> Vec<Unit> {
+        let mut ranked: Vec<Ranked> = claims
+            .into_iter()
+            .map(|claim| match TaskKind::parse(&claim.id) {
+                Ok(TaskKind::Key(text)) => {
+                    let key = self.catalog.parse_key(&text).ok();
+                    let primer = key.as_ref().map(|k| k.primer);
+                    match self.access.was_read(&text) {
+                        Some(at) => (0, std::cmp::Reverse(Some(at)), claim, key, primer),
+                        None => (2, std::cmp::Reverse(None), claim, key, primer),
+                    }
+                }
+                _ => {
+                    let primer = self.primer_of(&claim.id);
+                    (1, std::cmp::Reverse(None), claim, None, primer)
+                }
+            })
+            .collect();
+        // Stable: equal ranks keep the queue's order (oldest first).
+        ranked.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let mut units: Vec<Unit> = Vec::with_capacity(ranked.len());
+        let mut batch_at: HashMap<usize, usize> = HashMap::new();
+        for (_, _, claim, key, primer) in ranked {
+            if let (Some(key), Some(p)) = (key, primer)
+                && self.catalog.primers[p].policy.batch.is_some()
+            {
+                let text = match TaskKind::parse(&claim.id) {
+                    Ok(TaskKind::Key(text)) => text,
+                    _ => continue,
+                };
+                match batch_at.get(&p) {
+                    Some(&at) => {
+                        if let Unit::Batch(_, items) = &mut units[at] {
+                            items.push((claim, key, text));
+                        }
+                    }
+                    None => {
+                        batch_at.insert(p, units.len());
+                        units.push(Unit::Batch(p, vec![(claim, key, text)]));
+                    }
+                }
+                continue;
+            }
+            units.push(Unit::One(claim, primer));
+        }
+        // A batch of one is an ordinary refresh.
+        units
+            .into_iter()
+            .map(|u| match u {
+                Unit::Batch(p, mut items) if items.len() == 1 => match items.pop() {
+                    Some((claim, _, _)) => Unit::One(claim, Some(p)),
+                    None => Unit::Batch(p, items),
+                },
+                other => other,
+            })
+            .collect()
+    }
+
+    async fn settle(&self, claim: &Claim, index: Option<usize>) {
         let started = Instant::now();
         let outcome = self.run(claim).await;
         let elapsed = started.elapsed();
         let kind = TaskKind::parse(&claim.id).ok();
-        let primer = kind
-            .as_ref()
-            .map_or_else(|| "unknown".to_string(), |k| self.task_primer(k));
+        let primer = match index {
+            Some(i) => self.catalog.primers[i].name.clone(),
+            None => kind
+                .as_ref()
+                .map_or_else(|| "unknown".to_string(), |k| self.task_primer(k)),
+        };
         let written = match outcome {
             Ok(Outcome::Done(result, follow_up)) => {
+                if let (Some(p), Some((_, key, _))) = (index, &result) {
+                    self.refreshed(p, key);
+                }
                 let computed = result.is_some();
                 let written = result
                     .as_ref()
@@ -651,6 +1098,11 @@ impl Refresher {
                     _ => {
                         self.telemetry.metrics.refresh(&primer, "failed", None);
                         self.record_failure(&primer, &error);
+                        if let (Some(p), RefreshError::Query { .. } | RefreshError::Lookup { .. }) =
+                            (index, &error)
+                        {
+                            self.failed(p, &error);
+                        }
                         tracing::warn!(
                             task = %claim.id,
                             %primer,
@@ -668,11 +1120,159 @@ impl Refresher {
             tracing::error!(task = %claim.id, %error, "Cannot record a refresh; it will run again.");
         }
     }
+
+    /// Refresh key tasks of one primer with its batch query; on failure, each key on its own (with its
+    /// own retries).
+    async fn settle_batch(&self, index: usize, items: Vec<(Claim, Key, String)>) {
+        let started = Instant::now();
+        match self.run_batch(index, &items).await {
+            Ok(results) => {
+                // Each key's share of the batch query's time.
+                let each = started.elapsed() / items.len().max(1) as u32;
+                self.stat(index, |s| s.batch_queries += 1);
+                let primer = self.catalog.primers[index].name.as_str();
+                for ((claim, _, text), entry) in items.iter().zip(results) {
+                    let computed = entry.is_some();
+                    let result = entry.map(|e| (primer, text.as_str(), e));
+                    match self.store.finish(claim, result, Vec::new()).await {
+                        Ok(stored) => {
+                            if computed {
+                                self.refreshed(index, text);
+                                let label = match stored {
+                                    Some(Stored::KeptNewer(_)) => "kept_newer",
+                                    _ => "ok",
+                                };
+                                self.telemetry.metrics.refresh(primer, label, Some(each));
+                                self.record_success(primer, Some(each));
+                            } else {
+                                self.telemetry.metrics.refresh(primer, "not_cached", None);
+                            }
+                        }
+                        Err(error) => tracing::error!(task = %claim.id, %error,
+                            "Cannot record a refresh; it will run again."),
+                    }
+                }
+            }
+            Err(error) => {
+                if matches!(
+                    error,
+                    RefreshError::Batch { .. } | RefreshError::BatchShape { .. }
+                ) {
+                    self.failed(index, &error);
+                    self.record_failure(&self.catalog.primers[index].name, &error);
+                }
+                tracing::warn!(primer = %self.catalog.primers[index].name, %error,
+                    "Batch refresh failed; refreshing the keys one by one.");
+                for (claim, _, _) in &items {
+                    self.settle(claim, Some(index)).await;
+                }
+            }
+        }
+    }
+
+    /// The entries to store for a batch (`None`: the key is not cached, or was cold and is dropped).
+    async fn run_batch(
+        &self,
+        index: usize,
+        items: &[(Claim, Key, String)],
+    ) -> Result<Vec<Option<Entry>>, RefreshError> {
+        let needed = items.iter().map(|i| i.0.lsn).max().unwrap_or_default();
+        self.ensure_visible(needed).await?;
+        let primer = &self.catalog.primers[index];
+        let mut wanted = Vec::with_capacity(items.len());
+        for (_, key, text) in items {
+            if !self.store.is_registered(text).await? {
+                wanted.push(None);
+            } else if self.access.is_cold(text, primer.policy.cold_after) {
+                self.drop_key(&primer.name, text).await?;
+                self.stat(index, |s| s.dropped_cold += 1);
+                wanted.push(None);
+            } else {
+                wanted.push(Some(key));
+            }
+        }
+        let keys: Vec<&Key> = wanted.iter().flatten().copied().collect();
+        let mut entries = if keys.is_empty() {
+            Vec::new()
+        } else {
+            self.compute_batch(index, &keys, needed).await?
+        }
+        .into_iter();
+        Ok(wanted
+            .iter()
+            .map(|w| w.and_then(|_| entries.next()))
+            .collect())
+    }
 }
 
 enum Outcome {
     /// Store this result (primer, key, entry) and queue these tasks.
     Done(Option<(String, String, Entry)>, Vec<Task>),
+}
+
+/// How many keys' last fetch the access log remembers (about 100 bytes each).
+pub const ACCESS_LOG_CAPACITY: usize = 1_000_000;
+
+/// A Postgres array literal of text elements (`{"1","a\"b"}`), parsed by Postgres with the parameter's
+/// own array type.
+fn pg_text_array(values: &[String]) -> String {
+    let mut out = String::from("{");
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in v.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+/// One JSON value at the start of `text`: the value and the rest of `text` after it.
+fn leading_json(text: &str) -> Option<(serde_json::Value, &str)> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    let value = values.next()?.ok()?;
+    let end = values.byte_offset();
+    Some((value, &text[end..]))
+}
+
+/// Split a `row_to_json` object whose first field is `column` into that field's value (as key parameter
+/// text) and the object without it.
+fn split_first_field(row: &str, column: &str) -> Option<(String, String)> {
+    let rest = row.strip_prefix('{')?;
+    let (name, rest) = leading_json(rest)?;
+    if name.as_str()? != column {
+        return None;
+    }
+    let rest = rest.strip_prefix(':')?;
+    let (value, rest) = leading_json(rest)?;
+    let value = match value {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        serde_json::Value::Bool(b) => b.to_string(),
+        _ => return None,
+    };
+    let object = match rest.strip_prefix(',') {
+        Some(fields) => format!("{{{fields}"),
+        None if rest == "}" => "{}".to_owned(),
+        None => return None,
+    };
+    Some((value, object))
+}
+
+/// The text of the first field's value of a `row_to_json` object, as Postgres wrote it.
+fn first_field_value(row: &str) -> Option<String> {
+    let rest = row.strip_prefix('{')?;
+    let (_, rest) = leading_json(rest)?;
+    let rest = rest.strip_prefix(':')?;
+    let (_, after) = leading_json(rest)?;
+    Some(rest[..rest.len() - after.len()].to_owned())
 }
 
 /// 100 ms, doubling per attempt, at most 30 s.
@@ -741,6 +1341,35 @@ pub async fn prove_visibility(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_rows_are_split_by_their_first_column() {
+        assert_eq!(
+            split_first_field(r#"{"kck_key":42,"id":1,"t":"a,b"}"#, "kck_key"),
+            Some(("42".into(), r#"{"id":1,"t":"a,b"}"#.into()))
+        );
+        assert_eq!(
+            split_first_field(r#"{"kck_key":"x\"y","n":null}"#, "kck_key"),
+            Some(("x\"y".into(), r#"{"n":null}"#.into()))
+        );
+        assert_eq!(
+            split_first_field(r#"{"kck_key":7}"#, "kck_key"),
+            Some(("7".into(), "{}".into()))
+        );
+        assert_eq!(
+            split_first_field(r#"{"id":1,"kck_key":7}"#, "kck_key"),
+            None
+        );
+        assert_eq!(
+            first_field_value(r#"{"n":12.50,"m":1}"#).as_deref(),
+            Some("12.50")
+        );
+        assert_eq!(first_field_value("{}"), None);
+        assert_eq!(
+            pg_text_array(&["1".into(), "a\"b\\".into()]),
+            r#"{"1","a\"b\\"}"#
+        );
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -48,6 +48,9 @@ pub fn routes() -> Routes<Arc<Ops>> {
         .get("/readyz", readyz)
         .get("/cache/keys/{primer}", keys)
         .get("/cache/entry/{*key}", entry)
+        .delete("/cache/{*key}", crate::invalidate::delete_key)
+        .post("/invalidate", crate::invalidate::invalidate_handler)
+        .post("/refresh", crate::invalidate::refresh_handler)
 }
 
 /// [`routes`] with their state.
@@ -84,6 +87,11 @@ async fn measure(
             (200..=299, Some("hit")) | (304, _) => {
                 counts.hits.fetch_add(1, Ordering::Relaxed);
                 "hit"
+            }
+            // Served from the cache (marked stale) while it is recomputed: a hit for the ratio.
+            (200..=299, Some("stale")) => {
+                counts.hits.fetch_add(1, Ordering::Relaxed);
+                "stale"
             }
             (200..=299, _) => {
                 counts.misses.fetch_add(1, Ordering::Relaxed);

@@ -62,6 +62,18 @@ pub const FETCH_DURATION_SECONDS: &str = "kck_fetch_duration_seconds";
 pub const HTTP_RESPONSES: &str = "kck_http_responses_total";
 /// Cached keys per `primer` (counted at most every few seconds).
 pub const PRIMER_KEYS: &str = "kck_primer_keys";
+/// Runs of a job by this process, by job and outcome (`ok`, `failed`).
+pub const JOB_RUNS: &str = "kck_job_runs_total";
+/// When a job last started in this process (Unix seconds).
+pub const JOB_LAST_RUN_TIMESTAMP_SECONDS: &str = "kck_job_last_run_timestamp_seconds";
+/// How long a job's last run in this process took.
+pub const JOB_LAST_DURATION_SECONDS: &str = "kck_job_last_duration_seconds";
+/// 1 when a job's last run in this process failed.
+pub const JOB_LAST_FAILED: &str = "kck_job_last_failed";
+/// 1 while the replication reader waits because the queue is at `refresh.max_queue`.
+pub const QUEUE_BACKPRESSURE: &str = "kck_queue_backpressure";
+/// Times the replication reader waited for the queue to shrink.
+pub const QUEUE_BACKPRESSURE_WAITS: &str = "kck_queue_backpressure_waits_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "kck_build_info";
 
@@ -156,6 +168,30 @@ impl Metrics {
         });
     }
 
+    /// A job's state, from [`crate::jobs::Jobs::status`].
+    pub fn job(&self, job: &crate::jobs::JobStatus) {
+        let name = job.name.clone();
+        self.with(|| {
+            let ok = job.runs.saturating_sub(job.failures);
+            metrics::counter!(JOB_RUNS, "job" => name.clone(), "outcome" => "ok").absolute(ok);
+            metrics::counter!(JOB_RUNS, "job" => name.clone(), "outcome" => "failed")
+                .absolute(job.failures);
+            if let Some(at) = job.last_started_ms {
+                metrics::gauge!(JOB_LAST_RUN_TIMESTAMP_SECONDS, "job" => name.clone())
+                    .set(at as f64 / 1000.0);
+            }
+            if let Some(ms) = job.last_duration_ms {
+                metrics::gauge!(JOB_LAST_DURATION_SECONDS, "job" => name.clone())
+                    .set(ms as f64 / 1000.0);
+            }
+            metrics::gauge!(JOB_LAST_FAILED, "job" => name).set(if job.last_error.is_some() {
+                1.0
+            } else {
+                0.0
+            });
+        });
+    }
+
     pub fn primer_keys(&self, primer: &str, keys: u64) {
         let primer = primer.to_string();
         self.with(|| metrics::gauge!(PRIMER_KEYS, "primer" => primer).set(keys as f64));
@@ -195,6 +231,29 @@ impl Metrics {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(JOB_RUNS, "Runs of a job by this process, by outcome.");
+    describe_gauge!(
+        JOB_LAST_RUN_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When a job last started in this process (Unix time)."
+    );
+    describe_gauge!(
+        JOB_LAST_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long a job's last run in this process took."
+    );
+    describe_gauge!(
+        JOB_LAST_FAILED,
+        "1 when a job's last run in this process failed."
+    );
+    describe_gauge!(
+        QUEUE_BACKPRESSURE,
+        "1 while the replication reader waits because the queue holds refresh.max_queue tasks."
+    );
+    describe_counter!(
+        QUEUE_BACKPRESSURE_WAITS,
+        "Times the replication reader waited for the refresh queue to shrink."
+    );
     describe_gauge!(
         REPLICATION_LAG_BYTES,
         Unit::Bytes,

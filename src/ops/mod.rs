@@ -64,6 +64,8 @@ pub struct Ops {
     pub clock: Arc<VisibilityClock>,
     pub refresher: Arc<Refresher>,
     pub telemetry: Arc<Telemetry>,
+    /// The process worker's jobs.
+    pub jobs: Arc<crate::jobs::Jobs>,
     /// The slot monitor's readings.
     pub watch: monitor::SlotWatch,
     /// When this kck started (ms since the Unix epoch).
@@ -94,6 +96,7 @@ impl Ops {
             clock,
             refresher,
             telemetry,
+            jobs: Arc::default(),
             watch: monitor::SlotWatch::default(),
             started_at_ms: crate::refresh::now_ms(),
             replication: tokio::sync::watch::channel(
@@ -102,6 +105,12 @@ impl Ops {
             .1,
             key_counts: status::KeyCountCache::default(),
         }
+    }
+
+    /// The process worker's jobs to report.
+    pub fn with_jobs(mut self, jobs: Arc<crate::jobs::Jobs>) -> Ops {
+        self.jobs = jobs;
+        self
     }
 
     /// Follow this process's replication role (see [`crate::app::ReplicationState`]).

@@ -306,6 +306,21 @@ pub fn set_gauges(ops: &Ops, reading: Option<&Reading>, queue: Option<&crate::st
         stats.transactions.load(Ordering::Relaxed),
     );
     metrics.counter_total(m::REPLICATION_EVENTS, stats.rows.load(Ordering::Relaxed));
+    metrics.gauge(
+        m::QUEUE_BACKPRESSURE,
+        if stats.throttled.load(Ordering::Relaxed) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    metrics.counter_total(
+        m::QUEUE_BACKPRESSURE_WAITS,
+        stats.backpressure_waits.load(Ordering::Relaxed),
+    );
+    for job in ops.jobs.status() {
+        metrics.job(&job);
+    }
     metrics.counter_total(
         m::REPLICATION_TASKS_QUEUED,
         stats.tasks_queued.load(Ordering::Relaxed),

@@ -43,7 +43,7 @@ pub struct Status {
     pub fetch: Option<FetchStatus>,
     pub refresh: Option<RefreshStatus>,
     pub primers: Vec<PrimerStatus>,
-    /// Background jobs (none exist yet; the field is here so that clients need not change).
+    /// The process worker's jobs, as this process saw them.
     pub jobs: Vec<JobStatus>,
     /// Recent warnings and errors, newest first.
     pub recent_errors: Vec<Event>,
@@ -133,7 +133,52 @@ pub struct PrimerStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     pub name: String,
+    /// `running`, `ok`, `failed` or `not run yet`.
     pub state: String,
+    #[serde(default)]
+    pub schedule: String,
+    /// Runs by this process, and how many failed.
+    #[serde(default)]
+    pub runs: u64,
+    #[serde(default)]
+    pub failures: u64,
+    /// Times it was due but another kck process held its lease.
+    #[serde(default)]
+    pub skipped_leased: u64,
+    #[serde(default)]
+    pub last_started_ms: Option<i64>,
+    #[serde(default)]
+    pub last_duration_ms: Option<u64>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub next_due_ms: Option<i64>,
+}
+
+impl From<crate::jobs::JobStatus> for JobStatus {
+    fn from(j: crate::jobs::JobStatus) -> JobStatus {
+        let state = if j.running {
+            "running"
+        } else if j.last_error.is_some() {
+            "failed"
+        } else if j.runs > 0 {
+            "ok"
+        } else {
+            "not run yet"
+        };
+        JobStatus {
+            name: j.name,
+            state: state.into(),
+            schedule: j.schedule,
+            runs: j.runs,
+            failures: j.failures,
+            skipped_leased: j.skipped_leased,
+            last_started_ms: j.last_started_ms,
+            last_duration_ms: j.last_duration_ms,
+            last_error: j.last_error,
+            next_due_ms: j.next_due_ms,
+        }
+    }
 }
 
 /// Key counts, reused for [`KEY_COUNT_TTL`].
@@ -290,7 +335,7 @@ impl Status {
             fetch: Some(fetch),
             refresh: Some(refresh),
             primers,
-            jobs: Vec::new(),
+            jobs: ops.jobs.status().into_iter().map(JobStatus::from).collect(),
             recent_errors: ops.telemetry.events.recent(20),
             problems: Vec::new(),
             history: if history {
@@ -306,6 +351,26 @@ impl Status {
             ));
         }
         status.problems.extend(problems(&status));
+        for job in &status.jobs {
+            if let Some(error) = &job.last_error {
+                status.problems.push(format!(
+                    "job '{}' failed its last run: {error}. Fix its SQL (jobs[].sql) or the database; it runs \
+                     again at its next time.",
+                    job.name
+                ));
+            }
+        }
+        if ops
+            .stats
+            .throttled
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            status.problems.push(
+                "the refresh queue is at refresh.max_queue: reading changes waits for the workers (the slot \
+                 keeps the WAL). Add refresh.workers, fix failing primers, or raise refresh.max_queue."
+                    .into(),
+            );
+        }
         // What the stream found wrong with the primers' dependencies (a dependency on a dropped column).
         status.problems.extend(ops.stats.problems());
         status

@@ -807,6 +807,10 @@ pub struct StreamStats {
     pub acked: AtomicU64,
     /// The last position received (commit end or keepalive).
     pub received: AtomicU64,
+    /// Times the flusher waited because the queue was over `refresh.max_queue` (backpressure).
+    pub backpressure_waits: AtomicU64,
+    /// Whether the flusher is waiting for the queue to shrink now.
+    pub throttled: std::sync::atomic::AtomicBool,
     /// A session holds the slot and streams (set once START_REPLICATION is accepted, cleared when the
     /// session ends).
     pub streaming: std::sync::atomic::AtomicBool,
@@ -817,12 +821,15 @@ pub struct StreamStats {
 pub struct StreamLimits {
     /// Tasks collected in memory before the loop waits for the store.
     pub batch_tasks: usize,
+    /// The flusher waits while the store's queue holds at least this many tasks (`refresh.max_queue`).
+    pub max_queue: u64,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
         StreamLimits {
             batch_tasks: 10_000,
+            max_queue: u64::MAX,
         }
     }
 }
@@ -854,6 +861,8 @@ impl StreamStats {
 struct OpenTransaction {
     xid: u32,
     final_lsn: Lsn,
+    /// Some of its tasks were handed to the flusher already.
+    flushed: bool,
 }
 
 /// One replication session: reads the slot until `shutdown` or an error.
@@ -900,13 +909,26 @@ impl Stream {
     ) -> Result<(), ReplicationError> {
         tracing::info!(slot = %self.source.config.slot, from = %start, "Streaming changes.");
 
-        let (batch_tx, mut batch_rx) = mpsc::channel::<(Vec<crate::store::Task>, Option<Lsn>)>(1);
+        // (tasks, ack, continues a transaction that has tasks queued already).
+        let (batch_tx, mut batch_rx) =
+            mpsc::channel::<(Vec<crate::store::Task>, Option<Lsn>, bool)>(1);
         let (durable_tx, mut durable_rx) = watch::channel(start);
         let store = self.store.clone();
         let stats = self.stats.clone();
+        let max_queue = self.limits.max_queue;
+        let mut flusher_shutdown = shutdown.clone();
         let flusher = tokio::spawn(async move {
-            while let Some((tasks, ack)) = batch_rx.recv().await {
+            while let Some((tasks, ack, continues)) = batch_rx.recv().await {
                 if !tasks.is_empty() {
+                    // A transaction's tasks can run only once its commit is read: holding back the rest
+                    // of a transaction whose first tasks are queued could wait for ever (they fill the
+                    // queue and wait for the commit). So a transaction waits for room before its first
+                    // tasks are queued, and the rest of it follows: the bound holds between transactions,
+                    // and one transaction larger than it is queued whole.
+                    if !continues {
+                        wait_for_room(store.as_ref(), max_queue, &stats, &mut flusher_shutdown)
+                            .await;
+                    }
                     let n = tasks.len() as u64;
                     store.enqueue(tasks).await?;
                     stats.tasks_queued.fetch_add(n, Ordering::Relaxed);
@@ -947,7 +969,15 @@ impl Stream {
                 }
                 permit = batch_tx.reserve(), if !session.batch.is_empty() => {
                     match permit {
-                        Ok(permit) => permit.send(session.batch.take()),
+                        Ok(permit) => {
+                            let (tasks, ack) = session.batch.take();
+                            // Its transaction has tasks queued already: see the flusher.
+                            let continues = session.open.as_ref().is_some_and(|t| t.flushed);
+                            if let Some(open) = &mut session.open {
+                                open.flushed = true;
+                            }
+                            permit.send((tasks, ack, continues));
+                        }
                         Err(_) => break Err(ReplicationError::Protocol("the queue writer stopped".into())),
                     }
                 }
@@ -968,7 +998,7 @@ impl Stream {
         // Hand over what was read, wait until it is durable, acknowledge it, and close the session.
         let rest = session.batch.take();
         let flushed = if result.is_ok() && (!rest.0.is_empty() || rest.1.is_some()) {
-            batch_tx.send(rest).await.is_ok()
+            batch_tx.send((rest.0, rest.1, false)).await.is_ok()
         } else {
             true
         };
@@ -1001,6 +1031,60 @@ impl Stream {
             ));
         }
         result
+    }
+}
+
+/// Backpressure: wait while the queue holds `max_queue` tasks or more (or until shutdown, when what was read
+/// is written anyway so that it can be acknowledged). Not called for the rest of a transaction whose first
+/// tasks are queued (see the flusher). Meanwhile the stream loop fills its batch and stops
+/// reading, and the slot keeps the WAL.
+async fn wait_for_room(
+    store: &dyn Store,
+    max_queue: u64,
+    stats: &StreamStats,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    if max_queue == u64::MAX {
+        return;
+    }
+    let mut waiting = false;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let depth = match store.queue_stats().await {
+            Ok(s) => s.depth,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot read the queue's size; writing without waiting.");
+                break;
+            }
+        };
+        if depth < max_queue {
+            break;
+        }
+        if !waiting {
+            waiting = true;
+            stats.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+            stats.throttled.store(true, Ordering::Relaxed);
+            tracing::info!(
+                depth,
+                max_queue,
+                "The refresh queue is full: reading changes pauses until the workers catch up (the slot \
+                 keeps the WAL). Add workers, or raise refresh.max_queue if the store has room."
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if waiting {
+        stats.throttled.store(false, Ordering::Relaxed);
+        tracing::debug!("The refresh queue has room again; reading changes.");
     }
 }
 
@@ -1046,6 +1130,7 @@ impl Session<'_> {
                 self.open = Some(OpenTransaction {
                     xid,
                     final_lsn: final_lsn.into(),
+                    flushed: false,
                 });
             }
             ReplicationEvent::Commit { lsn, end_lsn, .. } => {

@@ -66,6 +66,8 @@ where
         wait_for_tasks_wakes_and_times_out,
         concurrent_enqueue_and_finish_lose_nothing,
         concurrent_writes_to_one_key_keep_the_newest,
+        leases_are_exclusive_renewable_and_expire,
+        concurrent_lease_attempts_have_one_winner,
     );
 }
 
@@ -1021,4 +1023,76 @@ async fn concurrent_writes_to_one_key_keep_the_newest<S: Store>(s: S) {
         "concurrent enqueues of one id coalesce"
     );
     assert_eq!(claims[0].lsn, Lsn(max));
+}
+
+async fn leases_are_exclusive_renewable_and_expire<S: Store>(s: S) {
+    let lease = |name: &'static str, holder: &'static str, ttl: Duration| {
+        let s = &s;
+        async move {
+            s.try_lease(name, holder, ttl)
+                .await
+                .expect("try_lease failed")
+        }
+    };
+    assert!(lease("job", "a", LONG).await, "a free lease is granted");
+    assert!(
+        !lease("job", "b", LONG).await,
+        "a held lease is refused to another holder"
+    );
+    assert!(
+        lease("job", "a", LONG).await,
+        "the holder renews its own lease"
+    );
+    assert!(
+        lease("other", "b", LONG).await,
+        "leases are independent by name"
+    );
+    // Releasing someone else's lease does nothing; releasing one's own frees it.
+    s.release_lease("job", "b")
+        .await
+        .expect("release_lease failed");
+    assert!(
+        !lease("job", "b", LONG).await,
+        "a release by a non-holder must not free the lease"
+    );
+    s.release_lease("job", "a")
+        .await
+        .expect("release_lease failed");
+    assert!(lease("job", "b", LONG).await, "a released lease is granted");
+    s.release_lease("never-taken", "x")
+        .await
+        .expect("releasing an unknown lease is not an error");
+    // A lease that runs out may be taken over.
+    assert!(lease("short", "a", Duration::from_millis(1)).await);
+    let deadline = Instant::now() + PATIENCE;
+    while !lease("short", "b", LONG).await {
+        assert!(
+            Instant::now() < deadline,
+            "an expired lease was never granted to another holder"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !lease("short", "a", LONG).await,
+        "the old holder lost the lease it let run out"
+    );
+}
+
+async fn concurrent_lease_attempts_have_one_winner<S: Store>(s: S) {
+    let s = Arc::new(s);
+    for round in 0..20 {
+        let name = format!("race-{round}");
+        let attempts = (0..8).map(|h| {
+            let s = s.clone();
+            let name = name.clone();
+            tokio::spawn(async move { s.try_lease(&name, &format!("h{h}"), LONG).await })
+        });
+        let mut winners = 0;
+        for attempt in attempts {
+            if attempt.await.expect("task").expect("try_lease failed") {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1, "round {round}: {winners} holders got one lease");
+    }
 }

@@ -215,6 +215,11 @@ pub struct Statements {
     pub lease_delete: String,
     pub get_meta: String,
     pub put_meta: String,
+    /// Named leases ([`crate::store::Store::try_lease`]) are `meta` rows named `lease:NAME` holding the
+    /// holder, written only by lightweight transactions and expiring by TTL.
+    pub named_lease_insert: String,
+    pub named_lease_renew: String,
+    pub named_lease_release: String,
     pub list_tables: String,
 }
 
@@ -286,6 +291,13 @@ impl Statements {
             ),
             get_meta: format!("SELECT value FROM {ks}.meta WHERE name = ?"),
             put_meta: format!("INSERT INTO {ks}.meta (name, value) VALUES (?, ?)"),
+            named_lease_insert: format!(
+                "INSERT INTO {ks}.meta (name, value) VALUES (?, ?) IF NOT EXISTS USING TTL ?"
+            ),
+            named_lease_renew: format!(
+                "UPDATE {ks}.meta USING TTL ? SET value = ? WHERE name = ? IF value = ?"
+            ),
+            named_lease_release: format!("DELETE FROM {ks}.meta WHERE name = ? IF value = ?"),
             list_tables: "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?"
                 .to_owned(),
         }

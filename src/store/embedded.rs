@@ -17,6 +17,7 @@
 //! | `queue_task_floor`     | task id               | the task's floor (see [`Store::pending_floor`]) |
 //! | `queue_floor`          | (floor, task id)      | `()`: the floors in order, for `pending_floor`  |
 //! | `meta`                 | name                  | bytes                                          |
+//! | `leases`               | name                  | (holder, expires_at_ms)                        |
 //!
 //! An encoded entry is a 26-byte header followed by the value: format byte (1), LSN (u64 LE),
 //! `computed_at_ms` (i64 LE), expiry flag (0 or 1), `expires_at_ms` (i64 LE, 0 without expiry).
@@ -85,6 +86,7 @@ const READY: TableDefinition<u64, &str> = TableDefinition::new("queue_ready");
 const DELAYED: TableDefinition<(i64, u64), &str> = TableDefinition::new("queue_delayed");
 const DELAYED_BY_SEQ: TableDefinition<u64, &str> = TableDefinition::new("queue_delayed_by_seq");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const LEASES: TableDefinition<&str, (&str, i64)> = TableDefinition::new("leases");
 const TASK_FLOOR: TableDefinition<&str, u64> = TableDefinition::new("queue_task_floor");
 const FLOORS: TableDefinition<(u64, &str), ()> = TableDefinition::new("queue_floor");
 
@@ -248,6 +250,15 @@ enum Op {
         name: String,
         value: Bytes,
     },
+    TryLease {
+        name: String,
+        holder: String,
+        ttl_ms: i64,
+    },
+    ReleaseLease {
+        name: String,
+        holder: String,
+    },
 }
 
 impl Op {
@@ -260,6 +271,8 @@ impl Op {
             Op::Finish { .. } => "finish",
             Op::Retry { .. } => "retry",
             Op::PutMeta { .. } => "put_meta",
+            Op::TryLease { .. } => "try_lease",
+            Op::ReleaseLease { .. } => "release_lease",
         }
     }
 
@@ -267,7 +280,8 @@ impl Op {
     /// an fsync (redb makes them durable with the next durable commit, at most a second later): a crash
     /// may lose a recent `finish` (its task stays queued and the refresh runs again), a result or a
     /// registration (computed again on the next miss). That is the contract's at-least-once, and it takes
-    /// an fsync off every refresh.
+    /// an fsync off every refresh. Leases need no fsync either: only one process opens an embedded store,
+    /// and a crash that loses a lease also ended its holder.
     fn must_be_durable(&self) -> bool {
         matches!(
             self,
@@ -290,6 +304,7 @@ enum Reply {
     Unit,
     Stored(Stored),
     Finished(Option<Stored>),
+    Leased(bool),
 }
 
 /// What to do once the transaction that applied a request has committed.
@@ -323,6 +338,7 @@ struct Tables<'t> {
     delayed: Table<'t, (i64, u64), &'static str>,
     delayed_by_seq: Table<'t, u64, &'static str>,
     meta: Table<'t, &'static str, &'static [u8]>,
+    leases: Table<'t, &'static str, (&'static str, i64)>,
     task_floor: Table<'t, &'static str, u64>,
     floors: Table<'t, (u64, &'static str), ()>,
 }
@@ -339,6 +355,7 @@ impl<'t> Tables<'t> {
             delayed: txn.open_table(DELAYED).ctx(op)?,
             delayed_by_seq: txn.open_table(DELAYED_BY_SEQ).ctx(op)?,
             meta: txn.open_table(META).ctx(op)?,
+            leases: txn.open_table(LEASES).ctx(op)?,
             task_floor: txn.open_table(TASK_FLOOR).ctx(op)?,
             floors: txn.open_table(FLOORS).ctx(op)?,
         })
@@ -564,6 +581,40 @@ impl<'t> Tables<'t> {
                 self.meta
                     .insert(name.as_str(), &value[..])
                     .ctx("put_meta")?;
+                (Reply::Unit, Effect::None)
+            }
+            Op::TryLease {
+                name,
+                holder,
+                ttl_ms,
+            } => {
+                let op = "try_lease";
+                let current = self.leases.get(name.as_str()).ctx(op)?.map(|g| {
+                    let (h, until) = g.value();
+                    (h.to_owned(), until)
+                });
+                let free = match &current {
+                    None => true,
+                    Some((h, until)) => h == holder || *until <= now,
+                };
+                if free {
+                    let until = now.saturating_add(*ttl_ms);
+                    self.leases
+                        .insert(name.as_str(), (holder.as_str(), until))
+                        .ctx(op)?;
+                }
+                (Reply::Leased(free), Effect::None)
+            }
+            Op::ReleaseLease { name, holder } => {
+                let op = "release_lease";
+                let mine = self
+                    .leases
+                    .get(name.as_str())
+                    .ctx(op)?
+                    .is_some_and(|g| g.value().0 == holder.as_str());
+                if mine {
+                    self.leases.remove(name.as_str()).ctx(op)?;
+                }
                 (Reply::Unit, Effect::None)
             }
         })
@@ -1209,6 +1260,27 @@ impl Store for EmbeddedStore {
         self.call(Op::PutMeta {
             name: name.to_owned(),
             value,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        let op = Op::TryLease {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            ttl_ms: duration_ms(ttl),
+        };
+        match self.call(op).await? {
+            Reply::Leased(held) => Ok(held),
+            other => Err(unexpected("try_lease", other)),
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        self.call(Op::ReleaseLease {
+            name: name.to_owned(),
+            holder: holder.to_owned(),
         })
         .await
         .map(|_| ())

@@ -40,6 +40,8 @@
 //! - **Lazy durability.** A backend may make [`Store::finish`], [`Store::store_result`] and
 //!   [`Store::register_key`] durable lazily: a crash may then lose one whole (never half of one), which
 //!   only makes a refresh run again.
+//! - **Leases are exclusive.** [`Store::try_lease`] gives a named lease to one holder at a time, until it
+//!   runs out or is released.
 //! - **The pending floor.** Every pending task (claimed or not, due or delayed) has a *floor*: the lowest
 //!   change LSN it still owes a refresh for ([`Task::floor`], at most [`Task::lsn`]).
 //!   [`Store::pending_floor`] answers a lower bound of the lowest floor of all pending tasks, and `None`
@@ -236,4 +238,13 @@ pub trait Store: Send + Sync + 'static {
     /// Small named values kck keeps about itself (for example the config fingerprint).
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>>;
     async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()>;
+
+    /// Take or renew the lease `name` for `holder` for `ttl` from now. Returns true if `holder` holds it
+    /// now: it was free, its previous holder's lease ran out, or `holder` already held it (then it is
+    /// extended). Atomic across every process sharing the store: at most one holder at a time. Used by the
+    /// process worker ([`crate::jobs`]) so that a job runs at most once at a time.
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
+
+    /// Give up the lease `name` if `holder` holds it (otherwise do nothing).
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
 }

@@ -202,6 +202,9 @@ struct Prepared {
     lease_delete: PreparedStatement,
     get_meta: PreparedStatement,
     put_meta: PreparedStatement,
+    named_lease_insert: PreparedStatement,
+    named_lease_renew: PreparedStatement,
+    named_lease_release: PreparedStatement,
 }
 
 /// The ScyllaDB / Cassandra [`Store`]. Cheap to clone.
@@ -646,6 +649,9 @@ async fn prepare(session: &Session, ks: &str) -> StoreResult<Prepared> {
         lease_delete: p(text.lease_delete, false).await?,
         get_meta: p(text.get_meta, true).await?,
         put_meta: p(text.put_meta, true).await?,
+        named_lease_insert: p(text.named_lease_insert, false).await?,
+        named_lease_renew: p(text.named_lease_renew, false).await?,
+        named_lease_release: p(text.named_lease_release, false).await?,
     })
 }
 
@@ -1071,6 +1077,41 @@ impl Store for ScyllaStore {
             .await
             .map_err(cql_err("put_meta"))?;
         Ok(())
+    }
+
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        // CQL TTLs are whole seconds: round up, so a lease never ends before it was asked to.
+        let ttl_s = i32::try_from(ttl.as_millis().div_ceil(1000).max(1)).unwrap_or(i32::MAX);
+        let row = format!("lease:{name}");
+        let holder = holder.as_bytes();
+        if self
+            .lwt(
+                &self.st().named_lease_insert,
+                (row.as_str(), holder, ttl_s),
+                "taking a lease",
+            )
+            .await?
+        {
+            return Ok(true);
+        }
+        // Held: renew it if it is ours.
+        self.lwt(
+            &self.st().named_lease_renew,
+            (ttl_s, holder, row.as_str(), holder),
+            "renewing a lease",
+        )
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        let row = format!("lease:{name}");
+        self.lwt(
+            &self.st().named_lease_release,
+            (row.as_str(), holder.as_bytes()),
+            "releasing a lease",
+        )
+        .await
+        .map(|_| ())
     }
 }
 

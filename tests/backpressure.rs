@@ -1,0 +1,247 @@
+//! Backpressure: with the store slowed down and the queue at `refresh.max_queue`, the replication reader
+//! waits (the slot keeps the WAL) instead of growing the queue or this process's memory; once the store
+//! is fast again, everything is applied. Its own test binary, so that no other test shares the memory it
+//! measures.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use kck::app::{RunOptions, StoreWrapper};
+use kck::replication::StreamLimits;
+use kck::store::{Claim, Entry, QueueStats, Store, StoreResult, Stored, Task};
+use serde_json::json;
+use support::kck::{assert_converged, eventually_equals, fetch, wait_drained};
+use support::pg::cluster;
+
+/// The real store, with `enqueue` and `finish` slowed down while `slow` is set. Not a mock: every call
+/// reaches the embedded store.
+struct SlowStore {
+    inner: Arc<dyn Store>,
+    slow: Arc<AtomicBool>,
+}
+
+impl SlowStore {
+    async fn delay(&self, d: Duration) {
+        if self.slow.load(Ordering::Relaxed) {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SlowStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<Entry>> {
+        self.inner.get(key).await
+    }
+    async fn is_registered(&self, key: &str) -> StoreResult<bool> {
+        self.inner.is_registered(key).await
+    }
+    async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()> {
+        self.inner.register_key(primer, key).await
+    }
+    async fn store_result(&self, primer: &str, key: &str, entry: Entry) -> StoreResult<Stored> {
+        self.inner.store_result(primer, key, entry).await
+    }
+    async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()> {
+        self.inner.remove_key(primer, key).await
+    }
+    async fn keys(
+        &self,
+        primer: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Vec<String>> {
+        self.inner.keys(primer, after, limit).await
+    }
+    async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
+        self.delay(Duration::from_millis(200)).await;
+        self.inner.enqueue(tasks).await
+    }
+    async fn claim(&self, max: usize, lease: Duration) -> StoreResult<Vec<Claim>> {
+        self.inner.claim(max, lease).await
+    }
+    async fn finish(
+        &self,
+        claim: &Claim,
+        result: Option<(&str, &str, Entry)>,
+        follow_up: Vec<Task>,
+    ) -> StoreResult<Option<Stored>> {
+        self.delay(Duration::from_millis(50)).await;
+        self.inner.finish(claim, result, follow_up).await
+    }
+    async fn retry(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
+        self.inner.retry(claim, delay).await
+    }
+    async fn wait_for_tasks(&self, timeout: Duration) {
+        self.inner.wait_for_tasks(timeout).await
+    }
+    async fn queue_stats(&self) -> StoreResult<QueueStats> {
+        self.inner.queue_stats().await
+    }
+    async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>> {
+        self.inner.get_meta(name).await
+    }
+    async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()> {
+        self.inner.put_meta(name, value).await
+    }
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
+        self.inner.try_lease(name, holder, ttl).await
+    }
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        self.inner.release_lease(name, holder).await
+    }
+}
+
+/// Resident memory of this process, from /proc (Linux).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat() {
+    const ROWS: i64 = 8_000;
+    const MAX_QUEUE: u64 = 500;
+    const BATCH: usize = 100;
+    let db = cluster().await.new_database().await;
+    db.execute_batch(
+        "CREATE TABLE events (id bigint PRIMARY KEY, user_id bigint NOT NULL);
+         CREATE INDEX ON events (user_id);
+         CREATE PUBLICATION kck_test FOR TABLE events;",
+    )
+    .await;
+    // A lookup dependency: every changed row is its own task, whether or not its key is cached.
+    let primers = r#"  - name: events_by_user
+    key: "events_by_user/{user_id:int}"
+    shape: value
+    query: SELECT count(*) FROM events WHERE user_id = $1
+    depends_on:
+      - table: events
+        lookup:
+          query: SELECT user_id FROM events WHERE id = $1
+          args: [id]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("refresh:\n  workers: 2\n  max_queue: {MAX_QUEUE}\n");
+    let path = dir.path().join("kck.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "source:\n  url: \"{}\"\n  publication: kck_test\n  slot: {}\nstore:\n  path: {}\nhttp:\n  bind: 127.0.0.1:0\n{extra}primers:\n{primers}",
+            db.url,
+            db.name,
+            dir.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let config = kck::config::Config::load(&path).unwrap();
+    let slow = Arc::new(AtomicBool::new(false));
+    let wrap = {
+        let slow = slow.clone();
+        StoreWrapper(Arc::new(move |inner| {
+            Arc::new(SlowStore {
+                inner,
+                slow: slow.clone(),
+            }) as Arc<dyn Store>
+        }))
+    };
+    let options = RunOptions {
+        limits: StreamLimits {
+            batch_tasks: BATCH,
+            ..StreamLimits::default()
+        },
+        wrap_store: Some(wrap),
+        ..RunOptions::default()
+    };
+    let running = kck::app::start(config.clone(), options).await.unwrap();
+    let addr = running.http_addr;
+    for user in 0..10 {
+        assert_eq!(
+            fetch(addr, &format!("events_by_user/{user}")).await,
+            (200, json!(0))
+        );
+    }
+
+    slow.store(true, Ordering::Relaxed);
+    let pg = db.client().await;
+    // Many small transactions (a transaction's tasks are queued whole; the bound applies between them).
+    let mut sql = String::new();
+    for t in 0..ROWS / 100 {
+        sql.push_str(&format!(
+            "BEGIN; INSERT INTO events SELECT g, g % 10 FROM generate_series({}, {}) g; COMMIT;\n",
+            t * 100 + 1,
+            t * 100 + 100
+        ));
+    }
+    pg.batch_execute(&sql).await.unwrap();
+    let end: kck::lsn::Lsn = pg
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+
+    // The queue fills up to its bound and the reader starts waiting.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while running.stats.backpressure_waits.load(Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reader never waited for the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss_full = rss_kib();
+    let mut max_depth = 0;
+    let mut rss_max = rss_full;
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < watch_until {
+        let depth = running.store.queue_stats().await.unwrap().depth;
+        max_depth = max_depth.max(depth);
+        rss_max = rss_max.max(rss_kib());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acked = running.stats.acked.load(Ordering::Relaxed);
+    eprintln!(
+        "backpressure: queue depth at most {max_depth} (bound {MAX_QUEUE}), RSS {rss_full} KiB when full, \
+         at most {rss_max} KiB after, acknowledged {} of {end}",
+        kck::lsn::Lsn(acked)
+    );
+    // One batch may land just under the bound; lookups add at most one task per user.
+    assert!(
+        max_depth <= MAX_QUEUE + BATCH as u64 + 10,
+        "the queue grew to {max_depth}, past its bound {MAX_QUEUE}"
+    );
+    assert!(
+        acked < end.0,
+        "the slot was acknowledged past changes not yet queued"
+    );
+    assert!(
+        rss_max < rss_full + 32 * 1024,
+        "memory grew from {rss_full} KiB to {rss_max} KiB while the reader waited"
+    );
+
+    // The store is fast again: everything is applied, nothing was lost.
+    slow.store(false, Ordering::Relaxed);
+    eventually_equals(
+        addr,
+        "events_by_user/3",
+        &json!(ROWS / 10),
+        Duration::from_secs(300),
+    )
+    .await;
+    wait_drained(&running, &pg, Duration::from_secs(300)).await;
+    assert_eq!(assert_converged(&running, &pg, &config).await, 10);
+    assert!(!running.stats.throttled.load(Ordering::Relaxed));
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
