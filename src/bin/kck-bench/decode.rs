@@ -646,6 +646,17 @@ impl Store for NullStore {
     async fn get(&self, _key: &str) -> StoreResult<Option<Entry>> {
         Ok(None)
     }
+    async fn try_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _ttl: std::time::Duration,
+    ) -> StoreResult<bool> {
+        Ok(true)
+    }
+    async fn release_lease(&self, _name: &str, _holder: &str) -> StoreResult<()> {
+        Ok(())
+    }
     async fn is_registered(&self, _key: &str) -> StoreResult<bool> {
         Ok(true)
     }
