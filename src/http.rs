@@ -35,7 +35,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
@@ -54,8 +54,7 @@ use crate::refresh::{RefreshError, Refresher};
 use crate::store::{Entry, Store};
 use crate::update::{ArgError, UpdateError, Updater, Updates, ValueType, parse_args};
 
-/// What the handlers share.
-#[derive(Clone)]
+/// What the handlers share (behind one `Arc`: axum clones the state for every request).
 pub struct AppState {
     pub store: Arc<dyn Store>,
     pub catalog: Arc<Catalog>,
@@ -148,7 +147,7 @@ impl<S: Clone + Send + Sync + 'static> Routes<S> {
 }
 
 /// The API routes (the operations routes are [`crate::ops::http::routes`]).
-pub fn routes() -> Routes<AppState> {
+pub fn routes() -> Routes<Arc<AppState>> {
     Routes::new()
         .get("/fetch/{*key}", fetch)
         .post("/fetch", fetch_many)
@@ -201,7 +200,7 @@ pub fn app(state: AppState, operations: Router) -> Router {
     let cors_origins = state.limits.cors_origins.clone();
     let auth = state.auth.clone();
     let mut router = routes()
-        .with_state(state)
+        .with_state(Arc::new(state))
         .merge(operations)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -756,7 +755,7 @@ fn key_text(uri: &Uri) -> Result<&str, ApiError> {
 }
 
 async fn fetch(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     principal: Principal,
     uri: Uri,
     headers: HeaderMap,
@@ -832,12 +831,15 @@ fn cache_headers(headers: &mut HeaderMap, etag: &str, primer: &Primer) {
     if let Ok(v) = HeaderValue::from_str(etag) {
         headers.insert(header::ETAG, v);
     }
-    let cache_control = primer
-        .cache_control
-        .as_deref()
-        .unwrap_or(DEFAULT_CACHE_CONTROL);
-    if let Ok(v) = HeaderValue::from_str(cache_control) {
-        headers.insert(header::CACHE_CONTROL, v);
+    headers.insert(header::CACHE_CONTROL, cache_control(primer));
+}
+
+/// The primer's `Cache-Control` (checked when the config was read).
+fn cache_control(primer: &Primer) -> HeaderValue {
+    match primer.cache_control.as_deref() {
+        None => HeaderValue::from_static(DEFAULT_CACHE_CONTROL),
+        Some(c) => HeaderValue::from_str(c)
+            .unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_CACHE_CONTROL)),
     }
 }
 
@@ -852,6 +854,8 @@ fn computed_at(entry: &Entry) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
+/// The answer for a cached entry. On the path of every cache hit: it builds the response's header map
+/// in place (no second map merged into it) and formats only what varies per entry.
 fn entry_response(
     entry: Entry,
     cache: &'static str,
@@ -859,27 +863,45 @@ fn entry_response(
     request: &HeaderMap,
 ) -> Response {
     let etag = etag_of(&entry);
-    let mut headers = HeaderMap::with_capacity(6);
-    cache_headers(&mut headers, &etag, primer);
-    if let Ok(v) = HeaderValue::from_str(&entry.lsn.to_string()) {
-        headers.insert("kck-lsn", v);
+    let lsn = entry.lsn.to_string();
+    let at = computed_at(&entry);
+    let not_modified = none_match(request, &etag);
+    let mut response = if not_modified {
+        let mut r = Response::new(axum::body::Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        Response::new(axum::body::Body::from(entry.value))
+    };
+    let headers = response.headers_mut();
+    headers.reserve(8);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        headers.insert(header::ETAG, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&computed_at(&entry)) {
-        headers.insert("kck-computed-at", v);
+    headers.insert(header::CACHE_CONTROL, cache_control(primer));
+    if let Ok(v) = HeaderValue::from_str(&lsn) {
+        headers.insert(KCK_LSN, v);
     }
-    headers.insert("kck-cache", HeaderValue::from_static(cache));
+    if let Ok(v) = HeaderValue::from_str(&at) {
+        headers.insert(KCK_COMPUTED_AT, v);
+    }
+    headers.insert(KCK_CACHE, HeaderValue::from_static(cache));
     if cache == "stale" {
-        headers.insert("kck-stale", HeaderValue::from_static("true"));
+        headers.insert(KCK_STALE, HeaderValue::from_static("true"));
     }
-    if none_match(request, &etag) {
-        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    if !not_modified {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    (headers, entry.value).into_response()
+    response
 }
+
+const KCK_LSN: HeaderName = HeaderName::from_static("kck-lsn");
+const KCK_COMPUTED_AT: HeaderName = HeaderName::from_static("kck-computed-at");
+const KCK_CACHE: HeaderName = HeaderName::from_static("kck-cache");
+const KCK_STALE: HeaderName = HeaderName::from_static("kck-stale");
 
 // ---------------------------------------------------------------------------------------------------
 // Batch fetch
@@ -946,7 +968,7 @@ impl FetchManyItem {
 const BATCH_CONCURRENCY: usize = 16;
 
 async fn fetch_many(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     principal: Principal,
     headers: HeaderMap,
     query: Result<Query<FetchManyQuery>, QueryRejection>,
@@ -1162,7 +1184,7 @@ fn check_update_access(
 }
 
 async fn update(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     principal: Principal,
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<UpdateQuery>, QueryRejection>,

@@ -167,6 +167,11 @@ enum SlotCommand {
     },
 }
 
+/// mimalloc: the `/fetch` hot path allocates a few small buffers per request, and glibc's malloc was
+/// about a tenth of kck's CPU time under load (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -301,7 +306,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 println!("auth: JWT {:?} from {}", jwt.algorithms, jwt.key_source);
             }
             match &config.store {
-                StoreConfig::Embedded { path } => println!("store: embedded, {}", path.display()),
+                StoreConfig::Embedded { path, .. } => {
+                    println!("store: embedded, {}", path.display())
+                }
                 StoreConfig::Scylla(s) => println!(
                     "store: scylla, keyspace {} on {} ({})",
                     s.keyspace,

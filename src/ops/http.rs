@@ -68,14 +68,13 @@ async fn measure(
     request: Request,
     next: Next,
 ) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    // MatchedPath is an `Arc<str>`: cloning it allocates nothing.
+    let matched = request.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status();
-    telemetry.metrics.http(&route, status.as_u16());
+    telemetry.metrics.http(route, status.as_u16());
     if route.starts_with("/fetch/") {
         let cache = response
             .headers()

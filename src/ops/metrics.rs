@@ -11,7 +11,11 @@
 //! Rendering drains histogram samples; [`Metrics::upkeep`] (run by the monitor) does the same when nobody
 //! scrapes, so memory stays bounded.
 
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::Duration;
+
+use metrics::{Counter, Histogram};
 
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
@@ -55,6 +59,8 @@ pub const REFRESH_DURATION_SECONDS: &str = "kck_refresh_duration_seconds";
 /// Consecutive failed refreshes of a primer (0 when its last refresh worked).
 pub const REFRESH_CONSECUTIVE_FAILURES: &str = "kck_refresh_consecutive_failures";
 /// `/fetch` answers by `result`: `hit`, `miss` (computed on the spot), `not_cached` (404), `error`.
+/// The `result` label values of [`FETCHES`] (see `ops::http::measure`).
+pub const FETCH_RESULTS: [&str; 6] = ["hit", "stale", "miss", "not_cached", "bad_request", "error"];
 pub const FETCHES: &str = "kck_fetches_total";
 /// `/fetch` latency by `result`.
 pub const FETCH_DURATION_SECONDS: &str = "kck_fetch_duration_seconds";
@@ -88,6 +94,11 @@ const DURATION_BUCKETS: [f64; 15] = [
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// `/fetch` answers' counter and histogram handles by result, registered once: looking a labelled
+    /// metric up hashes its labels, and this is on every request's path.
+    fetch_handles: Vec<(&'static str, Counter, Histogram)>,
+    /// HTTP answer counters by route, then status (registered on first use).
+    http_handles: RwLock<HashMap<String, HashMap<u16, Counter>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -116,8 +127,25 @@ impl Metrics {
             });
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        let metrics = Metrics { recorder, handle };
+        let mut metrics = Metrics {
+            recorder,
+            handle,
+            fetch_handles: Vec::new(),
+            http_handles: RwLock::default(),
+        };
         metrics.with(describe);
+        metrics.fetch_handles = metrics.with(|| {
+            FETCH_RESULTS
+                .iter()
+                .map(|&result| {
+                    (
+                        result,
+                        metrics::counter!(FETCHES, "result" => result),
+                        metrics::histogram!(FETCH_DURATION_SECONDS, "result" => result),
+                    )
+                })
+                .collect()
+        });
         metrics.with(|| {
             metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         });
@@ -199,20 +227,41 @@ impl Metrics {
 
     /// A `/fetch` was answered.
     pub fn fetch(&self, result: &'static str, elapsed: Duration) {
-        self.with(|| {
-            metrics::counter!(FETCHES, "result" => result).increment(1);
-            metrics::histogram!(FETCH_DURATION_SECONDS, "result" => result)
-                .record(elapsed.as_secs_f64());
-        });
+        match self.fetch_handles.iter().find(|(r, _, _)| *r == result) {
+            Some((_, counter, histogram)) => {
+                counter.increment(1);
+                histogram.record(elapsed.as_secs_f64());
+            }
+            None => self.with(|| {
+                metrics::counter!(FETCHES, "result" => result).increment(1);
+                metrics::histogram!(FETCH_DURATION_SECONDS, "result" => result)
+                    .record(elapsed.as_secs_f64());
+            }),
+        }
     }
 
     /// Any HTTP request was answered.
     pub fn http(&self, route: &str, status: u16) {
-        let route = route.to_string();
-        self.with(|| {
-            metrics::counter!(HTTP_RESPONSES, "route" => route, "status" => status.to_string())
-                .increment(1)
+        let known = self
+            .http_handles
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(route)
+            .and_then(|by_status| by_status.get(&status))
+            .cloned();
+        let counter = known.unwrap_or_else(|| {
+            let counter = self.with(|| {
+                metrics::counter!(HTTP_RESPONSES, "route" => route.to_string(), "status" => status.to_string())
+            });
+            self.http_handles
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(route.to_string())
+                .or_default()
+                .insert(status, counter.clone());
+            counter
         });
+        counter.increment(1);
     }
 
     /// The slot's `wal_status` (or `missing`): 1 for it, 0 for the others.
@@ -331,7 +380,17 @@ mod tests {
             text.contains("kck_fetches_total{result=\"hit\"} 2"),
             "{text}"
         );
-        assert!(!text.contains("result=\"miss\""), "{text}");
+        // Every fetch result is registered up front (a series at 0, as Prometheus prefers); b's miss is
+        // b's alone.
+        assert!(
+            text.contains("kck_fetches_total{result=\"miss\"} 0"),
+            "{text}"
+        );
+        assert!(
+            b.render().contains("kck_fetches_total{result=\"miss\"} 1"),
+            "{}",
+            b.render()
+        );
         assert!(
             text.contains("kck_refreshes_total{primer=\"user\",outcome=\"ok\"} 1"),
             "{text}"
