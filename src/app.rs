@@ -157,8 +157,8 @@ pub struct Running {
 /// scylla store (idempotent), or the file of an embedded store. Returns what was done, for people.
 pub async fn init_store(config: &Config) -> Result<String, StoreError> {
     match &config.store {
-        StoreConfig::Embedded { path } => {
-            let store = EmbeddedStore::open(path)?;
+        StoreConfig::Embedded { path, .. } => {
+            let store = EmbeddedStore::open_with(path, 0)?;
             Ok(format!("embedded store ready: {}", store.path().display()))
         }
         #[cfg(feature = "scylla")]
@@ -183,7 +183,10 @@ pub async fn init_store(config: &Config) -> Result<String, StoreError> {
 /// Open the configured store.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
-        StoreConfig::Embedded { path } => Ok(Arc::new(EmbeddedStore::open(path)?)),
+        StoreConfig::Embedded { path, memory_cache } => Ok(Arc::new(EmbeddedStore::open_with(
+            path,
+            *memory_cache,
+        )?)),
         #[cfg(feature = "scylla")]
         StoreConfig::Scylla(scylla) => Ok(Arc::new(
             crate::store::scylla::ScyllaStore::open(scylla).await?,

@@ -102,7 +102,9 @@ pub enum SlotLostPolicy {
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     /// redb in one file under `path` (a directory; created if missing). One process at a time.
-    Embedded { path: PathBuf },
+    /// `memory_cache`: bytes of entries kept in memory in front of redb (`store.memory_cache`, default
+    /// 64 MiB; 0 turns it off).
+    Embedded { path: PathBuf, memory_cache: usize },
     /// A ScyllaDB or Cassandra cluster, shared by any number of kck processes.
     Scylla(ScyllaConfig),
 }
@@ -569,6 +571,7 @@ struct RawSource {
 struct RawStore {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
+    memory_cache: Option<Spanned<ScalarText>>,
     nodes: Option<Spanned<Vec<Spanned<String>>>>,
     keyspace: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "present")]
@@ -1355,7 +1358,7 @@ impl Loader<'_> {
                 return Err(self.err(
                     *line,
                     format!("store.{name}"),
-                    format!("`{name}` is a field of the scylla store; set `kind: scylla` to use it (the embedded store takes only `path`)"),
+                    format!("`{name}` is a field of the scylla store; set `kind: scylla` to use it (the embedded store takes only `path` and `memory_cache`)"),
                 ));
             }
         }
@@ -1375,7 +1378,16 @@ impl Loader<'_> {
                 None => self.relative(DEFAULT_STORE_PATH),
             },
         };
-        Ok(StoreConfig::Embedded { path })
+        let memory_cache = match section.and_then(|s| s.memory_cache.as_ref()) {
+            None => crate::store::embedded::DEFAULT_MEMORY_CACHE,
+            Some(m) => crate::ops::size::parse_byte_size(&m.value.0)
+                .and_then(|b| {
+                    usize::try_from(b)
+                        .map_err(|_| format!("'{}' is too large for this machine", m.value.0))
+                })
+                .map_err(|e| self.err(line_of(m), "store.memory_cache", e))?,
+        };
+        Ok(StoreConfig::Embedded { path, memory_cache })
     }
 
     fn scylla_store(&self, raw: &RawConfig) -> Result<ScyllaConfig, ConfigError> {
@@ -1389,6 +1401,14 @@ impl Loader<'_> {
                 "store.path",
                 "`path` is a field of the embedded store; the scylla store keeps its data in the cluster \
                  named by `nodes`",
+            ));
+        }
+        if let Some(m) = &s.memory_cache {
+            return Err(self.err(
+                line_of(m),
+                "store.memory_cache",
+                "`memory_cache` is a field of the embedded store; the scylla store reads every fetch \
+                 from the cluster",
             ));
         }
         let nodes = match (self.env)("KCK_STORE_NODES") {
@@ -3710,7 +3730,7 @@ primers:
         assert_eq!(c.source.publication, "kck_pub");
         assert!(c.source.create_publication);
         assert_eq!(c.source.slot, "kck_slot");
-        let StoreConfig::Embedded { path } = &c.store else {
+        let StoreConfig::Embedded { path, .. } = &c.store else {
             panic!("expected the embedded store, got {:?}", c.store)
         };
         assert_eq!(path, Path::new("/etc/kck/data/cache"));
@@ -3797,7 +3817,7 @@ primers:
         assert_eq!(c.source.publication, "kck");
         assert_eq!(c.source.slot, "kck");
         assert!(!c.source.create_publication);
-        let StoreConfig::Embedded { path } = &c.store else {
+        let StoreConfig::Embedded { path, .. } = &c.store else {
             panic!("expected the embedded store, got {:?}", c.store)
         };
         assert_eq!(path, Path::new("/etc/kck/./kck-data"));
@@ -3958,18 +3978,18 @@ primers:
     fn relative_paths() {
         let yaml = base_with("primers:", "store:\n  path: /var/lib/kck\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store else {
+        let StoreConfig::Embedded { path, .. } = &c.store else {
             panic!("expected the embedded store, got {:?}", c.store)
         };
         assert_eq!(path, Path::new("/var/lib/kck"));
         let yaml = base_with("primers:", "store:\n  path: ../data\nprimers:");
         let c = Config::from_yaml_str(&yaml, Path::new("conf/kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store else {
+        let StoreConfig::Embedded { path, .. } = &c.store else {
             panic!("expected the embedded store, got {:?}", c.store)
         };
         assert_eq!(path, Path::new("conf/../data"));
         let c = Config::from_yaml_str(BASE, Path::new("kck.yaml"), no_env).unwrap();
-        let StoreConfig::Embedded { path } = &c.store else {
+        let StoreConfig::Embedded { path, .. } = &c.store else {
             panic!("expected the embedded store, got {:?}", c.store)
         };
         assert_eq!(path, Path::new("./kck-data"));
@@ -4037,6 +4057,25 @@ primers:
             "store.path",
             "is empty",
         );
+        assert_invalid(
+            &at_end("store:\n  memory_cache: lots\n"),
+            11,
+            "store.memory_cache",
+            "lots",
+        );
+        assert_invalid(
+            &at_end("store:\n  kind: scylla\n  nodes: [db:9042]\n  memory_cache: 1MB\n"),
+            13,
+            "store.memory_cache",
+            "is a field of the embedded store",
+        );
+        let memory = |yaml: &str| match load(yaml).unwrap().store {
+            StoreConfig::Embedded { memory_cache, .. } => memory_cache,
+            other => panic!("expected the embedded store, got {other:?}"),
+        };
+        assert_eq!(memory(BASE), 64 << 20);
+        assert_eq!(memory(&at_end("store:\n  memory_cache: 16MiB\n")), 16 << 20);
+        assert_eq!(memory(&at_end("store:\n  memory_cache: 0\n")), 0);
         assert_invalid(
             &at_end("http:\n  bind: localhost:8080\n"),
             11,
@@ -4732,7 +4771,7 @@ primers:
         assert_eq!(c.source.publication, "pub2");
         assert_eq!(c.source.slot, "slot2");
         // Relative to the working directory, not to the file.
-        let StoreConfig::Embedded { path } = &c.store else {
+        let StoreConfig::Embedded { path, .. } = &c.store else {
             panic!("expected the embedded store, got {:?}", c.store)
         };
         assert_eq!(path, Path::new("rel/data"));

@@ -37,7 +37,7 @@ pub enum CliError {
 pub async fn open_existing_store(
     config: &Config,
 ) -> Result<std::sync::Arc<dyn crate::store::Store>, CliError> {
-    if let crate::config::StoreConfig::Embedded { path } = &config.store
+    if let crate::config::StoreConfig::Embedded { path, .. } = &config.store
         && !path.exists()
     {
         return Err(CliError::Refused(format!(

@@ -72,11 +72,15 @@ use redb::{
 };
 use tokio::sync::{Notify, oneshot};
 
+use super::hot::HotEntries;
 use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
 use crate::lsn::Lsn;
 
 /// The database file inside the store directory.
 pub const FILE_NAME: &str = "kck.redb";
+
+/// Bytes of entries kept in memory in front of redb unless `store.memory_cache` says otherwise.
+pub const DEFAULT_MEMORY_CACHE: usize = 64 << 20;
 
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const KEY_INDEX: TableDefinition<(&str, &str), ()> = TableDefinition::new("key_index");
@@ -341,6 +345,8 @@ struct Tables<'t> {
     leases: Table<'t, &'static str, (&'static str, i64)>,
     task_floor: Table<'t, &'static str, u64>,
     floors: Table<'t, (u64, &'static str), ()>,
+    /// Entries written (`Some`) and removed (`None`) in this transaction, for [`HotEntries::committed`].
+    changes: Vec<(String, Option<Entry>)>,
 }
 
 impl<'t> Tables<'t> {
@@ -358,6 +364,7 @@ impl<'t> Tables<'t> {
             leases: txn.open_table(LEASES).ctx(op)?,
             task_floor: txn.open_table(TASK_FLOOR).ctx(op)?,
             floors: txn.open_table(FLOORS).ctx(op)?,
+            changes: Vec::new(),
         })
     }
 
@@ -389,13 +396,16 @@ impl<'t> Tables<'t> {
             .ctx(op)?;
         encode_entry_into(entry, slot.as_mut());
         drop(slot);
+        self.changes.push((key.to_owned(), Some(entry.clone())));
         self.index_key(primer, key)?;
         Ok(Stored::Written)
     }
 
     fn remove_key(&mut self, primer: &str, key: &str) -> StoreResult<()> {
         let op = "remove_key";
-        self.entries.remove(key).ctx(op)?;
+        if self.entries.remove(key).ctx(op)?.is_some() {
+            self.changes.push((key.to_owned(), None));
+        }
         self.key_index.remove((primer, key)).ctx(op)?;
         self.key_primers.remove((key, primer)).ctx(op)?;
         Ok(())
@@ -624,6 +634,7 @@ impl<'t> Tables<'t> {
 struct Writer {
     db: Arc<Database>,
     shared: Arc<Shared>,
+    hot: Arc<HotEntries>,
     rx: mpsc::Receiver<Request>,
     next_seq: u64,
     last_durable: std::time::Instant,
@@ -728,7 +739,7 @@ impl Writer {
         let now = now_ms();
         let mut next_seq = self.next_seq;
         let mut outcomes = Vec::with_capacity(ops.len());
-        {
+        let changes = {
             let mut tables = Tables::open(&txn)?;
             for op in ops {
                 let outcome = tables.apply(op, &mut next_seq, now).map_err(|e| match e {
@@ -737,10 +748,13 @@ impl Writer {
                 })?;
                 outcomes.push(outcome);
             }
-        }
+            std::mem::take(&mut tables.changes)
+        };
         // Seqs handed to a transaction that then fails to commit are skipped, never reused.
         self.next_seq = next_seq;
         txn.commit().ctx("commit")?;
+        // Committed: readers of redb see these now, and so do readers of the hot entries.
+        self.hot.committed(changes);
         if durable {
             self.last_durable = std::time::Instant::now();
         }
@@ -794,6 +808,7 @@ struct Inner {
     path: PathBuf,
     db: Arc<Database>,
     shared: Arc<Shared>,
+    hot: Arc<HotEntries>,
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -818,8 +833,15 @@ impl std::fmt::Debug for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Opens the store in `dir` (creating the directory and `dir/kck.redb` if needed).
+    /// Opens the store in `dir` (creating the directory and `dir/kck.redb` if needed), with the default
+    /// in-memory front ([`DEFAULT_MEMORY_CACHE`] bytes).
     pub fn open(dir: &Path) -> StoreResult<EmbeddedStore> {
+        EmbeddedStore::open_with(dir, DEFAULT_MEMORY_CACHE)
+    }
+
+    /// [`EmbeddedStore::open`] keeping at most about `memory_cache` bytes of entries in memory (see
+    /// [`super::hot`]; 0: every read is a redb read).
+    pub fn open_with(dir: &Path, memory_cache: usize) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Backend(format!(
                 "cannot create the store directory {}: {e}",
@@ -845,10 +867,12 @@ impl EmbeddedStore {
         })?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared::default());
+        let hot = Arc::new(HotEntries::new(memory_cache));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             db: db.clone(),
             shared: shared.clone(),
+            hot: hot.clone(),
             rx,
             next_seq,
             last_durable: std::time::Instant::now(),
@@ -865,6 +889,7 @@ impl EmbeddedStore {
                 path,
                 db,
                 shared,
+                hot,
                 tx: Some(tx),
                 writer: Some(writer),
             }),
@@ -971,10 +996,20 @@ impl EmbeddedStore {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Entry>> {
+        let hot = &self.inner.hot;
+        if let Some(entry) = hot.get(key) {
+            return Ok(Some(entry));
+        }
+        // Read before the transaction opens: see `super::hot` for why.
+        let epoch = hot.epoch();
         let txn = self.read()?;
         let entries = txn.open_table(ENTRIES).ctx("get")?;
         match entries.get(key).ctx("get")? {
-            Some(bytes) => Ok(Some(decode_entry(key, bytes.value())?)),
+            Some(bytes) => {
+                let entry = decode_entry(key, bytes.value())?;
+                hot.offer(key, &entry, epoch);
+                Ok(Some(entry))
+            }
             None => Ok(None),
         }
     }
@@ -1332,6 +1367,71 @@ mod tests {
         .await;
     }
 
+    /// The same suite with no entries in memory: every read goes to redb.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_conformance_suite_without_its_memory_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::run_all(|| {
+            let path = dir
+                .path()
+                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            async move { EmbeddedStore::open_with(&path, 0).unwrap() }
+        })
+        .await;
+    }
+
+    /// Reads served from memory follow every write, removal and refused (older) result, and what is
+    /// in memory is what a reopened store (redb alone) reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn its_memory_front_follows_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let mut tasks = Vec::new();
+        for w in 0..4u64 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..300u64 {
+                    let key = format!("p/{}", i % 7);
+                    match (i + w) % 5 {
+                        0 => s.remove_key("p", &key).await.unwrap(),
+                        _ => {
+                            let lsn = i * 4 + w;
+                            s.store_result("p", &key, entry(lsn, &lsn.to_string()))
+                                .await
+                                .unwrap();
+                        }
+                    }
+                    let _ = s.get(&key).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut seen = Vec::new();
+        for i in 0..7 {
+            seen.push(s.get(&format!("p/{i}")).await.unwrap());
+        }
+        // An older result is refused, and memory still answers the newer one.
+        s.store_result("p", "p/9", entry(10, "new")).await.unwrap();
+        assert_eq!(s.get("p/9").await.unwrap(), Some(entry(10, "new")));
+        assert_eq!(
+            s.store_result("p", "p/9", entry(5, "old")).await.unwrap(),
+            Stored::KeptNewer(Lsn(10))
+        );
+        assert_eq!(s.get("p/9").await.unwrap(), Some(entry(10, "new")));
+        drop(s);
+        let reopened = EmbeddedStore::open_with(dir.path(), 0).unwrap();
+        for (i, before) in seen.into_iter().enumerate() {
+            assert_eq!(
+                reopened.get(&format!("p/{i}")).await.unwrap(),
+                before,
+                "p/{i}"
+            );
+        }
+    }
+
     /// The embedded store keeps floors exactly, not just a lower bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn its_pending_floor_is_exact() {
@@ -1653,6 +1753,7 @@ mod tests {
                 path: s.inner.path.clone(),
                 db: s.inner.db.clone(),
                 shared: s.inner.shared.clone(),
+                hot: s.inner.hot.clone(),
                 tx: Some(tx),
                 writer: None,
             }),

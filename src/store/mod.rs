@@ -63,6 +63,7 @@
 
 pub mod cql;
 pub mod embedded;
+mod hot;
 #[cfg(feature = "scylla")]
 pub mod scylla;
 
