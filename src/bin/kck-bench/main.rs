@@ -11,6 +11,7 @@
 
 mod coalesce;
 mod decode;
+mod floor;
 mod fresh;
 mod http;
 mod kck;
@@ -156,7 +157,19 @@ pub struct Tools {
 
 const SCENARIOS: [&str; 6] = ["decode", "fresh", "serve", "coalesce", "memory", "recovery"];
 
+/// The same allocator as the kck binary: the in-process decode figures and the HTTP floor measure what
+/// kck ships.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    if let Ok(spec) = std::env::var(floor::FLOOR_ENV) {
+        if let Err(e) = floor::run(&spec) {
+            eprintln!("kck-bench (HTTP floor): {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("kck-bench: {e:#}");

@@ -46,6 +46,24 @@ impl Rng {
     }
 }
 
+/// CPU time a running process has used so far, in seconds: the sum of its threads' time on a CPU
+/// (`/proc/PID/task/*/schedstat`, nanoseconds, user and kernel alike).
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(ns as f64 / 1e9)
+}
+
 /// A `VmRSS`/`VmHWM`-style field of `/proc/PID/status`, in KiB.
 pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
