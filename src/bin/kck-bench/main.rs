@@ -9,6 +9,7 @@
 //! Scenarios (one module each): [`decode`], [`fresh`], [`serve`], [`coalesce`], [`memory`],
 //! [`recovery`].
 
+mod child;
 mod coalesce;
 mod decode;
 mod floor;
@@ -163,6 +164,16 @@ const SCENARIOS: [&str; 6] = ["decode", "fresh", "serve", "coalesce", "memory", 
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    if let (Ok(config), Ok(flag)) = (
+        std::env::var(child::CHILD_ENV),
+        std::env::var(child::FLAG_ENV),
+    ) {
+        if let Err(e) = child::run(Path::new(&config), Path::new(&flag)) {
+            eprintln!("kck-bench (kck with a slowed store): {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Ok(spec) = std::env::var(floor::FLOOR_ENV) {
         if let Err(e) = floor::run(&spec) {
             eprintln!("kck-bench (HTTP floor): {e:#}");
