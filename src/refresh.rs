@@ -18,14 +18,15 @@
 //! # Choosing what to refresh
 //! - **Coalescing.** The queue holds one task per key (see [`crate::queue`]): however many changes hit a
 //!   key while its task waits, it is refreshed once, seeing the newest.
-//! - **Hot first.** A worker claims up to `refresh.claim_batch` tasks and runs them in order: keys read
+//! - **Hot first.** A worker claims up to `refresh.claim_batch` tasks and starts them in order, a few at a
+//!   time (`UNITS_AT_ONCE`: queries overlap, and the store records several results in one commit): keys read
 //!   recently (most recent first, from [`AccessLog`]), then lookups and primer pages, then keys never read
 //!   since boot.
 //! - **Cold keys are dropped.** A key nobody read for its primer's `cold_after` is removed instead of
 //!   recomputed; its next fetch is a miss.
 //! - **Bounded concurrency.** `refresh.workers` workers share a pool of `refresh.pool_size` connections;
-//!   a primer's `concurrency` caps how many of them run its queries at once (a worker runs other claimed
-//!   work first rather than wait).
+//!   a primer's `concurrency` caps how many of them run its queries at once (a unit waiting for its
+//!   primer's permit does not hold up the worker's other units).
 //! - **Failures.** A failed task is retried with backoff (100 ms doubling to 30 s) and does not hold a
 //!   worker meanwhile, so a primer whose query keeps failing does not block the others; its failures and
 //!   last error are kept per primer ([`Refresher::primer_stats`]) and logged.
@@ -33,6 +34,8 @@
 //!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
 use std::collections::{HashMap, VecDeque};
+
+use futures_util::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -283,6 +286,9 @@ pub struct PrimerStats {
 
 /// How many recently refreshed keys [`Refresher::recent_refreshes`] remembers.
 const RECENT: usize = 1024;
+
+/// How many of its claimed units (a key, or a primer's batch) one worker has under way at once.
+const UNITS_AT_ONCE: usize = 4;
 
 /// A claim with its rank (class, then most recently read first), key and primer.
 type Ranked = (
@@ -956,33 +962,26 @@ impl Refresher {
                 }
                 continue;
             }
-            let mut units: VecDeque<Unit> = self.plan(claims).into();
-            while let Some(unit) = units.pop_front() {
-                let limit = unit.primer().and_then(|p| self.limits[p].clone());
-                let _permit = match limit {
-                    None => None,
-                    Some(limit) => match limit.clone().try_acquire_owned() {
-                        Ok(permit) => Some(permit),
-                        Err(_) => {
-                            // The primer is at its concurrency: run other claimed work first.
-                            let other_ready = units.iter().any(|u| {
-                                u.primer()
-                                    .and_then(|p| self.limits[p].as_ref())
-                                    .is_none_or(|l| l.available_permits() > 0)
-                            });
-                            if other_ready {
-                                units.push_back(unit);
-                                continue;
-                            }
-                            limit.acquire_owned().await.ok()
-                        }
-                    },
-                };
-                match unit {
-                    Unit::One(claim, primer) => self.settle(&claim, primer).await,
-                    Unit::Batch(primer, claims) => self.settle_batch(primer, claims).await,
-                }
-            }
+            // A few units at a time, started in the plan's order (hottest first). One at a time, a
+            // worker recorded each result (a store commit) before starting the next query, and that
+            // capped kck at a few thousand refreshes a second on two cores: now the store's writer puts
+            // several finishes in one commit, and queries overlap. A unit whose primer is at its
+            // concurrency limit waits for a permit (fairly, in order) without holding up the others.
+            let units = self.plan(claims);
+            let this: &Refresher = &self;
+            futures_util::stream::iter(units)
+                .for_each_concurrent(UNITS_AT_ONCE, |unit| async move {
+                    let limit = unit.primer().and_then(|p| this.limits[p].clone());
+                    let _permit = match limit {
+                        None => None,
+                        Some(limit) => limit.acquire_owned().await.ok(),
+                    };
+                    match unit {
+                        Unit::One(claim, primer) => this.settle(&claim, primer).await,
+                        Unit::Batch(primer, claims) => this.settle_batch(primer, claims).await,
+                    }
+                })
+                .await;
         }
     }
 
@@ -1125,16 +1124,26 @@ impl Refresher {
     /// own retries).
     async fn settle_batch(&self, index: usize, items: Vec<(Claim, Key, String)>) {
         let started = Instant::now();
-        match self.run_batch(index, &items).await {
+        let batch = self.run_batch(index, &items).await;
+        let took = started.elapsed();
+        match batch {
             Ok(results) => {
                 // Each key's share of the batch query's time.
-                let each = started.elapsed() / items.len().max(1) as u32;
+                let each = took / items.len().max(1) as u32;
                 self.stat(index, |s| s.batch_queries += 1);
                 let primer = self.catalog.primers[index].name.as_str();
-                for ((claim, _, text), entry) in items.iter().zip(results) {
+                // All at once: the store's writer puts them in one commit.
+                let finishes = items.iter().zip(results).map(|((claim, _, text), entry)| {
                     let computed = entry.is_some();
                     let result = entry.map(|e| (primer, text.as_str(), e));
-                    match self.store.finish(claim, result, Vec::new()).await {
+                    async move {
+                        let finished = self.store.finish(claim, result, Vec::new()).await;
+                        (computed, finished)
+                    }
+                });
+                let finished = futures_util::future::join_all(finishes).await;
+                for ((claim, _, text), (computed, finished)) in items.iter().zip(finished) {
+                    match finished {
                         Ok(stored) => {
                             if computed {
                                 self.refreshed(index, text);

@@ -539,7 +539,10 @@ async fn a_thousand_updates_to_one_key_while_paused_cause_one_refresh() {
 async fn keys_read_most_recently_are_refreshed_first() {
     let db = database().await;
     let dir = tempfile::tempdir().unwrap();
-    let (config, _) = write(dir.path(), &db, USER, "", "");
+    // One worker, and one user refresh at a time: a worker starts its claimed tasks in order and the
+    // primer's permits are handed out in the order asked, so the refreshes end in the order started.
+    let primers = USER.replace("    shape: row\n", "    shape: row\n    concurrency: 1\n");
+    let (config, _) = write(dir.path(), &db, &primers, "", "");
     let config = Config {
         refresh: kck::config::RefreshConfig {
             workers: 1,
