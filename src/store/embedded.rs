@@ -79,6 +79,11 @@ use crate::lsn::Lsn;
 /// The database file inside the store directory.
 pub const FILE_NAME: &str = "kck.redb";
 
+/// redb's own page cache. Its default is 1 GiB, which a large store fills (kck's memory would grow with
+/// the store); hits are served from [`HotEntries`], so redb's cache only needs the write path and the
+/// queue's pages.
+const REDB_CACHE: usize = 32 << 20;
+
 /// Bytes of entries kept in memory in front of redb unless `store.memory_cache` says otherwise.
 pub const DEFAULT_MEMORY_CACHE: usize = 64 << 20;
 
@@ -849,13 +854,16 @@ impl EmbeddedStore {
             ))
         })?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
-                "cannot open the store {}: another kck process is using this store",
-                path.display()
-            )),
-            other => redb_error(&format!("cannot open the store {}", path.display()), other),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(REDB_CACHE)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                    "cannot open the store {}: another kck process is using this store",
+                    path.display()
+                )),
+                other => redb_error(&format!("cannot open the store {}", path.display()), other),
+            })?;
         let next_seq = Self::prepare(&db).map_err(|e| match e {
             StoreError::Backend(m) => {
                 StoreError::Backend(format!("opening the store {}: {m}", path.display()))
