@@ -9,93 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use kck::app::{RunOptions, StoreWrapper};
 use kck::replication::StreamLimits;
-use kck::store::{Claim, Entry, QueueStats, Store, StoreResult, Stored, Task};
+use kck::store::Store;
+use kck::store::slow::SlowStore;
 use serde_json::json;
 use support::kck::{assert_converged, eventually_equals, fetch, wait_drained};
 use support::pg::cluster;
-
-/// The real store, with `enqueue` and `finish` slowed down while `slow` is set. Not a mock: every call
-/// reaches the embedded store.
-struct SlowStore {
-    inner: Arc<dyn Store>,
-    slow: Arc<AtomicBool>,
-}
-
-impl SlowStore {
-    async fn delay(&self, d: Duration) {
-        if self.slow.load(Ordering::Relaxed) {
-            tokio::time::sleep(d).await;
-        }
-    }
-}
-
-#[async_trait]
-impl Store for SlowStore {
-    async fn get(&self, key: &str) -> StoreResult<Option<Entry>> {
-        self.inner.get(key).await
-    }
-    async fn is_registered(&self, key: &str) -> StoreResult<bool> {
-        self.inner.is_registered(key).await
-    }
-    async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()> {
-        self.inner.register_key(primer, key).await
-    }
-    async fn store_result(&self, primer: &str, key: &str, entry: Entry) -> StoreResult<Stored> {
-        self.inner.store_result(primer, key, entry).await
-    }
-    async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()> {
-        self.inner.remove_key(primer, key).await
-    }
-    async fn keys(
-        &self,
-        primer: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> StoreResult<Vec<String>> {
-        self.inner.keys(primer, after, limit).await
-    }
-    async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
-        self.delay(Duration::from_millis(200)).await;
-        self.inner.enqueue(tasks).await
-    }
-    async fn claim(&self, max: usize, lease: Duration) -> StoreResult<Vec<Claim>> {
-        self.inner.claim(max, lease).await
-    }
-    async fn finish(
-        &self,
-        claim: &Claim,
-        result: Option<(&str, &str, Entry)>,
-        follow_up: Vec<Task>,
-    ) -> StoreResult<Option<Stored>> {
-        self.delay(Duration::from_millis(50)).await;
-        self.inner.finish(claim, result, follow_up).await
-    }
-    async fn retry(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
-        self.inner.retry(claim, delay).await
-    }
-    async fn wait_for_tasks(&self, timeout: Duration) {
-        self.inner.wait_for_tasks(timeout).await
-    }
-    async fn queue_stats(&self) -> StoreResult<QueueStats> {
-        self.inner.queue_stats().await
-    }
-    async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>> {
-        self.inner.get_meta(name).await
-    }
-    async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()> {
-        self.inner.put_meta(name, value).await
-    }
-    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
-        self.inner.try_lease(name, holder, ttl).await
-    }
-    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
-        self.inner.release_lease(name, holder).await
-    }
-}
 
 /// Resident memory of this process, from /proc (Linux).
 fn rss_kib() -> u64 {
@@ -148,10 +68,7 @@ async fn a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat() {
     let wrap = {
         let slow = slow.clone();
         StoreWrapper(Arc::new(move |inner| {
-            Arc::new(SlowStore {
-                inner,
-                slow: slow.clone(),
-            }) as Arc<dyn Store>
+            Arc::new(SlowStore::new(inner, slow.clone())) as Arc<dyn Store>
         }))
     };
     let options = RunOptions {

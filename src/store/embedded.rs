@@ -1358,6 +1358,11 @@ mod tests {
         Task::new(id, Lsn(lsn))
     }
 
+    /// `dir/store-N`, N counting up: a fresh store for each test of a suite.
+    fn numbered(dir: &Path, n: &AtomicUsize) -> PathBuf {
+        dir.join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)))
+    }
+
     fn ids(claims: &[Claim]) -> Vec<&str> {
         claims.iter().map(|c| c.id.as_str()).collect()
     }
@@ -1367,9 +1372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::run_all(|| {
-            let path = dir
-                .path()
-                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            let path = numbered(dir.path(), &n);
             async move { EmbeddedStore::open(&path).unwrap() }
         })
         .await;
@@ -1381,9 +1384,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::run_all(|| {
-            let path = dir
-                .path()
-                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            let path = numbered(dir.path(), &n);
             async move { EmbeddedStore::open_with(&path, 0).unwrap() }
         })
         .await;
@@ -1446,9 +1447,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::exact_pending_floor(|| {
-            let path = dir
-                .path()
-                .join(format!("store-{}", n.fetch_add(1, Ordering::Relaxed)));
+            let path = numbered(dir.path(), &n);
             async move { EmbeddedStore::open(&path).unwrap() }
         })
         .await;

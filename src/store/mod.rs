@@ -66,6 +66,7 @@ pub mod embedded;
 mod hot;
 #[cfg(feature = "scylla")]
 pub mod scylla;
+pub mod slow;
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
