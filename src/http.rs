@@ -811,9 +811,11 @@ fn strip_etag(tag: &str) -> &str {
     tag.trim_matches('"')
 }
 
-/// The entry's version: its LSN and when it was computed (an equal-LSN recomputation is a new version).
+/// The entry's version: a hash of its bytes (XXH3, 64 bits), a strong validator. A recomputation that
+/// gives the same JSON keeps its tag, so `If-None-Match` still matches and `wait_change` does not wake;
+/// every kck process (and every version of kck) gives the same tag for the same bytes.
 pub fn etag_of(entry: &Entry) -> String {
-    format!("\"{:x}-{:x}\"", entry.lsn.0, entry.computed_at_ms as u64)
+    format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(&entry.value))
 }
 
 /// Whether `If-None-Match` (a list of tags, or `*`) matches `etag` (weak comparison, as RFC 9110 asks).

@@ -677,7 +677,6 @@ async fn etags_revalidate_and_cache_control_comes_from_the_primer() {
         .await
         .unwrap();
     assert_eq!(http.get("/fetch/user/1").await.status, 200);
-    // Let the refresh the insert queued settle: a recomputation is a new version.
     wait_drained(&running, &pg, TIMEOUT).await;
 
     let first = http.get("/fetch/user/1").await;
@@ -711,6 +710,22 @@ async fn etags_revalidate_and_cache_control_comes_from_the_primer() {
         .get_with("/fetch/user/1", &[("if-none-match", "\"other\"")])
         .await;
     assert_eq!(a.status, 200);
+
+    // A change that leaves the value as it was: recomputed (its LSN moves on), same bytes, same tag.
+    let lsn = again.header("kck-lsn").to_owned();
+    pg.batch_execute("UPDATE users SET name = name WHERE id = 1")
+        .await
+        .unwrap();
+    wait_drained(&running, &pg, TIMEOUT).await;
+    let same = http
+        .get_with("/fetch/user/1", &[("if-none-match", &etag)])
+        .await;
+    assert_eq!(
+        same.status, 304,
+        "an identical recomputation keeps its version"
+    );
+    assert_eq!(same.header("etag"), etag);
+    assert_ne!(same.header("kck-lsn"), lsn, "the entry was recomputed");
 
     pg.batch_execute("UPDATE users SET name = 'changed' WHERE id = 1")
         .await
