@@ -24,7 +24,8 @@
 //!   since boot.
 //! - **Cold keys are dropped.** A key nobody read for its primer's `cold_after` is removed instead of
 //!   recomputed; its next fetch is a miss.
-//! - **Bounded concurrency.** `refresh.workers` workers share a pool of `refresh.pool_size` connections;
+//! - **Bounded concurrency.** `refresh.workers` workers share a pool of `refresh.pool_size` connections
+//!   (their queries hold at most all but two of them, so that fetch misses always find one);
 //!   a primer's `concurrency` caps how many of them run its queries at once (a unit waiting for its
 //!   primer's permit does not hold up the worker's other units).
 //! - **Failures.** A failed task is retried with backoff (100 ms doubling to 30 s) and does not hold a
@@ -287,6 +288,9 @@ pub struct PrimerStats {
 /// How many recently refreshed keys [`Refresher::recent_refreshes`] remembers.
 const RECENT: usize = 1024;
 
+/// Pool connections the workers leave to fetch misses (at most half the pool).
+const MISS_RESERVE: usize = 2;
+
 /// How many of its claimed units (a key, or a primer's batch) one worker has under way at once.
 const UNITS_AT_ONCE: usize = 4;
 
@@ -332,6 +336,9 @@ pub struct Refresher {
     claim_batch: usize,
     /// Per primer: its `concurrency` limit.
     limits: Vec<Option<Arc<Semaphore>>>,
+    /// How many of the workers' queries may hold a pool connection at once: all but
+    /// [`MISS_RESERVE`] of the pool, so that fetch misses find a connection however busy the workers are.
+    worker_queries: Semaphore,
     stats: Vec<Mutex<PrimerStats>>,
     recent: Mutex<VecDeque<String>>,
     /// Per-primer successes and failures, for `/status`.
@@ -375,10 +382,17 @@ impl Refresher {
                 })
             })
             .collect();
+        let pool_size = pool_size.max(1);
+        let worker_queries = Semaphore::new(
+            pool_size
+                .saturating_sub(MISS_RESERVE.min(pool_size / 2))
+                .max(1),
+        );
         Ok(Refresher {
             catalog,
             store,
             clock,
+            worker_queries,
             access: AccessLog::new(ACCESS_LOG_CAPACITY),
             hub: Arc::new(Hub::default()),
             pool,
@@ -1046,9 +1060,12 @@ impl Refresher {
     }
 
     async fn settle(&self, claim: &Claim, index: Option<usize>) {
-        let started = Instant::now();
-        let outcome = self.run(claim).await;
-        let elapsed = started.elapsed();
+        let (outcome, elapsed) = {
+            // Only the query holds the slot: recording the result overlaps the next query.
+            let _slot = self.worker_queries.acquire().await;
+            let started = Instant::now();
+            (self.run(claim).await, started.elapsed())
+        };
         let kind = TaskKind::parse(&claim.id).ok();
         let primer = match index {
             Some(i) => self.catalog.primers[i].name.clone(),
@@ -1123,9 +1140,11 @@ impl Refresher {
     /// Refresh key tasks of one primer with its batch query; on failure, each key on its own (with its
     /// own retries).
     async fn settle_batch(&self, index: usize, items: Vec<(Claim, Key, String)>) {
-        let started = Instant::now();
-        let batch = self.run_batch(index, &items).await;
-        let took = started.elapsed();
+        let (batch, took) = {
+            let _slot = self.worker_queries.acquire().await;
+            let started = Instant::now();
+            (self.run_batch(index, &items).await, started.elapsed())
+        };
         match batch {
             Ok(results) => {
                 // Each key's share of the batch query's time.
