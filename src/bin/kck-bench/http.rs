@@ -120,16 +120,21 @@ pub fn fetch_all(addr: SocketAddr, paths: &[String], connections: usize) -> Resu
     })
 }
 
-/// Wait until `/healthz` answers, at most `timeout`.
+/// Wait until kck's `/healthz` answers, at most `timeout`.
 pub fn wait_healthy(addr: SocketAddr, timeout: Duration) -> Result<()> {
+    wait_answers("kck", addr, "/healthz", timeout)
+}
+
+/// Wait until `server` answers `path` with 200, at most `timeout`.
+pub fn wait_answers(server: &str, addr: SocketAddr, path: &str, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let mut http = Http::new(addr);
-        if matches!(http.get("/healthz"), Ok(r) if r.status == 200) {
+        if matches!(http.get(path), Ok(r) if r.status == 200) {
             return Ok(());
         }
         if std::time::Instant::now() > deadline {
-            bail!("kck did not answer /healthz on {addr} within {timeout:?}");
+            bail!("{server} did not answer {path} on {addr} within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -15,7 +15,7 @@ use anyhow::Result;
 
 use crate::Ctx;
 use crate::http;
-use crate::kck::{Instance, KckProcess};
+use crate::kck::Instance;
 use crate::pg::{self, DB};
 use crate::report::{Goal, Section, Table};
 use crate::util::{ChildGuard, proc_status_kib, thousands};
@@ -62,11 +62,9 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     // Phase 1: a large transaction.
     let inst = Instance::new(&ctx.work, &ctx.cluster, "memory", 4, pg::PRIMERS)?;
     let mut kck = inst.spawn(&ctx.kck_bin)?;
-    let mut paths = inst.paths("user", 1..=s.warm_users);
-    paths.extend(inst.paths("orders_by_user", 1..=s.warm_users));
-    paths.extend(inst.paths("group_stats", 1..=s.groups));
+    let paths = big_transaction_keys(&inst, s);
     anyhow::ensure!(http::fetch_all(kck.addr, &paths, 8)? == 0, "warm-up failed");
-    let before = rss_mib(&kck);
+    let before = rss_mib(kck.pid());
     let sampler = Sampler::start(kck.pid());
     let (ingest, quiet) = ctx.rt.block_on(async {
         let client = ctx.cluster.connect(DB).await?;
@@ -83,8 +81,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         anyhow::Ok((ingest, quiet))
     })?;
     let sampled = sampler.stop();
-    let peak = hwm_mib(&kck);
-    let after = rss_mib(&kck);
+    let peak = hwm_mib(kck.pid());
+    let after = rss_mib(kck.pid());
     table.row(vec![
         format!("one {}-row transaction", thousands(s.orders as f64)),
         format!("{before:.0}"),
@@ -116,7 +114,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     let k = s.slow_keys;
     let paths = inst.paths("slow_user", 1..=k);
     anyhow::ensure!(http::fetch_all(kck.addr, &paths, 8)? == 0, "warm-up failed");
-    let before = rss_mib(&kck);
+    let before = rss_mib(kck.pid());
     let sampler = Sampler::start(kck.pid());
     let (done, held) = ctx.rt.block_on(async {
         let client = ctx.cluster.connect(DB).await?;
@@ -150,8 +148,8 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         anyhow::Ok((done, held))
     })?;
     let sampled = sampler.stop();
-    let peak = hwm_mib(&kck);
-    let after = rss_mib(&kck);
+    let peak = hwm_mib(kck.pid());
+    let after = rss_mib(kck.pid());
     kck.child.kill9();
     table.row(vec![
         "full refresh queue".into(),
@@ -209,15 +207,13 @@ fn slow_store(ctx: &Ctx) -> Result<(Vec<String>, f64)> {
             .stderr(log),
     )?;
     http::wait_healthy(inst.addr, Duration::from_secs(60))?;
-    let mut paths = inst.paths("user", 1..=s.warm_users);
-    paths.extend(inst.paths("orders_by_user", 1..=s.warm_users));
-    paths.extend(inst.paths("group_stats", 1..=s.groups));
+    let paths = big_transaction_keys(&inst, s);
     anyhow::ensure!(
         http::fetch_all(inst.addr, &paths, 8)? == 0,
         "warm-up failed"
     );
     let pid = child.pid();
-    let before = proc_status_kib(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0;
+    let before = rss_mib(pid);
     let sampler = Sampler::start(pid);
     std::fs::write(crate::child::slow_path(&flag), b"")?;
     let burst = s.slow_keys;
@@ -247,8 +243,8 @@ fn slow_store(ctx: &Ctx) -> Result<(Vec<String>, f64)> {
         anyhow::Ok((acked, quiet))
     })?;
     let sampled = sampler.stop();
-    let peak = proc_status_kib(pid, "VmHWM").unwrap_or(0) as f64 / 1024.0;
-    let after = proc_status_kib(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0;
+    let peak = hwm_mib(pid);
+    let after = rss_mib(pid);
     std::fs::write(crate::child::stop_path(&flag), b"")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while child.running() && Instant::now() < deadline {
@@ -293,12 +289,20 @@ fn slow_store(ctx: &Ctx) -> Result<(Vec<String>, f64)> {
     Ok((row, peak))
 }
 
-fn rss_mib(kck: &KckProcess) -> f64 {
-    proc_status_kib(kck.pid(), "VmRSS").unwrap_or(0) as f64 / 1024.0
+/// The keys cached before the big transaction (and the slow store's run of it).
+fn big_transaction_keys(inst: &Instance, s: &crate::Sizes) -> Vec<String> {
+    let mut paths = inst.paths("user", 1..=s.warm_users);
+    paths.extend(inst.paths("orders_by_user", 1..=s.warm_users));
+    paths.extend(inst.paths("group_stats", 1..=s.groups));
+    paths
 }
 
-fn hwm_mib(kck: &KckProcess) -> f64 {
-    proc_status_kib(kck.pid(), "VmHWM").unwrap_or(0) as f64 / 1024.0
+fn rss_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmRSS").unwrap_or(0) as f64 / 1024.0
+}
+
+fn hwm_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmHWM").unwrap_or(0) as f64 / 1024.0
 }
 
 /// Samples a process's RSS every 100 ms; returns the highest, in MiB.

@@ -126,7 +126,12 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     )?;
-    wait_serving(floor_addr, &groups[0])?;
+    http::wait_answers(
+        "the HTTP floor server",
+        floor_addr,
+        &groups[0],
+        Duration::from_secs(30),
+    )?;
     let mut table = Table::new(&[
         "primer",
         "target",
@@ -278,20 +283,6 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         pg::drop_slot(&client, &inst.slot).await
     })?;
     Ok(section)
-}
-
-/// Wait until `addr` answers `path` with 200.
-fn wait_serving(addr: std::net::SocketAddr, path: &str) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if matches!(Http::new(addr).get(path), Ok(r) if r.status == 200) {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the HTTP floor server did not answer {path} on {addr} within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn cpu_us(load: &Load) -> String {
