@@ -877,10 +877,7 @@ fn entry_response(
     };
     let headers = response.headers_mut();
     headers.reserve(8);
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        headers.insert(header::ETAG, v);
-    }
-    headers.insert(header::CACHE_CONTROL, cache_control(primer));
+    cache_headers(headers, &etag, primer);
     if let Ok(v) = HeaderValue::from_str(&lsn) {
         headers.insert(KCK_LSN, v);
     }

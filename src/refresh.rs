@@ -35,13 +35,12 @@
 //!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
 use std::collections::{HashMap, VecDeque};
-
-use futures_util::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::StreamExt;
 use postgres_types::{Format, IsNull, ToSql, Type};
 use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_postgres::NoTls;

@@ -58,9 +58,9 @@ pub const REFRESHES: &str = "kck_refreshes_total";
 pub const REFRESH_DURATION_SECONDS: &str = "kck_refresh_duration_seconds";
 /// Consecutive failed refreshes of a primer (0 when its last refresh worked).
 pub const REFRESH_CONSECUTIVE_FAILURES: &str = "kck_refresh_consecutive_failures";
-/// `/fetch` answers by `result`: `hit`, `miss` (computed on the spot), `not_cached` (404), `error`.
 /// The `result` label values of [`FETCHES`] (see `ops::http::measure`).
 pub const FETCH_RESULTS: [&str; 6] = ["hit", "stale", "miss", "not_cached", "bad_request", "error"];
+/// `/fetch` answers by `result`: `hit`, `miss` (computed on the spot), `not_cached` (404), `error`.
 pub const FETCHES: &str = "kck_fetches_total";
 /// `/fetch` latency by `result`.
 pub const FETCH_DURATION_SECONDS: &str = "kck_fetch_duration_seconds";
