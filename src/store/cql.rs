@@ -544,15 +544,7 @@ impl MicrosClock {
     }
 }
 
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-pub fn now_ms() -> i64 {
-    now_us() / 1000
-}
+pub use crate::clock::{now_ms, now_us};
 
 #[cfg(test)]
 mod tests {
