@@ -280,7 +280,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     if let Some(wrap) = &options.wrap_store {
         store = (wrap.0)(store);
     }
-    let source = Source::new(&config.source)?;
+    let source = Source::new(&config.source).map_err(ReplicationError::from)?;
     let catalog = Arc::new(config.catalog.clone());
     let deps = Arc::new(DepIndex::new(catalog.clone()));
     let telemetry = Arc::new(Telemetry::default());

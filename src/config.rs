@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
 use crate::auth::{Access, AccessRule, AuthConfig, JwtConfig};
+use crate::pg::redact_url;
+pub use crate::pg::{SlotLostPolicy, SourceConfig};
 use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
 use crate::update::{Statement, Updater, UpdaterParam, ValueType};
 
@@ -63,37 +65,6 @@ impl fmt::Debug for WriteConfig {
             .field("connections", &self.connections)
             .finish()
     }
-}
-
-/// Where the data comes from.
-///
-/// `Debug` hides the password of `url`; use [`SourceConfig::redacted_url`] to log the URL.
-#[derive(Clone)]
-pub struct SourceConfig {
-    /// A libpq-style connection string or URL (`postgres://user:pass@host:5432/db`). `KCK_SOURCE_URL`.
-    pub url: String,
-    /// The publication kck subscribes to. Default `kck`.
-    pub publication: String,
-    /// Create the publication (for the tables the primers read) if it is missing. Default false.
-    pub create_publication: bool,
-    /// The logical replication slot kck owns. Default `kck`.
-    pub slot: String,
-    /// When another kck holds the slot: wait as a hot standby and take over when it dies (true), or stop
-    /// with [`crate::replication::ReplicationError::SlotInUse`] (false, the default).
-    pub standby: bool,
-    /// Warn when the slot keeps more WAL than this many bytes (at start-up and while running). Default 1 GiB.
-    pub max_retained_wal: u64,
-    /// What to do when Postgres invalidated the slot (`wal_status = lost`). Default [`SlotLostPolicy::Fail`].
-    pub on_slot_lost: SlotLostPolicy,
-}
-
-/// What kck does when its slot was invalidated (`source.on_slot_lost`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotLostPolicy {
-    /// Stop with an error that says what to do.
-    Fail,
-    /// Drop the slot, create it again, and refresh every cached key.
-    Recreate,
 }
 
 /// Where cache entries and the refresh queue live.
@@ -452,83 +423,6 @@ impl Config {
         }
         .load(raw)
     }
-}
-
-impl SourceConfig {
-    /// `url` with any password replaced by `***`, for logs and messages.
-    pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
-    }
-}
-
-impl fmt::Debug for SourceConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SourceConfig")
-            .field("url", &self.redacted_url())
-            .field("publication", &self.publication)
-            .field("create_publication", &self.create_publication)
-            .field("slot", &self.slot)
-            .field("standby", &self.standby)
-            .field("max_retained_wal", &self.max_retained_wal)
-            .field("on_slot_lost", &self.on_slot_lost)
-            .finish()
-    }
-}
-
-/// Replace the password of a `postgres://user:password@host/db` URL or of a `password=...` key/value
-/// connection string with `***`.
-fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        if let Some(at) = authority.rfind('@')
-            && let Some(colon) = authority[..at].find(':')
-        {
-            let start = scheme_end + 3 + colon + 1;
-            let end = scheme_end + 3 + at;
-            return format!("{}***{}", &url[..start], &url[end..]);
-        }
-        return url.to_owned();
-    }
-    // key=value form: `host=... password=secret` or `password='se cret'`.
-    let mut out = String::with_capacity(url.len());
-    let mut rest = url;
-    while let Some(i) = rest.find("password") {
-        let (before, after) = rest.split_at(i);
-        out.push_str(before);
-        let at_word_start = before.is_empty() || before.ends_with(char::is_whitespace);
-        let value = after["password".len()..].trim_start();
-        if at_word_start && let Some(value) = value.strip_prefix('=') {
-            let value = value.trim_start();
-            let end = if let Some(quoted) = value.strip_prefix('\'') {
-                let mut end = quoted.len();
-                let mut chars = quoted.char_indices();
-                while let Some((j, c)) = chars.next() {
-                    match c {
-                        '\\' => {
-                            chars.next();
-                        }
-                        '\'' => {
-                            end = j + 1;
-                            break;
-                        }
-                        _ => {}
-                    }
-                }
-                1 + end
-            } else {
-                value.find(char::is_whitespace).unwrap_or(value.len())
-            };
-            out.push_str("password=***");
-            rest = &value[end..];
-        } else {
-            out.push_str("password");
-            rest = &after["password".len()..];
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod lsn;
 pub mod openapi;
 pub mod ops;
+pub mod pg;
 pub mod primer;
 pub mod queue;
 pub mod refresh;

@@ -39,18 +39,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use postgres_types::{Format, IsNull, ToSql, Type};
+use postgres_types::ToSql;
 use tokio::sync::{OnceCell, Semaphore, watch};
-use tokio_postgres::NoTls;
 
 use crate::freshness::Hub;
 use crate::lsn::Lsn;
 use crate::ops::Telemetry;
+pub use crate::pg::TextParam;
+use crate::pg::{Source, error_text};
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
-use crate::replication::{ReplicationState, Source};
+use crate::replication::ReplicationState;
 use crate::schedule::AccessLog;
 use crate::store::{Claim, Entry, Store, StoreError, Stored, Task};
 use crate::visibility::{Snapshot, VisibilityClock};
@@ -60,10 +61,7 @@ use crate::visibility::{Snapshot, VisibilityClock};
 pub enum RefreshError {
     #[error("no Postgres connection available: {0}")]
     Pool(String),
-    #[error(
-        "the query of primer '{primer}' failed: {}",
-        crate::replication::pg_error_text(source)
-    )]
+    #[error("the query of primer '{primer}' failed: {}", error_text(source))]
     Query {
         primer: String,
         #[source]
@@ -71,7 +69,7 @@ pub enum RefreshError {
     },
     #[error(
         "the lookup query of primer '{primer}' (dependency {dependency}) failed: {}",
-        crate::replication::pg_error_text(source)
+        error_text(source)
     )]
     Lookup {
         primer: String,
@@ -79,10 +77,7 @@ pub enum RefreshError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error(
-        "the batch query of primer '{primer}' failed: {}",
-        crate::replication::pg_error_text(source)
-    )]
+    #[error("the batch query of primer '{primer}' failed: {}", error_text(source))]
     Batch {
         primer: String,
         #[source]
@@ -101,37 +96,6 @@ pub enum RefreshError {
     NotVisible { needed: Lsn, visible: Lsn },
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// A value bound as a query parameter in text form: Postgres parses it with the parameter's own type, so a
-/// key's `42` binds to an `int4`, `int8` or `numeric` column alike. Never spliced into SQL.
-#[derive(Debug)]
-pub struct TextParam<'a>(pub Option<&'a str>);
-
-impl ToSql for TextParam<'_> {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self.0 {
-            Some(text) => {
-                out.extend_from_slice(text.as_bytes());
-                Ok(IsNull::No)
-            }
-            None => Ok(IsNull::Yes),
-        }
-    }
-
-    fn accepts(_ty: &Type) -> bool {
-        true
-    }
-
-    fn encode_format(&self, _ty: &Type) -> Format {
-        Format::Text
-    }
-
-    postgres_types::to_sql_checked!();
 }
 
 /// The SQL kck runs for a primer: the user's query wrapped to produce the cached JSON as text.
@@ -351,16 +315,7 @@ impl Refresher {
         visibility_timeout: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Result<Refresher, RefreshError> {
-        let manager = Manager::from_config(
-            source.pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .build()
+        let pool = crate::pg::pool(source.pg.clone(), pool_size)
             .map_err(|e| RefreshError::Pool(e.to_string()))?;
         let limits = catalog
             .primers

@@ -19,11 +19,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use postgres_types::{ToSql, Type};
 use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
-use tokio_postgres::NoTls;
 use tokio_postgres::error::{DbError, SqlState};
 
 use crate::auth::Access;
@@ -378,17 +377,7 @@ impl Updates {
         updaters: Vec<Updater>,
         statement_timeout: Duration,
     ) -> Result<Updates, UpdateError> {
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .build()
-            .map_err(|e| UpdateError::Pool(e.to_string()))?;
+        let pool = crate::pg::pool(pg, pool_size).map_err(|e| UpdateError::Pool(e.to_string()))?;
         Ok(Updates {
             by_name: updaters
                 .into_iter()

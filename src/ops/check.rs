@@ -15,9 +15,10 @@ use tokio_postgres::types::Type;
 use crate::config::Config;
 use crate::deps::DepIndex;
 use crate::ops::size::format_bytes;
+use crate::pg::quote_table;
 use crate::primer::{Mapping, ParamType, Primer, TableName};
 use crate::refresh::{wrapped_lookup, wrapped_query};
-use crate::replication::{self, Source, quote_table};
+use crate::replication::{self, Source};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -329,7 +330,7 @@ async fn publication(
                     "does not publish {}: kck never hears of those changes and serves stale values. Run: \
                      ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate');",
                     missing.join(", "),
-                    replication::quote_ident(name)
+                    crate::pg::quote_ident(name)
                 ),
             );
         }

@@ -90,7 +90,7 @@ pub async fn status(config: &Config, url: Option<&str>, json: bool) -> Result<bo
 
 /// `kck slot drop`: refuses without `yes`, explaining what dropping does.
 pub async fn slot_drop(config: &Config, yes: bool) -> Result<(), CliError> {
-    let source = Source::new(&config.source)?;
+    let source = Source::new(&config.source).map_err(ReplicationError::from)?;
     let slot = &config.source.slot;
     if !yes {
         let state = match source.connect().await {

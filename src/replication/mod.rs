@@ -23,7 +23,6 @@
 pub mod pgoutput;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -32,9 +31,10 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::NoTls;
 
-use crate::config::SourceConfig;
 use crate::deps::{DepIndex, ResolvedTable, RowChange};
 use crate::lsn::Lsn;
+use crate::pg::quote_table;
+pub use crate::pg::{ConnectError, Source, error_text as pg_error_text};
 use crate::primer::TableName;
 use crate::queue::{TaskBatch, TaskKind};
 use crate::store::{Store, StoreError};
@@ -44,14 +44,9 @@ use pgoutput::{DecodeError, Message, Relation};
 /// The replication side failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
-    #[error("the source connection string is not valid: {0}")]
-    BadUrl(String),
-    #[error("cannot connect to Postgres at {target}: {}", pg_error_text(source))]
-    Connect {
-        target: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// Cannot parse the connection string, or cannot connect.
+    #[error(transparent)]
+    Source(#[from] ConnectError),
     #[error("query failed while {doing}: {}", pg_error_text(source))]
     Query {
         doing: &'static str,
@@ -120,33 +115,11 @@ pub enum ReplicationError {
     Store(#[from] StoreError),
 }
 
-/// A Postgres error as a person needs it: the server's message, SQLSTATE, detail and hint, or the
-/// client-side cause (tokio-postgres's `Display` says only "db error" or "error connecting to server").
-pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-        if let Some(d) = db.detail() {
-            s.push_str(&format!("; {d}"));
-        }
-        if let Some(h) = db.hint() {
-            s.push_str(&format!("; hint: {h}"));
-        }
-        return s;
-    }
-    let mut s = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    s
-}
-
 impl ReplicationError {
     /// Whether retrying (reconnecting) may help. Definite errors need a person.
     pub fn is_transient(&self) -> bool {
         match self {
-            ReplicationError::Connect { .. }
+            ReplicationError::Source(ConnectError::Connect { .. })
             | ReplicationError::Query { .. }
             | ReplicationError::Protocol(_)
             | ReplicationError::OwnershipLost { .. }
@@ -157,105 +130,27 @@ impl ReplicationError {
     }
 }
 
-/// Connection parameters of the source, parsed once from `source.url`.
-#[derive(Clone)]
-pub struct Source {
-    pub pg: tokio_postgres::Config,
-    pub config: SourceConfig,
-    host: String,
-    port: u16,
-}
-
-impl std::fmt::Debug for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the password.
-        write!(f, "Source({})", self.display())
-    }
-}
-
-impl Source {
-    pub fn new(config: &SourceConfig) -> Result<Source, ReplicationError> {
-        let pg = tokio_postgres::Config::from_str(&config.url)
-            .map_err(|e| ReplicationError::BadUrl(e.to_string()))?;
-        let host = match pg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_string(),
-        };
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
-        Ok(Source {
-            pg,
-            config: config.clone(),
-            host,
-            port,
-        })
-    }
-
-    pub fn user(&self) -> String {
-        self.pg
-            .get_user()
-            .map(str::to_string)
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "postgres".into())
-    }
-
-    pub fn database(&self) -> String {
-        self.pg
-            .get_dbname()
-            .map(str::to_string)
-            .unwrap_or_else(|| self.user())
-    }
-
-    /// `user@host:port/db`, for messages.
-    pub fn display(&self) -> String {
-        format!(
-            "{}@{}:{}/{}",
-            self.user(),
-            self.host,
-            self.port,
-            self.database()
-        )
-    }
-
-    /// An ordinary (non-replication) connection; its driver runs on a spawned task.
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, ReplicationError> {
-        let (client, connection) =
-            self.pg
-                .connect(NoTls)
-                .await
-                .map_err(|source| ReplicationError::Connect {
-                    target: self.display(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "Postgres connection closed.");
-            }
-        });
-        Ok(client)
-    }
-
-    fn replication_config(&self, start: Lsn) -> ReplicationConfig {
-        let password = self
-            .pg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        ReplicationConfig::new(
-            self.host.clone(),
-            self.user(),
-            password,
-            self.database(),
-            self.config.slot.clone(),
-            self.config.publication.clone(),
-        )
-        .with_port(self.port)
-        .with_start_lsn(start.into())
-        .with_status_interval(Duration::from_secs(1))
-        .with_wakeup_interval(Duration::from_secs(1))
-        .with_buffer_size(1024)
-        .with_application_name("kck")
-    }
+/// The replication connection's settings for `source`, streaming from `start`.
+fn replication_config(source: &Source, start: Lsn) -> ReplicationConfig {
+    let password = source
+        .pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    ReplicationConfig::new(
+        source.host().to_owned(),
+        source.user(),
+        password,
+        source.database(),
+        source.config.slot.clone(),
+        source.config.publication.clone(),
+    )
+    .with_port(source.port())
+    .with_start_lsn(start.into())
+    .with_status_interval(Duration::from_secs(1))
+    .with_wakeup_interval(Duration::from_secs(1))
+    .with_buffer_size(1024)
+    .with_application_name("kck")
 }
 
 /// What a process with the `replication` role is doing about the slot.
@@ -295,14 +190,6 @@ pub struct SlotState {
     /// Where streaming resumes: every change before it is already queued.
     pub confirmed_flush: Lsn,
     pub created: bool,
-}
-
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-pub(crate) fn quote_table(t: &TableName) -> String {
-    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -624,7 +511,7 @@ async fn check_source_on(
         }
         let sql = format!(
             "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(publication),
+            crate::pg::quote_ident(publication),
             table_list(&tables)
         );
         client
@@ -713,13 +600,10 @@ impl SlotLock {
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
-        let (client, connection) =
-            pg.connect(NoTls)
-                .await
-                .map_err(|e| ReplicationError::Connect {
-                    target: source.display(),
-                    source: e,
-                })?;
+        let (client, connection) = pg.connect(NoTls).await.map_err(|e| ConnectError::Connect {
+            target: source.display(),
+            source: e,
+        })?;
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -887,7 +771,8 @@ impl Stream {
         shutdown: watch::Receiver<bool>,
         started: &mut Option<oneshot::Sender<()>>,
     ) -> Result<(), ReplicationError> {
-        let mut client = ReplicationClient::connect(self.source.replication_config(start)).await?;
+        let mut client =
+            ReplicationClient::connect(replication_config(&self.source, start)).await?;
         if let Err(e) = client.wait_started().await {
             return Err(slot_error(e, &self.source.config.slot));
         }

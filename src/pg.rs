@@ -1,0 +1,311 @@
+//! Postgres helpers every layer may use: the `source` settings, one parsed [`Source`] with its
+//! connections and pool, how a Postgres error is told to a person, identifier quoting, and text parameters.
+//!
+//! Nothing here knows about replication, primers' queries or the store; [`crate::replication`],
+//! [`crate::refresh`], [`crate::update`], the jobs and `kck check` build on it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use postgres_types::{Format, IsNull, ToSql, Type};
+use tokio_postgres::NoTls;
+
+use crate::primer::TableName;
+
+// -----------------------------------------------------------------------------------------------------
+// The `source` settings
+
+/// Where the data comes from.
+///
+/// `Debug` hides the password of `url`; use [`SourceConfig::redacted_url`] to log the URL.
+#[derive(Clone)]
+pub struct SourceConfig {
+    /// A libpq-style connection string or URL (`postgres://user:pass@host:5432/db`). `KCK_SOURCE_URL`.
+    pub url: String,
+    /// The publication kck subscribes to. Default `kck`.
+    pub publication: String,
+    /// Create the publication (for the tables the primers read) if it is missing. Default false.
+    pub create_publication: bool,
+    /// The logical replication slot kck owns. Default `kck`.
+    pub slot: String,
+    /// When another kck holds the slot: wait as a hot standby and take over when it dies (true), or stop
+    /// with [`crate::replication::ReplicationError::SlotInUse`] (false, the default).
+    pub standby: bool,
+    /// Warn when the slot keeps more WAL than this many bytes (at start-up and while running). Default 1 GiB.
+    pub max_retained_wal: u64,
+    /// What to do when Postgres invalidated the slot (`wal_status = lost`). Default [`SlotLostPolicy::Fail`].
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// What kck does when its slot was invalidated (`source.on_slot_lost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLostPolicy {
+    /// Stop with an error that says what to do.
+    Fail,
+    /// Drop the slot, create it again, and refresh every cached key.
+    Recreate,
+}
+
+impl SourceConfig {
+    /// `url` with any password replaced by `***`, for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &self.redacted_url())
+            .field("publication", &self.publication)
+            .field("create_publication", &self.create_publication)
+            .field("slot", &self.slot)
+            .field("standby", &self.standby)
+            .field("max_retained_wal", &self.max_retained_wal)
+            .field("on_slot_lost", &self.on_slot_lost)
+            .finish()
+    }
+}
+
+/// Replace the password of a `postgres://user:password@host/db` URL or of a `password=...` key/value
+/// connection string with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let rest = &url[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@')
+            && let Some(colon) = authority[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            let end = scheme_end + 3 + at;
+            return format!("{}***{}", &url[..start], &url[end..]);
+        }
+        return url.to_owned();
+    }
+    // key=value form: `host=... password=secret` or `password='se cret'`.
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(i) = rest.find("password") {
+        let (before, after) = rest.split_at(i);
+        out.push_str(before);
+        let at_word_start = before.is_empty() || before.ends_with(char::is_whitespace);
+        let value = after["password".len()..].trim_start();
+        if at_word_start && let Some(value) = value.strip_prefix('=') {
+            let value = value.trim_start();
+            let end = if let Some(quoted) = value.strip_prefix('\'') {
+                let mut end = quoted.len();
+                let mut chars = quoted.char_indices();
+                while let Some((j, c)) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '\'' => {
+                            end = j + 1;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                1 + end
+            } else {
+                value.find(char::is_whitespace).unwrap_or(value.len())
+            };
+            out.push_str("password=***");
+            rest = &value[end..];
+        } else {
+            out.push_str("password");
+            rest = &after["password".len()..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+// -----------------------------------------------------------------------------------------------------
+// Connections
+
+/// Cannot reach the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the source connection string is not valid: {0}")]
+    BadUrl(String),
+    #[error("cannot connect to Postgres at {target}: {}", error_text(source))]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// Connection parameters of the source, parsed once from `source.url`.
+#[derive(Clone)]
+pub struct Source {
+    pub pg: tokio_postgres::Config,
+    pub config: SourceConfig,
+    host: String,
+    port: u16,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        write!(f, "Source({})", self.display())
+    }
+}
+
+impl Source {
+    pub fn new(config: &SourceConfig) -> Result<Source, ConnectError> {
+        let pg = tokio_postgres::Config::from_str(&config.url)
+            .map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        let host = match pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = pg.get_ports().first().copied().unwrap_or(5432);
+        Ok(Source {
+            pg,
+            config: config.clone(),
+            host,
+            port,
+        })
+    }
+
+    pub fn user(&self) -> String {
+        self.pg
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "postgres".into())
+    }
+
+    pub fn database(&self) -> String {
+        self.pg
+            .get_dbname()
+            .map(str::to_string)
+            .unwrap_or_else(|| self.user())
+    }
+
+    /// `user@host:port/db`, for messages.
+    pub fn display(&self) -> String {
+        format!(
+            "{}@{}:{}/{}",
+            self.user(),
+            self.host,
+            self.port,
+            self.database()
+        )
+    }
+
+    /// An ordinary (non-replication) connection; its driver runs on a spawned task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
+        let (client, connection) =
+            self.pg
+                .connect(NoTls)
+                .await
+                .map_err(|source| ConnectError::Connect {
+                    target: self.display(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "Postgres connection closed.");
+            }
+        });
+        Ok(client)
+    }
+}
+
+impl Source {
+    /// The first host, for the replication connection and messages.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The first port (5432 when the URL gives none).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A pool of ordinary connections to `pg` (at least one), recycled cheaply. Connections are made when
+/// first needed, so building the pool never fails on the network.
+pub fn pool(
+    pg: tokio_postgres::Config,
+    size: usize,
+) -> Result<Pool, deadpool_postgres::BuildError> {
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager).max_size(size.max(1)).build()
+}
+
+/// A Postgres error as a person needs it: the server's message, SQLSTATE, detail and hint, or the
+/// client-side cause (tokio-postgres's `Display` says only "db error" or "error connecting to server").
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; hint: {h}"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table`, both parts quoted.
+pub fn quote_table(t: &TableName) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
+
+/// A value bound as a query parameter in text form: Postgres parses it with the parameter's own type, so a
+/// key's `42` binds to an `int4`, `int8` or `numeric` column alike. Never spliced into SQL.
+#[derive(Debug)]
+pub struct TextParam<'a>(pub Option<&'a str>);
+
+impl ToSql for TextParam<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.0 {
+            Some(text) => {
+                out.extend_from_slice(text.as_bytes());
+                Ok(IsNull::No)
+            }
+            None => Ok(IsNull::Yes),
+        }
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+
+    postgres_types::to_sql_checked!();
+}
