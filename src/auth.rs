@@ -18,20 +18,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Request, State};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
+
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
-use serde_json::Value;
 
-use crate::http::ApiError;
-
-/// A token's claims (its payload), once verified.
-pub type Claims = serde_json::Map<String, Value>;
+pub use crate::primer::access::{Access, AccessRule, ClaimText, Claims, Principal, claim_text};
 
 /// `auth` in the config.
 #[derive(Debug, Clone)]
@@ -366,99 +359,7 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Access rules
-
-/// Who makes a request: the claims of its verified token, or nobody (authentication is off).
-#[derive(Debug, Clone, Default)]
-pub struct Principal {
-    pub claims: Option<Arc<Claims>>,
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for Principal {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts
-            .extensions
-            .get::<Principal>()
-            .cloned()
-            .unwrap_or_default())
-    }
-}
-
-/// One accepted value of a required claim, compared as text (`3` and `"3"` are equal).
-pub type ClaimText = String;
-
-/// `access` of a primer or an updater: any one rule grants access.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Access {
-    pub rules: Vec<AccessRule>,
-}
-
-/// Every `require` and every `match` must hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AccessRule {
-    /// Claim → accepted values (any one). A claim that is a list holds if it contains one of them; the
-    /// space-separated `scope` and `scp` claims are split into a list first.
-    pub require: Vec<(String, Vec<ClaimText>)>,
-    /// Claim → index of the parameter (key parameter or updater parameter) it must equal.
-    pub matches: Vec<(String, usize)>,
-}
-
-/// A claim value as text, if it is a scalar.
-pub fn claim_text(value: &Value) -> Option<String> {
-    match value {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-impl Access {
-    /// Whether `principal` may proceed. `param_equals(index, claim)` says whether parameter `index` of the
-    /// request equals the claim's value (in the parameter's type: a UUID claim in upper case still equals
-    /// the key's UUID). Without claims (no token) nothing is granted.
-    pub fn allows(
-        &self,
-        principal: &Principal,
-        param_equals: &dyn Fn(usize, &Value) -> bool,
-    ) -> bool {
-        let Some(claims) = &principal.claims else {
-            return false;
-        };
-        self.rules
-            .iter()
-            .any(|rule| rule.holds(claims, param_equals))
-    }
-}
-
-impl AccessRule {
-    fn holds(&self, claims: &Claims, param_equals: &dyn Fn(usize, &Value) -> bool) -> bool {
-        let required = self.require.iter().all(|(claim, accepted)| {
-            let Some(value) = claims.get(claim) else {
-                return false;
-            };
-            let has = |v: &Value| claim_text(v).is_some_and(|t| accepted.contains(&t));
-            match value {
-                Value::Array(items) => items.iter().any(has),
-                Value::String(s) if claim == "scope" || claim == "scp" => s
-                    .split_ascii_whitespace()
-                    .any(|scope| accepted.iter().any(|a| a == scope)),
-                other => has(other),
-            }
-        });
-        required
-            && self.matches.iter().all(|(claim, param)| {
-                claims
-                    .get(claim)
-                    .is_some_and(|v| claim_text(v).is_some() && param_equals(*param, v))
-            })
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// HTTP
+// Requests
 
 /// Why a request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -469,34 +370,6 @@ pub enum AuthError {
     Invalid,
     #[error("the token does not grant access to {0}")]
     Forbidden(String),
-}
-
-impl IntoResponse for AuthError {
-    fn into_response(self) -> Response {
-        let (status, code, challenge) = match &self {
-            AuthError::Missing => (
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                r#"Bearer realm="kck""#,
-            ),
-            AuthError::Invalid => (
-                StatusCode::UNAUTHORIZED,
-                "invalid_token",
-                r#"Bearer realm="kck", error="invalid_token""#,
-            ),
-            AuthError::Forbidden(_) => (
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                r#"Bearer realm="kck", error="insufficient_scope""#,
-            ),
-        };
-        let mut response = ApiError::new(status, code, self.to_string()).into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(challenge),
-        );
-        response
-    }
 }
 
 /// What [`authenticate`] needs.
@@ -551,47 +424,10 @@ impl Authenticator {
     }
 }
 
-/// The middleware: public paths pass; every other request needs a valid bearer token; the operations
-/// routes (every path that is not an API route) also need [`AuthConfig::operator`]'s claims. The API
-/// handlers apply the primers' and updaters' own rules.
-pub async fn authenticate(
-    State(auth): State<Arc<Authenticator>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    let path = request.uri().path();
-    if auth.public_paths.iter().any(|p| p == path) {
-        return next.run(request).await;
-    }
-    let principal = match auth.principal(request.headers()) {
-        Ok(principal) => principal,
-        Err(e) => return e.into_response(),
-    };
-    if !crate::http::is_api_path(path) {
-        let allowed = auth
-            .operator
-            .as_ref()
-            .is_some_and(|rule| rule.allows(&principal, &|_, _| false));
-        if !allowed {
-            let why = if auth.operator.is_some() {
-                format!("'{path}' (an operations route; see auth.operator)")
-            } else {
-                format!(
-                    "'{path}': operations routes need auth.operator (the claims an operator's token \
-                     carries), or the path in auth.public_paths"
-                )
-            };
-            return AuthError::Forbidden(why).into_response();
-        }
-    }
-    request.extensions_mut().insert(principal);
-    next.run(request).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn principal(claims: Value) -> Principal {
         match claims {

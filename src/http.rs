@@ -20,12 +20,14 @@
 //! ([`json_errors`]) turns any other error response into it.
 //!
 //! Middleware, outermost first: JSON error bodies, the request timeout (longer for a request that waits),
-//! authentication ([`crate::auth::authenticate`], when configured), the body limit.
+//! authentication ([`auth::authenticate`], when configured), the body limit.
 //!
 //! **Architecture invariant:** `http` reads the store, asks [`Refresher::prime`] for misses and
 //! [`Updates::run`] for writes, and reads the stream's progress through [`Progress`] to wait for freshness;
 //! it never drives the replication stream or the queue. A cache hit that waits for nothing is one store
 //! lookup and the stored bytes written as they are.
+
+pub mod auth;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -215,7 +217,7 @@ pub fn app(state: AppState, operations: Router) -> Router {
     if let Some(auth) = auth {
         router = router.layer(axum::middleware::from_fn_with_state(
             auth,
-            crate::auth::authenticate,
+            auth::authenticate,
         ));
     }
     let router = router.layer(axum::middleware::from_fn_with_state(

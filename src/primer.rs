@@ -17,6 +17,12 @@
 //!
 //! For every key `k` of a catalog, `parse_key(&render(&k)) == Ok(k)`.
 
+pub mod access;
+pub mod policy;
+
+pub use access::{Access, AccessRule, Claims, Principal};
+pub use policy::{BatchQuery, OnExpiry, Policy};
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
@@ -108,12 +114,12 @@ pub struct Primer {
     pub shape: Shape,
     pub dependencies: Vec<Dependency>,
     /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
-    pub policy: crate::schedule::Policy,
+    pub policy: Policy,
     /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
     pub cache_control: Option<String>,
     /// Who may fetch its keys when authentication is on (`None`: any valid token). `match` indexes are key
     /// parameters.
-    pub access: Option<crate::auth::Access>,
+    pub access: Option<Access>,
 }
 
 /// A typed parameter value of a key.

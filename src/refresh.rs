@@ -34,6 +34,10 @@
 //! - **Batching.** Key tasks of a primer with a `batch` query that are claimed together are computed in
 //!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
+mod access_log;
+
+pub use access_log::AccessLog;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,7 +56,6 @@ use crate::pg::{Source, error_text};
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
 use crate::replication::ReplicationState;
-use crate::schedule::AccessLog;
 use crate::store::{Claim, Entry, Store, StoreError, Stored, Task};
 use crate::visibility::{Snapshot, VisibilityClock};
 
