@@ -24,5 +24,6 @@ pub mod refresh;
 pub mod replication;
 pub mod schedule;
 pub mod store;
+pub mod telemetry;
 pub mod update;
 pub mod visibility;

@@ -50,13 +50,13 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::freshness::Hub;
 use crate::lsn::Lsn;
-use crate::ops::Telemetry;
 pub use crate::pg::TextParam;
 use crate::pg::{Source, error_text};
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
 use crate::replication::ReplicationState;
 use crate::store::{Claim, Entry, Store, StoreError, Stored, Task};
+use crate::telemetry::Telemetry;
 use crate::visibility::{Snapshot, VisibilityClock};
 
 /// A refresh failed.

@@ -20,40 +20,21 @@
 pub mod check;
 pub mod cli;
 pub mod client;
-pub mod events;
 pub mod http;
-pub mod metrics;
 pub mod monitor;
 pub mod size;
 pub mod slot;
 pub mod status;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use crate::config::SourceConfig;
 use crate::primer::Catalog;
 use crate::refresh::Refresher;
 use crate::replication::{Source, StreamStats};
 use crate::store::Store;
+pub use crate::telemetry::{FetchCounts, Telemetry, events, metrics};
 use crate::visibility::VisibilityClock;
-
-/// What every part of a running kck reports into: the metrics registry and the recent problems.
-#[derive(Debug, Default)]
-pub struct Telemetry {
-    pub metrics: metrics::Metrics,
-    pub events: events::EventLog,
-    pub fetches: FetchCounts,
-}
-
-/// `/fetch` answers so far, for the hit ratio.
-#[derive(Debug, Default)]
-pub struct FetchCounts {
-    pub hits: AtomicU64,
-    pub misses: AtomicU64,
-    pub not_cached: AtomicU64,
-    pub errors: AtomicU64,
-}
 
 /// A running kck as the operations surface sees it. Built by `app::start`.
 pub struct Ops {
@@ -98,7 +79,7 @@ impl Ops {
             telemetry,
             jobs: Arc::default(),
             watch: monitor::SlotWatch::default(),
-            started_at_ms: crate::refresh::now_ms(),
+            started_at_ms: crate::clock::now_ms(),
             replication: tokio::sync::watch::channel(
                 crate::replication::ReplicationState::Starting,
             )

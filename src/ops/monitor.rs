@@ -319,7 +319,14 @@ pub fn set_gauges(ops: &Ops, reading: Option<&Reading>, queue: Option<&crate::st
         stats.backpressure_waits.load(Ordering::Relaxed),
     );
     for job in ops.jobs.status() {
-        metrics.job(&job);
+        metrics.job(&m::JobReading {
+            name: &job.name,
+            runs: job.runs,
+            failures: job.failures,
+            last_started_ms: job.last_started_ms,
+            last_duration_ms: job.last_duration_ms,
+            failed: job.last_error.is_some(),
+        });
     }
     metrics.counter_total(
         m::REPLICATION_TASKS_QUEUED,

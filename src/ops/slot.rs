@@ -14,12 +14,12 @@ use std::time::Duration;
 use crate::config::SlotLostPolicy;
 use crate::deps::DepIndex;
 use crate::lsn::Lsn;
-use crate::ops::Telemetry;
 use crate::ops::size::format_bytes;
 use crate::primer::Catalog;
 use crate::queue::TaskKind;
 use crate::replication::{self, ReplicationError, SlotInfo, SlotState, Source};
 use crate::store::Task;
+use crate::telemetry::Telemetry;
 
 /// [`replication::preflight`] under the `on_slot_lost` policy, then the retained-WAL check.
 pub async fn prepare(

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::refresh::now_ms;
+use crate::clock::now_ms;
 
 /// One recorded problem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -90,6 +90,20 @@ const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// One job's counters, as [`Metrics::job`] exports them.
+#[derive(Debug, Clone, Copy)]
+pub struct JobReading<'a> {
+    pub name: &'a str,
+    /// Runs started and finished, and of those, failed.
+    pub runs: u64,
+    pub failures: u64,
+    /// When it last started (ms since the Unix epoch) and how long that run took.
+    pub last_started_ms: Option<i64>,
+    pub last_duration_ms: Option<u64>,
+    /// Whether the last run failed.
+    pub failed: bool,
+}
+
 /// One kck's metrics registry. See the module docs.
 pub struct Metrics {
     recorder: PrometheusRecorder,
@@ -196,9 +210,9 @@ impl Metrics {
         });
     }
 
-    /// A job's state, from [`crate::jobs::Jobs::status`].
-    pub fn job(&self, job: &crate::jobs::JobStatus) {
-        let name = job.name.clone();
+    /// A job's state (the process worker's `Jobs::status`).
+    pub fn job(&self, job: &JobReading<'_>) {
+        let name = job.name.to_owned();
         self.with(|| {
             let ok = job.runs.saturating_sub(job.failures);
             metrics::counter!(JOB_RUNS, "job" => name.clone(), "outcome" => "ok").absolute(ok);
@@ -212,11 +226,7 @@ impl Metrics {
                 metrics::gauge!(JOB_LAST_DURATION_SECONDS, "job" => name.clone())
                     .set(ms as f64 / 1000.0);
             }
-            metrics::gauge!(JOB_LAST_FAILED, "job" => name).set(if job.last_error.is_some() {
-                1.0
-            } else {
-                0.0
-            });
+            metrics::gauge!(JOB_LAST_FAILED, "job" => name).set(if job.failed { 1.0 } else { 0.0 });
         });
     }
 
