@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,9 +17,21 @@ use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
 use crate::auth::{Access, AccessRule, AuthConfig, JwtConfig};
+pub use crate::http::{
+    DEFAULT_BODY_LIMIT, DEFAULT_CACHE_CONTROL, DEFAULT_HTTP_BIND, DEFAULT_MAX_BATCH_KEYS,
+    DEFAULT_MAX_WAIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WAIT_TIMEOUT, HttpConfig,
+};
+pub use crate::jobs::{JobConfig, JobSchedule};
 use crate::pg::redact_url;
 pub use crate::pg::{SlotLostPolicy, SourceConfig};
 use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
+pub use crate::refresh::{
+    DEFAULT_CLAIM_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_VISIBILITY_TIMEOUT, DEFAULT_WORKERS,
+    MAX_WORKERS, RefreshConfig,
+};
+pub use crate::store::{
+    Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig, StoreConfig,
+};
 use crate::update::{Statement, Updater, UpdaterParam, ValueType};
 
 /// The validated configuration.
@@ -64,104 +76,6 @@ impl fmt::Debug for WriteConfig {
             .field("url", &redact_url(&self.url))
             .field("connections", &self.connections)
             .finish()
-    }
-}
-
-/// Where cache entries and the refresh queue live.
-///
-/// Chosen by `store.kind`; each kind has its own fields in the `store` section.
-#[derive(Debug, Clone)]
-pub enum StoreConfig {
-    /// redb in one file under `path` (a directory; created if missing). One process at a time.
-    /// `memory_cache`: bytes of entries kept in memory in front of redb (`store.memory_cache`, default
-    /// 64 MiB; 0 turns it off).
-    Embedded { path: PathBuf, memory_cache: usize },
-    /// A ScyllaDB or Cassandra cluster, shared by any number of kck processes.
-    Scylla(ScyllaConfig),
-}
-
-/// `store.kind: scylla`.
-///
-/// `Debug` hides the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ScyllaConfig {
-    /// Contact points, `host:port` (the port defaults to 9042). `KCK_STORE_NODES` (comma-separated).
-    pub nodes: Vec<String>,
-    /// The keyspace holding kck's tables. Default `kck`.
-    pub keyspace: String,
-    /// How the keyspace is replicated when kck creates it (`kck store init`, or `init: true`).
-    pub replication: KeyspaceReplication,
-    /// Consistency of every read and write. Default `local_quorum`.
-    pub consistency: Consistency,
-    pub username: Option<String>,
-    /// `KCK_STORE_PASSWORD` overrides it.
-    pub password: Option<String>,
-    /// Connect with TLS, trusting the certificate authorities in this PEM file.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Create the keyspace and tables (if missing) at start-up. Default false.
-    pub init: bool,
-}
-
-impl fmt::Debug for ScyllaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScyllaConfig")
-            .field("nodes", &self.nodes)
-            .field("keyspace", &self.keyspace)
-            .field("replication", &self.replication)
-            .field("consistency", &self.consistency)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("init", &self.init)
-            .finish()
-    }
-}
-
-/// The replication of kck's keyspace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyspaceReplication {
-    /// `{'class': 'SimpleStrategy', 'replication_factor': N}`: one data centre (development).
-    Simple { replication_factor: u32 },
-    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3, ...}`: replicas per data centre.
-    NetworkTopology { datacenters: Vec<(String, u32)> },
-}
-
-/// A CQL consistency level (`store.consistency`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Consistency {
-    One,
-    Two,
-    Three,
-    Quorum,
-    All,
-    LocalOne,
-    LocalQuorum,
-    EachQuorum,
-}
-
-impl Consistency {
-    pub const NAMES: [(&'static str, Consistency); 8] = [
-        ("one", Consistency::One),
-        ("two", Consistency::Two),
-        ("three", Consistency::Three),
-        ("quorum", Consistency::Quorum),
-        ("all", Consistency::All),
-        ("local_one", Consistency::LocalOne),
-        ("local_quorum", Consistency::LocalQuorum),
-        ("each_quorum", Consistency::EachQuorum),
-    ];
-
-    pub fn name(self) -> &'static str {
-        Consistency::NAMES
-            .iter()
-            .find(|(_, c)| *c == self)
-            .map_or("?", |(n, _)| n)
-    }
-
-    /// Whether lightweight transactions should use `LOCAL_SERIAL` (the data centre's replicas) rather
-    /// than `SERIAL`.
-    pub fn is_local(self) -> bool {
-        matches!(self, Consistency::LocalOne | Consistency::LocalQuorum)
     }
 }
 
@@ -251,81 +165,6 @@ impl fmt::Display for Roles {
     }
 }
 
-/// The HTTP server.
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    /// Default `127.0.0.1:8080`. `KCK_HTTP_BIND`.
-    pub bind: SocketAddr,
-    /// How long a request may take, waits excluded (a request that waits gets `max_wait` more). Updaters'
-    /// statements get it as their `statement_timeout`. Default 30 s.
-    pub request_timeout: Duration,
-    /// The largest request body, in bytes. Default 1 MiB.
-    pub body_limit: usize,
-    /// The most keys one `POST /fetch` may ask for. Default 1000.
-    pub max_batch_keys: usize,
-    /// How long a freshness wait (`min_lsn`, `wait=fresh`, `wait_change`) lasts when the request gives no
-    /// `timeout`. Default 5 s.
-    pub wait_timeout: Duration,
-    /// The longest `timeout` a request may give. Default 60 s.
-    pub max_wait: Duration,
-    /// Origins browsers may call kck from (CORS), such as `https://app.example.com`, or `*`. Default none:
-    /// no CORS headers.
-    pub cors_origins: Vec<String>,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            bind: DEFAULT_HTTP_BIND,
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            body_limit: DEFAULT_BODY_LIMIT,
-            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
-            wait_timeout: DEFAULT_WAIT_TIMEOUT,
-            max_wait: DEFAULT_MAX_WAIT,
-            cors_origins: Vec::new(),
-        }
-    }
-}
-
-/// Refresh workers.
-#[derive(Debug, Clone)]
-pub struct RefreshConfig {
-    /// Concurrent refreshes, each with its own Postgres connection. Default 4.
-    pub workers: usize,
-    /// How long a refresh waits for its triggering transaction to become visible before giving up and
-    /// retrying later. Default 5 s.
-    pub visibility_timeout: Duration,
-    /// Postgres connections for refreshes and fetch misses. Default `workers + 4`.
-    pub pool_size: usize,
-    /// The replication reader waits while the queue holds more tasks than this. Default 1,000,000.
-    pub max_queue: u64,
-    /// A key nobody fetched for this long is dropped instead of recomputed, for primers that do not set
-    /// their own `cold_after`. Default: never.
-    pub cold_after: Option<Duration>,
-    /// How many tasks a worker claims at once and runs hottest first (and batches). Default 16.
-    pub claim_batch: usize,
-}
-
-/// One job of the process worker: a named SQL statement run on a schedule, at most once at a time
-/// across all kck processes sharing the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobConfig {
-    pub name: String,
-    /// Run with the simple query protocol: may hold several statements, and may be a statement that
-    /// cannot run in a transaction block (`REFRESH MATERIALIZED VIEW CONCURRENTLY`, `VACUUM`).
-    pub sql: String,
-    pub schedule: JobSchedule,
-}
-
-/// When a job runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobSchedule {
-    /// Every period, counted from the end of the previous run's start.
-    Interval(Duration),
-    /// At the times a cron expression matches (5 fields, or 6 with seconds first), in UTC.
-    Cron(String),
-}
-
 /// The configuration is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -359,27 +198,10 @@ pub enum ConfigError {
 pub const DEFAULT_PUBLICATION: &str = "kck";
 pub const DEFAULT_SLOT: &str = "kck";
 pub const DEFAULT_STORE_PATH: &str = "./kck-data";
-pub const DEFAULT_HTTP_BIND: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
-pub const DEFAULT_WORKERS: usize = 4;
-pub const MAX_WORKERS: usize = 256;
-pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
-pub const DEFAULT_CLAIM_BATCH: usize = 16;
-pub const DEFAULT_KEYSPACE: &str = "kck";
-pub const DEFAULT_CQL_PORT: u16 = 9042;
 pub const DEFAULT_MAX_RETAINED_WAL: u64 = 1 << 30;
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
-pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
-pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WRITE_CONNECTIONS: usize = 4;
 pub const MAX_WRITE_CONNECTIONS: usize = 256;
 pub const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
-/// What `/fetch` answers in `Cache-Control` unless a primer says otherwise: caches may keep the value but
-/// must revalidate it (cheap with `ETag`).
-pub const DEFAULT_CACHE_CONTROL: &str = "no-cache";
 
 /// The environment variables that override fields, with the field each overrides.
 pub const ENV_OVERRIDES: [(&str, &str); 8] = [

@@ -30,6 +30,7 @@
 pub mod auth;
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -48,13 +49,62 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::{AuthError, Authenticator, Principal, claim_text};
-use crate::config::{DEFAULT_CACHE_CONTROL, HttpConfig};
 use crate::freshness::{Hub, Progress, Waited};
 use crate::lsn::Lsn;
 use crate::primer::{Catalog, Key, KeyError, Primer};
 use crate::refresh::{RefreshError, Refresher};
 use crate::store::{Entry, Store};
 use crate::update::{ArgError, UpdateError, Updater, Updates, ValueType, parse_args};
+
+// ---------------------------------------------------------------------------------------------------------
+// Settings (`http` in the config)
+
+pub const DEFAULT_HTTP_BIND: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+/// What `/fetch` answers in `Cache-Control` unless a primer says otherwise: caches may keep the value but
+/// must revalidate it (cheap with `ETag`).
+pub const DEFAULT_CACHE_CONTROL: &str = "no-cache";
+
+/// The HTTP server.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Default `127.0.0.1:8080`. `KCK_HTTP_BIND`.
+    pub bind: SocketAddr,
+    /// How long a request may take, waits excluded (a request that waits gets `max_wait` more). Updaters'
+    /// statements get it as their `statement_timeout`. Default 30 s.
+    pub request_timeout: Duration,
+    /// The largest request body, in bytes. Default 1 MiB.
+    pub body_limit: usize,
+    /// The most keys one `POST /fetch` may ask for. Default 1000.
+    pub max_batch_keys: usize,
+    /// How long a freshness wait (`min_lsn`, `wait=fresh`, `wait_change`) lasts when the request gives no
+    /// `timeout`. Default 5 s.
+    pub wait_timeout: Duration,
+    /// The longest `timeout` a request may give. Default 60 s.
+    pub max_wait: Duration,
+    /// Origins browsers may call kck from (CORS), such as `https://app.example.com`, or `*`. Default none:
+    /// no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: DEFAULT_HTTP_BIND,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            body_limit: DEFAULT_BODY_LIMIT,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            max_wait: DEFAULT_MAX_WAIT,
+            cors_origins: Vec::new(),
+        }
+    }
+}
 
 /// What the handlers share (behind one `Arc`: axum clones the state for every request).
 pub struct AppState {
@@ -561,7 +611,7 @@ impl AppState {
         }
         let mut expired = false;
         if let Some(entry) = self.store.get(text).await.map_err(|e| internal(&e))? {
-            let now = crate::refresh::now_ms();
+            let now = crate::clock::now_ms();
             let Some(expires) = entry.expires_at_ms.filter(|at| *at <= now) else {
                 return Ok((entry, "hit"));
             };

@@ -18,10 +18,29 @@ use croner::parser::{CronParser, Seconds};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::{JobConfig, JobSchedule};
-use crate::refresh::now_ms;
+use crate::clock::now_ms;
 use crate::replication::Source;
 use crate::store::Store;
+
+/// One job of the process worker: a named SQL statement run on a schedule, at most once at a time
+/// across all kck processes sharing the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobConfig {
+    pub name: String,
+    /// Run with the simple query protocol: may hold several statements, and may be a statement that
+    /// cannot run in a transaction block (`REFRESH MATERIALIZED VIEW CONCURRENTLY`, `VACUUM`).
+    pub sql: String,
+    pub schedule: JobSchedule,
+}
+
+/// When a job runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobSchedule {
+    /// Every period, counted from the end of the previous run's start.
+    Interval(Duration),
+    /// At the times a cron expression matches (5 fields, or 6 with seconds first), in UTC.
+    Cron(String),
+}
 
 /// How long a lease lasts without renewal; a run renews it every third of that.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);

@@ -130,6 +130,34 @@ pub fn param_text(value: &ParamValue) -> String {
 
 pub use crate::clock::now_ms;
 
+// ---------------------------------------------------------------------------------------------------------
+// Settings (`refresh` in the config)
+
+pub const DEFAULT_WORKERS: usize = 4;
+pub const MAX_WORKERS: usize = 256;
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
+pub const DEFAULT_CLAIM_BATCH: usize = 16;
+
+/// Refresh workers.
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    /// Concurrent refreshes, each with its own Postgres connection. Default 4.
+    pub workers: usize,
+    /// How long a refresh waits for its triggering transaction to become visible before giving up and
+    /// retrying later. Default 5 s.
+    pub visibility_timeout: Duration,
+    /// Postgres connections for refreshes and fetch misses. Default `workers + 4`.
+    pub pool_size: usize,
+    /// The replication reader waits while the queue holds more tasks than this. Default 1,000,000.
+    pub max_queue: u64,
+    /// A key nobody fetched for this long is dropped instead of recomputed, for primers that do not set
+    /// their own `cold_after`. Default: never.
+    pub cold_after: Option<Duration>,
+    /// How many tasks a worker claims at once and runs hottest first (and batches). Default 16.
+    pub claim_batch: usize,
+}
+
 type PrimeCell = Arc<OnceCell<Entry>>;
 
 /// How one primer's refreshes go, for `/status`.
@@ -353,7 +381,7 @@ impl Refresher {
             priming: Mutex::new(HashMap::new()),
             local_stream: None,
             paused: watch::Sender::new(false),
-            claim_batch: crate::config::DEFAULT_CLAIM_BATCH,
+            claim_batch: DEFAULT_CLAIM_BATCH,
             limits,
             stats,
             recent: Mutex::new(VecDeque::new()),

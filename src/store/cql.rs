@@ -54,8 +54,8 @@ use std::fmt::Write as _;
 
 use bytes::Bytes;
 
+use super::{Consistency, KeyspaceReplication};
 use super::{Entry, StoreError, StoreResult};
-use crate::config::{Consistency, KeyspaceReplication};
 use crate::lsn::Lsn;
 
 /// Queue partitions per table. Changing it is a schema change (tasks would be looked for in the wrong

@@ -66,7 +66,12 @@ pub mod embedded;
 mod hot;
 #[cfg(feature = "scylla")]
 pub mod scylla;
+mod settings;
 pub mod slow;
+
+pub use settings::{
+    Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig, StoreConfig,
+};
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;

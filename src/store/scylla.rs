@@ -41,7 +41,7 @@ use super::cql::{
     TABLES,
 };
 use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
-use crate::config::{Consistency, ScyllaConfig};
+use super::{Consistency, ScyllaConfig};
 use crate::lsn::Lsn;
 
 /// How often [`Store::wait_for_tasks`] looks at the cluster for work other processes queued.
@@ -1118,7 +1118,7 @@ impl Store for ScyllaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::KeyspaceReplication;
+    use crate::store::KeyspaceReplication;
     use crate::store::conformance;
 
     /// `KCK_TEST_SCYLLA=host:port` names a ScyllaDB or Cassandra node to run the suite against.
