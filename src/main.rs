@@ -8,9 +8,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kck::app::{self, RunOptions};
+use kck::cli;
 use kck::config::{Config, Roles, StoreConfig};
 use kck::invalidate::{self, Mode};
-use kck::ops;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
 #[derive(Debug, Parser)]
@@ -246,11 +246,11 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             warnings_ok,
         } => {
             let config = Config::load(&config)?;
-            Ok(ops::cli::check(&config, json, warnings_ok).await?)
+            Ok(cli::check(&config, json, warnings_ok).await?)
         }
         Command::Status { config, url, json } => {
             let config = Config::load(&config)?;
-            Ok(ops::cli::status(&config, url.as_deref(), json).await?)
+            Ok(cli::status(&config, url.as_deref(), json).await?)
         }
         Command::Slot {
             command:
@@ -260,12 +260,12 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 },
         } => {
             let config = Config::load(&config)?;
-            ops::cli::slot_drop(&config, yes_drop_the_slot).await?;
+            cli::slot_drop(&config, yes_drop_the_slot).await?;
             Ok(true)
         }
         Command::Get { key, config, url } => {
             let config = Config::load(&config)?;
-            Ok(ops::cli::get(&config, &key, url.as_deref()).await?)
+            Ok(cli::get(&config, &key, url.as_deref()).await?)
         }
         Command::Keys {
             primer,
@@ -273,7 +273,7 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             url,
         } => {
             let config = Config::load(&config)?;
-            ops::cli::keys(&config, &primer, url.as_deref()).await?;
+            cli::keys(&config, &primer, url.as_deref()).await?;
             Ok(true)
         }
         Command::Store {

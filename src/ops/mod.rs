@@ -3,23 +3,21 @@
 //! People run CDC tools next to production databases; what they fear is silent lag, a forgotten slot that
 //! fills the disk with WAL, and errors that show up hours later. This module makes those visible:
 //!
-//! - [`check`]: `kck check`, every finding about the live database at once, each with its fix.
 //! - [`slot`]: the slot's life: the `on_slot_lost` policy, the retained-WAL warning, `kck slot drop`.
 //! - [`monitor`]: a task that reads the slot every few seconds (lag, retained WAL, `wal_status`), keeps a
 //!   short history for the dashboard, and says clearly when the slot is in danger or lost.
-//! - [`metrics`]: the Prometheus names (defined once) and the per-instance registry.
+//! - [`metrics`] and [`events`]: re-exported from `crate::telemetry`, which every layer reports into.
 //! - [`status`]: the `/status` document, from a running kck or, when none answers, from Postgres and the
 //!   store alone.
 //! - [`http`]: `/status`, `/metrics`, `/readyz`, `/cache/keys/{primer}`, the dashboard at `/`, and the
 //!   layer that counts every HTTP answer.
-//! - [`cli`] and [`client`]: the `kck check | status | slot drop | get | keys` commands.
+//!
+//! The commands that read a config file (`kck check | status | slot drop | get | keys`) are `crate::cli`,
+//! above this module.
 //!
 //! **Architecture invariant:** `ops` observes; the only thing it changes is the slot, and only when told to
 //! (`kck slot drop`, or `source.on_slot_lost: recreate`).
 
-pub mod check;
-pub mod cli;
-pub mod client;
 pub mod http;
 pub mod monitor;
 pub mod size;
@@ -28,7 +26,7 @@ pub mod status;
 
 use std::sync::Arc;
 
-use crate::config::SourceConfig;
+use crate::pg::SourceConfig;
 use crate::primer::Catalog;
 use crate::refresh::Refresher;
 use crate::replication::{Source, StreamStats};

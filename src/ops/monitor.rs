@@ -228,12 +228,12 @@ fn report(ops: &Ops, reading: &Reading) {
         match status.as_str() {
             "lost" => {
                 let what = match config.on_slot_lost {
-                    crate::config::SlotLostPolicy::Fail => {
+                    crate::pg::SlotLostPolicy::Fail => {
                         "source.on_slot_lost is 'fail': kck stops when its stream reconnects. Run `kck slot \
                          drop --config FILE --yes-drop-the-slot` and start kck again to rebuild the cache, \
                          or set source.on_slot_lost: recreate."
                     }
-                    crate::config::SlotLostPolicy::Recreate => {
+                    crate::pg::SlotLostPolicy::Recreate => {
                         "source.on_slot_lost is 'recreate': kck drops and creates the slot again when its \
                          stream reconnects, and refreshes every cached key."
                     }

@@ -11,10 +11,10 @@
 
 use std::time::Duration;
 
-use crate::config::SlotLostPolicy;
 use crate::deps::DepIndex;
 use crate::lsn::Lsn;
 use crate::ops::size::format_bytes;
+use crate::pg::SlotLostPolicy;
 use crate::primer::Catalog;
 use crate::queue::TaskKind;
 use crate::replication::{self, ReplicationError, SlotInfo, SlotState, Source};

@@ -5,18 +5,19 @@
 //! Postgres, and the queue and key counts from the store when no process holds it. Both end with
 //! `problems`: one sentence per thing that needs a person, each saying what to do.
 
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::ops::Ops;
 use crate::ops::events::Event;
 use crate::ops::monitor::{HistoryPoint, Reading};
 use crate::ops::size::format_bytes;
+use crate::pg::SourceConfig;
+use crate::primer::Primer;
 use crate::refresh::{PrimerHealth, now_ms};
 use crate::replication::{self, SlotInfo, Source};
 use crate::store::{QueueStats, Store};
@@ -376,9 +377,15 @@ impl Status {
         status
     }
 
-    /// What Postgres and the store say without a running kck. `note` explains why (kck did not answer).
-    pub async fn offline(config: &Config, note: Option<String>) -> Status {
-        let source = Source::new(&config.source);
+    /// What Postgres and the store say without a running kck. `note` explains why (kck did not answer);
+    /// `store` is the store opened read-only, or why it could not be.
+    pub async fn offline(
+        source_config: &SourceConfig,
+        primers: &[Primer],
+        store: Result<Arc<dyn Store>, String>,
+        note: Option<String>,
+    ) -> Status {
+        let source = Source::new(source_config);
         let (info, error) = match &source {
             Ok(source) => match read_slot(source).await {
                 Ok(info) => (info, None),
@@ -387,8 +394,8 @@ impl Status {
             Err(e) => (None, Some(e.to_string())),
         };
         let slot = slot_status(
-            &config.source.slot,
-            config.source.max_retained_wal,
+            &source_config.slot,
+            source_config.max_retained_wal,
             info.as_ref(),
             error,
         );
@@ -396,24 +403,23 @@ impl Status {
         if let Some(note) = note {
             problems_first.push(note);
         }
-        let (queue, primers) = match crate::ops::cli::open_existing_store(config).await {
+        let counts = match store {
             Ok(store) => {
                 let queue = store.queue_stats().await.ok().map(|q| queue_status(&q));
-                let counts = count_keys(store.as_ref(), &config.catalog.primers).await;
+                let counts = count_keys(store.as_ref(), primers).await;
                 (queue, counts)
             }
             Err(e) => {
                 problems_first.push(format!(
                     "The store cannot be read, so queue depth and key counts are unknown: {e}"
                 ));
-                (None, vec![None; config.catalog.primers.len()])
+                (None, vec![None; primers.len()])
             }
         };
-        let primers = config
-            .catalog
-            .primers
+        let (queue, counts) = counts;
+        let primers = primers
             .iter()
-            .zip(primers)
+            .zip(counts)
             .map(|(p, keys)| PrimerStatus {
                 name: p.name.clone(),
                 key: p.template.source.clone(),

@@ -6,11 +6,14 @@ use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::config::Config;
-use crate::ops::check;
-use crate::ops::client::{ClientError, KckClient};
+pub mod check;
+pub mod client;
+
 use crate::ops::size::format_bytes;
 use crate::ops::slot::{Dropped, drop_configured_slot};
 use crate::ops::status::Status;
+use client::{ClientError, KckClient};
+
 use crate::replication::{self, ReplicationError, Source};
 use crate::store::StoreError;
 
@@ -74,7 +77,8 @@ pub async fn status(config: &Config, url: Option<&str>, json: bool) -> Result<bo
                 "kck is not running, or not at {} ({e}): this is what Postgres and the store say.",
                 client.base
             );
-            Status::offline(config, Some(note)).await
+            let store = open_existing_store(config).await.map_err(|e| e.to_string());
+            Status::offline(&config.source, &config.catalog.primers, store, Some(note)).await
         }
         Err(e) => return Err(e.into()),
     };
