@@ -1,5 +1,5 @@
-//! Invalidation and on-demand refresh: `DELETE /cache/{key}`, `POST /invalidate`, `POST /refresh`, and the
-//! client the `kck invalidate` and `kck refresh` commands use to ask a running kck.
+//! Invalidation and on-demand refresh, behind `DELETE /cache/{key}`, `POST /invalidate`, `POST /refresh`
+//! and the `kck invalidate` and `kck refresh` commands.
 //!
 //! - **Invalidate, mode `refresh`** (the default): the entries are marked expired (their `expires_at` set
 //!   to now, so `/fetch` no longer serves them as fresh; within the primer's `stale_while_revalidate`
@@ -8,24 +8,16 @@
 //! - **Refresh**: the keys are queued for a refresh; their current values are served meanwhile.
 //!
 //! A target is one key, every key of a primer, or every key starting with a prefix (`orders_by_user/`).
-//! The routes are operations routes ([`crate::ops::http::routes`]): with authentication on, they need
-//! `auth.operator`'s claims.
-//! The CLI cannot open the embedded store (the running kck holds its lock), so it sends these requests
-//! to the server's `http.bind`.
+//! This module is the logic and the wire types; the routes are operations routes (`crate::ops::invalidate`,
+//! behind `auth.operator` when authentication is on), and `crate::cli::invalidate` is the client: the CLI
+//! cannot open the embedded store (the running kck holds its lock), so it asks the server.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use axum::Json;
-use axum::extract::{Query, State};
-use axum::http::{StatusCode, Uri};
 use serde::{Deserialize, Serialize};
 
-use crate::http::ApiError;
-use crate::ops::Ops;
+use crate::clock::now_ms;
 use crate::primer::KeyError;
 use crate::queue::TaskKind;
-use crate::refresh::{Refresher, now_ms};
+use crate::refresh::Refresher;
 use crate::store::{StoreError, Task};
 
 /// What to invalidate or refresh.
@@ -57,27 +49,13 @@ pub enum InvalidateError {
     Key(#[from] KeyError),
     #[error("no primer is named '{0}'")]
     UnknownPrimer(String),
+    #[error(
+        "give exactly one of \"key\", \"primer\" or \"prefix\" (a non-empty prefix), such as \
+         {{\"primer\": \"orders_by_user\", \"mode\": \"drop\"}}"
+    )]
+    NoTarget,
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-impl From<InvalidateError> for ApiError {
-    fn from(e: InvalidateError) -> ApiError {
-        match e {
-            InvalidateError::Key(e) => e.into(),
-            InvalidateError::UnknownPrimer(_) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "unknown_primer", e.to_string())
-            }
-            InvalidateError::Store(e) => {
-                tracing::error!(error = %e, "Invalidation failed.");
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error; see kck's log",
-                )
-            }
-        }
-    }
 }
 
 /// The cached keys of a target, a page at a time.
@@ -268,7 +246,7 @@ pub async fn refresh(refresher: &Refresher, target: &Target) -> Result<u64, Inva
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// HTTP
+// Wire types (the HTTP routes and the CLI share them)
 
 /// The body of `POST /invalidate` and `POST /refresh`: exactly one of `key`, `primer`, `prefix`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -286,17 +264,12 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn target(&self) -> Result<Target, ApiError> {
+    pub fn target(&self) -> Result<Target, InvalidateError> {
         match (&self.key, &self.primer, &self.prefix) {
             (Some(k), None, None) => Ok(Target::Key(k.clone())),
             (None, Some(p), None) => Ok(Target::Primer(p.clone())),
             (None, None, Some(p)) if !p.is_empty() => Ok(Target::Prefix(p.clone())),
-            _ => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "give exactly one of \"key\", \"primer\" or \"prefix\" (a non-empty prefix), such as \
-                 {\"primer\": \"orders_by_user\", \"mode\": \"drop\"}",
-            )),
+            _ => Err(InvalidateError::NoTarget),
         }
     }
 }
@@ -309,139 +282,9 @@ pub struct Answer {
     pub mode: Option<Mode>,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct DeleteParams {
-    mode: Option<Mode>,
-}
-
-/// `DELETE /cache/{key}`: drop a key (`?mode=refresh`: mark it expired and refresh it instead). An
-/// operations route (see [`crate::ops::http::routes`]): behind `auth.operator` when authentication is on.
-pub async fn delete_key(
-    State(ops): State<Arc<Ops>>,
-    Query(params): Query<DeleteParams>,
-    uri: Uri,
-) -> Result<Json<Answer>, ApiError> {
-    let key = uri.path().strip_prefix("/cache/").unwrap_or_default();
-    let mode = params.mode.unwrap_or(Mode::Drop);
-    let keys = invalidate(&ops.refresher, &Target::Key(key.to_owned()), mode).await?;
-    Ok(Json(Answer {
-        keys,
-        mode: Some(mode),
-    }))
-}
-
-/// `POST /invalidate` (an operations route).
-pub async fn invalidate_handler(
-    State(ops): State<Arc<Ops>>,
-    body: Result<Json<Request>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Answer>, ApiError> {
-    let Json(request) = body.map_err(bad_body)?;
-    let mode = request.mode.unwrap_or_default();
-    let keys = invalidate(&ops.refresher, &request.target()?, mode).await?;
-    Ok(Json(Answer {
-        keys,
-        mode: Some(mode),
-    }))
-}
-
-/// `POST /refresh` (an operations route).
-pub async fn refresh_handler(
-    State(ops): State<Arc<Ops>>,
-    body: Result<Json<Request>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Answer>, ApiError> {
-    let Json(request) = body.map_err(bad_body)?;
-    if request.mode.is_some() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "/refresh takes no \"mode\" (use /invalidate to drop keys)",
-        ));
-    }
-    let keys = refresh(&ops.refresher, &request.target()?).await?;
-    Ok(Json(Answer { keys, mode: None }))
-}
-
-fn bad_body(e: axum::extract::rejection::JsonRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Client (the CLI)
-
-/// Asking a running kck failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "cannot reach kck at {url}: {source}. Is kck running with this config? These commands ask the \
-         running server (its http.bind; KCK_HTTP_BIND overrides it)"
-    )]
-    Unreachable {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("kck answered {status}: {message}")]
-    Refused { status: u16, message: String },
-}
-
-/// The URL of a server bound to `bind` (a wildcard address is reached on loopback).
-pub fn base_url(bind: SocketAddr) -> String {
-    let ip = match bind.ip() {
-        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
-            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-        }
-        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
-            std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-        }
-        ip => ip,
-    };
-    format!("http://{}", SocketAddr::new(ip, bind.port()))
-}
-
-/// `POST {base}{path}` with `request`; `token` is sent as a bearer token when given.
-pub async fn call(
-    base: &str,
-    path: &str,
-    request: &Request,
-    token: Option<&str>,
-) -> Result<Answer, ClientError> {
-    let url = format!("{base}{path}");
-    let unreachable = |source| ClientError::Unreachable {
-        url: url.clone(),
-        source,
-    };
-    let mut builder = reqwest::Client::new().post(&url).json(request);
-    if let Some(token) = token {
-        builder = builder.bearer_auth(token);
-    }
-    let response = builder.send().await.map_err(unreachable)?;
-    let status = response.status().as_u16();
-    let text = response.text().await.map_err(unreachable)?;
-    if status == 200
-        && let Ok(answer) = serde_json::from_str::<Answer>(&text)
-    {
-        return Ok(answer);
-    }
-    let message = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or(text);
-    Err(ClientError::Refused { status, message })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcard_binds_are_reached_on_loopback() {
-        assert_eq!(
-            base_url("0.0.0.0:8080".parse().unwrap()),
-            "http://127.0.0.1:8080"
-        );
-        assert_eq!(base_url("[::]:80".parse().unwrap()), "http://[::1]:80");
-        assert_eq!(base_url("10.1.2.3:9".parse().unwrap()), "http://10.1.2.3:9");
-    }
 
     #[test]
     fn a_request_names_exactly_one_target() {

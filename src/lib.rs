@@ -15,6 +15,8 @@ pub mod freshness;
 pub mod http;
 pub mod invalidate;
 pub mod jobs;
+#[cfg(test)]
+mod layers;
 pub mod lsn;
 pub mod openapi;
 pub mod ops;

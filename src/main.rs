@@ -337,8 +337,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 prefix,
                 mode: Some(mode),
             };
-            let base = url.unwrap_or_else(|| invalidate::base_url(config.http.bind));
-            let answer = invalidate::call(&base, "/invalidate", &request, token.as_deref()).await?;
+            let base = url.unwrap_or_else(|| cli::invalidate::base_url(config.http.bind));
+            let answer =
+                cli::invalidate::call(&base, "/invalidate", &request, token.as_deref()).await?;
             let done = if drop { "dropped" } else { "invalidated" };
             println!("{done} {} key(s)", answer.keys);
             Ok(true)
@@ -356,8 +357,9 @@ async fn run(command: Command) -> anyhow::Result<bool> {
                 primer,
                 ..Default::default()
             };
-            let base = url.unwrap_or_else(|| invalidate::base_url(config.http.bind));
-            let answer = invalidate::call(&base, "/refresh", &request, token.as_deref()).await?;
+            let base = url.unwrap_or_else(|| cli::invalidate::base_url(config.http.bind));
+            let answer =
+                cli::invalidate::call(&base, "/refresh", &request, token.as_deref()).await?;
             println!("queued a refresh of {} key(s)", answer.keys);
             Ok(true)
         }

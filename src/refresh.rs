@@ -128,7 +128,7 @@ pub fn param_text(value: &ParamValue) -> String {
     }
 }
 
-pub use crate::clock::now_ms;
+use crate::clock::now_ms;
 
 // ---------------------------------------------------------------------------------------------------------
 // Settings (`refresh` in the config)

@@ -25,10 +25,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 pub use crate::primer::{BatchQuery, OnExpiry, Policy};
 use crate::queue::TaskKind;
 pub use crate::refresh::AccessLog;
-use crate::refresh::{Refresher, now_ms};
+use crate::refresh::Refresher;
 use crate::store::Task;
 
 // ---------------------------------------------------------------------------------------------------------

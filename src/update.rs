@@ -25,10 +25,10 @@ use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 use tokio_postgres::error::{DbError, SqlState};
 
-use crate::auth::Access;
 use crate::lsn::Lsn;
+use crate::pg::TextParam;
+use crate::primer::Access;
 use crate::primer::ParamType;
-use crate::refresh::TextParam;
 
 /// The type of an updater parameter, and what JSON it accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::config::Config;
 pub mod check;
 pub mod client;
+pub mod invalidate;
 
 use crate::ops::size::format_bytes;
 use crate::ops::slot::{Dropped, drop_configured_slot};

@@ -48,9 +48,9 @@ pub fn routes() -> Routes<Arc<Ops>> {
         .get("/readyz", readyz)
         .get("/cache/keys/{primer}", keys)
         .get("/cache/entry/{*key}", entry)
-        .delete("/cache/{*key}", crate::invalidate::delete_key)
-        .post("/invalidate", crate::invalidate::invalidate_handler)
-        .post("/refresh", crate::invalidate::refresh_handler)
+        .delete("/cache/{*key}", super::invalidate::delete_key)
+        .post("/invalidate", super::invalidate::invalidate_handler)
+        .post("/refresh", super::invalidate::refresh_handler)
 }
 
 /// [`routes`] with their state.

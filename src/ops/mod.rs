@@ -19,6 +19,7 @@
 //! (`kck slot drop`, or `source.on_slot_lost: recreate`).
 
 pub mod http;
+pub mod invalidate;
 pub mod monitor;
 pub mod size;
 pub mod slot;

@@ -21,11 +21,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::clock::now_ms;
 use crate::lsn::Lsn;
 use crate::ops::Ops;
 use crate::ops::metrics as m;
 use crate::ops::size::format_bytes;
-use crate::refresh::now_ms;
 use crate::replication::{self, SlotInfo};
 
 /// History points kept (at the default 2 s interval: 10 minutes).

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::lsn::Lsn;
 use crate::ops::Ops;
 use crate::ops::events::Event;
@@ -18,7 +19,7 @@ use crate::ops::monitor::{HistoryPoint, Reading};
 use crate::ops::size::format_bytes;
 use crate::pg::SourceConfig;
 use crate::primer::Primer;
-use crate::refresh::{PrimerHealth, now_ms};
+use crate::refresh::PrimerHealth;
 use crate::replication::{self, SlotInfo, Source};
 use crate::store::{QueueStats, Store};
 
