@@ -18,7 +18,14 @@ use std::path::{Path, PathBuf};
 pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "model",
-        &["lsn", "clock", "pg", "primer", "replication::pgoutput"],
+        &[
+            "lsn",
+            "clock",
+            "pg",
+            "primer",
+            "sqlscan",
+            "replication::pgoutput",
+        ],
     ),
     (
         "state",

@@ -26,6 +26,7 @@ pub mod queue;
 pub mod refresh;
 pub mod replication;
 pub mod schedule;
+pub mod sqlscan;
 pub mod store;
 pub mod telemetry;
 pub mod update;

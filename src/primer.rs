@@ -17,6 +17,10 @@
 //!
 //! For every key `k` of a catalog, `parse_key(&render(&k)) == Ok(k)`.
 
+// Parses what people type: no indexing that could panic, no unwrap (checked by clippy; tests opt out in
+// clippy.toml).
+#![deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used)]
+
 pub mod access;
 pub mod policy;
 
@@ -189,7 +193,9 @@ impl Catalog {
             let first = primer.template.first_literal().to_owned();
             let bucket = by_first.entry(first).or_default();
             for &j in bucket.iter() {
-                let other = &primers[j];
+                let Some(other) = primers.get(j) else {
+                    continue;
+                };
                 if other.template.overlaps(&primer.template) {
                     return Err(format!(
                         "the key templates '{}' (primer '{}') and '{}' (primer '{}') can match the same key text",
@@ -209,7 +215,7 @@ impl Catalog {
     /// Look a primer up by name.
     pub fn primer(&self, name: &str) -> Option<(usize, &Primer)> {
         let &i = self.by_name.get(name)?;
-        Some((i, &self.primers[i]))
+        self.primers.get(i).map(|p| (i, p))
     }
 
     /// Every table some primer depends on, sorted, each once (e.g. for `CREATE PUBLICATION ... FOR TABLE`).
@@ -243,7 +249,9 @@ impl Catalog {
         let segment_count = 1 + text.bytes().filter(|&b| b == b'/').count();
         let matched =
             candidates.iter().copied().find(|&i| {
-                let template = &self.primers[i].template;
+                let Some(template) = self.primers.get(i).map(|p| &p.template) else {
+                    return false;
+                };
                 template.segments.len() == segment_count
                     && template.segments.iter().zip(text.split('/')).skip(1).all(
                         |(segment, part)| match segment {
@@ -257,20 +265,36 @@ impl Catalog {
             let best = candidates
                 .iter()
                 .copied()
-                .find(|&i| self.primers[i].template.segments.len() == segment_count)
-                .unwrap_or(candidates[0]);
+                .find(|&i| {
+                    self.primers
+                        .get(i)
+                        .is_some_and(|p| p.template.segments.len() == segment_count)
+                })
+                .or_else(|| candidates.first().copied());
             return Err(KeyError::Shape {
                 key: text.to_owned(),
-                template: self.primers[best].template.source.clone(),
+                template: best
+                    .and_then(|i| self.primers.get(i))
+                    .map(|p| p.template.source.clone())
+                    .unwrap_or_default(),
             });
         };
-        let template = &self.primers[primer].template;
+        let Some(template) = self.primers.get(primer).map(|p| &p.template) else {
+            return Err(KeyError::UnknownPrimer {
+                key: text.to_owned(),
+            });
+        };
         let mut params = Vec::with_capacity(template.params.len());
         for (segment, part) in template.segments.iter().zip(text.split('/')) {
             let Segment::Param(p) = *segment else {
                 continue;
             };
-            let param = &template.params[p];
+            let Some(param) = template.params.get(p) else {
+                return Err(KeyError::Shape {
+                    key: text.to_owned(),
+                    template: template.source.clone(),
+                });
+            };
             let value = match percent_decode_str(part).decode_utf8() {
                 Ok(decoded) => match param.ty {
                     ParamType::Text => Some(ParamValue::Text(decoded.into_owned())),
@@ -295,27 +319,37 @@ impl Catalog {
 
     /// The canonical text of a key.
     ///
-    /// # Panics
-    /// If `key` is not a key of this catalog (its primer index or parameter count does not fit).
+    /// A `key` that is not of this catalog (its primer index or parameter count does not fit) renders
+    /// incomplete; keys come from [`Catalog::parse_key`] and [`Catalog::key_from_text`], which never make one.
     pub fn render(&self, key: &Key) -> String {
-        let mut out = String::with_capacity(self.primers[key.primer].template.source.len() + 16);
+        let len = self
+            .primers
+            .get(key.primer)
+            .map_or(0, |p| p.template.source.len());
+        let mut out = String::with_capacity(len + 16);
         self.render_into(key, &mut out);
         out
     }
 
     /// Append the canonical text of a key to `out` (see [`Catalog::render`]).
     ///
-    /// # Panics
-    /// If `key` is not a key of this catalog.
     pub fn render_into(&self, key: &Key, out: &mut String) {
-        let template = &self.primers[key.primer].template;
+        debug_assert!(key.primer < self.primers.len(), "a key of another catalog");
+        let Some(primer) = self.primers.get(key.primer) else {
+            return;
+        };
+        let template = &primer.template;
         for (i, segment) in template.segments.iter().enumerate() {
             if i > 0 {
                 out.push('/');
             }
             match segment {
                 Segment::Literal(literal) => out.push_str(literal),
-                Segment::Param(p) => key.params[*p].render_into(out),
+                Segment::Param(p) => {
+                    if let Some(value) = key.params.get(*p) {
+                        value.render_into(out);
+                    }
+                }
             }
         }
     }
@@ -389,7 +423,7 @@ fn canonical_uuid(text: &str) -> Option<String> {
     let hyphenated = match bytes.len() {
         32 => false,
         36 => {
-            if [8, 13, 18, 23].iter().any(|&i| bytes[i] != b'-') {
+            if [8, 13, 18, 23].iter().any(|&i| bytes.get(i) != Some(&b'-')) {
                 return None;
             }
             true

@@ -1,0 +1,89 @@
+//! Small validators shared by the builders: origins, sizes, identifiers, table names, positions.
+
+use super::*;
+
+/// A CORS origin: `*`, or `scheme://host[:port]` (no path), as browsers send it in `Origin`.
+pub(super) fn check_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim();
+    if origin == "*" {
+        return Ok(origin.to_owned());
+    }
+    let ok = origin.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if ok {
+        Ok(origin.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not an origin: write it as browsers send it, such as https://app.example.com or \
+             http://localhost:3000 (no path), or *"
+        ))
+    }
+}
+
+/// `http.body_limit`: a size as [`crate::ops::size::parse_byte_size`] reads it (`1MB`, `512kB`: powers of
+/// 1024, as in postgresql.conf), between 1 kB and 1 GB.
+pub(super) fn parse_size(text: &str) -> Result<usize, String> {
+    let bytes = crate::ops::size::parse_byte_size(text)?;
+    if !(1 << 10..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "'{text}' is out of range: give between 1kB and 1GB"
+        ));
+    }
+    usize::try_from(bytes).map_err(|_| format!("'{text}' is too large for this machine"))
+}
+
+pub(super) fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The line of byte `offset` of `text`, whose first line is `first_line`.
+pub(super) fn line_at(text: &str, offset: usize, first_line: usize) -> usize {
+    first_line
+        + text[..offset.min(text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+}
+
+/// `[A-Za-z_][A-Za-z0-9_$]*`, returned lower-case (as Postgres folds an unquoted identifier).
+pub(super) fn parse_identifier(text: &str, what: &str) -> Result<String, String> {
+    let mut chars = text.chars();
+    let ok = matches!(chars.next(), Some('a'..='z' | 'A'..='Z' | '_'))
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+    if ok {
+        Ok(text.to_ascii_lowercase())
+    } else if text.starts_with('"') {
+        Err(format!(
+            "'{text}' is not valid as {what}: quoted identifiers are not supported; write the name unquoted"
+        ))
+    } else {
+        Err(format!(
+            "'{text}' is not valid as {what}: use letters, digits, '_' and '$', not starting with a digit"
+        ))
+    }
+}
+
+/// `table` or `schema.table`; the schema defaults to `public`.
+pub(super) fn parse_table(text: &str) -> Result<TableName, String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    let (schema, name) = match parts.as_slice() {
+        [name] => ("public".to_owned(), *name),
+        [schema, name] => (parse_identifier(schema, "a schema name")?, *name),
+        _ => {
+            return Err(format!(
+                "'{text}' is not a table name: write `table` or `schema.table`"
+            ));
+        }
+    };
+    Ok(TableName {
+        schema,
+        name: parse_identifier(name, "a table name")?,
+    })
+}
