@@ -67,6 +67,7 @@ mod hot;
 #[cfg(feature = "scylla")]
 pub mod scylla;
 mod settings;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod slow;
 
 pub use settings::{
