@@ -72,6 +72,7 @@ use redb::{
 };
 use tokio::sync::{Notify, oneshot};
 
+use super::codec::Layout;
 use super::hot::HotEntries;
 use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
 use crate::lsn::Lsn;
@@ -108,60 +109,8 @@ const MAX_BATCH_WEIGHT: usize = 8192;
 // ---------------------------------------------------------------------------------------------------
 // Entry encoding
 
-const ENTRY_FORMAT: u8 = 1;
-const ENTRY_HEADER: usize = 1 + 8 + 8 + 1 + 8;
-
-fn encode_entry_into(entry: &Entry, buf: &mut [u8]) {
-    buf[0] = ENTRY_FORMAT;
-    buf[1..9].copy_from_slice(&entry.lsn.0.to_le_bytes());
-    buf[9..17].copy_from_slice(&entry.computed_at_ms.to_le_bytes());
-    buf[17] = u8::from(entry.expires_at_ms.is_some());
-    buf[18..26].copy_from_slice(&entry.expires_at_ms.unwrap_or(0).to_le_bytes());
-    buf[ENTRY_HEADER..].copy_from_slice(&entry.value);
-}
-
-fn read_u64(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
-fn check_header(key: &str, bytes: &[u8]) -> StoreResult<()> {
-    if bytes.len() < ENTRY_HEADER {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' is {} bytes, shorter than its {ENTRY_HEADER}-byte header",
-            bytes.len()
-        )));
-    }
-    if bytes[0] != ENTRY_FORMAT {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' has unknown format {} (expected {ENTRY_FORMAT})",
-            bytes[0]
-        )));
-    }
-    if bytes[17] > 1 {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' has an invalid expiry flag {}",
-            bytes[17]
-        )));
-    }
-    Ok(())
-}
-
-fn decode_entry_lsn(key: &str, bytes: &[u8]) -> StoreResult<Lsn> {
-    check_header(key, bytes)?;
-    Ok(Lsn(read_u64(bytes, 1)))
-}
-
-fn decode_entry(key: &str, bytes: &[u8]) -> StoreResult<Entry> {
-    check_header(key, bytes)?;
-    Ok(Entry {
-        lsn: Lsn(read_u64(bytes, 1)),
-        computed_at_ms: read_u64(bytes, 9) as i64,
-        expires_at_ms: (bytes[17] == 1).then(|| read_u64(bytes, 18) as i64),
-        value: Bytes::copy_from_slice(&bytes[ENTRY_HEADER..]),
-    })
-}
+/// How entries are laid out in [`ENTRIES`] (see [`super::codec`]).
+const LAYOUT: Layout = Layout::Compact;
 
 // ---------------------------------------------------------------------------------------------------
 // Errors
@@ -387,7 +336,7 @@ impl<'t> Tables<'t> {
     fn store_result(&mut self, primer: &str, key: &str, entry: &Entry) -> StoreResult<Stored> {
         let op = "store_result";
         let stored_lsn = match self.entries.get(key).ctx(op)? {
-            Some(bytes) => Some(decode_entry_lsn(key, bytes.value())?),
+            Some(bytes) => Some(LAYOUT.decode_lsn(key, bytes.value())?),
             None => None,
         };
         if let Some(stored) = stored_lsn
@@ -397,9 +346,9 @@ impl<'t> Tables<'t> {
         }
         let mut slot = self
             .entries
-            .insert_reserve(key, ENTRY_HEADER + entry.value.len())
+            .insert_reserve(key, Layout::encoded_len(entry))
             .ctx(op)?;
-        encode_entry_into(entry, slot.as_mut());
+        LAYOUT.encode_into(entry, slot.as_mut());
         drop(slot);
         self.changes.push((key.to_owned(), Some(entry.clone())));
         self.index_key(primer, key)?;
@@ -1014,7 +963,7 @@ impl Store for EmbeddedStore {
         let entries = txn.open_table(ENTRIES).ctx("get")?;
         match entries.get(key).ctx("get")? {
             Some(bytes) => {
-                let entry = decode_entry(key, bytes.value())?;
+                let entry = LAYOUT.decode(key, bytes.value())?;
                 hot.offer(key, &entry, epoch);
                 Ok(Some(entry))
             }
@@ -1677,41 +1626,6 @@ mod tests {
         // Removing the key clears it.
         s.remove_key("p", "bad").await.unwrap();
         assert_eq!(s.get("bad").await.unwrap(), None);
-    }
-
-    #[test]
-    fn entry_encoding_round_trips_and_rejects_garbage() {
-        for e in [
-            entry(1, "x"),
-            Entry {
-                value: Bytes::new(),
-                lsn: Lsn(u64::MAX),
-                computed_at_ms: i64::MIN,
-                expires_at_ms: None,
-            },
-        ] {
-            let mut buf = vec![0; ENTRY_HEADER + e.value.len()];
-            encode_entry_into(&e, &mut buf);
-            assert_eq!(decode_entry("k", &buf).unwrap(), e);
-            assert_eq!(decode_entry_lsn("k", &buf).unwrap(), e.lsn);
-        }
-        assert!(matches!(
-            decode_entry("k", &[1, 2]),
-            Err(StoreError::Corrupt(_))
-        ));
-        let mut bad_format = vec![0; ENTRY_HEADER];
-        bad_format[0] = 9;
-        assert!(matches!(
-            decode_entry("k", &bad_format),
-            Err(StoreError::Corrupt(_))
-        ));
-        let mut bad_flag = vec![0; ENTRY_HEADER];
-        bad_flag[0] = ENTRY_FORMAT;
-        bad_flag[17] = 2;
-        assert!(matches!(
-            decode_entry_lsn("k", &bad_flag),
-            Err(StoreError::Corrupt(_))
-        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //!
 //! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default, one process) and
 //! `scylla` (ScyllaDB or Cassandra, shared by many processes; the `scylla` Cargo feature) implement it,
-//! [`cql`] holds the ScyllaDB data model, and `conformance` is the test suite every backend must pass.
+//! [`cql`] holds the ScyllaDB data model, [`codec`] the byte encoding of an [`Entry`] that both use, and
+//! `conformance` is the test suite every backend must pass.
 //!
 //! # Contract
 //! - **Entries never go backwards.** [`Store::store_result`] writes an entry only if no entry with a higher
@@ -61,6 +62,7 @@
 //!     the task, so that the debt is never unaccounted for);
 //!   - [`Store::retry`] leaves the floor as it is.
 
+pub mod codec;
 pub mod cql;
 pub mod embedded;
 mod hot;

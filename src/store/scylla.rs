@@ -322,7 +322,7 @@ impl ScyllaStore {
         self.s()
             .execute_unpaged(
                 &self.st().put_entry,
-                (key, cql::encode_entry(entry), ts, ttl),
+                (key, cql::ENTRY_LAYOUT.encode(entry), ts, ttl),
             )
             .await
             .map_err(cql_err("storing an entry"))?;
@@ -670,7 +670,7 @@ impl Store for ScyllaStore {
             .maybe_first_row::<(Option<Vec<u8>>,)>()
             .map_err(cql_err("get"))?;
         match row.and_then(|(b,)| b) {
-            Some(bytes) => Ok(Some(cql::decode_entry(key, &bytes)?)),
+            Some(bytes) => Ok(Some(cql::ENTRY_LAYOUT.decode(key, &bytes)?)),
             None => Ok(None),
         }
     }
