@@ -62,7 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -75,6 +75,7 @@ use tokio::sync::{Notify, oneshot};
 use super::codec::Layout;
 use super::hot::HotEntries;
 use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
+use crate::clock::now_ms;
 use crate::lsn::Lsn;
 
 /// The database file inside the store directory.
@@ -130,13 +131,6 @@ trait Context<T> {
 impl<T, E: Into<redb::Error>> Context<T> for Result<T, E> {
     fn ctx(self, op: &str) -> StoreResult<T> {
         self.map_err(|e| redb_error(op, e))
-    }
-}
-
-fn now_ms() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(_) => 0,
     }
 }
 
