@@ -34,6 +34,8 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency as CqlConsistency, SerialConsistency, Statement};
 use scylla::value::{CqlValue, Row};
+use scylla::deserialize::row::DeserializeRow;
+use scylla::serialize::row::SerializeRow;
 use tokio::sync::Notify;
 
 use super::cql::{
@@ -282,6 +284,27 @@ impl ScyllaStore {
         &self.inner.st
     }
 
+    /// Every row (all pages) that `statement` answers for `values`; `op` names the read in errors.
+    async fn all_rows<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow + Send,
+        op: &'static str,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata> + Send + Unpin + 'static,
+    {
+        self.s()
+            .execute_iter(statement.clone(), values)
+            .await
+            .map_err(cql_err(op))?
+            .rows_stream::<R>()
+            .map_err(cql_err(op))?
+            .map_err(cql_err(op))
+            .try_collect()
+            .await
+    }
+
     /// The keyspace this store uses.
     pub fn keyspace(&self) -> &str {
         &self.inner.keyspace
@@ -377,30 +400,14 @@ impl ScyllaStore {
 
     /// The `queue_tasks` rows of a task: (lsn, enqueued_at_us).
     async fn versions(&self, bucket: i32, id: &str) -> StoreResult<Vec<(i64, i64)>> {
-        let op = "reading a task";
-        self.s()
-            .execute_iter(self.st().task_versions.clone(), (bucket, id))
-            .await
-            .map_err(cql_err(op))?
-            .rows_stream::<(i64, i64)>()
-            .map_err(cql_err(op))?
-            .map_err(cql_err(op))
-            .try_collect()
+        self.all_rows(&self.st().task_versions, (bucket, id), "reading a task")
             .await
     }
 
     /// Every lease row of a bucket.
     async fn leases(&self, bucket: i32) -> StoreResult<HashMap<String, Lease>> {
-        let op = "reading claims";
         let rows: Vec<LeaseRow> = self
-            .s()
-            .execute_iter(self.st().bucket_leases.clone(), (bucket,))
-            .await
-            .map_err(cql_err(op))?
-            .rows_stream()
-            .map_err(cql_err(op))?
-            .map_err(cql_err(op))
-            .try_collect()
+            .all_rows(&self.st().bucket_leases, (bucket,), "reading claims")
             .await?;
         Ok(rows
             .into_iter()
@@ -1015,16 +1022,8 @@ impl Store for ScyllaStore {
         let now = cql::now_ms();
         let per_bucket = stream::iter(0..QUEUE_BUCKETS)
             .map(|b| async move {
-                let op = "queue_stats";
                 let tasks: Vec<(String, i64)> = self
-                    .s()
-                    .execute_iter(self.st().bucket_tasks.clone(), (b,))
-                    .await
-                    .map_err(cql_err(op))?
-                    .rows_stream()
-                    .map_err(cql_err(op))?
-                    .map_err(cql_err(op))
-                    .try_collect()
+                    .all_rows(&self.st().bucket_tasks, (b,), "queue_stats")
                     .await?;
                 let mut pending: HashMap<String, i64> = HashMap::new();
                 for (id, enq) in tasks {
