@@ -93,8 +93,8 @@ pub struct Entry {
     pub expires_at_ms: Option<i64>,
 }
 
-/// A unit of refresh work. Its `id` says what to do (see [`crate::queue::TaskKind`]); the store treats it as
-/// opaque text.
+/// A unit of refresh work. Its `id` says what to do to the layers above; the store treats it as opaque
+/// text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
     pub id: String,
@@ -245,8 +245,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Take or renew the lease `name` for `holder` for `ttl` from now. Returns true if `holder` holds it
     /// now: it was free, its previous holder's lease ran out, or `holder` already held it (then it is
-    /// extended). Atomic across every process sharing the store: at most one holder at a time. Used by the
-    /// process worker ([`crate::jobs`]) so that a job runs at most once at a time.
+    /// extended). Atomic across every process sharing the store: at most one holder at a time, so that
+    /// work guarded by one lease name (for example a scheduled job) runs at most once at a time.
     async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
 
     /// Give up the lease `name` if `holder` holds it (otherwise do nothing).
