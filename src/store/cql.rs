@@ -316,7 +316,7 @@ pub fn serial_is_local(consistency: Consistency) -> bool {
 /// Order-preserving, so last-write-wins keeps the entry with the highest LSN.
 pub fn lsn_timestamp(lsn: Lsn) -> StoreResult<i64> {
     i64::try_from(lsn.0).map_err(|_| {
-        StoreError::Backend(format!(
+        StoreError::failed(format!(
             "LSN {lsn} is above 7FFFFFFF/FFFFFFFF, the largest the scylla store can order (entries are \
              written with the LSN as their 64-bit signed CQL timestamp)"
         ))
@@ -524,7 +524,8 @@ mod tests {
         }
         // Same computation time: the value decides, deterministically.
         assert!(
-            ENTRY_LAYOUT.encode(&entry(20, 1, None, "v20b")) > ENTRY_LAYOUT.encode(&entry(20, 1, None, "v20"))
+            ENTRY_LAYOUT.encode(&entry(20, 1, None, "v20b"))
+                > ENTRY_LAYOUT.encode(&entry(20, 1, None, "v20"))
         );
     }
 

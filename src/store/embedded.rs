@@ -120,7 +120,7 @@ const LAYOUT: Layout = Layout::Compact;
 fn redb_error(op: &str, err: impl Into<redb::Error>) -> StoreError {
     match err.into() {
         redb::Error::Corrupted(msg) => StoreError::Corrupt(format!("{op}: {msg}")),
-        other => StoreError::Backend(format!("{op}: {other}")),
+        other => StoreError::backend(op.to_owned(), other),
     }
 }
 
@@ -682,7 +682,7 @@ impl Writer {
             || self.last_durable.elapsed() >= DURABLE_AT_LEAST_EVERY;
         if !durable {
             txn.set_durability(redb::Durability::None)
-                .map_err(|e| StoreError::Backend(format!("set durability: {e}")))?;
+                .map_err(|e| StoreError::backend("set durability", e))?;
         }
         let now = now_ms();
         let mut next_seq = self.next_seq;
@@ -690,10 +690,9 @@ impl Writer {
         let changes = {
             let mut tables = Tables::open(&txn)?;
             for op in ops {
-                let outcome = tables.apply(op, &mut next_seq, now).map_err(|e| match e {
-                    StoreError::Backend(m) => StoreError::Backend(format!("{}: {m}", op.name())),
-                    other => other,
-                })?;
+                let outcome = tables
+                    .apply(op, &mut next_seq, now)
+                    .map_err(|e| e.within(op.name()))?;
                 outcomes.push(outcome);
             }
             std::mem::take(&mut tables.changes)
@@ -791,30 +790,27 @@ impl EmbeddedStore {
     /// [`super::hot`]; 0: every read is a redb read).
     pub fn open_with(dir: &Path, memory_cache: usize) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Backend(format!(
-                "cannot create the store directory {}: {e}",
-                dir.display()
-            ))
+            StoreError::backend(
+                format!("cannot create the store directory {}", dir.display()),
+                e,
+            )
         })?;
         let path = dir.join(FILE_NAME);
         let db = Database::builder()
             .set_cache_size(REDB_CACHE)
             .create(&path)
             .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::failed(format!(
                     "cannot open the store {}: another kck process is using this store",
                     path.display()
                 )),
                 other => redb_error(&format!("cannot open the store {}", path.display()), other),
             })?;
         let next_seq = Self::prepare(&db).map_err(|e| match e {
-            StoreError::Backend(m) => {
-                StoreError::Backend(format!("opening the store {}: {m}", path.display()))
-            }
             StoreError::Corrupt(m) => {
                 StoreError::Corrupt(format!("opening the store {}: {m}", path.display()))
             }
-            StoreError::Closed => StoreError::Closed,
+            other => other.within(format_args!("opening the store {}", path.display())),
         })?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared::default());
@@ -832,9 +828,7 @@ impl EmbeddedStore {
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
             .spawn(move || writer.run())
-            .map_err(|e| {
-                StoreError::Backend(format!("cannot start the store writer thread: {e}"))
-            })?;
+            .map_err(|e| StoreError::backend("cannot start the store writer thread", e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 path,
@@ -1274,7 +1268,7 @@ impl Store for EmbeddedStore {
 }
 
 fn unexpected(op: &str, reply: Reply) -> StoreError {
-    StoreError::Backend(format!(
+    StoreError::failed(format!(
         "{op}: the store writer gave an unexpected reply {reply:?}"
     ))
 }
@@ -1583,6 +1577,23 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let err = EmbeddedStore::open(&file).unwrap_err().to_string();
         assert!(err.contains(&file.display().to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_open_keeps_its_cause_and_says_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = EmbeddedStore::open(&file).unwrap_err();
+        let text = err.to_string();
+        let cause = std::error::Error::source(&err)
+            .expect("the system's error is kept as the source")
+            .to_string();
+        assert!(
+            text.contains("cannot create the store directory") && text.contains("not-a-dir"),
+            "{text}"
+        );
+        assert!(!text.contains(&cause), "{text} repeats {cause}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

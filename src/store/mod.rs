@@ -73,6 +73,7 @@ pub mod slow;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -147,15 +148,56 @@ pub struct QueueStats {
     pub oldest_enqueued_at_ms: Option<i64>,
 }
 
+/// The cause of a [`StoreError::Backend`]: the error of the database, driver or system call underneath.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// The backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store backend error: {0}")]
-    Backend(String),
+    /// `context` says what failed (the operation, and the path or statement it was on); `source` is the
+    /// error underneath, when there is one, and is not repeated in the text (print the chain to see it).
+    #[error("store backend error: {context}")]
+    Backend {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     #[error("store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// `context` failed because of `source`.
+    pub fn backend(
+        context: impl Into<Cow<'static, str>>,
+        source: impl Into<BoxError>,
+    ) -> StoreError {
+        StoreError::Backend {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// `context` failed, and says it all (no error underneath).
+    pub fn failed(context: impl Into<Cow<'static, str>>) -> StoreError {
+        StoreError::Backend {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, its context preceded by `outer` (`outer: context`); other errors as they are.
+    pub fn within(self, outer: impl std::fmt::Display) -> StoreError {
+        match self {
+            StoreError::Backend { context, source } => StoreError::Backend {
+                context: format!("{outer}: {context}").into(),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -251,4 +293,30 @@ pub trait Store: Send + Sync + 'static {
 
     /// Give up the lease `name` if `holder` holds it (otherwise do nothing).
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn backend_errors_keep_their_cause_out_of_their_text() {
+        let e =
+            StoreError::backend("commit", std::io::Error::other("disk on fire")).within("finish");
+        assert_eq!(e.to_string(), "store backend error: finish: commit");
+        assert_eq!(e.source().unwrap().to_string(), "disk on fire");
+
+        let e = StoreError::failed("store_result: the key is empty");
+        assert_eq!(
+            e.to_string(),
+            "store backend error: store_result: the key is empty"
+        );
+        assert!(e.source().is_none());
+
+        assert!(matches!(StoreError::Closed.within("x"), StoreError::Closed));
+        let e = StoreError::Corrupt("entry 'k'".into()).within("x");
+        assert_eq!(e.to_string(), "store data is corrupt: entry 'k'");
+    }
 }
