@@ -156,12 +156,13 @@ fn take8(bytes: &[u8], at: usize) -> [u8; 8] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const LAYOUTS: [Layout; 2] = [Layout::Compact, Layout::Ordered];
 
-    fn entry(lsn: u64, computed_at_ms: i64, expires: Option<i64>, value: &str) -> Entry {
+    /// An entry from its parts (for the tests of the layouts' users too).
+    pub(crate) fn entry(lsn: u64, computed_at_ms: i64, expires: Option<i64>, value: &str) -> Entry {
         Entry {
             value: Bytes::from(value.to_owned()),
             lsn: Lsn(lsn),

@@ -489,19 +489,8 @@ pub use crate::clock::{now_ms, now_us};
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::store::Entry;
-
-    fn entry(lsn: u64, computed_at_ms: i64, expires: Option<i64>, value: &str) -> Entry {
-        Entry {
-            value: Bytes::from(value.to_owned()),
-            lsn: Lsn(lsn),
-            computed_at_ms,
-            expires_at_ms: expires,
-        }
-    }
+    use crate::store::codec::tests::entry;
 
     /// Of two entries with one LSN (one write timestamp), the database keeps the greater cell value
     /// where values decide the tie: that must be the one computed later, whatever the values.
