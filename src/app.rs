@@ -172,10 +172,9 @@ pub async fn init_store(config: &Config) -> Result<String, StoreError> {
             ))
         }
         #[cfg(not(feature = "scylla"))]
-        StoreConfig::Scylla(_) => Err(StoreError::Backend(
+        StoreConfig::Scylla(_) => Err(StoreError::failed(
             "this kck was built without the `scylla` feature: rebuild with `--features scylla` to use \
-             store.kind: scylla"
-                .into(),
+             store.kind: scylla",
         )),
     }
 }
@@ -183,19 +182,17 @@ pub async fn init_store(config: &Config) -> Result<String, StoreError> {
 /// Open the configured store.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
-        StoreConfig::Embedded { path, memory_cache } => Ok(Arc::new(EmbeddedStore::open_with(
-            path,
-            *memory_cache,
-        )?)),
+        StoreConfig::Embedded { path, memory_cache } => {
+            Ok(Arc::new(EmbeddedStore::open_with(path, *memory_cache)?))
+        }
         #[cfg(feature = "scylla")]
         StoreConfig::Scylla(scylla) => Ok(Arc::new(
             crate::store::scylla::ScyllaStore::open(scylla).await?,
         )),
         #[cfg(not(feature = "scylla"))]
-        StoreConfig::Scylla(_) => Err(StoreError::Backend(
+        StoreConfig::Scylla(_) => Err(StoreError::failed(
             "this kck was built without the `scylla` feature: rebuild with `--features scylla` to use \
-             store.kind: scylla"
-                .into(),
+             store.kind: scylla",
         )),
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! | table           | primary key                                  | holds |
 //! |-----------------|----------------------------------------------|-------|
-//! | `cache_entries` | `key`                                        | `entry blob`: the encoded [`Entry`], written `USING TIMESTAMP <lsn>` |
+//! | `cache_entries` | `key`                                        | `entry blob`: the encoded [`Entry`](super::Entry), written `USING TIMESTAMP <lsn>` |
 //! | `key_index`     | `((primer), key)`                            | the keys of a primer, in key order (for paging) |
 //! | `key_primers`   | `((key), primer)`                            | the reverse, for `is_registered` |
 //! | `queue_tasks`   | `((bucket), id, lsn, enqueued_at_us)`        | one row per enqueue of a task: the task is pending while it has a row |
@@ -52,10 +52,9 @@
 
 use std::fmt::Write as _;
 
-use bytes::Bytes;
-
+use super::codec::Layout;
 use super::{Consistency, KeyspaceReplication};
-use super::{Entry, StoreError, StoreResult};
+use super::{StoreError, StoreResult};
 use crate::lsn::Lsn;
 
 /// Queue partitions per table. Changing it is a schema change (tasks would be looked for in the wrong
@@ -317,7 +316,7 @@ pub fn serial_is_local(consistency: Consistency) -> bool {
 /// Order-preserving, so last-write-wins keeps the entry with the highest LSN.
 pub fn lsn_timestamp(lsn: Lsn) -> StoreResult<i64> {
     i64::try_from(lsn.0).map_err(|_| {
-        StoreError::Backend(format!(
+        StoreError::failed(format!(
             "LSN {lsn} is above 7FFFFFFF/FFFFFFFF, the largest the scylla store can order (entries are \
              written with the LSN as their 64-bit signed CQL timestamp)"
         ))
@@ -352,68 +351,10 @@ pub fn ttl_seconds(expires_at_ms: Option<i64>, now_ms: i64) -> i32 {
     }
 }
 
-const ENTRY_FORMAT: u8 = 1;
-/// format (1), computed_at_ms (8), lsn (8), expiry flag (1), expires_at_ms (8).
-const ENTRY_HEADER: usize = 1 + 8 + 8 + 1 + 8;
-
-/// An i64 as 8 bytes whose unsigned byte order is the number order.
-fn ordered_i64(v: i64) -> [u8; 8] {
-    ((v as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-fn from_ordered_i64(b: [u8; 8]) -> i64 {
-    (u64::from_be_bytes(b) ^ (1 << 63)) as i64
-}
-
-/// Encodes an entry as the one `entry` cell. Big-endian and order-preserving, `computed_at_ms` first: of
-/// two entries with the same LSN (same write timestamp), the one computed later compares greater.
-pub fn encode_entry(entry: &Entry) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(ENTRY_HEADER + entry.value.len());
-    buf.push(ENTRY_FORMAT);
-    buf.extend_from_slice(&ordered_i64(entry.computed_at_ms));
-    buf.extend_from_slice(&entry.lsn.0.to_be_bytes());
-    buf.push(u8::from(entry.expires_at_ms.is_some()));
-    buf.extend_from_slice(&ordered_i64(entry.expires_at_ms.unwrap_or(0)));
-    buf.extend_from_slice(&entry.value);
-    buf
-}
-
-fn take8(bytes: &[u8], at: usize) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    b
-}
-
-/// Decodes [`encode_entry`]'s bytes; `key` names the entry in errors.
-pub fn decode_entry(key: &str, bytes: &[u8]) -> StoreResult<Entry> {
-    if bytes.len() < ENTRY_HEADER {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' is {} bytes, shorter than its {ENTRY_HEADER}-byte header",
-            bytes.len()
-        )));
-    }
-    if bytes[0] != ENTRY_FORMAT {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' has unknown format {} (expected {ENTRY_FORMAT})",
-            bytes[0]
-        )));
-    }
-    let expiry = match bytes[17] {
-        0 => None,
-        1 => Some(from_ordered_i64(take8(bytes, 18))),
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "entry '{key}' has an invalid expiry flag {other}"
-            )));
-        }
-    };
-    Ok(Entry {
-        computed_at_ms: from_ordered_i64(take8(bytes, 1)),
-        lsn: Lsn(u64::from_be_bytes(take8(bytes, 9))),
-        expires_at_ms: expiry,
-        value: Bytes::copy_from_slice(&bytes[ENTRY_HEADER..]),
-    })
-}
+/// How an entry is laid out in its one `entry` cell: [`Layout::Ordered`], big-endian and order-preserving,
+/// `computed_at_ms` first, so that of two entries with the same LSN (same write timestamp), the one
+/// computed later compares greater.
+pub const ENTRY_LAYOUT: Layout = Layout::Ordered;
 
 // ---------------------------------------------------------------------------------------------------
 // Queue
@@ -549,54 +490,7 @@ pub use crate::clock::{now_ms, now_us};
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(lsn: u64, computed_at_ms: i64, expires: Option<i64>, value: &str) -> Entry {
-        Entry {
-            value: Bytes::from(value.to_owned()),
-            lsn: Lsn(lsn),
-            computed_at_ms,
-            expires_at_ms: expires,
-        }
-    }
-
-    #[test]
-    fn entries_round_trip() {
-        for e in [
-            entry(
-                0x16_B374_D848,
-                1_700_000_000_123,
-                Some(1_700_000_060_123),
-                "{\"a\":1}",
-            ),
-            entry(0, 0, None, ""),
-            entry(u64::MAX, i64::MIN, Some(i64::MIN), "x"),
-            entry(1, i64::MAX, Some(i64::MAX), &"y".repeat(1000)),
-            entry(7, -5, Some(-1), "neg"),
-        ] {
-            assert_eq!(decode_entry("k", &encode_entry(&e)).unwrap(), e);
-        }
-    }
-
-    #[test]
-    fn decoding_garbage_is_a_corrupt_error_naming_the_key() {
-        let short = decode_entry("p/1", &[1, 2, 3]).unwrap_err().to_string();
-        assert!(
-            short.contains("'p/1'") && short.contains("shorter"),
-            "{short}"
-        );
-        let mut bad = encode_entry(&entry(1, 1, None, "v"));
-        bad[0] = 9;
-        assert!(matches!(
-            decode_entry("k", &bad),
-            Err(StoreError::Corrupt(_))
-        ));
-        let mut bad = encode_entry(&entry(1, 1, None, "v"));
-        bad[17] = 2;
-        assert!(matches!(
-            decode_entry("k", &bad),
-            Err(StoreError::Corrupt(_))
-        ));
-    }
+    use crate::store::codec::tests::entry;
 
     /// Of two entries with one LSN (one write timestamp), the database keeps the greater cell value
     /// where values decide the tie: that must be the one computed later, whatever the values.
@@ -613,13 +507,14 @@ mod tests {
         ];
         for (earlier, later) in pairs {
             assert!(
-                encode_entry(&later) > encode_entry(&earlier),
+                ENTRY_LAYOUT.encode(&later) > ENTRY_LAYOUT.encode(&earlier),
                 "{later:?} must encode greater than {earlier:?}"
             );
         }
         // Same computation time: the value decides, deterministically.
         assert!(
-            encode_entry(&entry(20, 1, None, "v20b")) > encode_entry(&entry(20, 1, None, "v20"))
+            ENTRY_LAYOUT.encode(&entry(20, 1, None, "v20b"))
+                > ENTRY_LAYOUT.encode(&entry(20, 1, None, "v20"))
         );
     }
 

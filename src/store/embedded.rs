@@ -62,7 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -72,8 +72,10 @@ use redb::{
 };
 use tokio::sync::{Notify, oneshot};
 
+use super::codec::Layout;
 use super::hot::HotEntries;
 use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
+use crate::clock::now_ms;
 use crate::lsn::Lsn;
 
 /// The database file inside the store directory.
@@ -108,60 +110,8 @@ const MAX_BATCH_WEIGHT: usize = 8192;
 // ---------------------------------------------------------------------------------------------------
 // Entry encoding
 
-const ENTRY_FORMAT: u8 = 1;
-const ENTRY_HEADER: usize = 1 + 8 + 8 + 1 + 8;
-
-fn encode_entry_into(entry: &Entry, buf: &mut [u8]) {
-    buf[0] = ENTRY_FORMAT;
-    buf[1..9].copy_from_slice(&entry.lsn.0.to_le_bytes());
-    buf[9..17].copy_from_slice(&entry.computed_at_ms.to_le_bytes());
-    buf[17] = u8::from(entry.expires_at_ms.is_some());
-    buf[18..26].copy_from_slice(&entry.expires_at_ms.unwrap_or(0).to_le_bytes());
-    buf[ENTRY_HEADER..].copy_from_slice(&entry.value);
-}
-
-fn read_u64(bytes: &[u8], at: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(b)
-}
-
-fn check_header(key: &str, bytes: &[u8]) -> StoreResult<()> {
-    if bytes.len() < ENTRY_HEADER {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' is {} bytes, shorter than its {ENTRY_HEADER}-byte header",
-            bytes.len()
-        )));
-    }
-    if bytes[0] != ENTRY_FORMAT {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' has unknown format {} (expected {ENTRY_FORMAT})",
-            bytes[0]
-        )));
-    }
-    if bytes[17] > 1 {
-        return Err(StoreError::Corrupt(format!(
-            "entry '{key}' has an invalid expiry flag {}",
-            bytes[17]
-        )));
-    }
-    Ok(())
-}
-
-fn decode_entry_lsn(key: &str, bytes: &[u8]) -> StoreResult<Lsn> {
-    check_header(key, bytes)?;
-    Ok(Lsn(read_u64(bytes, 1)))
-}
-
-fn decode_entry(key: &str, bytes: &[u8]) -> StoreResult<Entry> {
-    check_header(key, bytes)?;
-    Ok(Entry {
-        lsn: Lsn(read_u64(bytes, 1)),
-        computed_at_ms: read_u64(bytes, 9) as i64,
-        expires_at_ms: (bytes[17] == 1).then(|| read_u64(bytes, 18) as i64),
-        value: Bytes::copy_from_slice(&bytes[ENTRY_HEADER..]),
-    })
-}
+/// How entries are laid out in [`ENTRIES`] (see [`super::codec`]).
+const LAYOUT: Layout = Layout::Compact;
 
 // ---------------------------------------------------------------------------------------------------
 // Errors
@@ -170,7 +120,7 @@ fn decode_entry(key: &str, bytes: &[u8]) -> StoreResult<Entry> {
 fn redb_error(op: &str, err: impl Into<redb::Error>) -> StoreError {
     match err.into() {
         redb::Error::Corrupted(msg) => StoreError::Corrupt(format!("{op}: {msg}")),
-        other => StoreError::Backend(format!("{op}: {other}")),
+        other => StoreError::backend(op.to_owned(), other),
     }
 }
 
@@ -181,13 +131,6 @@ trait Context<T> {
 impl<T, E: Into<redb::Error>> Context<T> for Result<T, E> {
     fn ctx(self, op: &str) -> StoreResult<T> {
         self.map_err(|e| redb_error(op, e))
-    }
-}
-
-fn now_ms() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(_) => 0,
     }
 }
 
@@ -387,7 +330,7 @@ impl<'t> Tables<'t> {
     fn store_result(&mut self, primer: &str, key: &str, entry: &Entry) -> StoreResult<Stored> {
         let op = "store_result";
         let stored_lsn = match self.entries.get(key).ctx(op)? {
-            Some(bytes) => Some(decode_entry_lsn(key, bytes.value())?),
+            Some(bytes) => Some(LAYOUT.decode_lsn(key, bytes.value())?),
             None => None,
         };
         if let Some(stored) = stored_lsn
@@ -397,9 +340,9 @@ impl<'t> Tables<'t> {
         }
         let mut slot = self
             .entries
-            .insert_reserve(key, ENTRY_HEADER + entry.value.len())
+            .insert_reserve(key, Layout::encoded_len(entry))
             .ctx(op)?;
-        encode_entry_into(entry, slot.as_mut());
+        LAYOUT.encode_into(entry, slot.as_mut());
         drop(slot);
         self.changes.push((key.to_owned(), Some(entry.clone())));
         self.index_key(primer, key)?;
@@ -739,7 +682,7 @@ impl Writer {
             || self.last_durable.elapsed() >= DURABLE_AT_LEAST_EVERY;
         if !durable {
             txn.set_durability(redb::Durability::None)
-                .map_err(|e| StoreError::Backend(format!("set durability: {e}")))?;
+                .map_err(|e| StoreError::backend("set durability", e))?;
         }
         let now = now_ms();
         let mut next_seq = self.next_seq;
@@ -747,10 +690,9 @@ impl Writer {
         let changes = {
             let mut tables = Tables::open(&txn)?;
             for op in ops {
-                let outcome = tables.apply(op, &mut next_seq, now).map_err(|e| match e {
-                    StoreError::Backend(m) => StoreError::Backend(format!("{}: {m}", op.name())),
-                    other => other,
-                })?;
+                let outcome = tables
+                    .apply(op, &mut next_seq, now)
+                    .map_err(|e| e.within(op.name()))?;
                 outcomes.push(outcome);
             }
             std::mem::take(&mut tables.changes)
@@ -848,30 +790,27 @@ impl EmbeddedStore {
     /// [`super::hot`]; 0: every read is a redb read).
     pub fn open_with(dir: &Path, memory_cache: usize) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Backend(format!(
-                "cannot create the store directory {}: {e}",
-                dir.display()
-            ))
+            StoreError::backend(
+                format!("cannot create the store directory {}", dir.display()),
+                e,
+            )
         })?;
         let path = dir.join(FILE_NAME);
         let db = Database::builder()
             .set_cache_size(REDB_CACHE)
             .create(&path)
             .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::failed(format!(
                     "cannot open the store {}: another kck process is using this store",
                     path.display()
                 )),
                 other => redb_error(&format!("cannot open the store {}", path.display()), other),
             })?;
         let next_seq = Self::prepare(&db).map_err(|e| match e {
-            StoreError::Backend(m) => {
-                StoreError::Backend(format!("opening the store {}: {m}", path.display()))
-            }
             StoreError::Corrupt(m) => {
                 StoreError::Corrupt(format!("opening the store {}: {m}", path.display()))
             }
-            StoreError::Closed => StoreError::Closed,
+            other => other.within(format_args!("opening the store {}", path.display())),
         })?;
         let db = Arc::new(db);
         let shared = Arc::new(Shared::default());
@@ -889,9 +828,7 @@ impl EmbeddedStore {
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
             .spawn(move || writer.run())
-            .map_err(|e| {
-                StoreError::Backend(format!("cannot start the store writer thread: {e}"))
-            })?;
+            .map_err(|e| StoreError::backend("cannot start the store writer thread", e))?;
         Ok(EmbeddedStore {
             inner: Arc::new(Inner {
                 path,
@@ -1014,7 +951,7 @@ impl Store for EmbeddedStore {
         let entries = txn.open_table(ENTRIES).ctx("get")?;
         match entries.get(key).ctx("get")? {
             Some(bytes) => {
-                let entry = decode_entry(key, bytes.value())?;
+                let entry = LAYOUT.decode(key, bytes.value())?;
                 hot.offer(key, &entry, epoch);
                 Ok(Some(entry))
             }
@@ -1331,7 +1268,7 @@ impl Store for EmbeddedStore {
 }
 
 fn unexpected(op: &str, reply: Reply) -> StoreError {
-    StoreError::Backend(format!(
+    StoreError::failed(format!(
         "{op}: the store writer gave an unexpected reply {reply:?}"
     ))
 }
@@ -1642,6 +1579,23 @@ mod tests {
         assert!(err.contains(&file.display().to_string()), "{err}");
     }
 
+    #[tokio::test]
+    async fn a_failed_open_keeps_its_cause_and_says_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let err = EmbeddedStore::open(&file).unwrap_err();
+        let text = err.to_string();
+        let cause = std::error::Error::source(&err)
+            .expect("the system's error is kept as the source")
+            .to_string();
+        assert!(
+            text.contains("cannot create the store directory") && text.contains("not-a-dir"),
+            "{text}"
+        );
+        assert!(!text.contains(&cause), "{text} repeats {cause}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupt_entry_is_reported_and_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
@@ -1677,41 +1631,6 @@ mod tests {
         // Removing the key clears it.
         s.remove_key("p", "bad").await.unwrap();
         assert_eq!(s.get("bad").await.unwrap(), None);
-    }
-
-    #[test]
-    fn entry_encoding_round_trips_and_rejects_garbage() {
-        for e in [
-            entry(1, "x"),
-            Entry {
-                value: Bytes::new(),
-                lsn: Lsn(u64::MAX),
-                computed_at_ms: i64::MIN,
-                expires_at_ms: None,
-            },
-        ] {
-            let mut buf = vec![0; ENTRY_HEADER + e.value.len()];
-            encode_entry_into(&e, &mut buf);
-            assert_eq!(decode_entry("k", &buf).unwrap(), e);
-            assert_eq!(decode_entry_lsn("k", &buf).unwrap(), e.lsn);
-        }
-        assert!(matches!(
-            decode_entry("k", &[1, 2]),
-            Err(StoreError::Corrupt(_))
-        ));
-        let mut bad_format = vec![0; ENTRY_HEADER];
-        bad_format[0] = 9;
-        assert!(matches!(
-            decode_entry("k", &bad_format),
-            Err(StoreError::Corrupt(_))
-        ));
-        let mut bad_flag = vec![0; ENTRY_HEADER];
-        bad_flag[0] = ENTRY_FORMAT;
-        bad_flag[17] = 2;
-        assert!(matches!(
-            decode_entry_lsn("k", &bad_flag),
-            Err(StoreError::Corrupt(_))
-        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 //!
 //! [`Store`] is the one contract every backend keeps; [`embedded`] (redb, the default, one process) and
 //! `scylla` (ScyllaDB or Cassandra, shared by many processes; the `scylla` Cargo feature) implement it,
-//! [`cql`] holds the ScyllaDB data model, and `conformance` is the test suite every backend must pass.
+//! [`cql`] holds the ScyllaDB data model, [`codec`] the byte encoding of an [`Entry`] that both use, and
+//! `conformance` is the test suite every backend must pass.
 //!
 //! # Contract
 //! - **Entries never go backwards.** [`Store::store_result`] writes an entry only if no entry with a higher
@@ -61,6 +62,7 @@
 //!     the task, so that the debt is never unaccounted for);
 //!   - [`Store::retry`] leaves the floor as it is.
 
+pub mod codec;
 pub mod cql;
 pub mod embedded;
 mod hot;
@@ -77,6 +79,7 @@ pub use settings::{
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -97,8 +100,8 @@ pub struct Entry {
     pub expires_at_ms: Option<i64>,
 }
 
-/// A unit of refresh work. Its `id` says what to do (see [`crate::queue::TaskKind`]); the store treats it as
-/// opaque text.
+/// A unit of refresh work. Its `id` says what to do to the layers above; the store treats it as opaque
+/// text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
     pub id: String,
@@ -151,15 +154,56 @@ pub struct QueueStats {
     pub oldest_enqueued_at_ms: Option<i64>,
 }
 
+/// The cause of a [`StoreError::Backend`]: the error of the database, driver or system call underneath.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// The backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store backend error: {0}")]
-    Backend(String),
+    /// `context` says what failed (the operation, and the path or statement it was on); `source` is the
+    /// error underneath, when there is one, and is not repeated in the text (print the chain to see it).
+    #[error("store backend error: {context}")]
+    Backend {
+        context: Cow<'static, str>,
+        #[source]
+        source: Option<BoxError>,
+    },
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
     #[error("store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// `context` failed because of `source`.
+    pub fn backend(
+        context: impl Into<Cow<'static, str>>,
+        source: impl Into<BoxError>,
+    ) -> StoreError {
+        StoreError::Backend {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// `context` failed, and says it all (no error underneath).
+    pub fn failed(context: impl Into<Cow<'static, str>>) -> StoreError {
+        StoreError::Backend {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, its context preceded by `outer` (`outer: context`); other errors as they are.
+    pub fn within(self, outer: impl std::fmt::Display) -> StoreError {
+        match self {
+            StoreError::Backend { context, source } => StoreError::Backend {
+                context: format!("{outer}: {context}").into(),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -249,10 +293,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// Take or renew the lease `name` for `holder` for `ttl` from now. Returns true if `holder` holds it
     /// now: it was free, its previous holder's lease ran out, or `holder` already held it (then it is
-    /// extended). Atomic across every process sharing the store: at most one holder at a time. Used by the
-    /// process worker ([`crate::jobs`]) so that a job runs at most once at a time.
+    /// extended). Atomic across every process sharing the store: at most one holder at a time, so that
+    /// work guarded by one lease name (for example a scheduled job) runs at most once at a time.
     async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
 
     /// Give up the lease `name` if `holder` holds it (otherwise do nothing).
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn backend_errors_keep_their_cause_out_of_their_text() {
+        let e =
+            StoreError::backend("commit", std::io::Error::other("disk on fire")).within("finish");
+        assert_eq!(e.to_string(), "store backend error: finish: commit");
+        assert_eq!(e.source().unwrap().to_string(), "disk on fire");
+
+        let e = StoreError::failed("store_result: the key is empty");
+        assert_eq!(
+            e.to_string(),
+            "store backend error: store_result: the key is empty"
+        );
+        assert!(e.source().is_none());
+
+        assert!(matches!(StoreError::Closed.within("x"), StoreError::Closed));
+        let e = StoreError::Corrupt("entry 'k'".into()).within("x");
+        assert_eq!(e.to_string(), "store data is corrupt: entry 'k'");
+    }
 }

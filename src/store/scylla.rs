@@ -29,7 +29,9 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
 use scylla::response::query_result::QueryResult;
+use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency as CqlConsistency, SerialConsistency, Statement};
@@ -40,7 +42,7 @@ use super::cql::{
     self, Lease, MicrosClock, OrderRow, QUEUE_BUCKETS, SCHEMA_META, SCHEMA_VERSION, Statements,
     TABLES,
 };
-use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
+use super::{BoxError, Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
 use super::{Consistency, ScyllaConfig};
 use crate::lsn::Lsn;
 
@@ -60,9 +62,9 @@ const ORPHAN_GRACE_US: i64 = 60_000_000;
 /// Per-request timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Turns a driver error into a [`StoreError`] naming the operation.
-fn cql_err<E: std::fmt::Display>(op: &'static str) -> impl Fn(E) -> StoreError {
-    move |e| StoreError::Backend(format!("{op}: {e}"))
+/// Turns a driver error into a [`StoreError`] naming the operation (and keeping the error as its source).
+fn cql_err<E: Into<BoxError>>(op: &'static str) -> impl Fn(E) -> StoreError {
+    move |e| StoreError::backend(op, e)
 }
 
 fn consistency(c: Consistency) -> CqlConsistency {
@@ -102,10 +104,13 @@ pub async fn connect(config: &ScyllaConfig) -> StoreResult<Session> {
         builder = builder.tls_context(Some(tls_context(ca)?));
     }
     builder.build().await.map_err(|e| {
-        StoreError::Backend(format!(
-            "cannot connect to the scylla store at {}: {e}",
-            config.nodes.join(", ")
-        ))
+        StoreError::backend(
+            format!(
+                "cannot connect to the scylla store at {}",
+                config.nodes.join(", ")
+            ),
+            e,
+        )
     })
 }
 
@@ -113,24 +118,23 @@ pub async fn connect(config: &ScyllaConfig) -> StoreResult<Session> {
 fn tls_context(ca_file: &std::path::Path) -> StoreResult<Arc<rustls::ClientConfig>> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let bad =
-        |m: String| StoreError::Backend(format!("store.tls.ca_file {}: {m}", ca_file.display()));
+    let what = |m: &str| format!("store.tls.ca_file {}: {m}", ca_file.display());
+    fn bad<E: Into<BoxError>>(what: String) -> impl FnOnce(E) -> StoreError {
+        move |e| StoreError::backend(what, e)
+    }
     let mut roots = rustls::RootCertStore::empty();
-    let certs =
-        CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(bad(what("cannot read it")))?;
     for cert in certs {
-        let cert = cert.map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad(format!("unusable certificate: {e}")))?;
+        let cert = cert.map_err(bad(what("not a PEM certificate")))?;
+        roots.add(cert).map_err(bad(what("unusable certificate")))?;
     }
     if roots.is_empty() {
-        return Err(bad("holds no certificate".into()));
+        return Err(StoreError::failed(what("holds no certificate")));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad(format!("cannot set up TLS: {e}")))?
+        .map_err(bad(what("cannot set up TLS")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -146,9 +150,7 @@ pub async fn init_schema(config: &ScyllaConfig) -> StoreResult<()> {
         let text = e.to_string();
         if !(text.contains("tablets") || text.contains("Unrecognized") || text.contains("Unknown"))
         {
-            return Err(StoreError::Backend(format!(
-                "creating keyspace {ks}: {text}"
-            )));
+            return Err(StoreError::backend(format!("creating keyspace {ks}"), e));
         }
         session
             .query_unpaged(cql::create_keyspace(ks, &config.replication, false), ())
@@ -282,6 +284,27 @@ impl ScyllaStore {
         &self.inner.st
     }
 
+    /// Every row (all pages) that `statement` answers for `values`; `op` names the read in errors.
+    async fn all_rows<R>(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow + Send,
+        op: &'static str,
+    ) -> StoreResult<Vec<R>>
+    where
+        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata> + Send + Unpin + 'static,
+    {
+        self.s()
+            .execute_iter(statement.clone(), values)
+            .await
+            .map_err(cql_err(op))?
+            .rows_stream::<R>()
+            .map_err(cql_err(op))?
+            .map_err(cql_err(op))
+            .try_collect()
+            .await
+    }
+
     /// The keyspace this store uses.
     pub fn keyspace(&self) -> &str {
         &self.inner.keyspace
@@ -313,7 +336,7 @@ impl ScyllaStore {
 
     async fn write_entry(&self, primer: &str, key: &str, entry: &Entry) -> StoreResult<Stored> {
         if key.is_empty() {
-            return Err(StoreError::Backend("store_result: the key is empty".into()));
+            return Err(StoreError::failed("store_result: the key is empty"));
         }
         let ts = cql::lsn_timestamp(entry.lsn)?;
         let ttl = cql::ttl_seconds(entry.expires_at_ms, cql::now_ms());
@@ -322,7 +345,7 @@ impl ScyllaStore {
         self.s()
             .execute_unpaged(
                 &self.st().put_entry,
-                (key, cql::encode_entry(entry), ts, ttl),
+                (key, cql::ENTRY_LAYOUT.encode(entry), ts, ttl),
             )
             .await
             .map_err(cql_err("storing an entry"))?;
@@ -377,30 +400,14 @@ impl ScyllaStore {
 
     /// The `queue_tasks` rows of a task: (lsn, enqueued_at_us).
     async fn versions(&self, bucket: i32, id: &str) -> StoreResult<Vec<(i64, i64)>> {
-        let op = "reading a task";
-        self.s()
-            .execute_iter(self.st().task_versions.clone(), (bucket, id))
-            .await
-            .map_err(cql_err(op))?
-            .rows_stream::<(i64, i64)>()
-            .map_err(cql_err(op))?
-            .map_err(cql_err(op))
-            .try_collect()
+        self.all_rows(&self.st().task_versions, (bucket, id), "reading a task")
             .await
     }
 
     /// Every lease row of a bucket.
     async fn leases(&self, bucket: i32) -> StoreResult<HashMap<String, Lease>> {
-        let op = "reading claims";
         let rows: Vec<LeaseRow> = self
-            .s()
-            .execute_iter(self.st().bucket_leases.clone(), (bucket,))
-            .await
-            .map_err(cql_err(op))?
-            .rows_stream()
-            .map_err(cql_err(op))?
-            .map_err(cql_err(op))
-            .try_collect()
+            .all_rows(&self.st().bucket_leases, (bucket,), "reading claims")
             .await?;
         Ok(rows
             .into_iter()
@@ -495,7 +502,7 @@ impl ScyllaStore {
             .map_err(cql_err(op))?;
         match row.and_then(|r| r.columns.into_iter().next().flatten()) {
             Some(CqlValue::Boolean(applied)) => Ok(applied),
-            other => Err(StoreError::Backend(format!(
+            other => Err(StoreError::failed(format!(
                 "{op}: a lightweight transaction answered without [applied] ({other:?})"
             ))),
         }
@@ -566,7 +573,7 @@ async fn check_schema(session: &Session, ks: &str) -> StoreResult<()> {
         .filter(|t| !present.iter().any(|p| p == t))
         .collect();
     if !missing.is_empty() {
-        return Err(StoreError::Backend(format!(
+        return Err(StoreError::failed(format!(
             "the scylla store's keyspace '{ks}' lacks table(s) {}: create them with `kck store init --config FILE` \
              (or set store.init: true)",
             missing.join(", ")
@@ -582,12 +589,12 @@ async fn check_schema(session: &Session, ks: &str) -> StoreResult<()> {
         .and_then(|(v,)| v);
     match version {
         Some(v) if v == SCHEMA_VERSION.as_bytes() => Ok(()),
-        Some(v) => Err(StoreError::Backend(format!(
+        Some(v) => Err(StoreError::failed(format!(
             "the scylla store's keyspace '{ks}' was created for '{}', but this kck needs '{SCHEMA_VERSION}': \
              use another keyspace, or drop this one and run `kck store init`",
             String::from_utf8_lossy(&v)
         ))),
-        None => Err(StoreError::Backend(format!(
+        None => Err(StoreError::failed(format!(
             "the scylla store's keyspace '{ks}' has no schema version: run `kck store init --config FILE` \
              (or set store.init: true)"
         ))),
@@ -600,7 +607,7 @@ async fn prepare(session: &Session, ks: &str) -> StoreResult<Prepared> {
         let mut st = session
             .prepare(q.clone())
             .await
-            .map_err(|e| StoreError::Backend(format!("preparing `{q}`: {e}")))?;
+            .map_err(|e| StoreError::backend(format!("preparing `{q}`"), e))?;
         st.set_is_idempotent(idempotent);
         Ok::<PreparedStatement, StoreError>(st)
     };
@@ -670,7 +677,7 @@ impl Store for ScyllaStore {
             .maybe_first_row::<(Option<Vec<u8>>,)>()
             .map_err(cql_err("get"))?;
         match row.and_then(|(b,)| b) {
-            Some(bytes) => Ok(Some(cql::decode_entry(key, &bytes)?)),
+            Some(bytes) => Ok(Some(cql::ENTRY_LAYOUT.decode(key, &bytes)?)),
             None => Ok(None),
         }
     }
@@ -689,8 +696,8 @@ impl Store for ScyllaStore {
 
     async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()> {
         if key.is_empty() || primer.is_empty() {
-            return Err(StoreError::Backend(
-                "register_key: the primer and the key must not be empty".into(),
+            return Err(StoreError::failed(
+                "register_key: the primer and the key must not be empty",
             ));
         }
         self.index_key(primer, key).await
@@ -1015,16 +1022,8 @@ impl Store for ScyllaStore {
         let now = cql::now_ms();
         let per_bucket = stream::iter(0..QUEUE_BUCKETS)
             .map(|b| async move {
-                let op = "queue_stats";
                 let tasks: Vec<(String, i64)> = self
-                    .s()
-                    .execute_iter(self.st().bucket_tasks.clone(), (b,))
-                    .await
-                    .map_err(cql_err(op))?
-                    .rows_stream()
-                    .map_err(cql_err(op))?
-                    .map_err(cql_err(op))
-                    .try_collect()
+                    .all_rows(&self.st().bucket_tasks, (b,), "queue_stats")
                     .await?;
                 let mut pending: HashMap<String, i64> = HashMap::new();
                 for (id, enq) in tasks {
