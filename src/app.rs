@@ -575,7 +575,7 @@ async fn follow_watermark(
             Ok(None) => {}
             Err(error) if !warned => {
                 warned = true;
-                tracing::warn!(%error, "Cannot read the published visible watermark; retrying.");
+                tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the published visible watermark; retrying.");
             }
             Err(_) => {}
         }
@@ -609,7 +609,7 @@ async fn publish_watermark(
             {
                 Ok(()) => published = visible,
                 Err(error) => {
-                    tracing::warn!(%error, "Cannot publish the visible watermark; retrying.")
+                    tracing::warn!(error = %crate::report::Chain(&error), "Cannot publish the visible watermark; retrying.")
                 }
             }
         }
@@ -621,7 +621,7 @@ async fn publish_watermark(
             {
                 Ok(()) => published_acked = acked,
                 Err(error) => {
-                    tracing::warn!(%error, "Cannot publish the acknowledged position; retrying.")
+                    tracing::warn!(error = %crate::report::Chain(&error), "Cannot publish the acknowledged position; retrying.")
                 }
             }
         }
@@ -753,7 +753,7 @@ async fn wait_for_slot(
                 if standby
                     && (e.is_transient() || matches!(e, ReplicationError::SlotInUse { .. })) =>
             {
-                tracing::warn!(%slot, error = %e, "Standby: cannot take over the replication slot yet; retrying.");
+                tracing::warn!(%slot, error = %crate::report::Chain(&e), "Standby: cannot take over the replication slot yet; retrying.");
             }
             Err(e) => return Err(e),
         }
@@ -773,12 +773,15 @@ async fn rebuild_after_lost_slot(stream: &Stream, at: Lsn, telemetry: &Telemetry
     let tasks = ops::slot::rebuild_tasks(stream.deps.catalog(), at);
     if let Err(error) = stream.store.enqueue(tasks).await {
         tracing::error!(
-            %error,
+            error = %crate::report::Chain(&error),
             "Cannot queue the rebuild of the cache; restart kck once the store works again."
         );
         telemetry.events.error(
             "slot",
-            format!("cannot queue the rebuild of the cache: {error}"),
+            format!(
+                "cannot queue the rebuild of the cache: {}",
+                crate::report::Chain(&error)
+            ),
         );
     }
     stream.stats.acked.fetch_max(at.0, Ordering::Relaxed);
@@ -839,7 +842,7 @@ async fn supervise(
         failures += 1;
         let delay = Duration::from_millis(500u64.saturating_mul(1 << failures.min(6)).min(30_000));
         tracing::error!(
-            %error,
+            error = %crate::report::Chain(&error),
             retry_in = ?delay,
             "Replication stopped; reconnecting. If this repeats, check that Postgres is up and \
              reachable (kck status shows the slot)."
@@ -871,7 +874,7 @@ async fn supervise(
             // An invalidated slot under `on_slot_lost: fail`: retrying cannot help.
             Err(error @ ReplicationError::SlotLost { .. }) => return Err(error),
             Err(error) => {
-                tracing::error!(%error, "The source is not ready; retrying.");
+                tracing::error!(error = %crate::report::Chain(&error), "The source is not ready; retrying.");
                 telemetry
                     .events
                     .error("replication", format!("source not ready: {error}"));

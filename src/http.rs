@@ -402,7 +402,7 @@ fn prime_error(e: RefreshError) -> ApiError {
         e @ RefreshError::Query { .. } => {
             ApiError::new(StatusCode::BAD_GATEWAY, "primer_failed", e.to_string())
         }
-        e => internal(&e),
+        e => internal(&crate::report::Chain(&e)),
     }
 }
 
@@ -610,7 +610,12 @@ impl AppState {
             refresher.touch(text);
         }
         let mut expired = false;
-        if let Some(entry) = self.store.get(text).await.map_err(|e| internal(&e))? {
+        if let Some(entry) = self
+            .store
+            .get(text)
+            .await
+            .map_err(|e| internal(&crate::report::Chain(&e)))?
+        {
             let now = crate::clock::now_ms();
             let Some(expires) = entry.expires_at_ms.filter(|at| *at <= now) else {
                 return Ok((entry, "hit"));
@@ -667,8 +672,13 @@ impl AppState {
                     .progress
                     .caught_up(min)
                     .await
-                    .map_err(|e| internal(&e))?;
-                match self.store.get(text).await.map_err(|e| internal(&e))? {
+                    .map_err(|e| internal(&crate::report::Chain(&e)))?;
+                match self
+                    .store
+                    .get(text)
+                    .await
+                    .map_err(|e| internal(&crate::report::Chain(&e)))?
+                {
                     Some(entry) if caught_up || entry.lsn >= min => Ok(Some((entry, "hit"))),
                     Some(_) => Ok(None),
                     // A miss is computed once the stream has decoded `min`: priming then sees it.
@@ -679,7 +689,7 @@ impl AppState {
                                 .progress
                                 .caught_up(min)
                                 .await
-                                .map_err(|e| internal(&e))?;
+                                .map_err(|e| internal(&crate::report::Chain(&e)))?;
                         Ok(fresh.then_some((entry, "miss")))
                     }
                     None if self.primer.is_none() => Err(not_cached(text)),
@@ -748,7 +758,12 @@ impl AppState {
         let waited = self
             .hub
             .wait_for(Some(text), deadline, &self.shutdown, move || async move {
-                match self.store.get(text).await.map_err(|e| internal(&e))? {
+                match self
+                    .store
+                    .get(text)
+                    .await
+                    .map_err(|e| internal(&crate::report::Chain(&e)))?
+                {
                     Some(entry) if etag_of(&entry) != etag => {
                         Ok::<_, ApiError>(Some((entry, "hit")))
                     }
@@ -1115,7 +1130,7 @@ fn update_error(e: UpdateError) -> ApiError {
     let Some(db) = e.db_error() else {
         return match e {
             UpdateError::Commit { .. } => {
-                tracing::error!(error = %e, "The connection failed during COMMIT.");
+                tracing::error!(error = %crate::report::Chain(&e), "The connection failed during COMMIT.");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "commit_unknown",
@@ -1124,14 +1139,14 @@ fn update_error(e: UpdateError) -> ApiError {
                 )
             }
             UpdateError::Pool(_) | UpdateError::Statement { .. } | UpdateError::Begin { .. } => {
-                tracing::warn!(error = %e, "Update failed: no usable database connection.");
+                tracing::warn!(error = %crate::report::Chain(&e), "Update failed: no usable database connection.");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "no usable database connection for updates; nothing was written, retry later",
                 )
             }
-            UpdateError::Task(_) => internal(&e),
+            UpdateError::Task(_) => internal(&crate::report::Chain(&e)),
         };
     };
     let code = db.code().code().to_owned();
@@ -1181,7 +1196,7 @@ fn update_error(e: UpdateError) -> ApiError {
             "the update ran longer than http.request_timeout and was rolled back; nothing was written",
         ),
         ("08" | "53" | "57", _) => {
-            tracing::warn!(error = %e, "Update failed: the database is unavailable.");
+            tracing::warn!(error = %crate::report::Chain(&e), "Update failed: the database is unavailable.");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -1189,7 +1204,7 @@ fn update_error(e: UpdateError) -> ApiError {
             )
         }
         _ => {
-            tracing::error!(error = %e, "An updater failed in Postgres.");
+            tracing::error!(error = %crate::report::Chain(&e), "An updater failed in Postgres.");
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "updater_failed",
@@ -1318,7 +1333,7 @@ async fn update(
                 .caught_up(lsn)
                 .await
                 .map(|done| done.then_some(()))
-                .map_err(|e| internal(&e))
+                .map_err(|e| internal(&crate::report::Chain(&e)))
         })
         .await?;
     match waited {

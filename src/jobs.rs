@@ -190,7 +190,7 @@ async fn read_last_run(store: &dyn Store, name: &str) -> Option<i64> {
         Ok(Some(bytes)) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
         Ok(None) => None,
         Err(error) => {
-            tracing::warn!(job = name, %error, "Cannot read the job's last run from the store.");
+            tracing::warn!(job = name, error = %crate::report::Chain(&error), "Cannot read the job's last run from the store.");
             None
         }
     }
@@ -242,7 +242,7 @@ async fn run_job(
                 continue;
             }
             Err(error) => {
-                tracing::error!(job = %job.name, %error, "Cannot take the job's lease; retrying in 5 s. Check the store.");
+                tracing::error!(job = %job.name, error = %crate::report::Chain(&error), "Cannot take the job's lease; retrying in 5 s. Check the store.");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = shutdown.wait_for(|s| *s) => return,
@@ -265,7 +265,7 @@ async fn run_job(
             }
         }
         if let Err(error) = store.release_lease(&job.name, &jobs.holder).await {
-            tracing::warn!(job = %job.name, %error, "Cannot release the job's lease; it runs out by itself.");
+            tracing::warn!(job = %job.name, error = %crate::report::Chain(&error), "Cannot release the job's lease; it runs out by itself.");
         }
     }
 }
@@ -285,7 +285,7 @@ async fn run_once(index: usize, job: &JobConfig, source: &Source, store: &dyn St
         )
         .await
     {
-        tracing::warn!(job = %job.name, %error, "Cannot record the job's run in the store.");
+        tracing::warn!(job = %job.name, error = %crate::report::Chain(&error), "Cannot record the job's run in the store.");
     }
     tracing::info!(job = %job.name, "Running job.");
     let run = async {
@@ -305,7 +305,7 @@ async fn run_once(index: usize, job: &JobConfig, source: &Source, store: &dyn St
             result = &mut run => break result,
             _ = tokio::time::sleep(LEASE_TTL / 3) => {
                 if let Err(error) = store.try_lease(&job.name, &jobs.holder, LEASE_TTL).await {
-                    tracing::warn!(job = %job.name, %error, "Cannot renew the job's lease.");
+                    tracing::warn!(job = %job.name, error = %crate::report::Chain(&error), "Cannot renew the job's lease.");
                 }
             }
         }

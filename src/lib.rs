@@ -25,6 +25,7 @@ pub mod primer;
 pub mod queue;
 pub mod refresh;
 pub mod replication;
+pub mod report;
 pub mod schedule;
 pub mod sqlscan;
 pub mod store;

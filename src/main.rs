@@ -197,15 +197,7 @@ fn main() -> ExitCode {
 
 /// The error and its causes, each cause once: kck's messages often already include their cause's text.
 fn error_text(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !out.contains(&cause) {
-            out.push_str(": ");
-            out.push_str(&cause);
-        }
-    }
-    out
+    kck::report::Chain(e.as_ref()).to_string()
 }
 
 fn init_logging(format: LogFormat) {

@@ -212,7 +212,7 @@ impl Source {
                 })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(%error, "Postgres connection closed.");
+                tracing::debug!(error = %crate::report::Chain(&error), "Postgres connection closed.");
             }
         });
         Ok(client)

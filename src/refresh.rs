@@ -540,7 +540,7 @@ impl Refresher {
             tracing::error!(
                 primer = %self.catalog.primers[primer].name,
                 consecutive_failures = consecutive,
-                %error,
+                error = %crate::report::Chain(error),
                 "A primer keeps failing; its keys keep their last value and are retried with backoff \
                  (other primers are not held up). Fix the primer's query or the database."
             );
@@ -576,7 +576,7 @@ impl Refresher {
         let this = self.clone();
         tokio::spawn(async move {
             if let Err(error) = this.prime(&key, &text).await {
-                tracing::warn!(key = %text, %error, "Cannot revalidate a stale entry; the next fetch tries again.");
+                tracing::warn!(key = %text, error = %crate::report::Chain(&error), "Cannot revalidate a stale entry; the next fetch tries again.");
             }
         });
     }
@@ -944,7 +944,7 @@ impl Refresher {
             let claims = match self.store.claim(self.claim_batch, LEASE).await {
                 Ok(claims) => claims,
                 Err(error) => {
-                    tracing::error!(worker, %error, "Cannot claim refresh tasks; retrying in 1 s. Check the store.");
+                    tracing::error!(worker, error = %crate::report::Chain(&error), "Cannot claim refresh tasks; retrying in 1 s. Check the store.");
                     sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await;
                     continue;
                 }
@@ -1090,7 +1090,7 @@ impl Refresher {
                 match &error {
                     RefreshError::NotVisible { .. } => {
                         self.telemetry.metrics.refresh(&primer, "not_visible", None);
-                        tracing::debug!(task = %claim.id, %error, "Retrying later.")
+                        tracing::debug!(task = %claim.id, error = %crate::report::Chain(&error), "Retrying later.")
                     }
                     _ => {
                         self.telemetry.metrics.refresh(&primer, "failed", None);
@@ -1114,7 +1114,7 @@ impl Refresher {
             }
         };
         if let Err(error) = written {
-            tracing::error!(task = %claim.id, %error, "Cannot record a refresh; it will run again.");
+            tracing::error!(task = %claim.id, error = %crate::report::Chain(&error), "Cannot record a refresh; it will run again.");
         }
     }
 
@@ -1157,8 +1157,10 @@ impl Refresher {
                                 self.telemetry.metrics.refresh(primer, "not_cached", None);
                             }
                         }
-                        Err(error) => tracing::error!(task = %claim.id, %error,
-                            "Cannot record a refresh; it will run again."),
+                        Err(error) => {
+                            tracing::error!(task = %claim.id, error = %crate::report::Chain(&error),
+                            "Cannot record a refresh; it will run again.")
+                        }
                     }
                 }
             }
@@ -1170,7 +1172,7 @@ impl Refresher {
                     self.failed(index, &error);
                     self.record_failure(&self.catalog.primers[index].name, &error);
                 }
-                tracing::warn!(primer = %self.catalog.primers[index].name, %error,
+                tracing::warn!(primer = %self.catalog.primers[index].name, error = %crate::report::Chain(&error),
                     "Batch refresh failed; refreshing the keys one by one.");
                 for (claim, _, _) in &items {
                     self.settle(claim, Some(index)).await;
@@ -1308,7 +1310,7 @@ pub async fn prove_visibility(
         let client = match source.connect().await {
             Ok(client) => client,
             Err(error) => {
-                tracing::warn!(%error, "Visibility prover cannot connect; retrying in 1 s.");
+                tracing::warn!(error = %crate::report::Chain(&error), "Visibility prover cannot connect; retrying in 1 s.");
                 sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await;
                 if *shutdown.borrow() {
                     return;
@@ -1319,7 +1321,7 @@ pub async fn prove_visibility(
         let statement = match client.prepare("SELECT pg_current_snapshot()::text").await {
             Ok(s) => s,
             Err(error) => {
-                tracing::warn!(%error, "Visibility prover cannot prepare its query; retrying in 1 s.");
+                tracing::warn!(error = %crate::report::Chain(&error), "Visibility prover cannot prepare its query; retrying in 1 s.");
                 sleep_or_shutdown(Duration::from_secs(1), &mut shutdown).await;
                 continue;
             }
@@ -1333,7 +1335,7 @@ pub async fn prove_visibility(
             let text: String = match client.query_one(&statement, &[]).await {
                 Ok(row) => row.get(0),
                 Err(error) => {
-                    tracing::warn!(%error, "Visibility prover lost its connection; reconnecting.");
+                    tracing::warn!(error = %crate::report::Chain(&error), "Visibility prover lost its connection; reconnecting.");
                     break;
                 }
             };

@@ -84,7 +84,7 @@ pub async fn run_intervals(refresher: Arc<Refresher>, mut shutdown: watch::Recei
             }
         }
         if let Err(error) = refresher.store.enqueue(tasks).await {
-            tracing::error!(%error, "Cannot queue a scheduled refresh; it is tried again at the next period. Check the store.");
+            tracing::error!(error = %crate::report::Chain(&error), "Cannot queue a scheduled refresh; it is tried again at the next period. Check the store.");
         }
     }
 }
@@ -122,7 +122,7 @@ pub async fn sweep_expired(refresher: Arc<Refresher>, mut shutdown: watch::Recei
             // Refresh what expires before the next look.
             let ahead = own.max(pause + last_sweep);
             if let Err(error) = sweep_primer(&refresher, i, ahead, &mut shutdown).await {
-                tracing::warn!(primer = %refresher.catalog.primers[i].name, %error,
+                tracing::warn!(primer = %refresher.catalog.primers[i].name, error = %crate::report::Chain(&error),
                     "Cannot look for expired entries; trying again at the next sweep. Check the store.");
             }
             if *shutdown.borrow() {
@@ -210,8 +210,10 @@ pub async fn warm(refresher: &Arc<Refresher>, concurrency: usize) -> WarmReport 
                 tracing::info!(primer = %primer.name, keys = listed.len(), "Warm query listed keys.");
                 keys.extend(listed);
             }
-            Err(error) => tracing::error!(primer = %primer.name, %error,
-                "The warm query failed; this primer's keys are computed on their first fetch instead. Fix primers[].warm."),
+            Err(error) => {
+                tracing::error!(primer = %primer.name, error = %crate::report::Chain(&error),
+                "The warm query failed; this primer's keys are computed on their first fetch instead. Fix primers[].warm.")
+            }
         }
     }
     report.listed = keys.len();
@@ -251,7 +253,7 @@ pub async fn warm(refresher: &Arc<Refresher>, concurrency: usize) -> WarmReport 
                         Ok(false) => c.computed += 1,
                         Err(error) => {
                             if c.failed < 5 {
-                                tracing::warn!(key = %text, %error, "Cannot warm a key; it is computed on its first fetch.");
+                                tracing::warn!(key = %text, error = %crate::report::Chain(&error), "Cannot warm a key; it is computed on its first fetch.");
                             }
                             c.failed += 1;
                         }

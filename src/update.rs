@@ -410,7 +410,7 @@ impl Updates {
             loop {
                 match this.run_once(&updater, &args).await {
                     Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
-                        tracing::debug!(updater = %updater.name, attempt, error = %e, "Retrying the update.");
+                        tracing::debug!(updater = %updater.name, attempt, error = %crate::report::Chain(&e), "Retrying the update.");
                         attempt += 1;
                         tokio::time::sleep(Duration::from_millis(10 * attempt as u64)).await;
                     }
@@ -511,7 +511,7 @@ impl Updates {
                 .ok()
                 .map(|l| commit_lsn_bound(l, geometry.0, geometry.1)),
             Err(error) => {
-                tracing::warn!(updater = %updater.name, %error, "Committed, but cannot read the WAL position.");
+                tracing::warn!(updater = %updater.name, error = %crate::report::Chain(&error), "Committed, but cannot read the WAL position.");
                 None
             }
         };

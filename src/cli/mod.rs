@@ -78,7 +78,9 @@ pub async fn status(config: &Config, url: Option<&str>, json: bool) -> Result<bo
                 "kck is not running, or not at {} ({e}): this is what Postgres and the store say.",
                 client.base
             );
-            let store = open_existing_store(config).await.map_err(|e| e.to_string());
+            let store = open_existing_store(config)
+                .await
+                .map_err(|e| crate::report::Chain(&e).to_string());
             Status::offline(&config.source, &config.catalog.primers, store, Some(note)).await
         }
         Err(e) => return Err(e.into()),

@@ -166,7 +166,7 @@ async fn readyz(State(ops): State<Arc<Ops>>) -> Response {
     let store = match tokio::time::timeout(PROBE_TIMEOUT, ops.store.queue_stats()).await {
         Ok(Ok(_)) => true,
         Ok(Err(e)) => {
-            not_ready.push(format!("store: {e}"));
+            not_ready.push(format!("store: {}", crate::report::Chain(&e)));
             false
         }
         Err(_) => {
@@ -237,7 +237,7 @@ async fn keys(
         .store
         .keys(&primer, q.after.as_deref(), limit)
         .await
-        .map_err(|e| store_error(&e))?;
+        .map_err(|e| store_error(&crate::report::Chain(&e)))?;
     let next_after = (keys.len() == limit)
         .then(|| keys.last().cloned())
         .flatten();
@@ -255,7 +255,7 @@ async fn entry(State(ops): State<Arc<Ops>>, uri: Uri) -> Result<Response, ApiErr
         .store
         .get(&canonical)
         .await
-        .map_err(|e| store_error(&e))?
+        .map_err(|e| store_error(&crate::report::Chain(&e)))?
     else {
         let registered = ops.store.is_registered(&canonical).await.unwrap_or(false);
         return Err(ApiError::new(

@@ -24,7 +24,7 @@ impl From<InvalidateError> for ApiError {
                 ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
             InvalidateError::Store(e) => {
-                tracing::error!(error = %e, "Invalidation failed.");
+                tracing::error!(error = %crate::report::Chain(&e), "Invalidation failed.");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",

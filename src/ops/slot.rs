@@ -65,9 +65,13 @@ pub async fn prepare(
                 warn_if_retaining(&info, source.config.max_retained_wal, telemetry);
             }
             Ok(None) => {}
-            Err(error) => tracing::warn!(%error, "Cannot read the slot's retained WAL."),
+            Err(error) => {
+                tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the slot's retained WAL.")
+            }
         },
-        Err(error) => tracing::warn!(%error, "Cannot read the slot's retained WAL."),
+        Err(error) => {
+            tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the slot's retained WAL.")
+        }
     }
     Ok(state)
 }

@@ -286,7 +286,10 @@ impl Status {
             tasks_queued: stats.tasks_queued.load(Ordering::Relaxed),
         };
         let queue = ops.store.queue_stats().await;
-        let queue_error = queue.as_ref().err().map(|e| e.to_string());
+        let queue_error = queue
+            .as_ref()
+            .err()
+            .map(|e| crate::report::Chain(e).to_string());
         let queue = queue.ok().map(|q| queue_status(&q));
         let f = &ops.telemetry.fetches;
         let (hits, misses, not_cached, errors) = (

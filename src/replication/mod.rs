@@ -607,7 +607,7 @@ impl SlotLock {
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!(%error, "The slot lock's connection closed.");
+                tracing::debug!(error = %crate::report::Chain(&error), "The slot lock's connection closed.");
             }
             let _ = closed_tx.send(true);
         });
@@ -940,7 +940,7 @@ async fn wait_for_room(
         let depth = match store.queue_stats().await {
             Ok(s) => s.depth,
             Err(error) => {
-                tracing::warn!(%error, "Cannot read the queue's size; writing without waiting.");
+                tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the queue's size; writing without waiting.");
                 break;
             }
         };

@@ -1173,7 +1173,7 @@ impl Store for EmbeddedStore {
             Ok(Some(d)) => d.min(timeout),
             Ok(None) => timeout,
             Err(err) => {
-                tracing::warn!(error = %err, "cannot look at the queue; waiting");
+                tracing::warn!(error = %crate::report::Chain(&err), "cannot look at the queue; waiting");
                 timeout
             }
         };

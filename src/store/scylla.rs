@@ -1004,7 +1004,9 @@ impl Store for ScyllaStore {
             match self.looks_claimable().await {
                 Ok(true) => return,
                 Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "Cannot look at the queue; waiting."),
+                Err(error) => {
+                    tracing::warn!(error = %crate::report::Chain(&error), "Cannot look at the queue; waiting.")
+                }
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
