@@ -24,6 +24,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "pg",
             "primer",
             "sqlscan",
+            "report",
             "replication::pgoutput",
         ],
     ),
