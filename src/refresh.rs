@@ -30,7 +30,7 @@
 //!   primer's permit does not hold up the worker's other units).
 //! - **Failures.** A failed task is retried with backoff (100 ms doubling to 30 s) and does not hold a
 //!   worker meanwhile, so a primer whose query keeps failing does not block the others; its failures and
-//!   last error are kept per primer ([`Refresher::primer_stats`]) and logged.
+//!   last error are kept per primer ([`Refresher::primer_health`]) and logged.
 //! - **Batching.** Key tasks of a primer with a `batch` query that are claimed together are computed in
 //!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
@@ -160,11 +160,24 @@ pub struct RefreshConfig {
 
 type PrimeCell = Arc<OnceCell<Entry>>;
 
-/// How one primer's refreshes go, for `/status`.
+/// How one primer's refreshes go, since the process started: for `/status`, metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PrimerHealth {
     /// Refreshes that worked (keys computed, lookups run, key pages listed; fetch misses included).
     pub refreshes: u64,
+    /// Of those, keys recomputed and stored by the workers (fetch misses and warming not included).
+    #[serde(default)]
+    pub keys_refreshed: u64,
+    /// Misses computed for fetches (and warming).
+    #[serde(default)]
+    pub primes: u64,
+    /// Batch queries run (each refreshing several keys).
+    #[serde(default)]
+    pub batch_queries: u64,
+    /// Keys dropped rather than recomputed because nobody read them for `cold_after`.
+    #[serde(default)]
+    pub dropped_cold: u64,
+    /// Refreshes that failed (each is retried with backoff).
     pub failures: u64,
     /// Failures since the last refresh that worked: a primer with some is failing now.
     pub consecutive_failures: u32,
@@ -226,6 +239,11 @@ impl RefreshHealth {
         health.consecutive_failures
     }
 
+    fn update(&self, primer: &str, f: impl FnOnce(&mut PrimerHealth)) {
+        let mut primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
+        f(primers.entry(primer.to_string()).or_default());
+    }
+
     /// `(refreshes, failures)` of all primers.
     pub fn totals(&self) -> (u64, u64) {
         let primers = self.primers.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,28 +269,6 @@ impl RefreshHealth {
         let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
         Some((at(0.5), at(0.95), sorted[sorted.len() - 1]))
     }
-}
-
-/// What the refresh workers did for one primer, since the process started (for tests and status; failures
-/// and last errors are also in [`Refresher::health`], which `/status` shows).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PrimerStats {
-    pub primer: String,
-    /// Keys recomputed and stored by the workers (misses computed by fetches not included).
-    pub refreshes: u64,
-    /// Misses computed for fetches (and warming).
-    pub primes: u64,
-    /// Batch queries run (each refreshing several keys).
-    pub batch_queries: u64,
-    /// Keys dropped rather than recomputed because nobody read them for `cold_after`.
-    pub dropped_cold: u64,
-    /// Failed queries of this primer (each is retried with backoff).
-    pub failures: u64,
-    /// Failures since the last success: above 0, the primer is failing now.
-    pub consecutive_failures: u64,
-    pub last_error: Option<String>,
-    pub last_error_at_ms: Option<i64>,
-    pub last_refresh_at_ms: Option<i64>,
 }
 
 /// How many recently refreshed keys [`Refresher::recent_refreshes`] remembers.
@@ -329,7 +325,6 @@ pub struct Refresher {
     /// How many of the workers' queries may hold a pool connection at once: all but
     /// [`MISS_RESERVE`] of the pool, so that fetch misses find a connection however busy the workers are.
     worker_queries: Semaphore,
-    stats: Vec<Mutex<PrimerStats>>,
     recent: Mutex<VecDeque<String>>,
     /// Per-primer successes and failures, for `/status`.
     pub health: RefreshHealth,
@@ -353,16 +348,6 @@ impl Refresher {
             .iter()
             .map(|p| p.policy.concurrency.map(|n| Arc::new(Semaphore::new(n))))
             .collect();
-        let stats = catalog
-            .primers
-            .iter()
-            .map(|p| {
-                Mutex::new(PrimerStats {
-                    primer: p.name.clone(),
-                    ..PrimerStats::default()
-                })
-            })
-            .collect();
         let pool_size = pool_size.max(1);
         let worker_queries = Semaphore::new(
             pool_size
@@ -383,7 +368,6 @@ impl Refresher {
             paused: watch::Sender::new(false),
             claim_batch: DEFAULT_CLAIM_BATCH,
             limits,
-            stats,
             recent: Mutex::new(VecDeque::new()),
             health: RefreshHealth::default(),
             telemetry,
@@ -489,12 +473,9 @@ impl Refresher {
         self.access.touch(key);
     }
 
-    /// Per primer, what the workers did (in the config's primer order).
-    pub fn primer_stats(&self) -> Vec<PrimerStats> {
-        self.stats
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .collect()
+    /// How `primer`'s refreshes go (the default when it never ran).
+    pub fn primer_health(&self, primer: &str) -> PrimerHealth {
+        self.health.primer(primer)
     }
 
     /// The keys the workers stored most recently, oldest first (at most 1,024).
@@ -507,18 +488,15 @@ impl Refresher {
             .collect()
     }
 
-    fn stat(&self, primer: usize, f: impl FnOnce(&mut PrimerStats)) {
-        if let Some(s) = self.stats.get(primer) {
-            f(&mut s.lock().unwrap_or_else(|e| e.into_inner()));
+    fn stat(&self, primer: usize, f: impl FnOnce(&mut PrimerHealth)) {
+        if let Some(p) = self.catalog.primers.get(primer) {
+            self.health.update(&p.name, f);
         }
     }
 
+    /// A worker stored a key of `primer` (its success is recorded by `record_success`).
     fn refreshed(&self, primer: usize, key: &str) {
-        self.stat(primer, |s| {
-            s.refreshes += 1;
-            s.consecutive_failures = 0;
-            s.last_refresh_at_ms = Some(now_ms());
-        });
+        self.stat(primer, |s| s.keys_refreshed += 1);
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         if recent.len() >= RECENT {
             recent.pop_front();
@@ -526,15 +504,10 @@ impl Refresher {
         recent.push_back(key.to_owned());
     }
 
+    /// A worker's query of `primer` failed (counted by `record_failure`): say it loudly when it keeps failing.
     fn failed(&self, primer: usize, error: &RefreshError) {
         let mut consecutive = 0;
-        self.stat(primer, |s| {
-            s.failures += 1;
-            s.consecutive_failures += 1;
-            consecutive = s.consecutive_failures;
-            s.last_error = Some(error.to_string());
-            s.last_error_at_ms = Some(now_ms());
-        });
+        self.stat(primer, |s| consecutive = s.consecutive_failures);
         // Say it loudly when a primer keeps failing: at 5 failures in a row, then at every power of ten.
         if consecutive == 5 || (consecutive >= 10 && consecutive.is_power_of_two()) {
             tracing::error!(
@@ -1169,8 +1142,8 @@ impl Refresher {
                     error,
                     RefreshError::Batch { .. } | RefreshError::BatchShape { .. }
                 ) {
-                    self.failed(index, &error);
                     self.record_failure(&self.catalog.primers[index].name, &error);
+                    self.failed(index, &error);
                 }
                 tracing::warn!(primer = %self.catalog.primers[index].name, error = %crate::report::Chain(&error),
                     "Batch refresh failed; refreshing the keys one by one.");
