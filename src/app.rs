@@ -41,15 +41,17 @@ use crate::freshness::Progress;
 use crate::http::{AppState, app};
 use crate::jobs::Jobs;
 use crate::lsn::Lsn;
-use crate::ops::{self, Ops, Telemetry};
+use crate::ops::{self, Ops};
+use crate::pg::Source;
 use crate::refresh::{Refresher, prove_visibility};
 pub use crate::replication::ReplicationState;
 use crate::replication::{
-    self, ReplicationError, SlotLock, SlotState, Source, Stream, StreamLimits, StreamStats,
+    self, ReplicationError, SlotLock, SlotState, Stream, StreamLimits, StreamStats,
 };
 use crate::schedule;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{Store, StoreError};
+use crate::telemetry::Telemetry;
 use crate::update::{UpdateError, Updates};
 use crate::visibility::VisibilityClock;
 

@@ -24,7 +24,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 
-pub use crate::primer::access::{Access, AccessRule, ClaimText, Claims, Principal, claim_text};
+pub use crate::primer::access::{Access, AccessRule, Claims, Principal, claim_text};
 
 /// `auth` in the config.
 #[derive(Debug, Clone)]

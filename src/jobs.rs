@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::clock::now_ms;
-use crate::replication::Source;
+use crate::pg::Source;
 use crate::store::Store;
 
 /// One job of the process worker: a named SQL statement run on a schedule, at most once at a time

@@ -6,29 +6,29 @@
 //! request wait until the cache has caught up with one.
 
 pub mod app;
-pub mod auth;
+pub(crate) mod auth;
 pub mod cli;
-pub mod clock;
+pub(crate) mod clock;
 pub mod config;
 pub mod deps;
-pub mod freshness;
+pub(crate) mod freshness;
 pub mod http;
 pub mod invalidate;
 pub mod jobs;
 #[cfg(test)]
 mod layers;
 pub mod lsn;
-pub mod openapi;
+pub(crate) mod openapi;
 pub mod ops;
 pub mod pg;
-pub mod primer;
+pub(crate) mod primer;
 pub mod queue;
 pub mod refresh;
 pub mod replication;
 pub mod report;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod sqlscan;
 pub mod store;
-pub mod telemetry;
-pub mod update;
+pub(crate) mod telemetry;
+pub(crate) mod update;
 pub mod visibility;

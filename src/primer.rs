@@ -24,7 +24,7 @@
 pub mod access;
 pub mod policy;
 
-pub use access::{Access, AccessRule, Claims, Principal};
+pub use access::Access;
 pub use policy::{BatchQuery, OnExpiry, Policy};
 
 use std::borrow::Cow;

@@ -26,9 +26,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
-pub use crate::primer::{BatchQuery, OnExpiry, Policy};
 use crate::queue::TaskKind;
-pub use crate::refresh::AccessLog;
 use crate::refresh::Refresher;
 use crate::store::Task;
 
@@ -157,7 +155,7 @@ async fn sweep_primer(
                 continue;
             };
             let cold = refresher.access.is_cold(key, primer.policy.cold_after);
-            let drop = primer.policy.on_expiry == OnExpiry::Drop || cold;
+            let drop = primer.policy.on_expiry == crate::primer::OnExpiry::Drop || cold;
             if drop {
                 if expires <= now {
                     refresher.drop_key(&primer.name, key).await?;

@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use kck::refresh::{TextParam, param_text, wrapped_query};
+use kck::pg::TextParam;
+use kck::refresh::{param_text, wrapped_query};
 use tokio_postgres::types::ToSql;
 
 use crate::Ctx;

@@ -15,10 +15,11 @@ use tokio_postgres::types::Type;
 use crate::config::Config;
 use crate::deps::DepIndex;
 use crate::ops::size::format_bytes;
+use crate::pg::Source;
 use crate::pg::quote_table;
 use crate::primer::{Mapping, ParamType, Primer, TableName};
 use crate::refresh::{wrapped_lookup, wrapped_query};
-use crate::replication::{self, Source};
+use crate::replication;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -107,7 +108,7 @@ impl Report {
 
 /// The server's message for a Postgres error, with its detail and hint.
 pub fn pg_message(e: &tokio_postgres::Error) -> String {
-    replication::pg_error_text(e)
+    crate::pg::error_text(e)
 }
 
 /// Run every check against the database of `config`.

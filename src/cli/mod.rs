@@ -15,7 +15,8 @@ use crate::ops::slot::{Dropped, drop_configured_slot};
 use crate::ops::status::Status;
 use client::{ClientError, KckClient};
 
-use crate::replication::{self, ReplicationError, Source};
+use crate::pg::Source;
+use crate::replication::{self, ReplicationError};
 use crate::store::StoreError;
 
 /// An operator command could not do its job.

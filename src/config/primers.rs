@@ -301,8 +301,8 @@ pub(super) fn build_policy(
     raw: &RawPrimer,
     template: &KeyTemplate,
     err: &dyn Fn(usize, &str, String) -> ConfigError,
-) -> Result<crate::schedule::Policy, ConfigError> {
-    use crate::schedule::{BatchQuery, OnExpiry, Policy};
+) -> Result<crate::primer::Policy, ConfigError> {
+    use crate::primer::{BatchQuery, OnExpiry, Policy};
     let duration = |field: &str, value: &Option<Spanned<String>>| {
         value
             .as_ref()

@@ -25,9 +25,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::http::{ApiError, Routes};
+use crate::ops::Ops;
 use crate::ops::status::Status;
-use crate::ops::{Ops, Telemetry};
 use crate::replication::ReplicationState;
+use crate::telemetry::Telemetry;
 
 /// The dashboard page.
 pub const DASHBOARD: &str = include_str!("dashboard.html");

@@ -6,7 +6,7 @@
 //! - [`slot`]: the slot's life: the `on_slot_lost` policy, the retained-WAL warning, `kck slot drop`.
 //! - [`monitor`]: a task that reads the slot every few seconds (lag, retained WAL, `wal_status`), keeps a
 //!   short history for the dashboard, and says clearly when the slot is in danger or lost.
-//! - [`metrics`] and [`events`]: re-exported from `crate::telemetry`, which every layer reports into.
+//! - Metrics and recent problems are `crate::telemetry`, which every layer reports into.
 //! - [`status`]: the `/status` document, from a running kck or, when none answers, from Postgres and the
 //!   store alone.
 //! - [`http`]: `/status`, `/metrics`, `/readyz`, `/cache/keys/{primer}`, the dashboard at `/`, and the
@@ -27,12 +27,14 @@ pub mod status;
 
 use std::sync::Arc;
 
+use crate::pg::Source;
 use crate::pg::SourceConfig;
 use crate::primer::Catalog;
 use crate::refresh::Refresher;
-use crate::replication::{Source, StreamStats};
+use crate::replication::StreamStats;
 use crate::store::Store;
-pub use crate::telemetry::{FetchCounts, Telemetry, events, metrics};
+use crate::telemetry::Telemetry;
+
 use crate::visibility::VisibilityClock;
 
 /// A running kck as the operations surface sees it. Built by `app::start`.

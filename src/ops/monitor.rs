@@ -24,9 +24,9 @@ use tokio::sync::watch;
 use crate::clock::now_ms;
 use crate::lsn::Lsn;
 use crate::ops::Ops;
-use crate::ops::metrics as m;
 use crate::ops::size::format_bytes;
 use crate::replication::{self, SlotInfo};
+use crate::telemetry::metrics as m;
 
 /// History points kept (at the default 2 s interval: 10 minutes).
 pub const HISTORY: usize = 300;

@@ -15,9 +15,10 @@ use crate::deps::DepIndex;
 use crate::lsn::Lsn;
 use crate::ops::size::format_bytes;
 use crate::pg::SlotLostPolicy;
+use crate::pg::Source;
 use crate::primer::Catalog;
 use crate::queue::TaskKind;
-use crate::replication::{self, ReplicationError, SlotInfo, SlotState, Source};
+use crate::replication::{self, ReplicationError, SlotInfo, SlotState};
 use crate::store::Task;
 use crate::telemetry::Telemetry;
 

@@ -14,14 +14,15 @@ use serde::{Deserialize, Serialize};
 use crate::clock::now_ms;
 use crate::lsn::Lsn;
 use crate::ops::Ops;
-use crate::ops::events::Event;
 use crate::ops::monitor::{HistoryPoint, Reading};
 use crate::ops::size::format_bytes;
+use crate::pg::Source;
 use crate::pg::SourceConfig;
 use crate::primer::Primer;
 use crate::refresh::PrimerHealth;
-use crate::replication::{self, SlotInfo, Source};
+use crate::replication::{self, SlotInfo};
 use crate::store::{QueueStats, Store};
+use crate::telemetry::events::Event;
 
 /// Queue age past which `problems` mentions it.
 const QUEUE_AGE_PROBLEM: f64 = 60.0;

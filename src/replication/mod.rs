@@ -34,7 +34,7 @@ use tokio_postgres::NoTls;
 use crate::deps::{DepIndex, ResolvedTable, RowChange};
 use crate::lsn::Lsn;
 use crate::pg::quote_table;
-pub use crate::pg::{ConnectError, Source, error_text as pg_error_text};
+use crate::pg::{ConnectError, Source, error_text};
 use crate::primer::TableName;
 use crate::queue::{TaskBatch, TaskKind};
 use crate::store::{Store, StoreError};
@@ -47,7 +47,7 @@ pub enum ReplicationError {
     /// Cannot parse the connection string, or cannot connect.
     #[error(transparent)]
     Source(#[from] ConnectError),
-    #[error("query failed while {doing}: {}", pg_error_text(source))]
+    #[error("query failed while {doing}: {}", error_text(source))]
     Query {
         doing: &'static str,
         #[source]
