@@ -190,7 +190,7 @@ pub struct Lag {
 
 impl Lag {
     /// As JSON fields for an error body. `target` is the LSN waited for.
-    pub fn to_json(&self, target: Lsn) -> serde_json::Map<String, serde_json::Value> {
+    pub fn to_json(self, target: Lsn) -> serde_json::Map<String, serde_json::Value> {
         let mut map = serde_json::Map::new();
         map.insert("received_lsn".into(), self.received.to_string().into());
         map.insert("acked_lsn".into(), self.acked.to_string().into());

@@ -227,7 +227,7 @@ fn defaults() {
 
 #[test]
 fn refresh_policy_and_jobs() {
-    use crate::schedule::OnExpiry;
+    use crate::primer::OnExpiry;
     let yaml = format!(
         "{BASE}    refresh_interval: 5m\n    ttl: 30s\n    on_expiry: drop\n    stale_while_revalidate: 10s\n    \
              cold_after: 1h\n    concurrency: 2\n    warm: SELECT DISTINCT user_id FROM orders\n    batch:\n      \
@@ -268,7 +268,7 @@ fn refresh_policy_and_jobs() {
     let c = load(BASE).unwrap();
     assert_eq!(
         c.catalog.primers[0].policy,
-        crate::schedule::Policy::default()
+        crate::primer::Policy::default()
     );
     assert_eq!(
         (
