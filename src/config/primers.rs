@@ -22,35 +22,14 @@ pub(super) fn build_primer(
     };
 
     // name
-    let (name, name_line) = match (&raw.name, &sql) {
-        (Some(n), _) => (n.value.clone(), line_of(n)),
-        (None, Some(sql)) => (sql.default_name.clone(), 1),
-        (None, None) => {
-            return Err(err(
-                line,
-                "name",
-                "required: the primer's name, such as orders_by_user".into(),
-            ));
-        }
-    };
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-    {
-        let hint = if raw.name.is_none() {
-            " (the name comes from the file name; set `name` in the header)"
-        } else {
-            ""
-        };
-        return Err(err(
-            name_line,
-            "name",
-            format!(
-                "'{name}' is not a valid primer name: use lower-case letters, digits and '_'{hint}"
-            ),
-        ));
-    }
+    let (name, name_line) = item_name(
+        raw.name.as_ref(),
+        sql.as_ref().map(|s| s.default_name.as_str()),
+        line,
+        "primer",
+        "the primer's name, such as orders_by_user",
+        &err,
+    )?;
     origin.name_line = name_line;
 
     // key

@@ -29,35 +29,14 @@ pub(super) fn build_updater(
     let err = |line: usize, field: &str, message: String| {
         invalid(file, line, format!("{prefix}{field}"), message)
     };
-    let (name, name_line) = match (&raw.name, &sql) {
-        (Some(n), _) => (n.value.clone(), line_of(n)),
-        (None, Some(sql)) => (sql.default_name.clone(), 1),
-        (None, None) => {
-            return Err(err(
-                line,
-                "name",
-                "required: the updater's name, used as POST /update/<name>".into(),
-            ));
-        }
-    };
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
-    {
-        let hint = if raw.name.is_none() {
-            " (the name comes from the file name; set `name` in the header)"
-        } else {
-            ""
-        };
-        return Err(err(
-            name_line,
-            "name",
-            format!(
-                "'{name}' is not a valid updater name: use lower-case letters, digits and '_'{hint}"
-            ),
-        ));
-    }
+    let (name, name_line) = item_name(
+        raw.name.as_ref(),
+        sql.as_ref().map(|s| s.default_name.as_str()),
+        line,
+        "updater",
+        "the updater's name, used as POST /update/<name>",
+        &err,
+    )?;
 
     let mut params: Vec<UpdaterParam> = Vec::new();
     if let Some(list) = &raw.params {

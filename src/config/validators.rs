@@ -87,3 +87,39 @@ pub(super) fn parse_table(text: &str) -> Result<TableName, String> {
         name: parse_identifier(name, "a table name")?,
     })
 }
+
+/// The name of a primer or an updater (`what`): `name`, else the `.sql` file's own name (`default`);
+/// lower-case letters, digits and `_`. `required` says what the name is, for when there is none.
+pub(super) fn item_name(
+    name: Option<&Spanned<String>>,
+    default: Option<&str>,
+    line: usize,
+    what: &str,
+    required: &str,
+    err: &dyn Fn(usize, &str, String) -> ConfigError,
+) -> Result<(String, usize), ConfigError> {
+    let (text, name_line) = match (name, default) {
+        (Some(n), _) => (n.value.clone(), line_of(n)),
+        (None, Some(default)) => (default.to_owned(), 1),
+        (None, None) => return Err(err(line, "name", format!("required: {required}"))),
+    };
+    if text.is_empty()
+        || !text
+            .chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+    {
+        let hint = if name.is_none() {
+            " (the name comes from the file name; set `name` in the header)"
+        } else {
+            ""
+        };
+        return Err(err(
+            name_line,
+            "name",
+            format!(
+                "'{text}' is not a valid {what} name: use lower-case letters, digits and '_'{hint}"
+            ),
+        ));
+    }
+    Ok((text, name_line))
+}
