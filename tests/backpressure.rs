@@ -1,21 +1,19 @@
 //! Backpressure: with the store slowed down and the queue at `refresh.max_queue`, the replication reader
 //! waits (the slot keeps the WAL) instead of growing the queue or this process's memory; once the store
-//! is fast again, everything is applied. Its own test binary, so that no other test shares the memory it
-//! measures.
-
-mod support;
+//! is fast again, everything is applied. It runs in a process of its own (`support::alone`), so that no
+//! other test shares the memory it measures.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::kck::{assert_converged, eventually_equals, fetch, wait_drained};
+use crate::support::pg::cluster;
 use kck::app::{RunOptions, StoreWrapper};
 use kck::replication::StreamLimits;
 use kck::store::Store;
 use kck::store::slow::SlowStore;
 use serde_json::json;
-use support::kck::{assert_converged, eventually_equals, fetch, wait_drained};
-use support::pg::cluster;
 
 /// Resident memory of this process, from /proc (Linux).
 fn rss_kib() -> u64 {
@@ -32,6 +30,13 @@ async fn a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat() {
     const ROWS: i64 = 8_000;
     const MAX_QUEUE: u64 = 500;
     const BATCH: usize = 100;
+    if crate::support::alone::run_alone(
+        "backpressure::a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat",
+    )
+    .await
+    {
+        return;
+    }
     let db = cluster().await.new_database().await;
     db.execute_batch(
         "CREATE TABLE events (id bigint PRIMARY KEY, user_id bigint NOT NULL);

@@ -4,11 +4,11 @@
 //! The JWT keys under `tests/fixtures/` are test-only (see its README). Timings are never asserted: waits
 //! are bounded from above only.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::kck::{eventually_equals, start, wait_drained, write_config};
+use crate::support::pg::{TestDb, cluster};
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kck::app::Running;
@@ -16,8 +16,6 @@ use kck::config::Config;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::kck::{eventually_equals, start, wait_drained, write_config};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -2,17 +2,15 @@
 //! the cache, the slot's WAL safety (`kck slot drop`, `max_retained_wal`, `on_slot_lost`), and the
 //! dashboard in headless Chromium. Real Postgres 15, kck in process or as the real binary, real HTTP.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use crate::support::kck::{eventually_equals, fetch, wait_drained};
+use crate::support::pg::{TestDb, cluster};
 use kck::app::{self, RunOptions, Running};
 use kck::config::Config;
 use serde_json::{Value, json};
-use support::kck::{eventually_equals, fetch, wait_drained};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -755,7 +753,7 @@ async fn invalidate_slot(db: &TestDb, slot: &str) {
 
 #[tokio::test]
 async fn an_invalidated_slot_stops_kck_with_the_fix_or_is_recreated_and_the_cache_rebuilt() {
-    let owned = support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
+    let owned = crate::support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
     let db = owned.new_database().await;
     db.execute_batch(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1023,7 +1021,7 @@ fn slot_safety_fields_load_and_bad_values_say_what_is_right() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_invalidated_while_kck_runs_stops_it_or_is_recreated_without_retrying_forever() {
-    let owned = support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
+    let owned = crate::support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
     let db = owned.new_database().await;
     db.execute_batch(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();

@@ -1,21 +1,19 @@
 //! Refresh triggers and choices (issue 4), end to end against a real Postgres 15 and kck in process:
 //! interval, TTL (hot vs cold), warm at boot, invalidation (HTTP and CLI), stale-while-revalidate,
 //! coalescing, priority order, a failing primer not blocking others, batching, and the process worker's
-//! jobs. Backpressure has its own binary (`tests/backpressure.rs`), since it measures this process's memory.
+//! jobs. Backpressure runs in a process of its own (`tests/backpressure.rs`), since it measures its memory.
 //!
 //! Changes that replication cannot see are made in `rates`, a table the primers read but do not declare
 //! (it is not in the publication): only the triggers under test can bring them into the cache.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::kck::{assert_converged, fetch, wait_drained};
+use crate::support::pg::{TestDb, cluster};
 use kck::app::{self, RunOptions, Running};
 use kck::config::Config;
 use serde_json::{Value, json};
-use support::kck::{assert_converged, fetch, wait_drained};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -255,7 +253,7 @@ async fn warm_fills_the_cache_before_the_first_request() {
     // Warmed keys are kept fresh like any other.
     db.execute_batch("UPDATE users SET name = 'renamed' WHERE id = 3")
         .await;
-    support::kck::eventually_equals(
+    crate::support::kck::eventually_equals(
         running.http_addr,
         "warmed/3",
         &json!({"id": 3, "name": "renamed", "rate": 1}),
@@ -612,14 +610,15 @@ async fn a_failing_primer_is_reported_and_does_not_block_the_others() {
             i + 1
         ))
         .await;
-        support::kck::eventually_equals(
+        crate::support::kck::eventually_equals(
             addr,
             "user/1",
             &json!({"id": 1, "name": format!("n{i}")}),
             TIMEOUT,
         )
         .await;
-        support::kck::eventually_equals(addr, "ratio/2", &json!(100 / (i + 1)), TIMEOUT).await;
+        crate::support::kck::eventually_equals(addr, "ratio/2", &json!(100 / (i + 1)), TIMEOUT)
+            .await;
     }
     let stats = stats_of(&running, "ratio");
     assert!(
@@ -637,7 +636,8 @@ async fn a_failing_primer_is_reported_and_does_not_block_the_others() {
     assert_eq!(fetch(addr, "ratio/1").await, (200, json!(100)));
     // Fixed: it recovers.
     db.execute_batch("UPDATE nums SET n = 4 WHERE id = 1").await;
-    support::kck::eventually_equals(addr, "ratio/1", &json!(25), Duration::from_secs(60)).await;
+    crate::support::kck::eventually_equals(addr, "ratio/1", &json!(25), Duration::from_secs(60))
+        .await;
     running.stop().await.unwrap();
     db.cleanup().await;
 }

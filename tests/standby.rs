@@ -1,14 +1,12 @@
 //! Hot standby for the replication slot: two kck processes on one Postgres, one streaming, one waiting.
 //! Each keeps its own embedded store (a shared store is not needed to test who owns the slot).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::kck::{eventually_equals, fetch};
+use crate::support::pg::{TestDb, cluster};
 use serde_json::json;
-use support::kck::{eventually_equals, fetch};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

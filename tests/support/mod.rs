@@ -23,5 +23,6 @@
 // Every test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
+pub mod alone;
 pub mod kck;
 pub mod pg;

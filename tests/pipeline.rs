@@ -1,15 +1,13 @@
 //! End-to-end tests of the core: a real Postgres 15 (started by the test support code), kck running in
 //! process (or as a child process where a crash is the point), and real HTTP.
 
-mod support;
-
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use support::kck::{
+use crate::support::kck::{
     assert_converged, config, config_with, eventually_equals, fetch, start, wait_drained,
 };
-use support::pg::{TestDb, cluster};
+use crate::support::pg::{TestDb, cluster};
+use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -544,7 +542,8 @@ async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
     let seed = seed("a_kck_killed_with_sigkill_mid_stream_converges_after_restart");
     let db = database().await;
     let dir = tempfile::tempdir().unwrap();
-    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS, "");
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS, "");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -638,7 +637,8 @@ async fn a_missing_publication_is_a_clear_error_or_created_when_configured() {
         "{error}"
     );
 
-    let config = support::kck::config_with(dir.path(), &db.url, "nope", &db.name, primers, "");
+    let config =
+        crate::support::kck::config_with(dir.path(), &db.url, "nope", &db.name, primers, "");
     let mut config = config;
     config.source.create_publication = true;
     let running = start(config).await;
@@ -718,7 +718,7 @@ async fn a_bad_config_file_names_the_file_and_field_and_exits_non_zero() {
 
 #[tokio::test]
 async fn wal_level_other_than_logical_is_a_clear_error() {
-    let owned = support::pg::separate_cluster(&[("wal_level", "replica")]).await;
+    let owned = crate::support::pg::separate_cluster(&[("wal_level", "replica")]).await;
     let db = owned.new_database().await;
     db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
         .await;
@@ -858,7 +858,8 @@ async fn a_million_row_transaction_keeps_memory_bounded() {
     .await;
     let primers = "  - name: events_by_user\n    key: \"events_by_user/{user_id:int}\"\n    shape: value\n    query: SELECT count(*) FROM events WHERE user_id = $1\n    depends_on:\n      - table: events\n        columns: { user_id: user_id }\n";
     let dir = tempfile::tempdir().unwrap();
-    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
