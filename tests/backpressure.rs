@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::support::kck::{assert_converged, eventually_equals, fetch, wait_drained};
+use crate::support::kck::{ConfigYaml, assert_converged, eventually_equals, fetch, wait_drained};
 use crate::support::pg::cluster;
 use kck::app::{RunOptions, StoreWrapper};
 use kck::replication::StreamLimits;
@@ -17,12 +17,7 @@ use serde_json::json;
 
 /// Resident memory of this process, from /proc (Linux).
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    crate::support::proc_status_kib("self", "VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,18 +51,12 @@ async fn a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat() {
           args: [id]
 "#;
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("refresh:\n  workers: 2\n  max_queue: {MAX_QUEUE}\n");
-    let path = dir.path().join("kck.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "source:\n  url: \"{}\"\n  publication: kck_test\n  slot: {}\nstore:\n  path: {}\nhttp:\n  bind: 127.0.0.1:0\n{extra}primers:\n{primers}",
-            db.url,
-            db.name,
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
+    let refresh_extra = format!("  max_queue: {MAX_QUEUE}\n");
+    let path = ConfigYaml {
+        refresh_extra: &refresh_extra,
+        ..ConfigYaml::new(&db.url, "kck_test", &db.name, primers)
+    }
+    .write(dir.path());
     let config = kck::config::Config::load(&path).unwrap();
     let slow = Arc::new(AtomicBool::new(false));
     let wrap = {
