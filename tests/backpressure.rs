@@ -1,30 +1,23 @@
 //! Backpressure: with the store slowed down and the queue at `refresh.max_queue`, the replication reader
 //! waits (the slot keeps the WAL) instead of growing the queue or this process's memory; once the store
-//! is fast again, everything is applied. Its own test binary, so that no other test shares the memory it
-//! measures.
-
-mod support;
+//! is fast again, everything is applied. It runs in a process of its own (`support::alone`), so that no
+//! other test shares the memory it measures.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::support::kck::{ConfigYaml, assert_converged, eventually_equals, fetch, wait_drained};
+use crate::support::pg::cluster;
 use kck::app::{RunOptions, StoreWrapper};
 use kck::replication::StreamLimits;
 use kck::store::Store;
 use kck::store::slow::SlowStore;
 use serde_json::json;
-use support::kck::{assert_converged, eventually_equals, fetch, wait_drained};
-use support::pg::cluster;
 
 /// Resident memory of this process, from /proc (Linux).
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    crate::support::proc_status_kib("self", "VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,6 +25,13 @@ async fn a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat() {
     const ROWS: i64 = 8_000;
     const MAX_QUEUE: u64 = 500;
     const BATCH: usize = 100;
+    if crate::support::alone::run_alone(
+        "backpressure::a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat",
+    )
+    .await
+    {
+        return;
+    }
     let db = cluster().await.new_database().await;
     db.execute_batch(
         "CREATE TABLE events (id bigint PRIMARY KEY, user_id bigint NOT NULL);
@@ -51,18 +51,12 @@ async fn a_slow_store_and_a_full_queue_slow_the_reader_and_keep_memory_flat() {
           args: [id]
 "#;
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("refresh:\n  workers: 2\n  max_queue: {MAX_QUEUE}\n");
-    let path = dir.path().join("kck.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "source:\n  url: \"{}\"\n  publication: kck_test\n  slot: {}\nstore:\n  path: {}\nhttp:\n  bind: 127.0.0.1:0\n{extra}primers:\n{primers}",
-            db.url,
-            db.name,
-            dir.path().join("store").display()
-        ),
-    )
-    .unwrap();
+    let refresh_extra = format!("  max_queue: {MAX_QUEUE}\n");
+    let path = ConfigYaml {
+        refresh_extra: &refresh_extra,
+        ..ConfigYaml::new(&db.url, "kck_test", &db.name, primers)
+    }
+    .write(dir.path());
     let config = kck::config::Config::load(&path).unwrap();
     let slow = Arc::new(AtomicBool::new(false));
     let wrap = {

@@ -1,11 +1,9 @@
 //! Tests of the test harness itself (`tests/support/pg.rs`).
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::pg;
+use crate::support::pg;
 
 async fn show(client: &tokio_postgres::Client, setting: &str) -> String {
     client

@@ -4,11 +4,11 @@
 //! The JWT keys under `tests/fixtures/` are test-only (see its README). Timings are never asserted: waits
 //! are bounded from above only.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::kck::{eventually_equals, start, wait_drained, write_config};
+use crate::support::pg::{TestDb, database};
 use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kck::app::Running;
@@ -16,8 +16,6 @@ use kck::config::Config;
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::kck::{eventually_equals, start, wait_drained, write_config};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -101,12 +99,6 @@ const RENAME_SQL: &str = "-- kck:updater
 UPDATE users SET name = $2
  WHERE id = $1;
 ";
-
-async fn database() -> TestDb {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
-    db
-}
 
 /// A config for `db` with the test primers and updaters, plus `extra` top-level YAML; `env` is the
 /// environment it is loaded with (on top of the real one).
@@ -238,7 +230,7 @@ impl Http {
 
 #[tokio::test]
 async fn updaters_run_their_statements_in_one_transaction() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let http = Http::new(&running);
@@ -309,7 +301,7 @@ async fn updaters_run_their_statements_in_one_transaction() {
 
 #[tokio::test]
 async fn updater_errors_name_the_parameter_or_constraint_and_write_nothing() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), &db, "", &[]);
     config.http.body_limit = 2048;
@@ -455,7 +447,7 @@ async fn updater_errors_name_the_parameter_or_constraint_and_write_nothing() {
 
 #[tokio::test]
 async fn wait_fresh_answers_once_the_cache_reflects_the_write() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let http = Http::new(&running);
@@ -523,7 +515,7 @@ async fn wait_fresh_answers_once_the_cache_reflects_the_write() {
 
 #[tokio::test]
 async fn min_lsn_waits_for_a_write_made_directly_in_postgres() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let http = Http::new(&running);
@@ -618,7 +610,7 @@ async fn min_lsn_waits_for_a_write_made_directly_in_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freshness_waits_work_when_another_process_streams() {
     use std::sync::Arc;
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn kck::store::Store> =
         Arc::new(kck::store::embedded::EmbeddedStore::open(&dir.path().join("shared")).unwrap());
@@ -668,7 +660,7 @@ async fn freshness_waits_work_when_another_process_streams() {
 
 #[tokio::test]
 async fn etags_revalidate_and_cache_control_comes_from_the_primer() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let http = Http::new(&running);
@@ -748,7 +740,7 @@ async fn etags_revalidate_and_cache_control_comes_from_the_primer() {
 
 #[tokio::test]
 async fn wait_change_long_polls_until_the_value_changes() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let http = Http::new(&running);
@@ -809,7 +801,7 @@ async fn wait_change_long_polls_until_the_value_changes() {
 
 #[tokio::test]
 async fn batch_fetch_answers_each_key_with_its_own_status() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), &db, "", &[]);
     config.http.max_batch_keys = 4;
@@ -891,7 +883,7 @@ async fn batch_fetch_answers_each_key_with_its_own_status() {
 
 #[tokio::test]
 async fn every_failure_has_the_json_error_shape() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path(), &db, "", &[]);
     config.http.request_timeout = Duration::from_millis(300);
@@ -954,7 +946,7 @@ async fn every_failure_has_the_json_error_shape() {
 
 #[tokio::test]
 async fn in_flight_requests_finish_when_shutdown_starts() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let base = format!("http://{}", running.http_addr);
@@ -1036,7 +1028,7 @@ async fn in_flight_requests_finish_when_shutdown_starts() {
 
 #[tokio::test]
 async fn the_openapi_document_matches_the_real_routes() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db, "", &[])).await;
     let http = Http::new(&running);
@@ -1190,7 +1182,7 @@ fn protected(dir: &Path) {
 
 #[tokio::test]
 async fn jwt_rs256_checks_every_claim_and_refuses_forgeries() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt-rs256-public.pem"),
@@ -1409,7 +1401,7 @@ async fn jwt_rs256_checks_every_claim_and_refuses_forgeries() {
 
 #[tokio::test]
 async fn jwt_hs256_secret_from_the_environment() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let secret = "test-only-secret-0123456789abcdef0123456789";
     let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_TEST_JWT_SECRET\n  \
@@ -1527,7 +1519,7 @@ async fn jwt_hs256_secret_from_the_environment() {
 
 #[tokio::test]
 async fn jwt_keys_from_a_jwks_file_are_chosen_by_kid() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("jwks.json"), fixture("jwt-jwks.json")).unwrap();
     let auth = "auth:\n  jwt:\n    algorithms: [RS256]\n    jwks_file: jwks.json\n  public_paths: [/healthz]\n";
@@ -1563,7 +1555,7 @@ async fn jwt_keys_from_a_jwks_file_are_chosen_by_kid() {
 
 #[tokio::test]
 async fn jwt_es256_public_key_file() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("es.pem"), fixture("jwt-es256-public.pem")).unwrap();
     let auth = "auth:\n  jwt:\n    algorithms: [ES256]\n    public_key_file: es.pem\n";

@@ -2,17 +2,17 @@
 //! the cache, the slot's WAL safety (`kck slot drop`, `max_retained_wal`, `on_slot_lost`), and the
 //! dashboard in headless Chromium. Real Postgres 15, kck in process or as the real binary, real HTTP.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use crate::support::kck::{
+    ConfigYaml, eventually_equals, fetch, free_port, get_json, load, start_with, wait_drained,
+};
+use crate::support::pg::{TestDb, cluster, database};
 use kck::app::{self, RunOptions, Running};
 use kck::config::Config;
 use serde_json::{Value, json};
-use support::kck::{eventually_equals, fetch, wait_drained};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -53,34 +53,21 @@ const PRIMERS: &str = r#"
 
 /// Write a config (with `source_extra` lines inside `source:`) and return its path.
 fn write_config(dir: &Path, db: &TestDb, primers: &str, source_extra: &str) -> PathBuf {
-    let text = format!(
-        "source:\n  url: \"{url}\"\n  publication: kck_ops\n  slot: {slot}\n{source_extra}\
-         store:\n  kind: embedded\n  path: {store}\n\
-         http:\n  bind: 127.0.0.1:0\n\
-         refresh:\n  workers: 2\n\
-         primers:\n{primers}\n",
-        url = db.url,
-        slot = db.name,
-        store = dir.join("store").display(),
-    );
-    let path = dir.join("kck.yaml");
-    std::fs::write(&path, text).expect("write config");
-    path
+    ConfigYaml {
+        source_extra,
+        ..ConfigYaml::new(&db.url, "kck_ops", &db.name, primers)
+    }
+    .write(dir)
 }
 
-fn load(path: &Path) -> Config {
-    Config::load(path).unwrap_or_else(|e| panic!("test config does not load: {e}"))
-}
-
+/// kck in process, checking the slot and the store often.
 async fn start(config: Config) -> Running {
     let options = RunOptions {
         monitor_interval: Duration::from_millis(100),
         slot_wait: Duration::from_secs(2),
         ..RunOptions::default()
     };
-    app::start(config, options)
-        .await
-        .unwrap_or_else(|e| panic!("kck did not start: {e}"))
+    start_with(config, options).await
 }
 
 /// Run the kck binary with `args`; its environment points nowhere else.
@@ -103,17 +90,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-async fn get_json(url: &str) -> (u16, Value) {
-    let response = reqwest::get(url)
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("GET {url}: body {text:?} is not JSON: {e}"));
-    (status, body)
-}
-
 async fn get_text(url: &str) -> (u16, String) {
     let response = reqwest::get(url)
         .await
@@ -132,11 +108,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// A URL where nothing listens.
 fn dead_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    format!("http://127.0.0.1:{port}")
+    format!("http://127.0.0.1:{}", free_port())
 }
 
 #[tokio::test]
@@ -295,8 +267,7 @@ async fn check_says_what_to_do_when_the_database_cannot_be_reached() {
 
 #[tokio::test]
 async fn a_running_kck_reports_status_metrics_readiness_and_its_cache() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &db, PRIMERS, "");
     let config = load(&path);
@@ -511,8 +482,7 @@ async fn a_running_kck_reports_status_metrics_readiness_and_its_cache() {
 
 #[tokio::test]
 async fn a_failing_primer_shows_in_status_metrics_and_recent_errors_until_it_works_again() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = load(&write_config(dir.path(), &db, PRIMERS, ""));
     let running = start(config).await;
@@ -611,8 +581,7 @@ async fn slots(pg: &tokio_postgres::Client, name: &str) -> i64 {
 
 #[tokio::test]
 async fn slot_drop_refuses_without_confirmation_and_a_new_slot_rebuilds_the_cache() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &db, PRIMERS, "");
     let config_arg = path.to_str().unwrap();
@@ -686,8 +655,7 @@ async fn slot_drop_refuses_without_confirmation_and_a_new_slot_rebuilds_the_cach
 
 #[tokio::test]
 async fn a_slot_retaining_more_wal_than_the_bound_is_warned_about_at_start() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &db, PRIMERS, "  max_retained_wal: 1kB\n");
     let running = start(load(&path)).await;
@@ -755,7 +723,7 @@ async fn invalidate_slot(db: &TestDb, slot: &str) {
 
 #[tokio::test]
 async fn an_invalidated_slot_stops_kck_with_the_fix_or_is_recreated_and_the_cache_rebuilt() {
-    let owned = support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
+    let owned = crate::support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
     let db = owned.new_database().await;
     db.execute_batch(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
@@ -879,8 +847,7 @@ async fn the_dashboard_draws_live_charts_in_headless_chromium() {
         );
         return;
     };
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = load(&write_config(dir.path(), &db, PRIMERS, ""));
     let running = start(config).await;
@@ -1023,7 +990,7 @@ fn slot_safety_fields_load_and_bad_values_say_what_is_right() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_invalidated_while_kck_runs_stops_it_or_is_recreated_without_retrying_forever() {
-    let owned = support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
+    let owned = crate::support::pg::separate_cluster(&[("max_slot_wal_keep_size", "1MB")]).await;
     let db = owned.new_database().await;
     db.execute_batch(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();

@@ -1,21 +1,21 @@
 //! Refresh triggers and choices (issue 4), end to end against a real Postgres 15 and kck in process:
 //! interval, TTL (hot vs cold), warm at boot, invalidation (HTTP and CLI), stale-while-revalidate,
 //! coalescing, priority order, a failing primer not blocking others, batching, and the process worker's
-//! jobs. Backpressure has its own binary (`tests/backpressure.rs`), since it measures this process's memory.
+//! jobs. Backpressure runs in a process of its own (`tests/backpressure.rs`), since it measures its memory.
 //!
 //! Changes that replication cannot see are made in `rates`, a table the primers read but do not declare
 //! (it is not in the publication): only the triggers under test can bring them into the cache.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kck::app::{self, RunOptions, Running};
+use crate::support::kck::{
+    ConfigYaml, assert_converged, eventually, fetch, load, start, wait_drained,
+};
+use crate::support::pg::{TestDb, database};
+use kck::app::Running;
 use kck::config::Config;
 use serde_json::{Value, json};
-use support::kck::{assert_converged, fetch, wait_drained};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,35 +54,15 @@ const USER: &str = r#"  - name: user
         columns: { id: id }
 "#;
 
-async fn database() -> TestDb {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
-    db
-}
-
 /// Write a config (the `refresh:` section's body given) and load it.
 fn write(dir: &Path, db: &TestDb, primers: &str, refresh: &str, extra: &str) -> (Config, PathBuf) {
-    let text = format!(
-        "source:\n  url: \"{url}\"\n  publication: kck_test\n  slot: {slot}\n\
-         store:\n  kind: embedded\n  path: {store}\n\
-         http:\n  bind: 127.0.0.1:0\n\
-         refresh:\n  workers: 2\n{refresh}\n\
-         {extra}\n\
-         primers:\n{primers}\n",
-        url = db.url,
-        slot = db.name,
-        store = dir.join("store").display(),
-    );
-    let path = dir.join("kck.yaml");
-    std::fs::write(&path, text).expect("write config");
-    let config = Config::load(&path).unwrap_or_else(|e| panic!("test config does not load: {e}"));
-    (config, path)
-}
-
-async fn start(config: Config, options: RunOptions) -> Running {
-    app::start(config, options)
-        .await
-        .unwrap_or_else(|e| panic!("kck did not start: {e}"))
+    let path = ConfigYaml {
+        refresh_extra: refresh,
+        extra,
+        ..ConfigYaml::new(&db.url, "kck_test", &db.name, primers)
+    }
+    .write(dir);
+    (load(&path), path)
 }
 
 /// GET /fetch/{key}: status, headers and JSON body.
@@ -115,22 +95,6 @@ async fn set_rate(db: &TestDb, rate: i64) {
         .await;
 }
 
-/// Wait until `check` holds, or panic with `what` after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not within {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn rate_of(addr: std::net::SocketAddr, key: &str) -> Value {
     let (status, body) = fetch(addr, key).await;
     assert_eq!(status, 200, "{key}: {body}");
@@ -148,11 +112,11 @@ fn stats_of(running: &Running, primer: &str) -> kck::refresh::PrimerStats {
 
 #[tokio::test]
 async fn refresh_interval_recomputes_every_cached_key() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = rated("rated", "    refresh_interval: 300ms\n") + USER;
     let (config, _) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     assert_eq!(rate_of(addr, "rated/1").await, json!(1));
     assert_eq!(rate_of(addr, "rated/2").await, json!(1));
@@ -169,12 +133,12 @@ async fn refresh_interval_recomputes_every_cached_key() {
 
 #[tokio::test]
 async fn ttl_refreshes_hot_keys_drops_cold_ones_and_never_serves_expired_as_fresh() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = rated("hot", "    ttl: 1s\n    cold_after: 3s\n")
         + &rated("gone", "    ttl: 1s\n    on_expiry: drop\n");
     let (config, _) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     let (_, headers, body) = get(addr, "hot/1").await;
     assert_eq!(body["rate"], json!(1));
@@ -235,11 +199,11 @@ async fn ttl_refreshes_hot_keys_drops_cold_ones_and_never_serves_expired_as_fres
 
 #[tokio::test]
 async fn warm_fills_the_cache_before_the_first_request() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = rated("warmed", "    warm: SELECT id FROM users WHERE id <= 15\n");
     let (config, _) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     // `start` returned: the listed keys are already computed.
     for id in 1..=15 {
         let key = format!("warmed/{id}");
@@ -255,7 +219,7 @@ async fn warm_fills_the_cache_before_the_first_request() {
     // Warmed keys are kept fresh like any other.
     db.execute_batch("UPDATE users SET name = 'renamed' WHERE id = 3")
         .await;
-    support::kck::eventually_equals(
+    crate::support::kck::eventually_equals(
         running.http_addr,
         "warmed/3",
         &json!({"id": 3, "name": "renamed", "rate": 1}),
@@ -267,7 +231,7 @@ async fn warm_fills_the_cache_before_the_first_request() {
 
     // A restart does not recompute what is cached and fresh.
     let (config, _) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     assert_eq!(stats_of(&running, "warmed").primes, 0);
     running.stop().await.unwrap();
     db.cleanup().await;
@@ -275,11 +239,11 @@ async fn warm_fills_the_cache_before_the_first_request() {
 
 #[tokio::test]
 async fn invalidation_drops_or_refreshes_by_key_primer_and_prefix() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = rated("rated", "") + USER;
     let (config, _) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     for id in [1, 2, 10, 11, 12] {
         assert_eq!(rate_of(addr, &format!("rated/{id}")).await, json!(1));
@@ -354,11 +318,11 @@ async fn invalidation_drops_or_refreshes_by_key_primer_and_prefix() {
 
 #[tokio::test]
 async fn an_invalidated_entry_is_served_stale_within_the_bound_while_it_refreshes() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = rated("soft", "    stale_while_revalidate: 1h\n") + &rated("strict", "");
     let (config, _) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     assert_eq!(rate_of(addr, "soft/1").await, json!(1));
     assert_eq!(rate_of(addr, "strict/1").await, json!(1));
@@ -389,11 +353,11 @@ async fn an_invalidated_entry_is_served_stale_within_the_bound_while_it_refreshe
 
 #[tokio::test]
 async fn cli_refresh_and_invalidate_ask_the_running_server() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = rated("rated", "") + USER;
     let (config, path) = write(dir.path(), &db, &primers, "", "");
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     assert_eq!(rate_of(addr, "rated/1").await, json!(1));
     assert_eq!(rate_of(addr, "rated/2").await, json!(1));
@@ -508,10 +472,10 @@ async fn wait_read(running: &Running, client: &tokio_postgres::Client) {
 
 #[tokio::test]
 async fn a_thousand_updates_to_one_key_while_paused_cause_one_refresh() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write(dir.path(), &db, USER, "", "");
-    let running = start(config.clone(), RunOptions::default()).await;
+    let running = start(config.clone()).await;
     let addr = running.http_addr;
     assert_eq!(fetch(addr, "user/1").await.1["name"], json!("user 1"));
     running.refresher.pause();
@@ -537,7 +501,7 @@ async fn a_thousand_updates_to_one_key_while_paused_cause_one_refresh() {
 
 #[tokio::test]
 async fn keys_read_most_recently_are_refreshed_first() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     // One worker, and one user refresh at a time: a worker starts its claimed tasks in order and the
     // primer's permits are handed out in the order asked, so the refreshes end in the order started.
@@ -550,7 +514,7 @@ async fn keys_read_most_recently_are_refreshed_first() {
         },
         ..config
     };
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     // Read in this order: user/4 last, so hottest.
     for id in [2, 5, 1, 3, 4] {
@@ -574,7 +538,7 @@ async fn keys_read_most_recently_are_refreshed_first() {
 
 #[tokio::test]
 async fn a_failing_primer_is_reported_and_does_not_block_the_others() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = r#"  - name: ratio
     key: "ratio/{id:int}"
@@ -594,7 +558,7 @@ async fn a_failing_primer_is_reported_and_does_not_block_the_others() {
         },
         ..config
     };
-    let running = start(config, RunOptions::default()).await;
+    let running = start(config).await;
     let addr = running.http_addr;
     assert_eq!(fetch(addr, "ratio/1").await, (200, json!(100)));
     assert_eq!(fetch(addr, "ratio/2").await, (200, json!(50)));
@@ -612,14 +576,15 @@ async fn a_failing_primer_is_reported_and_does_not_block_the_others() {
             i + 1
         ))
         .await;
-        support::kck::eventually_equals(
+        crate::support::kck::eventually_equals(
             addr,
             "user/1",
             &json!({"id": 1, "name": format!("n{i}")}),
             TIMEOUT,
         )
         .await;
-        support::kck::eventually_equals(addr, "ratio/2", &json!(100 / (i + 1)), TIMEOUT).await;
+        crate::support::kck::eventually_equals(addr, "ratio/2", &json!(100 / (i + 1)), TIMEOUT)
+            .await;
     }
     let stats = stats_of(&running, "ratio");
     assert!(
@@ -637,14 +602,15 @@ async fn a_failing_primer_is_reported_and_does_not_block_the_others() {
     assert_eq!(fetch(addr, "ratio/1").await, (200, json!(100)));
     // Fixed: it recovers.
     db.execute_batch("UPDATE nums SET n = 4 WHERE id = 1").await;
-    support::kck::eventually_equals(addr, "ratio/1", &json!(25), Duration::from_secs(60)).await;
+    crate::support::kck::eventually_equals(addr, "ratio/1", &json!(25), Duration::from_secs(60))
+        .await;
     running.stop().await.unwrap();
     db.cleanup().await;
 }
 
 #[tokio::test]
 async fn keys_due_together_are_refreshed_in_one_batch_query() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = r#"  - name: orders_by_user
     key: "orders_by_user/{user_id:int}"
@@ -668,7 +634,7 @@ async fn keys_due_together_are_refreshed_in_one_batch_query() {
       query: "SELECT u AS kck_key, (SELECT sum(total) FROM orders WHERE user_id = u) FROM unnest($1::bigint[]) u"
 "#;
     let (config, _) = write(dir.path(), &db, primers, "  claim_batch: 50\n", "");
-    let running = start(config.clone(), RunOptions::default()).await;
+    let running = start(config.clone()).await;
     let addr = running.http_addr;
     for user in 1..=20 {
         assert_eq!(
@@ -723,7 +689,7 @@ async fn keys_due_together_are_refreshed_in_one_batch_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_on_schedule_never_twice_at_once_and_report_errors() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     db.execute_batch(
         r#"
         CREATE TABLE job_runs (id serial PRIMARY KEY, job text NOT NULL, overlap bool NOT NULL,
@@ -751,7 +717,7 @@ async fn jobs_run_on_schedule_never_twice_at_once_and_report_errors() {
 "#;
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = write(dir.path(), &db, USER, "", jobs);
-    let running = start(config.clone(), RunOptions::default()).await;
+    let running = start(config.clone()).await;
     let mine = running.jobs.clone();
     // A second process sharing the store (the embedded store admits one process, so it is simulated
     // with a second lease holder on the same store).
@@ -861,7 +827,7 @@ fn status(jobs: &kck::jobs::Jobs, name: &str) -> kck::jobs::JobStatus {
 
 #[tokio::test]
 async fn a_primer_concurrency_caps_its_refreshes_in_flight() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     // Each computation holds an advisory lock while it sleeps: `alone` is false if another computation of
     // the primer ran at the same time.
@@ -882,7 +848,7 @@ async fn a_primer_concurrency_caps_its_refreshes_in_flight() {
         },
         ..config
     };
-    let running = start(config.clone(), RunOptions::default()).await;
+    let running = start(config.clone()).await;
     let addr = running.http_addr;
     for id in 1..=12 {
         assert_eq!(

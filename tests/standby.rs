@@ -1,14 +1,12 @@
 //! Hot standby for the replication slot: two kck processes on one Postgres, one streaming, one waiting.
 //! Each keeps its own embedded store (a shared store is not needed to test who owns the slot).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::kck::{ConfigYaml, eventually, eventually_equals, fetch};
+use crate::support::pg::{TestDb, database};
 use serde_json::json;
-use support::kck::{eventually_equals, fetch};
-use support::pg::{TestDb, cluster};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -29,26 +27,11 @@ const PRIMERS: &str = r#"
 
 /// A config in `dir` for `db`, with its own store and `source.standby: true`.
 fn write_config(dir: &Path, db: &TestDb) -> PathBuf {
-    let text = format!(
-        "source:\n  url: \"{url}\"\n  publication: kck_test\n  slot: {slot}\n  standby: true\n\
-         store:\n  kind: embedded\n  path: {store}\n\
-         http:\n  bind: 127.0.0.1:0\n\
-         refresh:\n  workers: 2\n\
-         primers:\n{PRIMERS}\n",
-        url = db.url,
-        slot = db.name,
-        store = dir.join("store").display(),
-    );
-    let path = dir.join("kck.yaml");
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    ConfigYaml {
+        source_extra: "  standby: true\n",
+        ..ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
+    }
+    .write(dir)
 }
 
 /// A kck child process, its HTTP address and the file its log goes to.
@@ -59,32 +42,8 @@ struct Child {
 }
 
 async fn spawn_kck(dir: &Path, db: &TestDb) -> Child {
-    let config = write_config(dir, db);
-    let port = free_port();
     let log = dir.join("kck.log");
-    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KCK_HTTP_BIND", format!("127.0.0.1:{port}"))
-        .env("KCK_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start kck");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "kck did not start listening; its log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (process, addr) = crate::support::kck::spawn_kck(&write_config(dir, db), Some(&log)).await;
     Child { process, addr, log }
 }
 
@@ -99,27 +58,19 @@ async fn slot_pid(pg: &tokio_postgres::Client, slot: &str) -> Option<i32> {
     .and_then(|row| row.get::<_, Option<i32>>(0))
 }
 
-async fn wait_for<F, Fut>(what: &str, mut check: F)
+async fn wait_for<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(what, TIMEOUT, check).await
 }
 
 /// Kill -9 the process that holds the slot: the standby holds it within seconds, and every change
 /// committed after the kill is streamed, acknowledged and served by it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_owner_is_killed() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     db.execute_batch("INSERT INTO users VALUES (1, 'ada'), (2, 'grace')")
         .await;
     let pg = db.client().await;
@@ -228,8 +179,7 @@ async fn a_standby_takes_over_when_the_owner_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_state_reports_standby_then_streaming() {
     use kck::app::ReplicationState;
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let load = |dir: &Path| kck::config::Config::load(&write_config(dir, &db)).unwrap();
@@ -297,8 +247,7 @@ async fn replication_state_reports_standby_then_streaming() {
 /// Splitting roles needs a shared store: the embedded store says so.
 #[tokio::test]
 async fn roles_other_than_all_need_a_shared_store() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &db);
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
@@ -332,8 +281,7 @@ async fn roles_other_than_all_need_a_shared_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_roles_share_the_work_through_the_store() {
     use std::sync::Arc;
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     db.execute_batch("INSERT INTO users VALUES (1, 'ada')")
         .await;
     let dir = tempfile::tempdir().unwrap();

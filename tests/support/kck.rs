@@ -1,7 +1,6 @@
 //! Running kck in tests: configs, in-process instances, HTTP calls, and the convergence oracle.
 
-#![allow(dead_code)]
-
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,10 +23,17 @@ pub fn config_with(
     primers_yaml: &str,
     extra: &str,
 ) -> Config {
-    let path = write_config(dir, url, publication, slot, primers_yaml, extra);
-    Config::load(&path).unwrap_or_else(|e| panic!("test config does not load: {e}"))
+    load(&write_config(
+        dir,
+        url,
+        publication,
+        slot,
+        primers_yaml,
+        extra,
+    ))
 }
 
+/// Write the config of [`config_with`] (three workers) and return its path.
 pub fn write_config(
     dir: &Path,
     url: &str,
@@ -36,30 +42,154 @@ pub fn write_config(
     primers_yaml: &str,
     extra: &str,
 ) -> PathBuf {
-    let text = format!(
-        "source:\n  url: \"{url}\"\n  publication: {publication}\n  slot: {slot}\n\
-         store:\n  kind: embedded\n  path: {store}\n\
-         http:\n  bind: 127.0.0.1:0\n\
-         refresh:\n  workers: 3\n\
-         {extra}\n\
-         primers:\n{primers_yaml}\n",
-        store = dir.join("store").display(),
-    );
-    let path = dir.join("kck.yaml");
-    std::fs::write(&path, text).expect("write config");
-    path
+    ConfigYaml {
+        workers: 3,
+        extra,
+        ..ConfigYaml::new(url, publication, slot, primers_yaml)
+    }
+    .write(dir)
+}
+
+/// The parts of a test config: an embedded store under `dir/store`, HTTP on a free port of 127.0.0.1.
+/// Written to `dir/kck.yaml` by [`ConfigYaml::write`].
+pub struct ConfigYaml<'a> {
+    pub url: &'a str,
+    pub publication: &'a str,
+    pub slot: &'a str,
+    /// Lines inside `source:` (each indented by two spaces and ending in a newline).
+    pub source_extra: &'a str,
+    pub workers: u32,
+    /// Lines inside `refresh:` after `workers:`.
+    pub refresh_extra: &'a str,
+    /// Top-level YAML (for example `prime_on_cache_miss: false`).
+    pub extra: &'a str,
+    /// The `primers:` list.
+    pub primers: &'a str,
+}
+
+impl<'a> ConfigYaml<'a> {
+    /// Two workers and nothing extra.
+    pub fn new(url: &'a str, publication: &'a str, slot: &'a str, primers: &'a str) -> Self {
+        ConfigYaml {
+            url,
+            publication,
+            slot,
+            source_extra: "",
+            workers: 2,
+            refresh_extra: "",
+            extra: "",
+            primers,
+        }
+    }
+
+    /// Write `dir/kck.yaml` and return its path.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let ConfigYaml {
+            url,
+            publication,
+            slot,
+            source_extra,
+            workers,
+            refresh_extra,
+            extra,
+            primers,
+        } = self;
+        let text = format!(
+            "source:\n  url: \"{url}\"\n  publication: {publication}\n  slot: {slot}\n{source_extra}\
+             store:\n  kind: embedded\n  path: {store}\n\
+             http:\n  bind: 127.0.0.1:0\n\
+             refresh:\n  workers: {workers}\n{refresh_extra}\n\
+             {extra}\n\
+             primers:\n{primers}\n",
+            store = dir.join("store").display(),
+        );
+        let path = dir.join("kck.yaml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+}
+
+/// Load a test config, panicking with the reason if it does not load.
+pub fn load(path: &Path) -> Config {
+    Config::load(path).unwrap_or_else(|e| panic!("test config does not load: {e}"))
 }
 
 pub async fn start(config: Config) -> Running {
-    app::start(config, RunOptions::default())
+    start_with(config, RunOptions::default()).await
+}
+
+pub async fn start_with(config: Config, options: RunOptions) -> Running {
+    app::start(config, options)
         .await
         .unwrap_or_else(|e| panic!("kck did not start: {e}"))
 }
 
-/// GET /fetch/{key}: status and JSON body.
-pub async fn fetch(addr: std::net::SocketAddr, key: &str) -> (u16, Value) {
-    let url = format!("http://{addr}/fetch/{key}");
-    let response = reqwest::get(&url)
+/// A port of 127.0.0.1 nothing listens on (just now).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Start the kck binary (`kck run --config CONFIG`) on a free port and wait until it answers
+/// `/healthz`. With `log`, it logs at `info` to that file (and the file is shown if it does not
+/// start); without, at `warn` to this process's stderr.
+pub async fn spawn_kck(config: &Path, log: Option<&Path>) -> (tokio::process::Child, SocketAddr) {
+    let port = free_port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"));
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("KCK_HTTP_BIND", format!("127.0.0.1:{port}"))
+        .kill_on_drop(true);
+    match log {
+        Some(log) => command
+            .env("KCK_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log file")),
+        None => command.env("KCK_LOG", "warn"),
+    };
+    let process = command.spawn().expect("start kck");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kck did not start listening{}",
+            log.map(|log| format!(
+                "; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ))
+            .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (process, addr)
+}
+
+/// Wait until `check` holds, or panic with `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// GET `url`: status and JSON body.
+pub async fn get_json(url: &str) -> (u16, Value) {
+    let response = reqwest::get(url)
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = response.status().as_u16();
@@ -67,6 +197,11 @@ pub async fn fetch(addr: std::net::SocketAddr, key: &str) -> (u16, Value) {
     let body = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("GET {url}: body {text:?} is not JSON: {e}"));
     (status, body)
+}
+
+/// GET /fetch/{key}: status and JSON body.
+pub async fn fetch(addr: SocketAddr, key: &str) -> (u16, Value) {
+    get_json(&format!("http://{addr}/fetch/{key}")).await
 }
 
 /// Fetch `key` until it equals `expected` or `timeout` passes.

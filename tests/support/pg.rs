@@ -1,7 +1,8 @@
 //! A real PostgreSQL 15 for integration tests.
 //!
-//! [`cluster()`] starts one cluster per test binary, lazily, on a free port of 127.0.0.1, with a data
-//! directory under `/tmp`. Tests share it and isolate themselves by database: [`Cluster::new_database`].
+//! [`cluster()`] starts one cluster per test process (the integration tests are one binary), lazily, on a
+//! free port of 127.0.0.1, with a data directory under `/tmp`. Tests share it and isolate themselves by
+//! database: [`Cluster::new_database`].
 //! [`separate_cluster`] starts a private cluster with other settings, stopped when it is dropped.
 //!
 //! The binaries are taken from `$PG_BIN` or `/usr/lib/postgresql/15/bin`. As root, initdb and postgres run
@@ -111,7 +112,7 @@ done
 static SHARED: OnceLock<Cluster> = OnceLock::new();
 static DB_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// The cluster shared by all tests of this test binary; started on first call.
+/// The cluster shared by all tests of this process; started on first call.
 pub async fn cluster() -> &'static Cluster {
     if let Some(c) = SHARED.get() {
         return c;
@@ -137,6 +138,13 @@ extern "C" fn stop_shared_at_exit() {
             c.stop();
         }
     });
+}
+
+/// A new database on the shared [`cluster()`] with `schema` (SQL) run in it.
+pub async fn database(schema: &str) -> TestDb {
+    let db = cluster().await.new_database().await;
+    db.execute_batch(schema).await;
+    db
 }
 
 /// A new private cluster: [`BASE_SETTINGS`] overridden by `extra_settings` (e.g.
@@ -170,8 +178,6 @@ pub struct Cluster {
     pub data_dir: PathBuf,
     /// The server log.
     pub log_path: PathBuf,
-    /// The effective settings (base plus overrides), as passed with `-c`.
-    pub settings: Vec<(String, String)>,
     guardian: Mutex<Option<Guardian>>,
 }
 
@@ -205,11 +211,6 @@ impl Cluster {
         format!("postgres://postgres@{}:{}/{}", self.host, self.port, db)
     }
 
-    /// The directory of the unix socket (`host=` for libpq and psql).
-    pub fn socket_dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// A new client on database `db`; its connection task is spawned on the current runtime.
     pub async fn connect(&self, db: &str) -> Client {
         connect(&self.url(db)).await
@@ -240,8 +241,6 @@ impl Cluster {
         TestDb {
             url: self.url(&name),
             admin_url: self.url("postgres"),
-            host: self.host,
-            port: self.port,
             name,
         }
     }
@@ -339,7 +338,6 @@ impl Cluster {
                 dir,
                 data_dir,
                 log_path,
-                settings: settings.clone(),
                 guardian: Mutex::new(Some(Guardian { child, pipe })),
             };
             match cluster.wait_ready() {
@@ -434,8 +432,6 @@ pub struct TestDb {
     pub name: String,
     /// `postgres://postgres@127.0.0.1:PORT/NAME`
     pub url: String,
-    pub host: &'static str,
-    pub port: u16,
     admin_url: String,
 }
 
@@ -456,11 +452,6 @@ impl TestDb {
                 pg_error(&e)
             );
         }
-    }
-
-    /// A `tokio_postgres::Config` for this database.
-    pub fn config(&self) -> tokio_postgres::Config {
-        self.url.parse().expect("test database URL parses")
     }
 
     /// Drop the database: refuse new connections, terminate its backends (walsenders included), drop

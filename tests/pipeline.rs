@@ -1,15 +1,13 @@
 //! End-to-end tests of the core: a real Postgres 15 (started by the test support code), kck running in
 //! process (or as a child process where a crash is the point), and real HTTP.
 
-mod support;
-
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use support::kck::{
-    assert_converged, config, config_with, eventually_equals, fetch, start, wait_drained,
+use crate::support::kck::{
+    assert_converged, config, config_with, eventually_equals, fetch, spawn_kck, start, wait_drained,
 };
-use support::pg::{TestDb, cluster};
+use crate::support::pg::{TestDb, cluster, database};
+use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -74,12 +72,6 @@ const PRIMERS: &str = r#"
         columns: { id: id }
 "#;
 
-async fn database() -> TestDb {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
-    db
-}
-
 fn test_config(dir: &std::path::Path, db: &TestDb) -> kck::config::Config {
     config(dir, &db.url, "kck_test", &db.name, PRIMERS)
 }
@@ -94,7 +86,7 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Fixture {
-        let db = database().await;
+        let db = database(SCHEMA).await;
         let dir = tempfile::tempdir().unwrap();
         let running = start(test_config(dir.path(), &db)).await;
         let pg = db.client().await;
@@ -261,7 +253,7 @@ async fn update_that_leaves_a_toasted_column_unchanged_refreshes_correctly() {
 
 #[tokio::test]
 async fn changes_made_while_kck_is_stopped_are_applied_after_restart() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let pg = db.client().await;
     pg.batch_execute(
@@ -313,7 +305,7 @@ async fn changes_made_while_kck_is_stopped_are_applied_after_restart() {
 
 #[tokio::test]
 async fn fetch_errors_are_json_and_say_what_is_wrong() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let running = start(test_config(dir.path(), &db)).await;
     let addr = running.http_addr;
@@ -343,7 +335,7 @@ async fn fetch_errors_are_json_and_say_what_is_wrong() {
 
 #[tokio::test]
 async fn without_prime_on_cache_miss_a_miss_is_a_404() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = config_with(
         dir.path(),
@@ -363,7 +355,7 @@ async fn without_prime_on_cache_miss_a_miss_is_a_404() {
 
 #[tokio::test]
 async fn concurrent_misses_on_one_key_run_the_query_once() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     db.execute_batch("CREATE SEQUENCE slow_calls").await;
     let dir = tempfile::tempdir().unwrap();
     // The query counts its own executions in a sequence.
@@ -485,7 +477,7 @@ async fn randomised_workload_converges() {
     use rand::SeedableRng;
     let seed = seed("randomised_workload_converges");
     let transactions = count_from_env("KCK_TEST_TRANSACTIONS", 1500);
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let config = test_config(dir.path(), &db);
     let running = start(config.clone()).await;
@@ -542,34 +534,11 @@ async fn randomised_workload_converges() {
 async fn a_kck_killed_with_sigkill_mid_stream_converges_after_restart() {
     use rand::SeedableRng;
     let seed = seed("a_kck_killed_with_sigkill_mid_stream_converges_after_restart");
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS, "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("KCK_HTTP_BIND", format!("127.0.0.1:{port}"))
-        .env("KCK_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "kck did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS, "");
+    let (mut child, addr) = spawn_kck(&path, None).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for _ in 0..80 {
         let key = random_key(&mut rng);
@@ -638,7 +607,8 @@ async fn a_missing_publication_is_a_clear_error_or_created_when_configured() {
         "{error}"
     );
 
-    let config = support::kck::config_with(dir.path(), &db.url, "nope", &db.name, primers, "");
+    let config =
+        crate::support::kck::config_with(dir.path(), &db.url, "nope", &db.name, primers, "");
     let mut config = config;
     config.source.create_publication = true;
     let running = start(config).await;
@@ -679,7 +649,7 @@ async fn a_table_missing_from_the_publication_is_named_with_the_fix() {
 
 #[tokio::test]
 async fn a_slot_held_by_another_process_is_a_clear_error() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let running = start(test_config(dir_a.path(), &db)).await;
@@ -718,7 +688,7 @@ async fn a_bad_config_file_names_the_file_and_field_and_exits_non_zero() {
 
 #[tokio::test]
 async fn wal_level_other_than_logical_is_a_clear_error() {
-    let owned = support::pg::separate_cluster(&[("wal_level", "replica")]).await;
+    let owned = crate::support::pg::separate_cluster(&[("wal_level", "replica")]).await;
     let db = owned.new_database().await;
     db.execute_batch("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
         .await;
@@ -731,7 +701,7 @@ async fn wal_level_other_than_logical_is_a_clear_error() {
 
 #[tokio::test]
 async fn a_schema_change_refreshes_the_table_keys_and_a_dropped_dependency_is_reported() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = format!(
         "{PRIMERS}  - name: user_star\n    key: \"user_star/{{id:int}}\"\n    shape: row\n    query: SELECT * FROM users WHERE id = $1\n    depends_on:\n      - table: users\n        columns: {{ id: id }}\n"
@@ -793,7 +763,7 @@ async fn a_schema_change_refreshes_the_table_keys_and_a_dropped_dependency_is_re
 
 #[tokio::test]
 async fn the_slot_does_not_hold_wal_for_changes_kck_does_not_depend_on() {
-    let db = database().await;
+    let db = database(SCHEMA).await;
     db.execute_batch("CREATE TABLE unrelated (id serial PRIMARY KEY, v text)")
         .await;
     let dir = tempfile::tempdir().unwrap();
@@ -838,12 +808,7 @@ async fn the_slot_does_not_hold_wal_for_changes_kck_does_not_depend_on() {
 
 /// Peak resident memory of a process, from /proc (Linux).
 fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
+    crate::support::proc_status_kib(&pid.to_string(), "VmHWM")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -858,33 +823,10 @@ async fn a_million_row_transaction_keeps_memory_bounded() {
     .await;
     let primers = "  - name: events_by_user\n    key: \"events_by_user/{user_id:int}\"\n    shape: value\n    query: SELECT count(*) FROM events WHERE user_id = $1\n    depends_on:\n      - table: events\n        columns: { user_id: user_id }\n";
     let dir = tempfile::tempdir().unwrap();
-    let path = support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("KCK_HTTP_BIND", format!("127.0.0.1:{port}"))
-        .env("KCK_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
+    let (child, addr) = spawn_kck(&path, None).await;
     let pid = child.id().unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while reqwest::get(format!("http://{addr}/healthz"))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "kck did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     for user in 0..100 {
         assert_eq!(
             fetch(addr, &format!("events_by_user/{user}")).await,

@@ -1,0 +1,16 @@
+//! The integration tests: one binary, one module per area, all sharing the Postgres cluster that
+//! `support::pg::cluster()` starts on first use (each test on its own database and its own slot).
+//!
+//! Run one area with `cargo test --test main http::`, one test with its full path.
+
+mod support;
+
+mod backpressure;
+mod docker;
+mod harness;
+mod http;
+mod ops;
+mod pipeline;
+mod refresh;
+mod standby;
+mod store_cli;
