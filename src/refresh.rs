@@ -50,8 +50,8 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::freshness::Hub;
 use crate::lsn::Lsn;
-pub use crate::pg::TextParam;
-use crate::pg::{Source, error_text};
+
+use crate::pg::{Source, TextParam, error_text};
 use crate::primer::{Catalog, Key, Mapping, ParamValue, Shape};
 use crate::queue::TaskKind;
 use crate::replication::ReplicationState;

@@ -101,13 +101,9 @@ async fn rate_of(addr: std::net::SocketAddr, key: &str) -> Value {
     body["rate"].clone()
 }
 
-fn stats_of(running: &Running, primer: &str) -> kck::refresh::PrimerStats {
-    running
-        .refresher
-        .primer_stats()
-        .into_iter()
-        .find(|s| s.primer == primer)
-        .expect("primer stats")
+/// What the refresher recorded for `primer` (keys its workers stored, misses, batches, failures).
+fn stats_of(running: &Running, primer: &str) -> kck::refresh::PrimerHealth {
+    running.refresher.primer_health(primer)
 }
 
 #[tokio::test]
@@ -126,7 +122,7 @@ async fn refresh_interval_recomputes_every_cached_key() {
         rate_of(addr, "rated/1").await == json!(7) && rate_of(addr, "rated/2").await == json!(7)
     })
     .await;
-    assert!(stats_of(&running, "rated").refreshes >= 2);
+    assert!(stats_of(&running, "rated").keys_refreshed >= 2);
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -174,7 +170,7 @@ async fn ttl_refreshes_hot_keys_drops_cold_ones_and_never_serves_expired_as_fres
     }
     assert!(running.store.is_registered("hot/1").await.unwrap());
     let stats = stats_of(&running, "hot");
-    assert!(stats.refreshes >= 1, "{stats:?}");
+    assert!(stats.keys_refreshed >= 1, "{stats:?}");
 
     // Whatever the sweeper did, a fetch never answers an expired entry as a fresh hit.
     for _ in 0..20 {
@@ -489,10 +485,10 @@ async fn a_thousand_updates_to_one_key_while_paused_cause_one_refresh() {
     pg.batch_execute(&sql).await.unwrap();
     wait_read(&running, &pg).await;
     assert_eq!(running.store.queue_stats().await.unwrap().depth, 1);
-    assert_eq!(stats_of(&running, "user").refreshes, 0);
+    assert_eq!(stats_of(&running, "user").keys_refreshed, 0);
     running.refresher.resume();
     wait_drained(&running, &pg, TIMEOUT).await;
-    assert_eq!(stats_of(&running, "user").refreshes, 1);
+    assert_eq!(stats_of(&running, "user").keys_refreshed, 1);
     assert_eq!(fetch(addr, "user/1").await.1["name"], json!("v999"));
     assert_converged(&running, &pg, &config).await;
     running.stop().await.unwrap();
@@ -659,7 +655,7 @@ async fn keys_due_together_are_refreshed_in_one_batch_query() {
     assert_converged(&running, &pg, &config).await;
     for primer in ["orders_by_user", "order_total"] {
         let stats = stats_of(&running, primer);
-        assert_eq!(stats.refreshes, 20, "{stats:?}");
+        assert_eq!(stats.keys_refreshed, 20, "{stats:?}");
         assert!(
             stats.batch_queries >= 1 && stats.batch_queries < 20,
             "{stats:?}"
@@ -722,7 +718,7 @@ async fn jobs_run_on_schedule_never_twice_at_once_and_report_errors() {
     // A second process sharing the store (the embedded store admits one process, so it is simulated
     // with a second lease holder on the same store).
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let source = kck::replication::Source::new(&config.source).unwrap();
+    let source = kck::pg::Source::new(&config.source).unwrap();
     let (other, handles) = kck::jobs::spawn(
         &config.jobs,
         source,
@@ -864,7 +860,7 @@ async fn a_primer_concurrency_caps_its_refreshes_in_flight() {
     wait_read(&running, &pg).await;
     running.refresher.resume();
     wait_drained(&running, &pg, TIMEOUT).await;
-    assert_eq!(stats_of(&running, "slow").refreshes, 12);
+    assert_eq!(stats_of(&running, "slow").keys_refreshed, 12);
     for id in 1..=12 {
         let entry = running
             .store

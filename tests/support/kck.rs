@@ -269,10 +269,8 @@ pub async fn oracle(client: &tokio_postgres::Client, config: &Config, key: &str)
     let sql = kck::refresh::wrapped_query(&primer.query, primer.shape);
     // Bind parameters the way kck does: as text, typed by Postgres.
     let texts: Vec<String> = parsed.params.iter().map(kck::refresh::param_text).collect();
-    let params: Vec<kck::refresh::TextParam<'_>> = texts
-        .iter()
-        .map(|t| kck::refresh::TextParam(Some(t)))
-        .collect();
+    let params: Vec<kck::pg::TextParam<'_>> =
+        texts.iter().map(|t| kck::pg::TextParam(Some(t))).collect();
     let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
         .iter()
         .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
