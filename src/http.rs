@@ -1389,6 +1389,105 @@ async fn openapi() -> Response {
 mod tests {
     use super::*;
 
+    /// The whole router in process (axum's `oneshot`): a hit is answered from the store with its ETag and
+    /// conditional 304, a miss without priming is a JSON 404, an unknown primer a JSON 400, no Postgres.
+    #[tokio::test]
+    async fn the_router_answers_from_the_store_in_process() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt;
+
+        const YAML: &str = r#"
+source: { url: "postgres://u@localhost/db" }
+prime_on_cache_miss: false
+primers:
+  - name: user
+    key: "user/{id:int}"
+    shape: row
+    query: "SELECT id, name FROM users WHERE id = $1"
+    depends_on:
+      - table: users
+        columns: { id: id }
+"#;
+        let config =
+            crate::config::Config::from_yaml_str(YAML, std::path::Path::new("t.yaml"), |_| None)
+                .expect("config");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::embedded::EmbeddedStore::open(dir.path()).expect("store"));
+        let value = Bytes::from_static(br#"{"id":1,"name":"ada"}"#);
+        store
+            .store_result(
+                "user",
+                "user/1",
+                Entry {
+                    value: value.clone(),
+                    lsn: "0/16B3748".parse().expect("lsn"),
+                    computed_at_ms: crate::clock::now_ms(),
+                    expires_at_ms: None,
+                },
+            )
+            .await
+            .expect("stored");
+        let clock = Arc::new(crate::visibility::VisibilityClock::new(Lsn::default(), 16));
+        let state = AppState {
+            store: store.clone(),
+            catalog: Arc::new(config.catalog.clone()),
+            primer: None,
+            hub: Arc::default(),
+            progress: Progress::new(store.clone(), Arc::default(), clock, false),
+            updates: None,
+            auth: None,
+            limits: HttpConfig::default(),
+            shutdown: watch::channel(false).1,
+            refresher: None,
+        };
+        let router = app(state, Router::new());
+        let get = |uri: &str, etag: Option<&str>| {
+            let mut request = Request::get(uri);
+            if let Some(etag) = etag {
+                request = request.header(header::IF_NONE_MATCH, etag);
+            }
+            router
+                .clone()
+                .oneshot(request.body(Body::empty()).expect("request"))
+        };
+
+        let hit = get("/fetch/user/1", None).await.expect("answer");
+        assert_eq!(hit.status(), StatusCode::OK);
+        let etag = hit
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .expect("an ETag");
+        let body = axum::body::to_bytes(hit.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        assert_eq!(body, value);
+
+        let not_modified = get("/fetch/user/1", Some(&etag)).await.expect("answer");
+        assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+
+        for (uri, status) in [
+            ("/fetch/user/2", StatusCode::NOT_FOUND),
+            ("/fetch/nobody/1", StatusCode::BAD_REQUEST),
+            ("/fetch/user/x", StatusCode::BAD_REQUEST),
+        ] {
+            let answer = get(uri, None).await.expect("answer");
+            assert_eq!(answer.status(), status, "{uri}");
+            let body = axum::body::to_bytes(answer.into_body(), 1 << 20)
+                .await
+                .expect("body");
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON error body");
+            assert!(json["error"]["code"].is_string(), "{uri}: {json}");
+        }
+        assert_eq!(
+            get("/healthz", None).await.expect("answer").status(),
+            StatusCode::OK
+        );
+    }
+
     #[test]
     fn api_paths_are_told_from_the_others() {
         for api in [
