@@ -43,6 +43,7 @@ use crate::jobs::Jobs;
 use crate::lsn::Lsn;
 use crate::ops::{self, Ops};
 use crate::pg::Source;
+use crate::primer::Catalog;
 use crate::refresh::{Refresher, prove_visibility};
 pub use crate::replication::ReplicationState;
 use crate::replication::{
@@ -81,6 +82,9 @@ pub enum AppError {
     Roles(String),
     #[error("a kck task failed: {0}")]
     Task(String),
+    /// A primer's dependencies could not be checked against its query, or would leave keys stale.
+    #[error(transparent)]
+    Dependencies(#[from] crate::plan::PlanError),
 }
 
 /// Knobs that are not part of the user's config (tests and benchmarks set them).
@@ -234,6 +238,25 @@ enum Slot {
     Standby,
 }
 
+/// The catalog with every primer's dependencies checked against its query's plan: a primer without
+/// `depends_on` follows every table it reads (at table level), and one whose `depends_on` misses a table
+/// is an error (see [`crate::plan`]).
+async fn follow_what_queries_read(source: &Source, catalog: &Catalog) -> Result<Catalog, AppError> {
+    let client = source.connect().await.map_err(ReplicationError::from)?;
+    let (catalog, followed) = crate::plan::complete(&client, catalog).await?;
+    for f in followed {
+        let tables: Vec<String> = f.added.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            primer = %f.primer,
+            tables = %tables.join(", "),
+            "The primer has no depends_on: kck follows every table its query reads, and a change to one \
+             refreshes every cached key of the primer. Give depends_on with columns or lookups to refresh \
+             fewer."
+        );
+    }
+    Ok(catalog)
+}
+
 /// Take the slot's lock, waiting up to `slot_wait` (an owner that just died); then preflight. With
 /// `standby`, a lock held by someone else is [`Slot::Standby`] rather than an error.
 async fn take_slot(
@@ -280,7 +303,11 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         store = (wrap.0)(store);
     }
     let source = Source::new(&config.source).map_err(ReplicationError::from)?;
-    let catalog = Arc::new(config.catalog.clone());
+    let catalog = Arc::new(if roles.replication {
+        follow_what_queries_read(&source, &config.catalog).await?
+    } else {
+        config.catalog.clone()
+    });
     let deps = Arc::new(DepIndex::new(catalog.clone()));
     let telemetry = Arc::new(Telemetry::default());
     let stats = Arc::new(StreamStats::default());

@@ -30,7 +30,15 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "state",
-        &["deps", "queue", "visibility", "store", "auth", "telemetry"],
+        &[
+            "deps",
+            "queue",
+            "visibility",
+            "store",
+            "auth",
+            "telemetry",
+            "plan",
+        ],
     ),
     (
         "flow",

@@ -21,6 +21,7 @@ pub mod lsn;
 pub(crate) mod openapi;
 pub mod ops;
 pub mod pg;
+pub mod plan;
 pub(crate) mod primer;
 pub mod queue;
 pub mod refresh;

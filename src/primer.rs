@@ -117,6 +117,10 @@ pub struct Primer {
     pub query: String,
     pub shape: Shape,
     pub dependencies: Vec<Dependency>,
+    /// Whether the config listed `depends_on`. Without it, `dependencies` is empty until
+    /// [`crate::plan::complete`] fills it from the query's plan (every table read, at table level); with
+    /// it, the plan checks that no table the query reads is missing.
+    pub depends_on_given: bool,
     /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
     pub policy: Policy,
     /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
@@ -652,6 +656,7 @@ mod tests {
                 },
                 mapping: Mapping::AllKeys,
             }],
+            depends_on_given: true,
             policy: Default::default(),
             cache_control: None,
             access: None,

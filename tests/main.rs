@@ -9,6 +9,7 @@ mod backpressure;
 mod docker;
 mod harness;
 mod http;
+mod infer;
 mod ops;
 mod pipeline;
 mod refresh;

@@ -17,7 +17,7 @@ use crate::deps::DepIndex;
 use crate::ops::size::format_bytes;
 use crate::pg::Source;
 use crate::pg::quote_table;
-use crate::primer::{Mapping, ParamType, Primer, TableName};
+use crate::primer::{Catalog, Mapping, ParamType, Primer, TableName};
 use crate::refresh::{wrapped_lookup, wrapped_query};
 use crate::replication;
 
@@ -139,17 +139,58 @@ pub async fn run(config: &Config) -> Report {
             return report;
         }
     };
-    let deps = DepIndex::new(std::sync::Arc::new(config.catalog.clone()));
     server(&mut report, &client, &source).await;
+    // What each primer's query reads, from its plan; the checks below see the inferred dependencies.
+    let catalog = dependencies(&mut report, &client, &config.catalog).await;
+    let deps = DepIndex::new(std::sync::Arc::new(catalog.clone()));
     let published_ok = publication(&mut report, &client, &source, &deps).await;
     let _ = published_ok;
-    tables(&mut report, &client, config).await;
-    for primer in &config.catalog.primers {
+    tables(&mut report, &client, &catalog).await;
+    for primer in &catalog.primers {
         primer_query(&mut report, &client, primer).await;
         lookups(&mut report, &client, primer).await;
     }
     slot(&mut report, &client, &source).await;
     report
+}
+
+/// Check every primer's dependencies against its query's plan (`crate::plan`); the catalog as kck would
+/// run it (a primer without `depends_on` follows every table its query reads).
+async fn dependencies(report: &mut Report, client: &Client, catalog: &Catalog) -> Catalog {
+    let mut primers = catalog.primers.clone();
+    for primer in &mut primers {
+        let topic = format!("primer {}", primer.name);
+        let reads = match crate::plan::reads(client, primer).await {
+            Ok(reads) => reads,
+            // The query check below says why the query does not run.
+            Err(crate::plan::PlanError::Plan { .. }) => continue,
+            Err(e) => {
+                report.push(Level::Fail, &topic, e.to_string());
+                continue;
+            }
+        };
+        match crate::plan::apply(primer, &reads) {
+            Ok(added) if !added.is_empty() => {
+                let tables: Vec<String> = added.iter().map(ToString::to_string).collect();
+                report.push(
+                    Level::Note,
+                    &topic,
+                    format!(
+                        "no depends_on: kck follows {} (every table the query reads), and a change to one \
+                         refreshes every cached key. Give depends_on with columns or lookups to refresh fewer.",
+                        tables.join(", ")
+                    ),
+                );
+            }
+            Ok(_) => report.push(
+                Level::Ok,
+                &topic,
+                "depends_on lists every table the query reads".to_owned(),
+            ),
+            Err(e) => report.push(Level::Fail, &topic, e.to_string()),
+        }
+    }
+    Catalog::new(primers).unwrap_or_else(|_| catalog.clone())
 }
 
 async fn server(report: &mut Report, client: &Client, source: &Source) {
@@ -406,9 +447,8 @@ async fn table_facts(client: &Client, table: &TableName) -> Result<Option<TableF
 
 /// Tables exist, the role may read them, the columns dependencies name exist, and replica identity gives
 /// the old values the mappings need.
-async fn tables(report: &mut Report, client: &Client, config: &Config) {
-    let mut tables: Vec<&TableName> = config
-        .catalog
+async fn tables(report: &mut Report, client: &Client, catalog: &Catalog) {
+    let mut tables: Vec<&TableName> = catalog
         .primers
         .iter()
         .flat_map(|p| p.dependencies.iter().map(|d| &d.table))
@@ -420,8 +460,7 @@ async fn tables(report: &mut Report, client: &Client, config: &Config) {
         let facts = match table_facts(client, table).await {
             Ok(Some(facts)) => facts,
             Ok(None) => {
-                let users: Vec<&str> = config
-                    .catalog
+                let users: Vec<&str> = catalog
                     .primers
                     .iter()
                     .filter(|p| p.dependencies.iter().any(|d| &d.table == table))
@@ -476,7 +515,7 @@ async fn tables(report: &mut Report, client: &Client, config: &Config) {
                 ),
             );
         }
-        for primer in &config.catalog.primers {
+        for primer in &catalog.primers {
             for dep in primer.dependencies.iter().filter(|d| &d.table == table) {
                 let (kind, named): (&str, Vec<&str>) = match &dep.mapping {
                     Mapping::Columns(pairs) => {

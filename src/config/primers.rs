@@ -104,16 +104,11 @@ pub(super) fn build_primer(
     let query = query_text[..scan.end].trim_start().to_owned();
 
     // depends_on
-    let Some(deps) = &raw.depends_on else {
-        return Err(err(
-            line,
-            "depends_on",
-            "required: list the tables the query reads, e.g. `depends_on: [{ table: orders, columns: { user_id: user_id } }]`; \
-             without dependencies the primer's cached keys would never be refreshed"
-                .into(),
-        ));
-    };
-    if deps.value.is_empty() {
+    // Without it, kck follows every table the query's plan reads (at start and in `kck check`).
+    let depends_on_given = raw.depends_on.is_some();
+    if let Some(deps) = &raw.depends_on
+        && deps.value.is_empty()
+    {
         return Err(err(
             line_of(deps),
             "depends_on",
@@ -121,8 +116,12 @@ pub(super) fn build_primer(
                 .into(),
         ));
     }
-    let mut dependencies = Vec::with_capacity(deps.value.len());
-    for (d, dep) in deps.value.iter().enumerate() {
+    let deps = raw
+        .depends_on
+        .as_ref()
+        .map_or(&[][..], |d| d.value.as_slice());
+    let mut dependencies = Vec::with_capacity(deps.len());
+    for (d, dep) in deps.iter().enumerate() {
         let field = |f: &str| format!("depends_on[{d}]{f}");
         let dep_line = line_of(dep);
         let dep = &dep.value;
@@ -266,6 +265,7 @@ pub(super) fn build_primer(
             query,
             shape,
             dependencies,
+            depends_on_given,
             policy,
             cache_control,
             access,

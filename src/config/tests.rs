@@ -1008,15 +1008,15 @@ fn duplicate_and_ambiguous_primers() {
 
 #[test]
 fn dependency_errors() {
-    assert_invalid(
-        &base_with(
-            "    depends_on:\n      - table: orders\n        columns: { user_id: user_id }\n",
-            "",
-        ),
-        4,
-        "primers[0].depends_on",
-        "required",
-    );
+    // Without depends_on a primer loads with no dependencies: kck follows what its plan reads at start.
+    let config = load(&base_with(
+        "    depends_on:\n      - table: orders\n        columns: { user_id: user_id }\n",
+        "",
+    ))
+    .unwrap();
+    let primer = &config.catalog.primers[0];
+    assert!(!primer.depends_on_given);
+    assert!(primer.dependencies.is_empty());
     assert_invalid(
         &base_with(
             "    depends_on:\n      - table: orders\n        columns: { user_id: user_id }\n",

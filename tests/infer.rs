@@ -1,0 +1,98 @@
+//! Dependencies from the query itself (`crate::plan`): a primer without `depends_on` follows every table its
+//! query reads, and one whose `depends_on` forgets a table it reads is refused at start.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::kck::{config, eventually_equals, fetch, start};
+use crate::support::pg::cluster;
+
+const SCHEMA: &str = r#"
+CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);
+CREATE TABLE t2 (id bigint PRIMARY KEY, t_id bigint NOT NULL, w text NOT NULL);
+CREATE VIEW t2_view AS SELECT t_id, w FROM t2;
+INSERT INTO t VALUES (1, 'b');
+INSERT INTO t2 VALUES (10, 1, 'x');
+CREATE PUBLICATION kck_test FOR TABLE t, t2;
+"#;
+
+/// The query of the report: a join, so a change to either table changes the answer.
+const JOINED: &str = "select t.v, t2.w from t join t2 on t2.t_id = t.id where t.id = $1";
+
+#[tokio::test]
+async fn without_depends_on_every_table_the_query_reads_is_followed() {
+    let db = cluster().await.new_database().await;
+    db.execute_batch(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    // One primer reads t2 through a join, one through a view and a scalar subquery.
+    let primers = format!(
+        r#"
+  - name: joined
+    key: "joined/{{id:int}}"
+    query: "{JOINED}"
+  - name: viewed
+    key: "viewed/{{id:int}}"
+    shape: value
+    query: "SELECT (SELECT string_agg(w, ',') FROM t2_view WHERE t_id = t.id) FROM t WHERE t.id = $1"
+"#
+    );
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, &primers)).await;
+    let addr = running.http_addr;
+    assert_eq!(
+        fetch(addr, "joined/1").await,
+        (200, json!([{"v": "b", "w": "x"}]))
+    );
+    assert_eq!(fetch(addr, "viewed/1").await, (200, json!("x")));
+
+    db.execute_batch("UPDATE t2 SET w = 'CHANGED'").await;
+    let timeout = Duration::from_secs(30);
+    eventually_equals(
+        addr,
+        "joined/1",
+        &json!([{"v": "b", "w": "CHANGED"}]),
+        timeout,
+    )
+    .await;
+    eventually_equals(addr, "viewed/1", &json!("CHANGED"), timeout).await;
+    db.execute_batch("UPDATE t SET v = 'c'").await;
+    eventually_equals(
+        addr,
+        "joined/1",
+        &json!([{"v": "c", "w": "CHANGED"}]),
+        timeout,
+    )
+    .await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_depends_on_that_forgets_a_table_the_query_reads_is_refused() {
+    let db = cluster().await.new_database().await;
+    db.execute_batch(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = format!(
+        r#"
+  - name: joined
+    key: "joined/{{id:int}}"
+    query: "{JOINED}"
+    depends_on:
+      - table: t
+        columns: {{ id: id }}
+"#
+    );
+    let config = config(dir.path(), &db.url, "kck_test", &db.name, &primers);
+    let error = match kck::app::start(config, kck::app::RunOptions::default()).await {
+        Ok(running) => {
+            running.stop().await.unwrap();
+            panic!("kck started with a depends_on that misses t2");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("primer 'joined' reads 't2'") && error.contains("`- table: t2`"),
+        "{error}"
+    );
+    db.cleanup().await;
+}
