@@ -42,7 +42,8 @@ pub enum PlanError {
         "primer '{primer}' reads {tables} (its query's plan says so), but its depends_on does not list {them}: \
          a change there would leave its cached keys stale. Add to depends_on: {entries} (with `columns` or \
          a `lookup` to refresh fewer keys than all), or remove depends_on to let kck follow every table the \
-         query reads"
+         query reads (or, for a table that is not published, list it in `not_followed` and give the primer a \
+         ttl or refresh_interval)"
     )]
     Missing {
         primer: String,
@@ -194,7 +195,9 @@ pub async fn complete(
 
 /// [`complete`] for one primer, given what its plan reads: the tables added, or why it would be stale.
 pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<TableName>, PlanError> {
-    let listed = |t: &TableName| primer.dependencies.iter().any(|d| &d.table == t);
+    let listed = |t: &TableName| {
+        primer.dependencies.iter().any(|d| &d.table == t) || primer.not_followed.contains(t)
+    };
     let missing: Vec<TableName> = reads
         .tables
         .iter()

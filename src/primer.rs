@@ -121,6 +121,9 @@ pub struct Primer {
     /// [`crate::plan::complete`] fills it from the query's plan (every table read, at table level); with
     /// it, the plan checks that no table the query reads is missing.
     pub depends_on_given: bool,
+    /// `not_followed`: tables the query reads whose changes kck must not follow (they are not
+    /// published); they reach the cache only through `ttl`, `refresh_interval` or invalidation.
+    pub not_followed: Vec<TableName>,
     /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
     pub policy: Policy,
     /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
@@ -657,6 +660,7 @@ mod tests {
                 mapping: Mapping::AllKeys,
             }],
             depends_on_given: true,
+            not_followed: Vec::new(),
             policy: Default::default(),
             cache_control: None,
             access: None,

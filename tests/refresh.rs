@@ -31,7 +31,8 @@ INSERT INTO nums VALUES (1, 1), (2, 2);
 CREATE PUBLICATION kck_test FOR TABLE users, orders, nums;
 "#;
 
-/// A primer whose value reads the undeclared `rates` table, with extra policy lines.
+/// A primer whose value reads the unpublished `rates` table (declared `not_followed`: its changes reach the
+/// cache only through the policy or invalidation), with extra policy lines.
 fn rated(name: &str, policy: &str) -> String {
     format!(
         r#"  - name: {name}
@@ -41,6 +42,7 @@ fn rated(name: &str, policy: &str) -> String {
     depends_on:
       - table: users
         columns: {{ id: id }}
+    not_followed: [rates]
 {policy}"#
     )
 }

@@ -240,6 +240,30 @@ pub(super) fn build_primer(
         });
     }
 
+    // Tables the query reads whose changes the user chose not to follow (not published): they reach the
+    // cache only through ttl, refresh_interval or invalidation.
+    let mut not_followed = Vec::new();
+    for (i, t) in raw
+        .not_followed
+        .iter()
+        .flat_map(|l| l.value.iter())
+        .enumerate()
+    {
+        let field = format!("not_followed[{i}]");
+        let table = parse_table(&t.value).map_err(|m| err(line_of(t), &field, m))?;
+        if dependencies.iter().any(|d| d.table == table) {
+            return Err(err(
+                line_of(t),
+                &field,
+                format!(
+                    "'{}' is also in depends_on: list it in one of the two",
+                    t.value
+                ),
+            ));
+        }
+        not_followed.push(table);
+    }
+
     let policy = build_policy(&raw, &template, &err)?;
     let cache_control = match &raw.cache_control {
         None => None,
@@ -266,6 +290,7 @@ pub(super) fn build_primer(
             shape,
             dependencies,
             depends_on_given,
+            not_followed,
             policy,
             cache_control,
             access,

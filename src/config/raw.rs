@@ -380,6 +380,7 @@ pub(super) struct RawPrimer {
     pub(super) shape: Option<Spanned<String>>,
     pub(super) query: Option<Spanned<String>>,
     pub(super) depends_on: Option<Spanned<Vec<Spanned<RawDependency>>>>,
+    pub(super) not_followed: Option<Spanned<Vec<Spanned<String>>>>,
     // Refresh policy (see `crate::schedule::Policy`).
     pub(super) refresh_interval: Option<Spanned<String>>,
     pub(super) ttl: Option<Spanned<String>>,

@@ -1017,6 +1017,28 @@ fn dependency_errors() {
     let primer = &config.catalog.primers[0];
     assert!(!primer.depends_on_given);
     assert!(primer.dependencies.is_empty());
+    // not_followed: tables read but deliberately not followed; never both in it and in depends_on.
+    let config = load(&base_with(
+        "        columns: { user_id: user_id }\n",
+        "        columns: { user_id: user_id }\n    not_followed: [app.rates]\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        config.catalog.primers[0].not_followed,
+        vec![TableName {
+            schema: "app".into(),
+            name: "rates".into()
+        }]
+    );
+    assert_invalid(
+        &base_with(
+            "        columns: { user_id: user_id }\n",
+            "        columns: { user_id: user_id }\n    not_followed: [orders]\n",
+        ),
+        10,
+        "primers[0].not_followed[0]",
+        "also in depends_on",
+    );
     assert_invalid(
         &base_with(
             "    depends_on:\n      - table: orders\n        columns: { user_id: user_id }\n",
