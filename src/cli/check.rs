@@ -162,8 +162,6 @@ async fn dependencies(report: &mut Report, client: &Client, catalog: &Catalog) -
         let topic = format!("primer {}", primer.name);
         let reads = match crate::plan::reads(client, primer).await {
             Ok(reads) => reads,
-            // The query check below says why the query does not run.
-            Err(crate::plan::PlanError::Plan { .. }) => continue,
             Err(e) => {
                 report.push(Level::Fail, &topic, e.to_string());
                 continue;
