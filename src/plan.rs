@@ -25,6 +25,19 @@ pub struct Reads {
     pub tables: Vec<TableName>,
     /// Functions scanned as relations (`FROM f()`), `schema.name`: they may read tables the plan hides.
     pub functions: Vec<String>,
+    /// For a table that is a partition: its ancestors, the root last (filled by [`reads`]; empty for a
+    /// table that is not a partition). A `depends_on` on an ancestor covers the partition.
+    pub ancestors: Vec<(TableName, Vec<TableName>)>,
+}
+
+impl Reads {
+    /// `table`'s ancestors (see [`Reads::ancestors`]).
+    fn ancestors_of(&self, table: &TableName) -> &[TableName] {
+        self.ancestors
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(&[], |(_, a)| a.as_slice())
+    }
 }
 
 /// Cannot find out, or what was found leaves a primer stale.
@@ -153,10 +166,35 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
         primer: primer.name.clone(),
         reason: e.to_string(),
     })?;
-    reads_of(&json).map_err(|reason| PlanError::Unreadable {
+    let mut reads = reads_of(&json).map_err(|reason| PlanError::Unreadable {
         primer: primer.name.clone(),
         reason,
-    })
+    })?;
+    // A partitioned table is planned as its partitions; know their parents.
+    for table in &reads.tables {
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text \
+                 FROM pg_partition_ancestors(format('%I.%I', $1::text, $2::text)::regclass) \
+                      WITH ORDINALITY a(relid, i) \
+                 JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE a.relid <> format('%I.%I', $1::text, $2::text)::regclass ORDER BY a.i",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(plan_error)?;
+        if !rows.is_empty() {
+            let ancestors = rows
+                .iter()
+                .map(|r| TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                })
+                .collect();
+            reads.ancestors.push((table.clone(), ancestors));
+        }
+    }
+    Ok(reads)
 }
 
 /// What [`complete`] did to one primer, for the log and `kck check`.
@@ -195,9 +233,11 @@ pub async fn complete(
 
 /// [`complete`] for one primer, given what its plan reads: the tables added, or why it would be stale.
 pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<TableName>, PlanError> {
-    let listed = |t: &TableName| {
+    let named = |t: &TableName| {
         primer.dependencies.iter().any(|d| &d.table == t) || primer.not_followed.contains(t)
     };
+    // A partition is covered by a dependency on it or on one of its ancestors.
+    let listed = |t: &TableName| named(t) || reads.ancestors_of(t).iter().any(named);
     let missing: Vec<TableName> = reads
         .tables
         .iter()
@@ -214,8 +254,17 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<TableName>, PlanE
             them: if missing.len() == 1 { "it" } else { "them" },
             entries: missing
                 .iter()
-                .map(|t| format!("`- table: {}`", display_table(t)))
-                .collect::<Vec<_>>()
+                // A partition: name its root, which covers every partition.
+                .map(|t| {
+                    let t = reads.ancestors_of(t).last().unwrap_or(t);
+                    format!("`- table: {}`", display_table(t))
+                })
+                .fold(Vec::new(), |mut all: Vec<String>, e| {
+                    if !all.contains(&e) {
+                        all.push(e);
+                    }
+                    all
+                })
                 .join(", "),
         });
     }
@@ -225,6 +274,8 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<TableName>, PlanE
             functions: reads.functions.join(", "),
         });
     }
+    // Followed under the names the plan gives (a partitioned table's partitions, as the stream names them
+    // unless the publication sets publish_via_partition_root).
     for table in &missing {
         primer.dependencies.push(Dependency {
             table: table.clone(),

@@ -96,3 +96,39 @@ async fn a_depends_on_that_forgets_a_table_the_query_reads_is_refused() {
     );
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_depends_on_on_a_partitioned_table_covers_its_partitions() {
+    let db = cluster().await.new_database().await;
+    db.execute_batch(
+        r#"
+CREATE TABLE ev (id bigint NOT NULL, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);
+CREATE TABLE ev_low PARTITION OF ev FOR VALUES FROM (0) TO (100);
+CREATE TABLE ev_high PARTITION OF ev FOR VALUES FROM (100) TO (MAXVALUE);
+ALTER TABLE ev_low REPLICA IDENTITY FULL;
+ALTER TABLE ev_high REPLICA IDENTITY FULL;
+INSERT INTO ev VALUES (1, 7, 'a'), (150, 7, 'b');
+CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true);
+"#,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // The plan reads ev_low and ev_high; depends_on names their parent.
+    let primers = r#"
+  - name: events
+    key: "events/{user_id:int}"
+    shape: value
+    query: "SELECT string_agg(what, ',' ORDER BY id) FROM ev WHERE user_id = $1"
+    depends_on:
+      - table: ev
+        columns: { user_id: user_id }
+"#;
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, primers)).await;
+    let addr = running.http_addr;
+    assert_eq!(fetch(addr, "events/7").await, (200, json!("a,b")));
+    db.execute_batch("UPDATE ev SET what = 'B' WHERE id = 150")
+        .await;
+    eventually_equals(addr, "events/7", &json!("a,B"), Duration::from_secs(30)).await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
