@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::kck::{config, eventually_equals, fetch, start};
-use crate::support::pg::cluster;
+use crate::support::pg::database;
 
 const SCHEMA: &str = r#"
 CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);
@@ -22,8 +22,7 @@ const JOINED: &str = "select t.v, t2.w from t join t2 on t2.t_id = t.id where t.
 
 #[tokio::test]
 async fn without_depends_on_every_table_the_query_reads_is_followed() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     // One primer reads t2 through a join, one through a view and a scalar subquery.
     let primers = format!(
@@ -69,8 +68,7 @@ async fn without_depends_on_every_table_the_query_reads_is_followed() {
 
 #[tokio::test]
 async fn a_depends_on_that_forgets_a_table_the_query_reads_is_refused() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(SCHEMA).await;
+    let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let primers = format!(
         r#"
@@ -99,8 +97,7 @@ async fn a_depends_on_that_forgets_a_table_the_query_reads_is_refused() {
 
 #[tokio::test]
 async fn a_depends_on_on_a_partitioned_table_covers_its_partitions() {
-    let db = cluster().await.new_database().await;
-    db.execute_batch(
+    let db = database(
         r#"
 CREATE TABLE ev (id bigint NOT NULL, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);
 CREATE TABLE ev_low PARTITION OF ev FOR VALUES FROM (0) TO (100);
