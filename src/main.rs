@@ -119,6 +119,14 @@ enum Command {
         #[arg(long)]
         warnings_ok: bool,
     },
+    /// For each primer: the tables its query reads (from Postgres's plan of it) and how a change in each
+    /// maps to cached keys, with the replica identity that needs. Exits 1 when a primer would be stale.
+    Explain {
+        #[arg(long, short, env = "KCK_CONFIG")]
+        config: PathBuf,
+        /// Only this primer.
+        primer: Option<String>,
+    },
     /// Show the slot, lag, queue, primers and recent errors of a running kck (over HTTP), or what
     /// Postgres and the store say when none answers. Exits 1 when there are problems.
     Status {
@@ -239,6 +247,10 @@ async fn run(command: Command) -> anyhow::Result<bool> {
         } => {
             let config = Config::load(&config)?;
             Ok(cli::check(&config, json, warnings_ok).await?)
+        }
+        Command::Explain { config, primer } => {
+            let config = Config::load(&config)?;
+            Ok(cli::explain(&config, primer.as_deref()).await?)
         }
         Command::Status { config, url, json } => {
             let config = Config::load(&config)?;

@@ -129,3 +129,72 @@ CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+#[tokio::test]
+async fn kck_explain_says_what_each_primer_reads_and_how_it_is_followed() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = format!(
+        r#"
+  - name: joined
+    key: "joined/{{id:int}}"
+    query: "{JOINED}"
+  - name: declared
+    key: "declared/{{id:int}}"
+    query: "SELECT v FROM t WHERE id = $1"
+    depends_on:
+      - table: t
+        columns: {{ id: id }}
+"#
+    );
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, &primers, "");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+        .args(["explain", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("primer joined (key joined/{id:int})"),
+        "{text}"
+    );
+    assert!(
+        text.contains("reads (from its plan): public.t, public.t2")
+            || text.contains("reads (from its plan): public.t2, public.t"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "public.t2: every cached key of the primer (no depends_on: followed at table level)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("public.t: a changed row refreshes the key its columns name (id → id)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ALTER TABLE \"public\".\"t\" REPLICA IDENTITY FULL;"),
+        "{text}"
+    );
+
+    // One primer only, and a name that does not exist.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+        .args(["explain", "nope", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("no primer is named 'nope' (the primers: joined, declared)"),
+        "{err}"
+    );
+    db.cleanup().await;
+}

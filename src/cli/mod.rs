@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::config::Config;
 pub mod check;
 pub mod client;
+pub mod explain;
 pub mod invalidate;
 
 use crate::ops::size::format_bytes;
@@ -22,6 +23,8 @@ use crate::store::StoreError;
 /// An operator command could not do its job.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    #[error("{0}")]
+    Explain(String),
     #[error(transparent)]
     Replication(#[from] ReplicationError),
     #[error(transparent)]
@@ -239,4 +242,15 @@ pub async fn keys(config: &Config, primer: &str, url: Option<&str>) -> Result<()
         Err(e) => return Err(e.into()),
     }
     Ok(())
+}
+
+/// `kck explain [PRIMER]`: what each primer's query reads and how kck follows each table. False when a
+/// primer's dependencies would leave it stale or its plan cannot be read.
+pub async fn explain(config: &Config, primer: Option<&str>) -> Result<bool, CliError> {
+    let source = Source::new(&config.source).map_err(ReplicationError::from)?;
+    let text = explain::run(&source, &config.catalog, primer)
+        .await
+        .map_err(CliError::Explain)?;
+    print!("{text}");
+    Ok(!text.contains("  PROBLEM: ") && !text.contains("  cannot read its plan: "))
 }

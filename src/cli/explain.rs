@@ -1,0 +1,141 @@
+//! `kck explain [PRIMER]`: for each primer, the tables its query reads (from its plan) and, for each, how a
+//! change there maps to cached keys, the replica identity that needs, and the `ALTER TABLE` that gives it.
+
+use std::fmt::Write as _;
+
+use tokio_postgres::Client;
+
+use crate::pg::{Source, quote_table};
+use crate::plan;
+use crate::primer::{Catalog, Mapping, Primer, TableName};
+
+/// What one primer reads and how kck follows it, as text.
+pub async fn explain(
+    client: &Client,
+    catalog: &Catalog,
+    only: Option<&str>,
+) -> Result<String, String> {
+    let mut out = String::new();
+    let primers: Vec<&Primer> = catalog
+        .primers
+        .iter()
+        .filter(|p| only.is_none_or(|name| p.name == name))
+        .collect();
+    if primers.is_empty()
+        && let Some(name) = only
+    {
+        let names: Vec<&str> = catalog.primers.iter().map(|p| p.name.as_str()).collect();
+        return Err(format!(
+            "no primer is named '{name}' (the primers: {})",
+            names.join(", ")
+        ));
+    }
+    for primer in primers {
+        explain_one(client, primer, &mut out).await;
+    }
+    Ok(out)
+}
+
+async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "primer {} (key {})",
+        primer.name, primer.template.source
+    );
+    let reads = match plan::reads(client, primer).await {
+        Ok(reads) => reads,
+        Err(e) => {
+            let _ = writeln!(out, "  cannot read its plan: {e}\n");
+            return;
+        }
+    };
+    let names: Vec<String> = reads.tables.iter().map(ToString::to_string).collect();
+    let _ = writeln!(out, "  reads (from its plan): {}", names.join(", "));
+    let mut completed = primer.clone();
+    if let Err(e) = plan::apply(&mut completed, &reads) {
+        let _ = writeln!(out, "  PROBLEM: {e}");
+    }
+    for dep in &completed.dependencies {
+        let how = match &dep.mapping {
+            Mapping::Columns(columns) => {
+                let pairs: Vec<String> = columns
+                    .iter()
+                    .map(|(param, column)| {
+                        let name = completed
+                            .template
+                            .params
+                            .get(*param)
+                            .map_or("?", |p| p.name.as_str());
+                        format!("{column} → {name}")
+                    })
+                    .collect();
+                format!(
+                    "a changed row refreshes the key its columns name ({}); an UPDATE also the key of its old \
+                     values, which Postgres sends only under REPLICA IDENTITY FULL (or when the columns are \
+                     in the replica identity)",
+                    pairs.join(", ")
+                )
+            }
+            Mapping::Lookup { query, args } => format!(
+                "a changed row runs the lookup `{query}` with {} to find the keys it affects",
+                args.join(", ")
+            ),
+            Mapping::AllKeys => {
+                if primer.depends_on_given {
+                    "every cached key of the primer (depends_on gives no columns or lookup)"
+                        .to_owned()
+                } else {
+                    "every cached key of the primer (no depends_on: followed at table level)"
+                        .to_owned()
+                }
+            }
+        };
+        let _ = writeln!(out, "  {}: {how}", dep.table);
+        if let Some(line) = identity(client, &dep.table, &dep.mapping).await {
+            let _ = writeln!(out, "    {line}");
+        }
+    }
+    for table in &completed.not_followed {
+        let _ = writeln!(
+            out,
+            "  {table}: not followed (not_followed): its changes reach the cache through ttl, \
+             refresh_interval or invalidation only"
+        );
+    }
+    out.push('\n');
+}
+
+/// The table's replica identity, and the `ALTER TABLE` when a column map needs old values it does not send.
+async fn identity(client: &Client, table: &TableName, mapping: &Mapping) -> Option<String> {
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .ok()??;
+    let identity: String = row.get(0);
+    let name = match identity.as_str() {
+        "f" => "FULL",
+        "d" => "DEFAULT (the primary key)",
+        "i" => "USING INDEX",
+        _ => "NOTHING",
+    };
+    let needs_full = matches!(mapping, Mapping::Columns(_)) && identity != "f";
+    Some(if needs_full {
+        format!(
+            "replica identity {name}: an UPDATE or DELETE that changes a mapped column outside it \
+             refreshes every key; ALTER TABLE {} REPLICA IDENTITY FULL; refreshes only the affected ones",
+            quote_table(table)
+        )
+    } else {
+        format!("replica identity {name}")
+    })
+}
+
+/// Connect to the config's source and explain.
+pub async fn run(source: &Source, catalog: &Catalog, only: Option<&str>) -> Result<String, String> {
+    let client = source.connect().await.map_err(|e| e.to_string())?;
+    explain(&client, catalog, only).await
+}
