@@ -145,6 +145,8 @@ async fn kck_explain_says_what_each_primer_reads_and_how_it_is_followed() {
     depends_on:
       - table: t
         columns: {{ id: id }}
+      - table: t2
+        columns: {{ id: t_id }}
 "#
     );
     let path =
@@ -179,8 +181,14 @@ async fn kck_explain_says_what_each_primer_reads_and_how_it_is_followed() {
         text.contains("public.t: a changed row refreshes the key its columns name (id → id)"),
         "{text}"
     );
+    // t's mapped column is its primary key, t2's is not.
     assert!(
-        text.contains("ALTER TABLE \"public\".\"t\" REPLICA IDENTITY FULL;"),
+        text.contains("replica identity DEFAULT (the primary key): enough"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the old t_id of an UPDATE or DELETE")
+            && text.contains("ALTER TABLE \"public\".\"t2\" REPLICA IDENTITY FULL;"),
         "{text}"
     );
 

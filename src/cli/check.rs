@@ -379,16 +379,19 @@ async fn publication(
 }
 
 /// What `pg_class`/`pg_attribute` say about one table.
-struct TableFacts {
-    columns: Vec<String>,
+pub(super) struct TableFacts {
+    pub(super) columns: Vec<String>,
     /// `d` default, `f` full, `i` index, `n` nothing.
-    identity: char,
+    pub(super) identity: char,
     /// The columns Postgres sends in an old row image.
-    identity_columns: BTreeSet<String>,
-    may_select: bool,
+    pub(super) identity_columns: BTreeSet<String>,
+    pub(super) may_select: bool,
 }
 
-async fn table_facts(client: &Client, table: &TableName) -> Result<Option<TableFacts>, String> {
+pub(super) async fn table_facts(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<TableFacts>, String> {
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT') \

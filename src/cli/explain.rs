@@ -70,9 +70,8 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
                     })
                     .collect();
                 format!(
-                    "a changed row refreshes the key its columns name ({}); an UPDATE also the key of its old \
-                     values, which Postgres sends only under REPLICA IDENTITY FULL (or when the columns are \
-                     in the replica identity)",
+                    "a changed row refreshes the key its columns name ({}), and an UPDATE also the key of its \
+                     old values",
                     pairs.join(", ")
                 )
             }
@@ -105,32 +104,34 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
     out.push('\n');
 }
 
-/// The table's replica identity, and the `ALTER TABLE` when a column map needs old values it does not send.
+/// The table's replica identity, and the `ALTER TABLE` when the mapping needs old values it does not send.
 async fn identity(client: &Client, table: &TableName, mapping: &Mapping) -> Option<String> {
-    let row = client
-        .query_opt(
-            "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .ok()??;
-    let identity: String = row.get(0);
-    let name = match identity.as_str() {
-        "f" => "FULL",
-        "d" => "DEFAULT (the primary key)",
-        "i" => "USING INDEX",
+    let facts = super::check::table_facts(client, table).await.ok()??;
+    let name = match facts.identity {
+        'f' => "FULL",
+        'd' => "DEFAULT (the primary key)",
+        'i' => "USING INDEX",
         _ => "NOTHING",
     };
-    let needs_full = matches!(mapping, Mapping::Columns(_)) && identity != "f";
-    Some(if needs_full {
+    // The columns whose old values the mapping reads (an UPDATE's old key, a DELETE's row).
+    let needed: Vec<&str> = match mapping {
+        Mapping::Columns(columns) => columns.iter().map(|(_, c)| c.as_str()).collect(),
+        Mapping::Lookup { args, .. } => args.iter().map(String::as_str).collect(),
+        Mapping::AllKeys => Vec::new(),
+    };
+    let outside: Vec<&str> = needed
+        .into_iter()
+        .filter(|c| facts.identity != 'f' && !facts.identity_columns.contains(*c))
+        .collect();
+    Some(if outside.is_empty() {
+        format!("replica identity {name}: enough")
+    } else {
         format!(
-            "replica identity {name}: an UPDATE or DELETE that changes a mapped column outside it \
-             refreshes every key; ALTER TABLE {} REPLICA IDENTITY FULL; refreshes only the affected ones",
+            "replica identity {name}: Postgres does not send the old {} of an UPDATE or DELETE, so those \
+             refresh every cached key; ALTER TABLE {} REPLICA IDENTITY FULL; refreshes only the affected ones",
+            outside.join(", "),
             quote_table(table)
         )
-    } else {
-        format!("replica identity {name}")
     })
 }
 
