@@ -118,12 +118,24 @@ impl DepIndex {
         names
     }
 
+    /// Whether some primer depends on `table`.
+    pub fn follows(&self, table: &TableName) -> bool {
+        self.by_table.contains_key(table)
+    }
+
     /// Resolve the dependencies on the relation's table to column positions.
     pub fn resolve(&self, relation: &Relation) -> ResolvedTable {
         let table = TableName {
             schema: relation.namespace.clone(),
             name: relation.name.clone(),
         };
+        self.resolve_as(relation, table)
+    }
+
+    /// Resolve `relation` (a partition, as the stream names it when the publication does not publish via
+    /// the root) with the dependencies declared on `table` (its root or another ancestor): partitions share
+    /// their root's column names, and positions are taken from the relation itself.
+    pub fn resolve_as(&self, relation: &Relation, table: TableName) -> ResolvedTable {
         let mut resolved = ResolvedTable {
             table: table.clone(),
             targets: Vec::new(),

@@ -274,15 +274,24 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<TableName>, PlanE
             functions: reads.functions.join(", "),
         });
     }
-    // Followed under the names the plan gives (a partitioned table's partitions, as the stream names them
-    // unless the publication sets publish_via_partition_root).
+    // A partition is followed under its own name and its root's: the stream names the partition, or the
+    // root when the publication sets publish_via_partition_root; partitions attached later are found
+    // through the root (`replication` asks for a partition's ancestors).
+    let mut added: Vec<TableName> = Vec::new();
     for table in &missing {
+        for t in std::iter::once(table).chain(reads.ancestors_of(table).last()) {
+            if !added.contains(t) {
+                added.push(t.clone());
+            }
+        }
+    }
+    for table in &added {
         primer.dependencies.push(Dependency {
             table: table.clone(),
             mapping: Mapping::AllKeys,
         });
     }
-    Ok(missing)
+    Ok(added)
 }
 
 fn display_table(t: &TableName) -> String {

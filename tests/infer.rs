@@ -105,12 +105,13 @@ CREATE TABLE ev_high PARTITION OF ev FOR VALUES FROM (100) TO (MAXVALUE);
 ALTER TABLE ev_low REPLICA IDENTITY FULL;
 ALTER TABLE ev_high REPLICA IDENTITY FULL;
 INSERT INTO ev VALUES (1, 7, 'a'), (150, 7, 'b');
-CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true);
+CREATE PUBLICATION kck_test FOR TABLE ev;
 "#,
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    // The plan reads ev_low and ev_high; depends_on names their parent.
+    // The plan reads ev_low and ev_high; depends_on names their parent. The publication is made the default
+    // way (publish_via_partition_root = false): Postgres lists, and the stream names, the partitions.
     let primers = r#"
   - name: events
     key: "events/{user_id:int}"
@@ -123,6 +124,46 @@ CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true
     let running = start(config(dir.path(), &db.url, "kck_test", &db.name, primers)).await;
     let addr = running.http_addr;
     assert_eq!(fetch(addr, "events/7").await, (200, json!("a,b")));
+    db.execute_batch("UPDATE ev SET what = 'B' WHERE id = 150")
+        .await;
+    eventually_equals(addr, "events/7", &json!("a,B"), Duration::from_secs(30)).await;
+    // A partition attached while kck runs is followed too.
+    db.execute_batch(
+        "CREATE TABLE ev_old (id bigint NOT NULL, user_id bigint NOT NULL, what text NOT NULL);
+         ALTER TABLE ev_old REPLICA IDENTITY FULL;
+         ALTER TABLE ev DETACH PARTITION ev_low;
+         ALTER TABLE ev ATTACH PARTITION ev_old FOR VALUES FROM (0) TO (100);
+         INSERT INTO ev VALUES (2, 7, 'new');",
+    )
+    .await;
+    eventually_equals(addr, "events/7", &json!("new,B"), Duration::from_secs(30)).await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn without_depends_on_a_partitioned_table_is_followed_in_either_publish_mode() {
+    let db = database(
+        r#"
+CREATE TABLE ev (id bigint PRIMARY KEY, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);
+CREATE TABLE ev_low PARTITION OF ev FOR VALUES FROM (0) TO (100);
+CREATE TABLE ev_high PARTITION OF ev FOR VALUES FROM (100) TO (MAXVALUE);
+INSERT INTO ev VALUES (1, 7, 'a'), (150, 7, 'b');
+CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true);
+"#,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = r#"
+  - name: events
+    key: "events/{user_id:int}"
+    shape: value
+    query: "SELECT string_agg(what, ',' ORDER BY id) FROM ev WHERE user_id = $1"
+"#;
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, primers)).await;
+    let addr = running.http_addr;
+    assert_eq!(fetch(addr, "events/7").await, (200, json!("a,b")));
+    // The stream names the root here: the inferred dependencies include it.
     db.execute_batch("UPDATE ev SET what = 'B' WHERE id = 150")
         .await;
     eventually_equals(addr, "events/7", &json!("a,B"), Duration::from_secs(30)).await;

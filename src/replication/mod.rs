@@ -282,7 +282,15 @@ pub async fn published_tables(
 ) -> Result<Vec<TableName>, ReplicationError> {
     Ok(client
         .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            // A partitioned table is published through its partitions (or, with publish_via_partition_root,
+            // as its root): both count, and the stream maps a partition to its root's dependencies.
+            "WITH listed AS (SELECT format('%I.%I', schemaname, tablename)::regclass AS rel \
+                             FROM pg_publication_tables WHERE pubname = $1), \
+                  related AS (SELECT rel AS relid FROM listed \
+                              UNION SELECT a.relid FROM listed, pg_partition_ancestors(listed.rel) a \
+                              UNION SELECT t.relid FROM listed, pg_partition_tree(listed.rel) t) \
+             SELECT DISTINCT n.nspname::text, c.relname::text FROM related \
+             JOIN pg_class c ON c.oid = related.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
             &[&publication],
         )
         .await
@@ -838,6 +846,7 @@ impl Stream {
             open: None,
             batch: TaskBatch::new(self.limits.batch_tasks),
             row_tasks: Vec::new(),
+            catalog_client: None,
         };
         let result = loop {
             tokio::select! {
@@ -1001,6 +1010,8 @@ struct Session<'a> {
     batch: TaskBatch,
     /// Reused buffer for one row's tasks.
     row_tasks: Vec<TaskKind>,
+    /// An ordinary connection for catalogue questions (a partition's ancestors), opened when first needed.
+    catalog_client: Option<tokio_postgres::Client>,
 }
 
 impl Session<'_> {
@@ -1075,12 +1086,58 @@ impl Session<'_> {
             .map_or(self.stream.clock.visible(), |t| t.final_lsn)
     }
 
+    /// The nearest ancestor of `table` that some primer depends on, when `table` is a partition (the stream
+    /// names partitions, not their root, unless the publication publishes via the root). Asked of Postgres
+    /// at each Relation message of a table no primer names, so partitions attached later are followed too.
+    /// An error ends the session (it reconnects): not knowing could leave keys stale.
+    async fn followed_ancestor(
+        &mut self,
+        table: &TableName,
+    ) -> Result<Option<TableName>, ReplicationError> {
+        if self.catalog_client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.catalog_client = Some(self.stream.source.connect().await?);
+        }
+        let Some(client) = &self.catalog_client else {
+            return Ok(None);
+        };
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text \
+                 FROM pg_partition_ancestors(format('%I.%I', $1::text, $2::text)::regclass) \
+                      WITH ORDINALITY a(relid, i) \
+                 JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 ORDER BY a.i",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(query_error("reading a partition's ancestors"))?;
+        Ok(rows
+            .iter()
+            .map(|r| TableName {
+                schema: r.get(0),
+                name: r.get(1),
+            })
+            .find(|a| a != table && self.stream.deps.follows(a)))
+    }
+
     async fn handle_message(&mut self, message: Message) -> Result<(), ReplicationError> {
-        let deps = &self.stream.deps;
+        let stream: &Stream = self.stream;
+        let deps = &stream.deps;
         let lsn = self.lsn();
         match message {
             Message::Relation(relation) => {
-                let resolved = deps.resolve(&relation);
+                let own = TableName {
+                    schema: relation.namespace.clone(),
+                    name: relation.name.clone(),
+                };
+                let resolved = if deps.follows(&own) {
+                    deps.resolve(&relation)
+                } else if let Some(ancestor) = self.followed_ancestor(&own).await? {
+                    tracing::debug!(partition = %own, root = %ancestor, "Following a partition as its root.");
+                    deps.resolve_as(&relation, ancestor)
+                } else {
+                    deps.resolve(&relation)
+                };
                 let table = resolved.table.clone();
                 for error in &resolved.errors {
                     tracing::error!(table = %table, "{error}");
