@@ -269,6 +269,31 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     s
 }
 
+/// The ancestors of `table` when it is a partition, nearest first and the root last; empty for a table that
+/// is not a partition.
+pub async fn partition_ancestors(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+) -> Result<Vec<TableName>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text \
+             FROM pg_partition_ancestors(format('%I.%I', $1::text, $2::text)::regclass) \
+                  WITH ORDINALITY a(relid, i) \
+             JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE a.relid <> format('%I.%I', $1::text, $2::text)::regclass ORDER BY a.i",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName {
+            schema: r.get(0),
+            name: r.get(1),
+        })
+        .collect())
+}
+
 /// `name` as a quoted SQL identifier.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -172,25 +172,10 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
     })?;
     // A partitioned table is planned as its partitions; know their parents.
     for table in &reads.tables {
-        let rows = client
-            .query(
-                "SELECT n.nspname::text, c.relname::text \
-                 FROM pg_partition_ancestors(format('%I.%I', $1::text, $2::text)::regclass) \
-                      WITH ORDINALITY a(relid, i) \
-                 JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE a.relid <> format('%I.%I', $1::text, $2::text)::regclass ORDER BY a.i",
-                &[&table.schema, &table.name],
-            )
+        let ancestors = crate::pg::partition_ancestors(client, table)
             .await
             .map_err(plan_error)?;
-        if !rows.is_empty() {
-            let ancestors = rows
-                .iter()
-                .map(|r| TableName {
-                    schema: r.get(0),
-                    name: r.get(1),
-                })
-                .collect();
+        if !ancestors.is_empty() {
             reads.ancestors.push((table.clone(), ancestors));
         }
     }

@@ -95,19 +95,22 @@ async fn a_depends_on_that_forgets_a_table_the_query_reads_is_refused() {
     db.cleanup().await;
 }
 
-#[tokio::test]
-async fn a_depends_on_on_a_partitioned_table_covers_its_partitions() {
-    let db = database(
-        r#"
-CREATE TABLE ev (id bigint NOT NULL, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);
+/// A table partitioned by id in two partitions, with two rows of user 7 (one in each).
+const PARTITIONED: &str = r#"
+CREATE TABLE ev (id bigint PRIMARY KEY, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);
 CREATE TABLE ev_low PARTITION OF ev FOR VALUES FROM (0) TO (100);
 CREATE TABLE ev_high PARTITION OF ev FOR VALUES FROM (100) TO (MAXVALUE);
+INSERT INTO ev VALUES (1, 7, 'a'), (150, 7, 'b');
+"#;
+
+#[tokio::test]
+async fn a_depends_on_on_a_partitioned_table_covers_its_partitions() {
+    let db = database(&format!(
+        "{PARTITIONED}
 ALTER TABLE ev_low REPLICA IDENTITY FULL;
 ALTER TABLE ev_high REPLICA IDENTITY FULL;
-INSERT INTO ev VALUES (1, 7, 'a'), (150, 7, 'b');
-CREATE PUBLICATION kck_test FOR TABLE ev;
-"#,
-    )
+CREATE PUBLICATION kck_test FOR TABLE ev;"
+    ))
     .await;
     let dir = tempfile::tempdir().unwrap();
     // The plan reads ev_low and ev_high; depends_on names their parent. The publication is made the default
@@ -129,7 +132,7 @@ CREATE PUBLICATION kck_test FOR TABLE ev;
     eventually_equals(addr, "events/7", &json!("a,B"), Duration::from_secs(30)).await;
     // A partition attached while kck runs is followed too.
     db.execute_batch(
-        "CREATE TABLE ev_old (id bigint NOT NULL, user_id bigint NOT NULL, what text NOT NULL);
+        "CREATE TABLE ev_old (id bigint PRIMARY KEY, user_id bigint NOT NULL, what text NOT NULL);
          ALTER TABLE ev_old REPLICA IDENTITY FULL;
          ALTER TABLE ev DETACH PARTITION ev_low;
          ALTER TABLE ev ATTACH PARTITION ev_old FOR VALUES FROM (0) TO (100);
@@ -143,15 +146,10 @@ CREATE PUBLICATION kck_test FOR TABLE ev;
 
 #[tokio::test]
 async fn without_depends_on_a_partitioned_table_is_followed_in_either_publish_mode() {
-    let db = database(
-        r#"
-CREATE TABLE ev (id bigint PRIMARY KEY, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);
-CREATE TABLE ev_low PARTITION OF ev FOR VALUES FROM (0) TO (100);
-CREATE TABLE ev_high PARTITION OF ev FOR VALUES FROM (100) TO (MAXVALUE);
-INSERT INTO ev VALUES (1, 7, 'a'), (150, 7, 'b');
-CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true);
-"#,
-    )
+    let db = database(&format!(
+        "{PARTITIONED}
+CREATE PUBLICATION kck_test FOR TABLE ev WITH (publish_via_partition_root = true);"
+    ))
     .await;
     let dir = tempfile::tempdir().unwrap();
     let primers = r#"

@@ -1100,23 +1100,11 @@ impl Session<'_> {
         let Some(client) = &self.catalog_client else {
             return Ok(None);
         };
-        let rows = client
-            .query(
-                "SELECT n.nspname::text, c.relname::text \
-                 FROM pg_partition_ancestors(format('%I.%I', $1::text, $2::text)::regclass) \
-                      WITH ORDINALITY a(relid, i) \
-                 JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 ORDER BY a.i",
-                &[&table.schema, &table.name],
-            )
+        let ancestors = crate::pg::partition_ancestors(client, table)
             .await
             .map_err(query_error("reading a partition's ancestors"))?;
-        Ok(rows
-            .iter()
-            .map(|r| TableName {
-                schema: r.get(0),
-                name: r.get(1),
-            })
+        Ok(ancestors
+            .into_iter()
             .find(|a| a != table && self.stream.deps.follows(a)))
     }
 
