@@ -62,8 +62,11 @@ use crate::visibility::{Snapshot, VisibilityClock};
 /// A refresh failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
-    #[error("no Postgres connection available: {0}")]
-    Pool(String),
+    #[error("no Postgres connection available: {source}")]
+    Pool {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("the query of primer '{primer}' failed: {}", error_text(source))]
     Query {
         primer: String,
@@ -91,10 +94,24 @@ pub enum RefreshError {
          make batch.key_column the query's first column"
     )]
     BatchShape { primer: String, key_column: String },
-    #[error("could not read a snapshot: {0}")]
-    Snapshot(String),
-    #[error("could not mark a position in the WAL for a cache miss: {0}")]
-    Mark(String),
+    #[error("could not read a snapshot: {}", error_text(source))]
+    Snapshot {
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("could not read a snapshot: Postgres answered '{0}'")]
+    UnreadableSnapshot(String),
+    #[error("could not mark a position in the WAL for a cache miss: {}", error_text(source))]
+    Mark {
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("could not mark a position in the WAL for a cache miss: Postgres answered '{text}'")]
+    UnreadableMark {
+        text: String,
+        #[source]
+        source: crate::lsn::ParseLsnError,
+    },
     #[error("the change at {needed} is not visible yet (visible up to {visible})")]
     NotVisible { needed: Lsn, visible: Lsn },
     #[error(transparent)]
@@ -342,7 +359,7 @@ impl Refresher {
         telemetry: Arc<Telemetry>,
     ) -> Result<Refresher, RefreshError> {
         let pool = crate::pg::pool(source.pg.clone(), pool_size)
-            .map_err(|e| RefreshError::Pool(e.to_string()))?;
+            .map_err(|e| RefreshError::Pool { source: e.into() })?;
         let limits = catalog
             .primers
             .iter()
@@ -400,10 +417,10 @@ impl Refresher {
                 &[],
             )
             .await
-            .map_err(|e| RefreshError::Mark(e.to_string()))?
+            .map_err(|source| RefreshError::Mark { source })?
             .get(0);
         text.parse()
-            .map_err(|e: crate::lsn::ParseLsnError| RefreshError::Mark(e.to_string()))
+            .map_err(|source| RefreshError::UnreadableMark { text, source })
     }
 
     /// Whether Postgres answers on a pooled connection (for `/readyz`).
@@ -412,7 +429,7 @@ impl Refresher {
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|e| RefreshError::Pool(e.to_string()))?;
+            .map_err(|e| RefreshError::Pool { source: e.into() })?;
         Ok(())
     }
 
@@ -558,7 +575,7 @@ impl Refresher {
         self.pool
             .get()
             .await
-            .map_err(|e| RefreshError::Pool(e.to_string()))
+            .map_err(|e| RefreshError::Pool { source: e.into() })
     }
 
     /// Make sure every change up to `needed` is visible to statements started from now on; returns the
@@ -572,11 +589,11 @@ impl Refresher {
         let text: String = client
             .query_one("SELECT pg_current_snapshot()::text", &[])
             .await
-            .map_err(|e| RefreshError::Snapshot(e.to_string()))?
+            .map_err(|source| RefreshError::Snapshot { source })?
             .get(0);
         drop(client);
         let snapshot = Snapshot::parse(&text)
-            .ok_or_else(|| RefreshError::Snapshot(format!("unreadable snapshot '{text}'")))?;
+            .ok_or_else(|| RefreshError::UnreadableSnapshot(text.clone()))?;
         let visible = self.clock.observe(&snapshot);
         if visible >= needed {
             return Ok(visible);

@@ -299,8 +299,11 @@ pub fn parse_args(updater: &Updater, body: &[u8]) -> Result<Vec<Option<String>>,
 /// An update failed. Nothing was written, except where a variant says otherwise.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
-    #[error("no Postgres connection for updates: {0}")]
-    Pool(String),
+    #[error("no Postgres connection for updates: {source}")]
+    Pool {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("statement {statement} of updater '{updater}' failed: {source}")]
     Statement {
         updater: String,
@@ -377,7 +380,7 @@ impl Updates {
         updaters: Vec<Updater>,
         statement_timeout: Duration,
     ) -> Result<Updates, UpdateError> {
-        let pool = crate::pg::pool(pg, pool_size).map_err(|e| UpdateError::Pool(e.to_string()))?;
+        let pool = crate::pg::pool(pg, pool_size).map_err(|e| UpdateError::Pool { source: e.into() })?;
         Ok(Updates {
             by_name: updaters
                 .into_iter()
@@ -431,7 +434,7 @@ impl Updates {
             .pool
             .get()
             .await
-            .map_err(|e| UpdateError::Pool(e.to_string()))?;
+            .map_err(|e| UpdateError::Pool { source: e.into() })?;
         let geometry = self
             .wal_geometry
             .get_or_try_init(|| async {
