@@ -1138,7 +1138,9 @@ fn update_error(e: UpdateError) -> ApiError {
                      committed; check before retrying",
                 )
             }
-            UpdateError::Pool { .. } | UpdateError::Statement { .. } | UpdateError::Begin { .. } => {
+            UpdateError::Pool { .. }
+            | UpdateError::Statement { .. }
+            | UpdateError::Begin { .. } => {
                 tracing::warn!(error = %crate::report::Chain(&e), "Update failed: no usable database connection.");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

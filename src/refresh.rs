@@ -101,7 +101,10 @@ pub enum RefreshError {
     },
     #[error("could not read a snapshot: Postgres answered '{0}'")]
     UnreadableSnapshot(String),
-    #[error("could not mark a position in the WAL for a cache miss: {}", error_text(source))]
+    #[error(
+        "could not mark a position in the WAL for a cache miss: {}",
+        error_text(source)
+    )]
     Mark {
         #[source]
         source: tokio_postgres::Error,
@@ -592,8 +595,8 @@ impl Refresher {
             .map_err(|source| RefreshError::Snapshot { source })?
             .get(0);
         drop(client);
-        let snapshot = Snapshot::parse(&text)
-            .ok_or_else(|| RefreshError::UnreadableSnapshot(text.clone()))?;
+        let snapshot =
+            Snapshot::parse(&text).ok_or_else(|| RefreshError::UnreadableSnapshot(text.clone()))?;
         let visible = self.clock.observe(&snapshot);
         if visible >= needed {
             return Ok(visible);
