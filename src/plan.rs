@@ -127,14 +127,19 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
         primer: primer.name.clone(),
         source,
     };
+    // The connection may be shared (`kck check`): touch only our own statement and setting, and put the
+    // setting back whatever happens.
     client
-        .batch_execute("SET plan_cache_mode = force_generic_plan; DEALLOCATE ALL")
+        .batch_execute("SET plan_cache_mode = force_generic_plan")
         .await
         .map_err(plan_error)?;
-    client
+    if let Err(e) = client
         .batch_execute(&format!("PREPARE kck_plan AS {}", primer.query))
         .await
-        .map_err(plan_error)?;
+    {
+        let _ = client.batch_execute("RESET plan_cache_mode").await;
+        return Err(plan_error(e));
+    }
     let args = vec!["NULL"; primer.template.params.len()].join(", ");
     let execute = if args.is_empty() {
         "EXECUTE kck_plan".to_owned()
