@@ -526,13 +526,13 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         let updates = if config.updaters.is_empty() {
             None
         } else {
-            let pg = config
-                .write
-                .url
-                .parse::<tokio_postgres::Config>()
-                .map_err(|e| AppError::WriteUrl(e.to_string()))?;
+            let writer = Source::new(&crate::pg::SourceConfig {
+                url: config.write.url.clone(),
+                ..config.source.clone()
+            })
+            .map_err(|e| AppError::WriteUrl(e.to_string()))?;
             Some(Arc::new(Updates::new(
-                pg,
+                &writer,
                 config.write.connections,
                 config.updaters.clone(),
                 config.http.request_timeout,

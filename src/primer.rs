@@ -83,9 +83,27 @@ pub struct TableName {
     pub name: String,
 }
 
+/// `schema.name`, each part quoted only when Postgres needs it to read the name back (`app."User"`,
+/// `public.orders`): how messages name a table, and how `depends_on` may give it.
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        write!(f, "{}.{}", Ident(&self.schema), Ident(&self.name))
+    }
+}
+
+/// An identifier as Postgres reads it back: bare when it is a lower-case name, else quoted.
+pub struct Ident<'a>(pub &'a str);
+
+impl fmt::Display for Ident<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut chars = self.0.chars();
+        let bare = matches!(chars.next(), Some('a'..='z' | '_'))
+            && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_' | '$'));
+        if bare {
+            f.write_str(self.0)
+        } else {
+            write!(f, "\"{}\"", self.0.replace('"', "\"\""))
+        }
     }
 }
 

@@ -361,7 +361,7 @@ impl Refresher {
         visibility_timeout: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Result<Refresher, RefreshError> {
-        let pool = crate::pg::pool(source.pg.clone(), pool_size)
+        let pool = crate::pg::pool(source.pg.clone(), &source.tls, pool_size)
             .map_err(|e| RefreshError::Pool { source: e.into() })?;
         let limits = catalog
             .primers

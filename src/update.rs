@@ -375,13 +375,13 @@ const ATTEMPTS: usize = 3;
 
 impl Updates {
     pub fn new(
-        pg: tokio_postgres::Config,
+        source: &crate::pg::Source,
         pool_size: usize,
         updaters: Vec<Updater>,
         statement_timeout: Duration,
     ) -> Result<Updates, UpdateError> {
         let pool =
-            crate::pg::pool(pg, pool_size).map_err(|e| UpdateError::Pool { source: e.into() })?;
+            crate::pg::pool(source.pg.clone(), &source.tls, pool_size).map_err(|e| UpdateError::Pool { source: e.into() })?;
         Ok(Updates {
             by_name: updaters
                 .into_iter()

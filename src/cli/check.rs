@@ -139,6 +139,10 @@ pub async fn run(config: &Config) -> Report {
             return report;
         }
     };
+    report.push(Level::Ok, "tls", source.tls.describe());
+    if config.roles.replication {
+        replication_connection(&mut report, &source).await;
+    }
     server(&mut report, &client, &source).await;
     // What each primer's query reads, from its plan; the checks below see the inferred dependencies.
     let catalog = dependencies(&mut report, &client, &config.catalog).await;
@@ -152,6 +156,22 @@ pub async fn run(config: &Config) -> Report {
     }
     slot(&mut report, &client, &source).await;
     report
+}
+
+/// Open the replication connection as `kck run` does and run IDENTIFY_SYSTEM on it: its pg_hba line, auth
+/// method and TLS are not the ordinary connection's.
+async fn replication_connection(report: &mut Report, source: &Source) {
+    match replication::probe(source).await {
+        Ok(system) => report.push(
+            Level::Ok,
+            "replication connection",
+            format!(
+                "IDENTIFY_SYSTEM answered (system {}, timeline {}, WAL at {})",
+                system.system_id, system.timeline, system.xlogpos
+            ),
+        ),
+        Err(e) => report.push(Level::Fail, "replication connection", e.to_string()),
+    }
 }
 
 /// Check every primer's dependencies against its query's plan (`crate::plan`); the catalog as kck would

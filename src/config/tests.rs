@@ -1061,10 +1061,10 @@ fn dependency_errors() {
         "'a.b.c' is not a table name",
     );
     assert_invalid(
-        &base_with("table: orders", "table: '\"Orders\"'"),
+        &base_with("table: orders", "table: '\"Orders'"),
         8,
         "primers[0].depends_on[0].table",
-        "quoted identifiers are not supported",
+        "a quoted name ends with",
     );
     assert_invalid(
         &base_with("table: orders", "table: 1orders"),

@@ -52,27 +52,58 @@ pub(super) fn line_at(text: &str, offset: usize, first_line: usize) -> usize {
             .count()
 }
 
-/// `[A-Za-z_][A-Za-z0-9_$]*`, returned lower-case (as Postgres folds an unquoted identifier).
+/// An SQL identifier by Postgres's rules: unquoted, `[A-Za-z_][A-Za-z0-9_$]*` folded to lower case (as
+/// Postgres folds it); quoted, `"..."` with `""` for a quote, kept as written (any characters, any case).
 pub(super) fn parse_identifier(text: &str, what: &str) -> Result<String, String> {
+    if let Some(inner) = text.strip_prefix('"') {
+        let Some(body) = inner.strip_suffix('"') else {
+            return Err(format!(
+                "'{text}' is not valid as {what}: a quoted name ends with '\"'"
+            ));
+        };
+        // Inside, a quote only comes doubled.
+        if body.is_empty() || body.replace("\"\"", "").contains('"') {
+            return Err(format!(
+                "'{text}' is not valid as {what}: a quoted name is not empty, and a '\"' inside it is written '\"\"'"
+            ));
+        }
+        return Ok(body.replace("\"\"", "\""));
+    }
     let mut chars = text.chars();
     let ok = matches!(chars.next(), Some('a'..='z' | 'A'..='Z' | '_'))
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
     if ok {
         Ok(text.to_ascii_lowercase())
-    } else if text.starts_with('"') {
-        Err(format!(
-            "'{text}' is not valid as {what}: quoted identifiers are not supported; write the name unquoted"
-        ))
     } else {
         Err(format!(
-            "'{text}' is not valid as {what}: use letters, digits, '_' and '$', not starting with a digit"
+            "'{text}' is not valid as {what}: use letters, digits, '_' and '$', not starting with a digit, \
+             or quote it as Postgres does (\"CamelCase\", in YAML '\"CamelCase\"')"
         ))
     }
 }
 
-/// `table` or `schema.table`; the schema defaults to `public`.
+/// `text` split at the dots that are not inside a quoted name.
+fn split_dots(text: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in text.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// `table` or `schema.table`, each part an identifier ([`parse_identifier`]); the schema defaults to
+/// `public`.
 pub(super) fn parse_table(text: &str) -> Result<TableName, String> {
-    let parts: Vec<&str> = text.split('.').collect();
+    let parts = split_dots(text);
     let (schema, name) = match parts.as_slice() {
         [name] => ("public".to_owned(), *name),
         [schema, name] => (parse_identifier(schema, "a schema name")?, *name),

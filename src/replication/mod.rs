@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_postgres::NoTls;
 
 use crate::deps::{DepIndex, ResolvedTable, RowChange};
 use crate::lsn::Lsn;
@@ -105,6 +104,14 @@ pub enum ReplicationError {
          cached key. To do this automatically, set source.on_slot_lost: recreate."
     )]
     SlotLost { slot: String },
+    #[error("cannot open the replication connection to {target}: {source}. {fix}")]
+    Connect {
+        target: String,
+        /// What to change, for a person.
+        fix: String,
+        #[source]
+        source: PgWireError,
+    },
     #[error("replication stream failed: {0}")]
     Stream(#[from] PgWireError),
     #[error("cannot decode the replication stream: {0}")]
@@ -125,6 +132,10 @@ impl ReplicationError {
             | ReplicationError::OwnershipLost { .. }
             | ReplicationError::Store(_) => true,
             ReplicationError::Stream(e) => !matches!(e, PgWireError::Auth(_) | PgWireError::Tls(_)),
+            // The network may come back; a refused login, TLS or pg_hba needs a person.
+            ReplicationError::Connect { source, .. } => {
+                matches!(source, PgWireError::Io(_) | PgWireError::Task(_))
+            }
             _ => false,
         }
     }
@@ -132,15 +143,10 @@ impl ReplicationError {
 
 /// The replication connection's settings for `source`, streaming from `start`.
 fn replication_config(source: &Source, start: Lsn) -> ReplicationConfig {
-    let password = source
-        .pg
-        .get_password()
-        .map(|p| String::from_utf8_lossy(p).into_owned())
-        .unwrap_or_default();
     ReplicationConfig::new(
         source.host().to_owned(),
         source.user(),
-        password,
+        source.password(),
         source.database(),
         source.config.slot.clone(),
         source.config.publication.clone(),
@@ -151,6 +157,7 @@ fn replication_config(source: &Source, start: Lsn) -> ReplicationConfig {
     .with_wakeup_interval(Duration::from_secs(1))
     .with_buffer_size(1024)
     .with_application_name("kck")
+    .with_tls(source.tls.replication(source.host()))
 }
 
 /// What a process with the `replication` role is doing about the slot.
@@ -608,7 +615,7 @@ impl SlotLock {
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| ConnectError::Connect {
+        let (client, connection) = pg.connect(source.tls.connector()).await.map_err(|e| ConnectError::Connect {
             target: source.display(),
             source: e,
         })?;
@@ -782,7 +789,7 @@ impl Stream {
         let mut client =
             ReplicationClient::connect(replication_config(&self.source, start)).await?;
         if let Err(e) = client.wait_started().await {
-            return Err(slot_error(e, &self.source.config.slot));
+            return Err(slot_error(e, &self.source));
         }
         self.state.send_replace(ReplicationState::Streaming);
         if let Some(started) = started.take() {
@@ -982,7 +989,108 @@ async fn wait_for_room(
     }
 }
 
-fn slot_error(e: PgWireError, slot: &str) -> ReplicationError {
+/// Open a replication connection to `source` as the stream does (same TLS, same authentication) and run
+/// `IDENTIFY_SYSTEM` on it, then close it: what `kck check` runs so that whatever would stop `kck run` on
+/// this connection (pg_hba's `replication` line, the auth method, TLS) stops check too.
+pub async fn probe(source: &Source) -> Result<pgwire_replication::IdentifySystem, ReplicationError> {
+    let connect = async {
+        let mut client = ReplicationClient::connect_gated(replication_config(source, Lsn::ZERO))
+            .await
+            .map_err(|e| connect_error(e, source))?;
+        let system = client
+            .identify_system()
+            .await
+            .map_err(|e| connect_error(e, source))?;
+        client.abort();
+        Ok(system)
+    };
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Ok(result) => result,
+        Err(_) => Err(connect_error(
+            PgWireError::Io(std::sync::Arc::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer in 15 s",
+            ))),
+            source,
+        )),
+    }
+}
+
+/// `e`, from opening the replication connection, with what a person should change.
+pub fn connect_error(e: PgWireError, source: &Source) -> ReplicationError {
+    let fix = connect_fix(&e, source);
+    ReplicationError::Connect {
+        target: source.display(),
+        fix,
+        source: e,
+    }
+}
+
+fn connect_fix(e: &PgWireError, source: &Source) -> String {
+    let user = source.user();
+    match e {
+        PgWireError::Server(m) if m.contains("no pg_hba.conf entry") => {
+            let host = m
+                .split("host \"")
+                .nth(1)
+                .and_then(|s| s.split('"').next())
+                .unwrap_or("ADDRESS");
+            let encrypted = m.contains("SSL encryption") || m.contains("SSL on");
+            let mask = if host.contains(':') { 128 } else { 32 };
+            format!(
+                "pg_hba.conf has no line for replication connections from here: a replication connection \
+                 needs a line whose database is `replication` (`all` does not cover it). Add, before any \
+                 `reject` line: `{} replication {user} {host}/{mask} scram-sha-256`, then reload: SELECT \
+                 pg_reload_conf(); (managed services: see docs/managed-postgres.md)",
+                if encrypted { "hostssl" } else { "host" }
+            )
+        }
+        PgWireError::Server(m)
+            if m.contains("password authentication failed") || m.contains("SQLSTATE 28P01") =>
+        {
+            let from = source.password_from().unwrap_or("source.url");
+            format!(
+                "The server refused the password of role {user:?} (taken from {from}); check it. \
+                 The ordinary connection uses the same password."
+            )
+        }
+        PgWireError::Server(m)
+            if m.contains("replication") && (m.contains("permission") || m.contains("must be")) =>
+        {
+            format!("Give the role the REPLICATION attribute: ALTER ROLE \"{user}\" REPLICATION;")
+        }
+        PgWireError::Auth(m) if m.contains("unsupported auth method code") => format!(
+            "pg_hba.conf asks for an authentication method kck does not speak ({m}); kck speaks trust, \
+             password, md5 and scram-sha-256. Use scram-sha-256 on the line for `replication` and {user:?}."
+        ),
+        PgWireError::Auth(_) => {
+            "Check the password (source.url, PGPASSWORD or ~/.pgpass).".to_string()
+        }
+        PgWireError::Tls(m) if m.contains("SSLRequest rejected") => format!(
+            "The server does not offer TLS, and sslmode={} insists on it: turn ssl on in the server, or \
+             use sslmode=prefer.",
+            source.tls.mode.as_str()
+        ),
+        PgWireError::Tls(m) if m.contains("NotValidForName") || m.contains("not valid for name") => format!(
+            "The server's certificate does not name {:?}: connect by a name (or IP address) the certificate \
+             lists, or use sslmode=verify-ca to check the chain only.",
+            source.host()
+        ),
+        PgWireError::Tls(_) => format!(
+            "TLS failed ({}). Check that sslrootcert is the CA that signed the server's certificate.",
+            source.tls.describe()
+        ),
+        PgWireError::Io(_) => format!(
+            "Check that Postgres listens at {}:{} and that this machine can reach it.",
+            source.host(),
+            source.port()
+        ),
+        _ => String::new(),
+    }
+}
+
+fn slot_error(e: PgWireError, source: &Source) -> ReplicationError {
+    let slot = source.config.slot.as_str();
     let text = e.to_string();
     if text.contains("is active for PID") {
         let pid = text
@@ -999,7 +1107,14 @@ fn slot_error(e: PgWireError, slot: &str) -> ReplicationError {
             pid,
         };
     }
-    e.into()
+    match e {
+        // Refused at the door (SQLSTATE class 28: pg_hba, password, role), or TLS: a person must act.
+        PgWireError::Server(ref m) if m.contains("SQLSTATE 28") || m.contains("pg_hba") => {
+            connect_error(e, source)
+        }
+        PgWireError::Auth(_) | PgWireError::Tls(_) => connect_error(e, source),
+        e => e.into(),
+    }
 }
 
 struct Session<'a> {

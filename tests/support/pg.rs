@@ -125,7 +125,7 @@ pub async fn cluster() -> &'static Cluster {
 /// [`cluster()`] for code outside a runtime (do not call it on a runtime thread: it blocks).
 pub fn cluster_blocking() -> &'static Cluster {
     SHARED.get_or_init(|| {
-        let c = Cluster::start(&[]);
+        let c = Cluster::start(&Spec::default());
         // SAFETY: registering a plain `extern "C" fn` that never unwinds.
         unsafe { libc::atexit(stop_shared_at_exit) };
         c
@@ -159,10 +159,32 @@ pub async fn separate_cluster(extra_settings: &[(&str, &str)]) -> OwnedCluster {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        OwnedCluster(Cluster::start(&extra))
+        OwnedCluster(Cluster::start(&Spec {
+            settings: &extra,
+            ..Spec::default()
+        }))
     })
     .await
     .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// What a private cluster is made of besides [`BASE_SETTINGS`].
+#[derive(Default)]
+pub struct Spec<'a> {
+    /// Settings over [`BASE_SETTINGS`]; `{dir}` in a value is the cluster's directory (where `files` are).
+    pub settings: &'a [(&'a str, &'a str)],
+    /// pg_hba.conf, instead of the trusting default. It must let `postgres` in over TCP from 127.0.0.1
+    /// without TLS (the readiness probe and [`Cluster::admin_client`] connect so).
+    pub hba: Option<&'a str>,
+    /// Files written into the cluster's directory, owned by the server's user, mode 0600 (certificates).
+    pub files: &'a [(&'a str, Vec<u8>)],
+}
+
+/// A new private cluster made to `spec` (TLS, pg_hba...). Stopped and removed on drop.
+pub async fn separate_cluster_spec(spec: Spec<'static>) -> OwnedCluster {
+    tokio::task::spawn_blocking(move || OwnedCluster(Cluster::start(&spec)))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// A running Postgres cluster. Plain data plus the guardian process: usable from any runtime.
@@ -272,7 +294,8 @@ impl Cluster {
         let _ = fs::remove_dir_all(&self.dir);
     }
 
-    fn start(extra_settings: &[(&str, &str)]) -> Cluster {
+    fn start(spec: &Spec<'_>) -> Cluster {
+        let extra_settings = spec.settings;
         let bin_dir = bin_dir();
         for tool in ["initdb", "postgres"] {
             if !bin_dir.join(tool).is_file() {
@@ -298,6 +321,16 @@ impl Cluster {
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
             let dir = make_dir(owner);
+            for (name, bytes) in spec.files {
+                let path = dir.join(name);
+                fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+                }
+            }
             let data_dir = dir.join("data");
             let log_path = dir.join("log");
 
@@ -315,10 +348,11 @@ impl Cluster {
                 .arg("-c")
                 .arg(format!("unix_socket_directories={}", dir.display()));
             for (k, v) in &settings {
+                let v = v.replace("{dir}", &dir.display().to_string());
                 cmd.arg("-c").arg(format!("{k}={v}"));
             }
             cmd.current_dir(&dir)
-                .env("KCK_PG_HBA", PG_HBA)
+                .env("KCK_PG_HBA", spec.hba.unwrap_or(PG_HBA))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -9,9 +9,13 @@ use std::str::FromStr;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use postgres_types::{Format, IsNull, ToSql, Type};
-use tokio_postgres::NoTls;
 
 use crate::primer::TableName;
+
+pub mod conninfo;
+pub mod tls;
+
+pub use tls::{SslMode, Tls, TlsError};
 
 // -----------------------------------------------------------------------------------------------------
 // The `source` settings
@@ -132,6 +136,8 @@ pub fn redact_url(url: &str) -> String {
 pub enum ConnectError {
     #[error("the source connection string is not valid: {0}")]
     BadUrl(String),
+    #[error("source.url: {0}")]
+    Tls(#[from] TlsError),
     #[error("cannot connect to Postgres at {target}: {}", error_text(source))]
     Connect {
         target: String,
@@ -143,10 +149,15 @@ pub enum ConnectError {
 /// Connection parameters of the source, parsed once from `source.url`.
 #[derive(Clone)]
 pub struct Source {
+    /// Everything but TLS, for tokio-postgres (its `sslmode` set from [`Source::tls`]).
     pub pg: tokio_postgres::Config,
+    /// The TLS decision every connection to the source follows.
+    pub tls: Tls,
     pub config: SourceConfig,
     host: String,
     port: u16,
+    /// Where the password came from when the URL gave none, for messages.
+    password_from: Option<&'static str>,
 }
 
 impl std::fmt::Debug for Source {
@@ -156,22 +167,153 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// What [`Source::with_env`] reads besides the connection string: libpq's environment variables and the
+/// home directory (for `~/.pgpass` and `~/.postgresql/`).
+pub struct Environment<'a> {
+    pub var: &'a dyn Fn(&str) -> Option<String>,
+    pub home: Option<std::path::PathBuf>,
+}
+
 impl Source {
+    /// Parse `config.url` as libpq would, reading libpq's environment variables (`PGHOST`, `PGPORT`,
+    /// `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGPASSFILE`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`,
+    /// `PGSSLKEY`) and files (`~/.pgpass`, `~/.postgresql/root.crt`, `postgresql.crt`, `postgresql.key`).
     pub fn new(config: &SourceConfig) -> Result<Source, ConnectError> {
-        let pg = tokio_postgres::Config::from_str(&config.url)
-            .map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        let var = |k: &str| std::env::var(k).ok();
+        Source::with_env(
+            config,
+            &Environment {
+                var: &var,
+                home: std::env::var_os("HOME").map(std::path::PathBuf::from),
+            },
+        )
+    }
+
+    /// [`Source::new`] with the environment given (for tests).
+    pub fn with_env(config: &SourceConfig, env: &Environment<'_>) -> Result<Source, ConnectError> {
+        let split = conninfo::split(&config.url).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        if split.get("service").is_some() {
+            return Err(ConnectError::BadUrl(
+                "service=: kck does not read pg_service.conf; put the service's host, port, dbname and user in \
+                 source.url"
+                    .into(),
+            ));
+        }
+        let mut pg = tokio_postgres::Config::from_str(&split.rest).map_err(|e| {
+            ConnectError::BadUrl(format!(
+                "{} (kck reads libpq's parameters; the TLS ones are sslmode, sslrootcert, sslcert and sslkey)",
+                error_text(&e)
+            ))
+        })?;
+        if pg.get_hosts().is_empty()
+            && let Some(h) = (env.var)("PGHOST")
+        {
+            for h in h.split(',') {
+                pg.host(h);
+            }
+        }
+        if pg.get_ports().is_empty()
+            && let Some(p) = (env.var)("PGPORT")
+        {
+            let port = p
+                .parse()
+                .map_err(|_| ConnectError::BadUrl(format!("PGPORT={p:?} is not a port number")))?;
+            pg.port(port);
+        }
+        if pg.get_user().is_none()
+            && let Some(u) = (env.var)("PGUSER")
+        {
+            pg.user(u);
+        }
+        if pg.get_dbname().is_none()
+            && let Some(d) = (env.var)("PGDATABASE")
+        {
+            pg.dbname(d);
+        }
+        let get = |k: &str| split.get(k).map(str::to_owned);
+        let tls = Tls::from_params(
+            &get,
+            &tls::Defaults {
+                home: env.home.clone(),
+                env: env.var,
+            },
+        )?;
+        pg.ssl_mode(tls.tokio_mode());
+        if pg.get_channel_binding() == tokio_postgres::config::ChannelBinding::Require {
+            return Err(TlsError::Unsupported {
+                param: "channel_binding",
+                value: "require".into(),
+                why: "the replication connection cannot bind SCRAM to the TLS channel; use channel_binding=prefer \
+                      (the default: ordinary connections still bind when the server offers it)",
+            }
+            .into());
+        }
         let host = match pg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "localhost".to_string(),
         };
         let port = pg.get_ports().first().copied().unwrap_or(5432);
-        Ok(Source {
+        let mut source = Source {
             pg,
+            tls,
             config: config.clone(),
             host,
             port,
-        })
+            password_from: None,
+        };
+        if source.pg.get_password().is_none() {
+            if let Some(p) = (env.var)("PGPASSWORD") {
+                source.pg.password(p);
+                source.password_from = Some("PGPASSWORD");
+            } else {
+                let file = split
+                    .get("passfile")
+                    .map(std::path::PathBuf::from)
+                    .or_else(|| (env.var)("PGPASSFILE").map(std::path::PathBuf::from))
+                    .or_else(|| env.home.as_ref().map(|h| h.join(".pgpass")));
+                if let Some(file) = file {
+                    // libpq matches a Unix socket's host as `localhost`.
+                    let host = if source.host.starts_with('/') {
+                        "localhost".to_string()
+                    } else {
+                        source.host.clone()
+                    };
+                    match conninfo::pgpass(
+                        &file,
+                        &host,
+                        source.port,
+                        &source.database(),
+                        &source.user(),
+                    ) {
+                        conninfo::PassFile::Found(p) => {
+                            source.pg.password(p);
+                            source.password_from = Some("the password file");
+                        }
+                        conninfo::PassFile::Unsafe => tracing::warn!(
+                            file = %file.display(),
+                            "The password file is ignored: others can read it (libpq's rule). Fix: chmod 0600 it."
+                        ),
+                        conninfo::PassFile::Absent | conninfo::PassFile::NoMatch => {}
+                    }
+                }
+            }
+        }
+        Ok(source)
+    }
+
+    /// The password to send, from the URL, `PGPASSWORD` or the password file (empty when none).
+    pub fn password(&self) -> String {
+        self.pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Where the password came from when the URL gave none (`PGPASSWORD`, the password file).
+    pub fn password_from(&self) -> Option<&'static str> {
+        self.password_from
     }
 
     pub fn user(&self) -> String {
@@ -202,14 +344,14 @@ impl Source {
 
     /// An ordinary (non-replication) connection; its driver runs on a spawned task.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
-        let (client, connection) =
-            self.pg
-                .connect(NoTls)
-                .await
-                .map_err(|source| ConnectError::Connect {
-                    target: self.display(),
-                    source,
-                })?;
+        let (client, connection) = self
+            .pg
+            .connect(self.tls.connector())
+            .await
+            .map_err(|source| ConnectError::Connect {
+                target: self.display(),
+                source,
+            })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(error = %crate::report::Chain(&error), "Postgres connection closed.");
@@ -231,15 +373,16 @@ impl Source {
     }
 }
 
-/// A pool of ordinary connections to `pg` (at least one), recycled cheaply. Connections are made when
-/// first needed, so building the pool never fails on the network.
+/// A pool of ordinary connections to `pg` (at least one) with `tls`, recycled cheaply. Connections are
+/// made when first needed, so building the pool never fails on the network.
 pub fn pool(
     pg: tokio_postgres::Config,
+    tls: &Tls,
     size: usize,
 ) -> Result<Pool, deadpool_postgres::BuildError> {
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls.connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
