@@ -15,3 +15,4 @@ mod pipeline;
 mod refresh;
 mod standby;
 mod store_cli;
+mod tls;

@@ -128,14 +128,7 @@ pub async fn run(config: &Config) -> Report {
     let client = match source.connect().await {
         Ok(client) => client,
         Err(e) => {
-            report.push(
-                Level::Fail,
-                "connection",
-                format!(
-                    "{e}. Check source.url (or KCK_SOURCE_URL), that Postgres is running and reachable from \
-                     here, and that pg_hba.conf lets this user in."
-                ),
-            );
+            report.push(Level::Fail, "connection", e.to_string());
             return report;
         }
     };

@@ -1134,9 +1134,15 @@ pub(super) fn check_url(url: &str) -> Result<String, String> {
     if url.trim().is_empty() {
         return Err("is empty: give a Postgres connection URL such as postgres://kck:secret@127.0.0.1:5432/app".into());
     }
-    url.parse::<tokio_postgres::Config>()
-        .map(|_| url.to_owned())
-        .map_err(|e| format!("is not a valid Postgres connection string or URL: {e}"))
+    // Parsed as kck will connect: libpq's parameters, TLS files read and checked.
+    crate::pg::Source::check_url(url)
+        .map(|()| url.to_owned())
+        .map_err(|e| match e {
+            crate::pg::ConnectError::BadUrl(m) => {
+                format!("is not a valid Postgres connection string or URL: {m}")
+            }
+            e => e.to_string().trim_start_matches("source.url: ").to_owned(),
+        })
 }
 
 /// A name Postgres folds to itself when unquoted: `[a-z_][a-z0-9_$]*`, at most 63 bytes.

@@ -138,9 +138,14 @@ pub enum ConnectError {
     BadUrl(String),
     #[error("source.url: {0}")]
     Tls(#[from] TlsError),
-    #[error("cannot connect to Postgres at {target}: {}", error_text(source))]
+    #[error(
+        "cannot connect to Postgres at {target}: {}. {fix}",
+        error_text(source)
+    )]
     Connect {
         target: String,
+        /// What to change, for a person ([`connect_fix`]).
+        fix: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -191,7 +196,8 @@ impl Source {
 
     /// [`Source::new`] with the environment given (for tests).
     pub fn with_env(config: &SourceConfig, env: &Environment<'_>) -> Result<Source, ConnectError> {
-        let split = conninfo::split(&config.url).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        let split =
+            conninfo::split(&config.url).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
         if split.get("service").is_some() {
             return Err(ConnectError::BadUrl(
                 "service=: kck does not read pg_service.conf; put the service's host, port, dbname and user in \
@@ -303,6 +309,30 @@ impl Source {
         Ok(source)
     }
 
+    /// `e`, from opening an ordinary connection, with what a person should change.
+    pub fn connect_error(&self, e: tokio_postgres::Error) -> ConnectError {
+        ConnectError::Connect {
+            target: self.display(),
+            fix: connect_fix(&error_text(&e), self),
+            source: e,
+        }
+    }
+
+    /// Whether `url` is one kck can connect with (its syntax, its TLS parameters and files), for the
+    /// config loader.
+    pub fn check_url(url: &str) -> Result<(), ConnectError> {
+        Source::new(&SourceConfig {
+            url: url.to_owned(),
+            publication: String::new(),
+            create_publication: false,
+            slot: String::new(),
+            standby: false,
+            max_retained_wal: 0,
+            on_slot_lost: SlotLostPolicy::Fail,
+        })
+        .map(drop)
+    }
+
     /// The password to send, from the URL, `PGPASSWORD` or the password file (empty when none).
     pub fn password(&self) -> String {
         self.pg
@@ -348,10 +378,7 @@ impl Source {
             .pg
             .connect(self.tls.connector())
             .await
-            .map_err(|source| ConnectError::Connect {
-                target: self.display(),
-                source,
-            })?;
+            .map_err(|source| self.connect_error(source))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(error = %crate::report::Chain(&error), "Postgres connection closed.");
@@ -365,6 +392,15 @@ impl Source {
     /// The first host, for the replication connection and messages.
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Where the replication connection goes: the first `hostaddr` when given (then [`Source::host`] is
+    /// only the name TLS checks), else the first host.
+    pub fn connect_host(&self) -> String {
+        match self.pg.get_hostaddrs().first() {
+            Some(addr) => addr.to_string(),
+            None => self.host.clone(),
+        }
     }
 
     /// The first port (5432 when the URL gives none).
@@ -388,6 +424,97 @@ pub fn pool(
         },
     );
     Pool::builder(manager).max_size(size.max(1)).build()
+}
+
+/// What a person should change when connecting to `source` failed with `text` (the server's message or
+/// the TLS library's, as either client library tells it), on an ordinary or the replication connection.
+pub fn connect_fix(text: &str, source: &Source) -> String {
+    let user = source.user();
+    let quoted = |after: &str| {
+        text.split(after)
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .map(str::to_owned)
+    };
+    if text.contains("no pg_hba.conf entry") {
+        let host = quoted("host \"").unwrap_or_else(|| "ADDRESS".into());
+        let mask = if host.contains(':') { 128 } else { 32 };
+        // A logical replication connection names its database, so the database's lines apply to it too.
+        let database = source.database();
+        let plain = text.contains("no encryption") || text.contains("SSL off");
+        let mut fix = format!(
+            "pg_hba.conf has no line that lets {user:?} in from {host}{}. Add, before any `reject` line: `{} {database} \
+             {user} {host}/{mask} scram-sha-256`, then reload: SELECT pg_reload_conf();",
+            if plain { " without TLS" } else { " over TLS" },
+            if plain { "host" } else { "hostssl" },
+        );
+        if plain {
+            fix.push_str(&format!(
+                " If the server only takes TLS (hostssl lines; managed services), connect with TLS instead: \
+                 sslmode=verify-full&sslrootcert=… (now sslmode={}).",
+                source.tls.mode.as_str()
+            ));
+        }
+        return fix;
+    }
+    if text.contains("password authentication failed") || text.contains("SQLSTATE 28P01") {
+        let from = source.password_from().unwrap_or("source.url");
+        return format!(
+            "The server refused the password of role {user:?} (taken from {from}); check it."
+        );
+    }
+    if text.contains("password missing") || text.contains("password is required") {
+        return format!(
+            "The server asks role {user:?} for a password and none was given: put it in source.url, PGPASSWORD \
+             or ~/.pgpass (mode 0600)."
+        );
+    }
+    if text.contains("not valid for name") || text.contains("NotValidForName") {
+        return format!(
+            "The server's certificate does not name {:?}: connect by a name (or IP address) the certificate lists, \
+             or use sslmode=verify-ca to check the chain only.",
+            source.host()
+        );
+    }
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        return "The server's certificate is not signed by the CA in sslrootcert: give the CA that signed it \
+                (managed services publish theirs; see docs/managed-postgres.md), or sslrootcert=system for a \
+                public CA."
+            .into();
+    }
+    if text.contains("server does not support TLS") || text.contains("SSLRequest rejected") {
+        return format!(
+            "The server does not offer TLS, and sslmode={} insists on it: turn ssl on in the server, or use \
+             sslmode=prefer.",
+            source.tls.mode.as_str()
+        );
+    }
+    if text.contains("TLS") || text.contains("tls") || text.contains("certificate") {
+        return format!("TLS failed ({}).", source.tls.describe());
+    }
+    if text.contains("must be superuser or replication role")
+        || text.contains("permission denied to start WAL sender")
+    {
+        return format!(
+            "Give the role the REPLICATION attribute: ALTER ROLE \"{user}\" REPLICATION;"
+        );
+    }
+    if text.contains("unsupported auth method code") || text.contains("unsupported authentication")
+    {
+        return format!(
+            "pg_hba.conf asks for an authentication method kck does not speak; kck speaks trust, password, md5, \
+             scram-sha-256 and cert. Use scram-sha-256 on the line for {user:?}."
+        );
+    }
+    if text.contains("does not exist") && text.contains("database") {
+        return "Check the database name in source.url.".into();
+    }
+    format!(
+        "Check source.url (or KCK_SOURCE_URL), that Postgres listens at {}:{} and is reachable from here, and \
+         that pg_hba.conf lets {user:?} in.",
+        source.host(),
+        source.port()
+    )
 }
 
 /// A Postgres error as a person needs it: the server's message, SQLSTATE, detail and hint, or the

@@ -144,7 +144,7 @@ impl ReplicationError {
 /// The replication connection's settings for `source`, streaming from `start`.
 fn replication_config(source: &Source, start: Lsn) -> ReplicationConfig {
     ReplicationConfig::new(
-        source.host().to_owned(),
+        source.connect_host(),
         source.user(),
         source.password(),
         source.database(),
@@ -615,10 +615,10 @@ impl SlotLock {
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
-        let (client, connection) = pg.connect(source.tls.connector()).await.map_err(|e| ConnectError::Connect {
-            target: source.display(),
-            source: e,
-        })?;
+        let (client, connection) = pg
+            .connect(source.tls.connector())
+            .await
+            .map_err(|e| source.connect_error(e))?;
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -992,7 +992,9 @@ async fn wait_for_room(
 /// Open a replication connection to `source` as the stream does (same TLS, same authentication) and run
 /// `IDENTIFY_SYSTEM` on it, then close it: what `kck check` runs so that whatever would stop `kck run` on
 /// this connection (pg_hba's `replication` line, the auth method, TLS) stops check too.
-pub async fn probe(source: &Source) -> Result<pgwire_replication::IdentifySystem, ReplicationError> {
+pub async fn probe(
+    source: &Source,
+) -> Result<pgwire_replication::IdentifySystem, ReplicationError> {
     let connect = async {
         let mut client = ReplicationClient::connect_gated(replication_config(source, Lsn::ZERO))
             .await
@@ -1027,66 +1029,7 @@ pub fn connect_error(e: PgWireError, source: &Source) -> ReplicationError {
 }
 
 fn connect_fix(e: &PgWireError, source: &Source) -> String {
-    let user = source.user();
-    match e {
-        PgWireError::Server(m) if m.contains("no pg_hba.conf entry") => {
-            let host = m
-                .split("host \"")
-                .nth(1)
-                .and_then(|s| s.split('"').next())
-                .unwrap_or("ADDRESS");
-            let encrypted = m.contains("SSL encryption") || m.contains("SSL on");
-            let mask = if host.contains(':') { 128 } else { 32 };
-            format!(
-                "pg_hba.conf has no line for replication connections from here: a replication connection \
-                 needs a line whose database is `replication` (`all` does not cover it). Add, before any \
-                 `reject` line: `{} replication {user} {host}/{mask} scram-sha-256`, then reload: SELECT \
-                 pg_reload_conf(); (managed services: see docs/managed-postgres.md)",
-                if encrypted { "hostssl" } else { "host" }
-            )
-        }
-        PgWireError::Server(m)
-            if m.contains("password authentication failed") || m.contains("SQLSTATE 28P01") =>
-        {
-            let from = source.password_from().unwrap_or("source.url");
-            format!(
-                "The server refused the password of role {user:?} (taken from {from}); check it. \
-                 The ordinary connection uses the same password."
-            )
-        }
-        PgWireError::Server(m)
-            if m.contains("replication") && (m.contains("permission") || m.contains("must be")) =>
-        {
-            format!("Give the role the REPLICATION attribute: ALTER ROLE \"{user}\" REPLICATION;")
-        }
-        PgWireError::Auth(m) if m.contains("unsupported auth method code") => format!(
-            "pg_hba.conf asks for an authentication method kck does not speak ({m}); kck speaks trust, \
-             password, md5 and scram-sha-256. Use scram-sha-256 on the line for `replication` and {user:?}."
-        ),
-        PgWireError::Auth(_) => {
-            "Check the password (source.url, PGPASSWORD or ~/.pgpass).".to_string()
-        }
-        PgWireError::Tls(m) if m.contains("SSLRequest rejected") => format!(
-            "The server does not offer TLS, and sslmode={} insists on it: turn ssl on in the server, or \
-             use sslmode=prefer.",
-            source.tls.mode.as_str()
-        ),
-        PgWireError::Tls(m) if m.contains("NotValidForName") || m.contains("not valid for name") => format!(
-            "The server's certificate does not name {:?}: connect by a name (or IP address) the certificate \
-             lists, or use sslmode=verify-ca to check the chain only.",
-            source.host()
-        ),
-        PgWireError::Tls(_) => format!(
-            "TLS failed ({}). Check that sslrootcert is the CA that signed the server's certificate.",
-            source.tls.describe()
-        ),
-        PgWireError::Io(_) => format!(
-            "Check that Postgres listens at {}:{} and that this machine can reach it.",
-            source.host(),
-            source.port()
-        ),
-        _ => String::new(),
-    }
+    crate::pg::connect_fix(&e.to_string(), source)
 }
 
 fn slot_error(e: PgWireError, source: &Source) -> ReplicationError {

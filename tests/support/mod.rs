@@ -34,5 +34,6 @@ pub fn proc_status_kib(pid: &str, field: &str) -> u64 {
 }
 
 pub mod alone;
+pub mod certs;
 pub mod kck;
 pub mod pg;

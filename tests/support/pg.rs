@@ -160,7 +160,10 @@ pub async fn separate_cluster(extra_settings: &[(&str, &str)]) -> OwnedCluster {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         OwnedCluster(Cluster::start(&Spec {
-            settings: &extra,
+            settings: extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..Spec::default()
         }))
     })
@@ -170,18 +173,18 @@ pub async fn separate_cluster(extra_settings: &[(&str, &str)]) -> OwnedCluster {
 
 /// What a private cluster is made of besides [`BASE_SETTINGS`].
 #[derive(Default)]
-pub struct Spec<'a> {
+pub struct Spec {
     /// Settings over [`BASE_SETTINGS`]; `{dir}` in a value is the cluster's directory (where `files` are).
-    pub settings: &'a [(&'a str, &'a str)],
+    pub settings: Vec<(String, String)>,
     /// pg_hba.conf, instead of the trusting default. It must let `postgres` in over TCP from 127.0.0.1
     /// without TLS (the readiness probe and [`Cluster::admin_client`] connect so).
-    pub hba: Option<&'a str>,
+    pub hba: Option<String>,
     /// Files written into the cluster's directory, owned by the server's user, mode 0600 (certificates).
-    pub files: &'a [(&'a str, Vec<u8>)],
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// A new private cluster made to `spec` (TLS, pg_hba...). Stopped and removed on drop.
-pub async fn separate_cluster_spec(spec: Spec<'static>) -> OwnedCluster {
+pub async fn separate_cluster_spec(spec: Spec) -> OwnedCluster {
     tokio::task::spawn_blocking(move || OwnedCluster(Cluster::start(&spec)))
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -294,8 +297,8 @@ impl Cluster {
         let _ = fs::remove_dir_all(&self.dir);
     }
 
-    fn start(spec: &Spec<'_>) -> Cluster {
-        let extra_settings = spec.settings;
+    fn start(spec: &Spec) -> Cluster {
+        let extra_settings = &spec.settings;
         let bin_dir = bin_dir();
         for tool in ["initdb", "postgres"] {
             if !bin_dir.join(tool).is_file() {
@@ -321,7 +324,7 @@ impl Cluster {
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
             let dir = make_dir(owner);
-            for (name, bytes) in spec.files {
+            for (name, bytes) in &spec.files {
                 let path = dir.join(name);
                 fs::write(&path, bytes).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
@@ -352,7 +355,7 @@ impl Cluster {
                 cmd.arg("-c").arg(format!("{k}={v}"));
             }
             cmd.current_dir(&dir)
-                .env("KCK_PG_HBA", spec.hba.unwrap_or(PG_HBA))
+                .env("KCK_PG_HBA", spec.hba.as_deref().unwrap_or(PG_HBA))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
