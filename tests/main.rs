@@ -11,6 +11,7 @@ mod harness;
 mod http;
 mod infer;
 mod ops;
+mod orm;
 mod pipeline;
 mod refresh;
 mod standby;

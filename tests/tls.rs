@@ -211,6 +211,12 @@ async fn check_passes_over_verify_full_with_md5_scram_and_client_certificates() 
             "{what}:\n{text}"
         );
         assert!(text.contains("ok   tls: sslmode="), "{what}:\n{text}");
+        assert!(
+            text.contains(
+                "partitioned table \"App\".\"Post\": publish_via_partition_root = false (the default)"
+            ),
+            "{what}:\n{text}"
+        );
     }
 }
 

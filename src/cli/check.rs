@@ -388,7 +388,71 @@ async fn publication(
             );
         }
     }
+    partitions(report, client, name, &tables).await;
     true
+}
+
+/// For each partitioned table primers read: how the publication streams its changes (the two modes of
+/// `publish_via_partition_root`) and that kck follows either.
+async fn partitions(
+    report: &mut Report,
+    client: &Client,
+    publication: &str,
+    tables: &[&TableName],
+) {
+    let via_root = client
+        .query_opt(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<_, bool>(0));
+    let Some(via_root) = via_root else { return };
+    for table in tables {
+        let leaves = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_partition_tree(format('%I.%I', $1::text, $2::text)::regclass) t \
+                 JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE t.isleaf AND t.level > 0 ORDER BY 1, 2",
+                &[&table.schema, &table.name],
+            )
+            .await;
+        let Ok(leaves) = leaves else { continue };
+        if leaves.is_empty() {
+            continue;
+        }
+        let leaves: Vec<String> = leaves
+            .iter()
+            .map(|r| {
+                TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                }
+                .to_string()
+            })
+            .collect();
+        let how = if via_root {
+            format!(
+                "publish_via_partition_root = true: Postgres streams changes to its partitions ({}) as {table}'s",
+                leaves.join(", ")
+            )
+        } else {
+            format!(
+                "publish_via_partition_root = false (the default): Postgres streams changes as its leaf \
+                 partitions' ({}); kck maps each to {table}'s dependencies",
+                leaves.join(", ")
+            )
+        };
+        report.push(
+            Level::Ok,
+            format!("partitioned table {table}"),
+            format!(
+                "{how}. Partitions attached later are followed the same way; either mode works."
+            ),
+        );
+    }
 }
 
 /// What `pg_class`/`pg_attribute` say about one table.
