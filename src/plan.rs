@@ -205,6 +205,7 @@ pub async fn complete(
     let mut primers = catalog.primers.clone();
     let mut followed = Vec::new();
     for primer in &mut primers {
+        resolve_names(client, primer).await?;
         let reads = reads(client, primer).await?;
         let added = apply(primer, &reads)?;
         if !added.is_empty() {
@@ -219,6 +220,50 @@ pub async fn complete(
         reason,
     })?;
     Ok((catalog, followed))
+}
+
+/// Look up the tables `primer` names without a schema in the source's `search_path` (as its query's own
+/// unqualified names resolve), and name them by the schema found. A name that resolves to nothing stays
+/// `public.name` (`kck check` and the plan then say it does not exist).
+pub async fn resolve_names(client: &Client, primer: &mut Primer) -> Result<(), PlanError> {
+    for table in std::mem::take(&mut primer.unqualified) {
+        let row = client
+            .query_opt(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = to_regclass(quote_ident($1))",
+                &[&table.name],
+            )
+            .await
+            .map_err(|e| PlanError::Unreadable {
+                primer: primer.name.clone(),
+                reason: format!(
+                    "cannot look up table {} in the search_path: {}",
+                    table.name,
+                    crate::pg::error_text(&e)
+                ),
+            })?;
+        let Some(schema) = row.map(|r| r.get::<_, String>(0)) else {
+            continue;
+        };
+        if schema == table.schema {
+            continue;
+        }
+        let found = TableName {
+            schema,
+            name: table.name.clone(),
+        };
+        for d in &mut primer.dependencies {
+            if d.table == table {
+                d.table = found.clone();
+            }
+        }
+        for t in &mut primer.not_followed {
+            if *t == table {
+                *t = found.clone();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// [`complete`] for one primer, given what its plan reads: the tables added, or why it would be stale.

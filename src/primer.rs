@@ -142,6 +142,10 @@ pub struct Primer {
     /// `not_followed`: tables the query reads whose changes kck must not follow (they are not
     /// published); they reach the cache only through `ttl`, `refresh_interval` or invalidation.
     pub not_followed: Vec<TableName>,
+    /// The tables of `depends_on` and `not_followed` written without a schema: `public` until
+    /// [`crate::plan::resolve_names`] looks them up in the source's `search_path`, as the query's own
+    /// unqualified names are.
+    pub unqualified: Vec<TableName>,
     /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
     pub policy: Policy,
     /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
@@ -678,6 +682,7 @@ mod tests {
                 mapping: Mapping::AllKeys,
             }],
             depends_on_given: true,
+            unqualified: Vec::new(),
             not_followed: Vec::new(),
             policy: Default::default(),
             cache_control: None,

@@ -290,3 +290,57 @@ CREATE PUBLICATION kck_test FOR TABLE everything;
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// A `depends_on` table named without its schema resolves through the source's `search_path`, as the
+/// query's own unqualified names do.
+#[tokio::test]
+async fn unqualified_names_resolve_through_the_search_path() {
+    let db = database(
+        r#"
+CREATE SCHEMA inventory;
+CREATE TABLE inventory.items (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO inventory.items VALUES (1, 'bolt');
+CREATE PUBLICATION kck_test FOR TABLE inventory.items;
+"#,
+    )
+    .await;
+    db.execute_batch(&format!(
+        "ALTER DATABASE \"{}\" SET search_path = inventory, public",
+        db.name
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = r#"
+  - name: item
+    key: "item/{id:int}"
+    shape: value
+    query: "SELECT name FROM items WHERE id = $1"
+    depends_on:
+      - table: items
+        columns: { id: id }
+"#;
+    let path = ConfigYaml::new(&db.url, "kck_test", &db.name, primers).write(dir.path());
+    let report = kck::cli::check::run(&load(&path)).await;
+    assert_eq!(report.problems(), 0, "{}", report.to_text());
+    assert!(
+        report.to_text().contains("table inventory.items: exists"),
+        "{}",
+        report.to_text()
+    );
+    let running = start(load(&path)).await;
+    assert_eq!(
+        fetch(running.http_addr, "item/1").await,
+        (200, serde_json::json!("bolt"))
+    );
+    db.execute_batch("UPDATE inventory.items SET name = 'nut' WHERE id = 1")
+        .await;
+    crate::support::kck::eventually_equals(
+        running.http_addr,
+        "item/1",
+        &serde_json::json!("nut"),
+        Duration::from_secs(30),
+    )
+    .await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -173,6 +173,10 @@ async fn dependencies(report: &mut Report, client: &Client, catalog: &Catalog) -
     let mut primers = catalog.primers.clone();
     for primer in &mut primers {
         let topic = format!("primer {}", primer.name);
+        if let Err(e) = crate::plan::resolve_names(client, primer).await {
+            report.push(Level::Fail, &topic, e.to_string());
+            continue;
+        }
         let reads = match crate::plan::reads(client, primer).await {
             Ok(reads) => reads,
             Err(e) => {

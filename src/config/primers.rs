@@ -121,6 +121,7 @@ pub(super) fn build_primer(
         .as_ref()
         .map_or(&[][..], |d| d.value.as_slice());
     let mut dependencies = Vec::with_capacity(deps.len());
+    let mut unqualified = Vec::new();
     for (d, dep) in deps.iter().enumerate() {
         let field = |f: &str| format!("depends_on[{d}]{f}");
         let dep_line = line_of(dep);
@@ -134,6 +135,9 @@ pub(super) fn build_primer(
         };
         let table_name =
             parse_table(&table.value).map_err(|m| err(line_of(table), &field(".table"), m))?;
+        if !super::validators::has_schema(&table.value) {
+            unqualified.push(table_name.clone());
+        }
         let mapping = match (&dep.columns, &dep.lookup) {
             (Some(_), Some(l)) => {
                 return Err(err(
@@ -251,6 +255,9 @@ pub(super) fn build_primer(
     {
         let field = format!("not_followed[{i}]");
         let table = parse_table(&t.value).map_err(|m| err(line_of(t), &field, m))?;
+        if !super::validators::has_schema(&t.value) {
+            unqualified.push(table.clone());
+        }
         if dependencies.iter().any(|d| d.table == table) {
             return Err(err(
                 line_of(t),
@@ -291,6 +298,7 @@ pub(super) fn build_primer(
             dependencies,
             depends_on_given,
             not_followed,
+            unqualified,
             policy,
             cache_control,
             access,

@@ -100,6 +100,11 @@ fn split_dots(text: &str) -> Vec<&str> {
     parts
 }
 
+/// Whether a table name is written with its schema (`schema.table`).
+pub(super) fn has_schema(text: &str) -> bool {
+    split_dots(text).len() > 1
+}
+
 /// `table` or `schema.table`, each part an identifier ([`parse_identifier`]); the schema defaults to
 /// `public`.
 pub(super) fn parse_table(text: &str) -> Result<TableName, String> {
