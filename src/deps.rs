@@ -165,9 +165,10 @@ impl DepIndex {
                 match position(name) {
                     Some(i) => columns.push(i),
                     None => resolved.errors.push(format!(
-                        "primer '{}' depends on column '{}' of table {}, which the table no longer has; \
-                         every change to {} now refreshes all of the primer's keys. Fix the primer's \
-                         depends_on and restart kck.",
+                        "primer '{}' depends on column '{}' of table {}, which the replication stream \
+                         does not carry (the table no longer has it, or it is a generated column, which \
+                         Postgres does not replicate); every change to {} now refreshes all of the primer's \
+                         keys. Map stored columns in the primer's depends_on and restart kck.",
                         primer.name, name, table, table
                     )),
                 }

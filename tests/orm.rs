@@ -344,3 +344,50 @@ CREATE PUBLICATION kck_test FOR TABLE inventory.items;
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// A dependency on a generated column (which Postgres leaves out of the stream): check warns, and kck
+/// refreshes every key of the primer on each change rather than none.
+#[tokio::test]
+async fn a_mapped_generated_column_falls_back_to_every_key_and_check_says_so() {
+    let db = database(
+        r#"
+CREATE TABLE prices (id int PRIMARY KEY, cents int NOT NULL, band int GENERATED ALWAYS AS (cents / 100) STORED);
+INSERT INTO prices VALUES (1, 150), (2, 250);
+CREATE PUBLICATION kck_test FOR TABLE prices;
+"#,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = r#"
+  - name: band
+    key: "band/{band:int}"
+    shape: value
+    query: "SELECT count(*) FROM prices WHERE band = $1"
+    depends_on:
+      - table: prices
+        columns: { band: band }
+"#;
+    let path = ConfigYaml::new(&db.url, "kck_test", &db.name, primers).write(dir.path());
+    let report = kck::cli::check::run(&load(&path)).await;
+    let text = report.to_text();
+    assert!(
+        text.contains("WARN table public.prices: primer 'band' maps generated column(s) band"),
+        "{text}"
+    );
+    let running = start(load(&path)).await;
+    assert_eq!(
+        fetch(running.http_addr, "band/1").await,
+        (200, serde_json::json!(1))
+    );
+    db.execute_batch("UPDATE prices SET cents = 120 WHERE id = 2")
+        .await;
+    crate::support::kck::eventually_equals(
+        running.http_addr,
+        "band/1",
+        &serde_json::json!(2),
+        Duration::from_secs(30),
+    )
+    .await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -441,7 +441,9 @@ async fn passwords_come_from_pgpassword_or_the_password_file_as_libpq_reads_them
     };
     let ca = m.ca();
     let params = format!("sslmode=verify-full&sslrootcert={ca}");
-    let cases: [(&str, String, Vec<(&str, String)>); 2] = [
+    /// What the case is, the URL, and the environment variables it sees.
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>);
+    let cases: [Case<'_>; 2] = [
         (
             "PGPASSWORD",
             m.url("kck_md5", "", "localhost", &params),

@@ -466,6 +466,8 @@ pub(super) struct TableFacts {
     pub(super) identity: char,
     /// The columns Postgres sends in an old row image.
     pub(super) identity_columns: BTreeSet<String>,
+    /// Generated columns: Postgres (15) leaves them out of the replication stream.
+    pub(super) generated: BTreeSet<String>,
     pub(super) may_select: bool,
 }
 
@@ -489,15 +491,18 @@ pub(super) async fn table_facts(
     let identity: String = row.get(1);
     let identity = identity.chars().next().unwrap_or('d');
     let may_select: bool = row.get(2);
-    let columns: Vec<String> = client
+    let rows = client
         .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
-             ORDER BY attnum",
+            "SELECT attname::text, attgenerated <> '' FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
         .await
-        .map_err(|e| pg_message(&e))?
+        .map_err(|e| pg_message(&e))?;
+    let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let generated: BTreeSet<String> = rows
         .iter()
+        .filter(|r| r.get::<_, bool>(1))
         .map(|r| r.get(0))
         .collect();
     let index_filter = match identity {
@@ -523,6 +528,7 @@ pub(super) async fn table_facts(
         columns,
         identity,
         identity_columns,
+        generated,
         may_select,
     }))
 }
@@ -553,7 +559,7 @@ async fn tables(report: &mut Report, client: &Client, catalog: &Catalog) {
                     topic,
                     format!(
                         "does not exist (named in depends_on of {}). Create it, or fix the table name \
-                         (schema.table; unquoted names are lower case).",
+                         (schema.table; unquoted names fold to lower case, quote mixed-case ones: '\"Orders\"').",
                         users.join(", ")
                     ),
                 );
@@ -624,6 +630,27 @@ async fn tables(report: &mut Report, client: &Client, catalog: &Catalog) {
                             primer.name,
                             missing.join(", "),
                             facts.columns.join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                let generated: Vec<&str> = named
+                    .iter()
+                    .filter(|c| facts.generated.contains(**c))
+                    .copied()
+                    .collect();
+                if !generated.is_empty() {
+                    problems = true;
+                    report.push(
+                        Level::Warn,
+                        topic.clone(),
+                        format!(
+                            "primer '{}' maps generated column(s) {}: Postgres does not send generated columns \
+                             in the replication stream, so every change to it refreshes all of the primer's \
+                             cached keys (correct, but costly). Map the stored columns they are computed from \
+                             instead (a lookup can compute the key from them).",
+                            primer.name,
+                            generated.join(", ")
                         ),
                     );
                     continue;
