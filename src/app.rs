@@ -245,13 +245,18 @@ async fn follow_what_queries_read(source: &Source, catalog: &Catalog) -> Result<
     let client = source.connect().await.map_err(ReplicationError::from)?;
     let (catalog, followed) = crate::plan::complete(&client, catalog).await?;
     for f in followed {
-        let tables: Vec<String> = f.added.iter().map(ToString::to_string).collect();
+        let Some(primer) = catalog.primers.iter().find(|p| p.name == f.primer) else {
+            continue;
+        };
+        let tables: Vec<String> = f
+            .added
+            .iter()
+            .map(|(t, how)| format!("{t}: {}", how.describe(primer)))
+            .collect();
         tracing::info!(
             primer = %f.primer,
-            tables = %tables.join(", "),
-            "The primer has no depends_on: kck follows every table its query reads, and a change to one \
-             refreshes every cached key of the primer. Give depends_on with columns or lookups to refresh \
-             fewer."
+            tables = %tables.join("; "),
+            "The primer has no depends_on: kck follows every table its query reads, inferred from its plan."
         );
     }
     Ok(catalog)

@@ -210,9 +210,11 @@ async fn kck_explain_says_what_each_primer_reads_and_how_it_is_followed() {
             || text.contains("reads (from its plan): public.t2, public.t"),
         "{text}"
     );
+    // The plan carries t.id = $1 over the join to t2: a key-level map, inferred.
     assert!(
         text.contains(
-            "public.t2: every cached key of the primer (no depends_on: followed at table level)"
+            "public.t2: a changed row refreshes the key its columns name (t_id → id), and an UPDATE also \
+             the key of its old values (inferred"
         ),
         "{text}"
     );
@@ -243,5 +245,164 @@ async fn kck_explain_says_what_each_primer_reads_and_how_it_is_followed() {
         err.contains("no primer is named 'nope' (the primers: joined, declared)"),
         "{err}"
     );
+    db.cleanup().await;
+}
+
+/// Inference at key level: the plan's conditions (`t2.t_id = $1`, carried over the join by Postgres's
+/// equivalence classes) make a column map, so a change refreshes the keys it affects and no others.
+#[tokio::test]
+async fn inferred_column_maps_refresh_only_the_affected_keys() {
+    let db = database(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);
+CREATE TABLE t2 (id bigint PRIMARY KEY, t_id bigint NOT NULL, w text NOT NULL);
+ALTER TABLE t2 REPLICA IDENTITY FULL;
+INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 3) g;
+INSERT INTO t2 SELECT g, g, 'w' || g FROM generate_series(1, 3) g;
+CREATE PUBLICATION kck_test FOR TABLE t, t2;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = format!(
+        r#"
+  - name: joined
+    key: "joined/{{id:int}}"
+    query: "{JOINED}"
+  - name: windowed
+    key: "windowed/{{id:int}}"
+    shape: value
+    query: "SELECT count(*) OVER () FROM t WHERE t.v <> 'x' AND t.id = $1"
+"#
+    );
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, &primers)).await;
+    let addr = running.http_addr;
+    for id in 1..=3 {
+        assert_eq!(fetch(addr, &format!("joined/{id}")).await.0, 200);
+    }
+    let lsn_of = |key: &'static str| {
+        let store = running.store.clone();
+        async move { store.get(key).await.unwrap().unwrap().lsn }
+    };
+    let (before1, before3) = (lsn_of("joined/1").await, lsn_of("joined/3").await);
+    db.execute_batch("UPDATE t2 SET w = 'CHANGED' WHERE id = 2")
+        .await;
+    eventually_equals(
+        addr,
+        "joined/2",
+        &json!([{"v": "v2", "w": "CHANGED"}]),
+        Duration::from_secs(30),
+    )
+    .await;
+    // Moving a row refreshes both the old key and the new one.
+    db.execute_batch("UPDATE t2 SET t_id = 3 WHERE id = 1")
+        .await;
+    eventually_equals(addr, "joined/1", &json!([]), Duration::from_secs(30)).await;
+    crate::support::kck::eventually(
+        "joined/3 has both rows",
+        Duration::from_secs(30),
+        || async {
+            let (_, value) = fetch(addr, "joined/3").await;
+            let mut ws: Vec<String> = value
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["w"].as_str().map(str::to_owned))
+                .collect();
+            ws.sort();
+            ws == ["w1", "w3"]
+        },
+    )
+    .await;
+    assert!(lsn_of("joined/1").await > before1);
+    assert!(lsn_of("joined/3").await > before3);
+    // The change to id 2 did not touch key 1 before it moved: prove with a fresh change to 2 only.
+    let at1 = lsn_of("joined/1").await;
+    db.execute_batch("UPDATE t2 SET w = 'AGAIN' WHERE id = 2")
+        .await;
+    eventually_equals(
+        addr,
+        "joined/2",
+        &json!([{"v": "v2", "w": "AGAIN"}]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(
+        lsn_of("joined/1").await,
+        at1,
+        "key 1 was refreshed by a change to key 2"
+    );
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A partitioned table filtered by its partition key: a generic plan prunes every partition at start-up
+/// (`Subplans Removed`), so kck plans without pruning and still sees every partition it reads.
+#[tokio::test]
+async fn a_query_filtered_by_the_partition_key_is_followed() {
+    let db = database(
+        "CREATE TABLE ev (id int, user_id int NOT NULL, what text, PRIMARY KEY (id, user_id)) PARTITION BY HASH (user_id);
+CREATE TABLE ev0 PARTITION OF ev FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE ev1 PARTITION OF ev FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+INSERT INTO ev VALUES (1, 7, 'a'), (2, 8, 'b');
+CREATE PUBLICATION kck_test FOR TABLE ev;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = r#"
+  - name: events
+    key: "events/{user_id:int}"
+    shape: value
+    query: "SELECT string_agg(what, ',' ORDER BY id) FROM ev WHERE user_id = $1"
+"#;
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, primers)).await;
+    let addr = running.http_addr;
+    assert_eq!(fetch(addr, "events/7").await, (200, json!("a")));
+    assert_eq!(fetch(addr, "events/8").await, (200, json!("b")));
+    db.execute_batch("INSERT INTO ev VALUES (3, 7, 'c'), (4, 8, 'd')")
+        .await;
+    eventually_equals(addr, "events/7", &json!("a,c"), Duration::from_secs(30)).await;
+    eventually_equals(addr, "events/8", &json!("b,d"), Duration::from_secs(30)).await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A query whose answer moves with the clock or the session cannot be kept fresh by the stream: refused
+/// unless the primer refreshes on a schedule.
+#[tokio::test]
+async fn a_query_calling_now_or_random_needs_a_ttl_or_refresh_interval() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (query, named) in [
+        ("SELECT v, now() AS at FROM t WHERE id = $1", "now()"),
+        (
+            "SELECT v FROM t WHERE id = $1 ORDER BY random()",
+            "random()",
+        ),
+        (
+            "SELECT v, CURRENT_USER AS who FROM t WHERE id = $1",
+            "CURRENT_USER",
+        ),
+    ] {
+        let primers = format!(
+            r#"
+  - name: clocked
+    key: "clocked/{{id:int}}"
+    query: "{query}"
+"#
+        );
+        let cfg = config(dir.path(), &db.url, "kck_test", &db.name, &primers);
+        let err = match kck::app::start(cfg, kck::app::RunOptions::default()).await {
+            Ok(_) => panic!("{query} started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!("primer 'clocked' calls {named}")) && err.contains("`ttl`"),
+            "{err}"
+        );
+        // With a refresh interval it runs.
+        let primers = format!("{primers}    refresh_interval: 1m\n");
+        let running = start(config(dir.path(), &db.url, "kck_test", &db.name, &primers)).await;
+        assert_eq!(fetch(running.http_addr, "clocked/1").await.0, 200);
+        running.stop().await.unwrap();
+    }
     db.cleanup().await;
 }

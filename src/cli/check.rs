@@ -186,14 +186,22 @@ async fn dependencies(report: &mut Report, client: &Client, catalog: &Catalog) -
         };
         match crate::plan::apply(primer, &reads) {
             Ok(added) if !added.is_empty() => {
-                let tables: Vec<String> = added.iter().map(ToString::to_string).collect();
+                let tables: Vec<String> = added
+                    .iter()
+                    .map(|(t, how)| format!("{t}: {}", how.describe(primer)))
+                    .collect();
+                let level = if added.iter().any(|(_, how)| how.is_table_level()) {
+                    " A table followed at table level refreshes every cached key on each change: give \
+                     depends_on with columns or a lookup for it to refresh fewer."
+                } else {
+                    ""
+                };
                 report.push(
                     Level::Note,
                     &topic,
                     format!(
-                        "no depends_on: kck follows {} (every table the query reads), and a change to one \
-                         refreshes every cached key. Give depends_on with columns or lookups to refresh fewer.",
-                        tables.join(", ")
+                        "no depends_on: kck follows what its plan reads: {}.{level}",
+                        tables.join("; ")
                     ),
                 );
             }

@@ -42,6 +42,12 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
         "primer {} (key {})",
         primer.name, primer.template.source
     );
+    let mut primer = primer.clone();
+    if let Err(e) = plan::resolve_names(client, &mut primer).await {
+        let _ = writeln!(out, "  {e}\n");
+        return;
+    }
+    let primer = &primer;
     let reads = match plan::reads(client, primer).await {
         Ok(reads) => reads,
         Err(e) => {
@@ -52,9 +58,14 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
     let names: Vec<String> = reads.tables.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "  reads (from its plan): {}", names.join(", "));
     let mut completed = primer.clone();
-    if let Err(e) = plan::apply(&mut completed, &reads) {
-        let _ = writeln!(out, "  PROBLEM: {e}");
-    }
+    let added = match plan::apply(&mut completed, &reads) {
+        Ok(added) => added,
+        Err(e) => {
+            let _ = writeln!(out, "  PROBLEM: {e}");
+            Vec::new()
+        }
+    };
+    let inferred = |table: &TableName| added.iter().find(|(t, _)| t == table).map(|(_, how)| how);
     for dep in &completed.dependencies {
         let how = match &dep.mapping {
             Mapping::Columns(columns) => {
@@ -71,8 +82,13 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
                     .collect();
                 format!(
                     "a changed row refreshes the key its columns name ({}), and an UPDATE also the key of its \
-                     old values",
-                    pairs.join(", ")
+                     old values{}",
+                    pairs.join(", "),
+                    if inferred(&dep.table).is_some() {
+                        " (inferred: each scan of it in the plan holds `column = $n` for the key's parameters)"
+                    } else {
+                        ""
+                    }
                 )
             }
             Mapping::Lookup { query, args } => format!(
@@ -84,8 +100,13 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
                     "every cached key of the primer (depends_on gives no columns or lookup)"
                         .to_owned()
                 } else {
-                    "every cached key of the primer (no depends_on: followed at table level)"
-                        .to_owned()
+                    match inferred(&dep.table) {
+                        Some(plan::Inferred::TableLevel(why)) => format!(
+                            "every cached key of the primer (no depends_on: followed at table level, because {why})"
+                        ),
+                        _ => "every cached key of the primer (no depends_on: followed at table level)"
+                            .to_owned(),
+                    }
                 }
             }
         };

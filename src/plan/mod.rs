@@ -1,0 +1,763 @@
+//! What a primer's query reads, from Postgres's own plan, so that no table it reads goes unwatched.
+//!
+//! For each primer, kck prepares the query and asks for its generic plan (`SET plan_cache_mode =
+//! force_generic_plan`, then `EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) EXECUTE` with null arguments). The
+//! plan names every base relation the query reads, with views expanded and every CTE, subquery (`IN`,
+//! `EXISTS`, scalar), `LATERAL` and `UNION` branch included. [`complete`] then makes the catalog safe:
+//! - a primer without `depends_on` follows every table its plan reads at table level (any change refreshes
+//!   every cached key of the primer), and kck says so;
+//! - a primer whose `depends_on` omits a table its plan reads is an error that names the table and the
+//!   entry to add. Never silently stale (invariant 4).
+//!
+//! A function scan in the plan (`FROM some_function()`) may read tables the plan cannot show: a primer
+//! whose plan has one must give `depends_on` (and is told so).
+
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::pg::error_text;
+use crate::primer::{Catalog, Dependency, Mapping, ParamType, Primer, TableName};
+
+pub mod expr;
+
+/// One scan of a base relation in the plan: its alias and its conditions as Postgres printed them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    pub table: TableName,
+    pub alias: String,
+    /// `Filter`, `Index Cond` and `Recheck Cond` of the scan (and of a bitmap index scan below it).
+    pub conditions: Vec<String>,
+}
+
+/// A column's type and whether its equality is its text's (for inferring a column map).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnType {
+    pub name: String,
+    /// `format_type` of the column: `integer`, `text`, `character varying(20)`, `uuid`...
+    pub type_name: String,
+    /// Whether its collation is deterministic (equal only when the bytes are).
+    pub deterministic: bool,
+}
+
+/// How changes to one table reach a primer's keys, inferred from the plan (a primer without
+/// `depends_on`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inferred {
+    /// Each scan of the table holds `column = $n` for every key parameter: a changed row refreshes the
+    /// keys its columns name. One mapping per distinct scan.
+    Columns(Vec<Vec<(usize, String)>>),
+    /// Every cached key of the primer, and why no column map holds.
+    TableLevel(String),
+}
+
+/// What the plan of one query reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// Base relations, each once, in the order the plan names them.
+    pub tables: Vec<TableName>,
+    /// Functions scanned as relations (`FROM f()`), `schema.name`: they may read tables the plan hides.
+    pub functions: Vec<String>,
+    /// For a table that is a partition: its ancestors, the root last (filled by [`reads`]; empty for a
+    /// table that is not a partition). A `depends_on` on an ancestor covers the partition.
+    pub ancestors: Vec<(TableName, Vec<TableName>)>,
+    /// Every scan of a base relation, with its conditions.
+    pub scans: Vec<Scan>,
+    /// Parameters the plan makes for itself (`InitPlan 1 (returns $0)`): printed like the key's `$n`.
+    pub internal_params: Vec<usize>,
+    /// The functions and SQL value keywords the plan's expressions use (`now`, `CURRENT_USER`...).
+    pub calls: Vec<String>,
+    /// For each table with a scan whose conditions name a key parameter: its columns' types.
+    pub column_types: Vec<(TableName, Vec<ColumnType>)>,
+}
+
+impl Reads {
+    /// `table`'s ancestors (see [`Reads::ancestors`]).
+    fn ancestors_of(&self, table: &TableName) -> &[TableName] {
+        self.ancestors
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(&[], |(_, a)| a.as_slice())
+    }
+}
+
+/// Cannot find out, or what was found leaves a primer stale.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("cannot plan the query of primer '{primer}': {}", error_text(source))]
+    Plan {
+        primer: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("the plan of primer '{primer}' is not the JSON kck expects: {reason}")]
+    Unreadable { primer: String, reason: String },
+    #[error(
+        "primer '{primer}' reads {tables} (its query's plan says so), but its depends_on does not list {them}: \
+         a change there would leave its cached keys stale. Add to depends_on: {entries} (with `columns` or \
+         a `lookup` to refresh fewer keys than all), or remove depends_on to let kck follow every table the \
+         query reads (or, for a table that is not published, list it in `not_followed` and give the primer a \
+         ttl or refresh_interval)"
+    )]
+    Missing {
+        primer: String,
+        tables: String,
+        them: &'static str,
+        entries: String,
+    },
+    #[error(
+        "primer '{primer}' has no depends_on and its query reads from function {functions}, which may read \
+         tables its plan does not show: give depends_on listing the tables the function reads"
+    )]
+    Function { primer: String, functions: String },
+    #[error(
+        "primer '{primer}' calls {functions}, whose result changes without any table changing (time, \
+         randomness, the session), so the stream can never say when its keys are stale: give the primer a \
+         `ttl` or a `refresh_interval` (or compute the value in the client)"
+    )]
+    Volatile { primer: String, functions: String },
+}
+
+/// Collect what a plan (`EXPLAIN (FORMAT JSON)` output: `[{"Plan": {...}}]`) reads.
+pub fn reads_of(explain: &Value) -> Result<Reads, String> {
+    let plans = explain
+        .as_array()
+        .ok_or("not a JSON array")?
+        .iter()
+        .filter_map(|p| p.get("Plan"))
+        .collect::<Vec<_>>();
+    if plans.is_empty() {
+        return Err("no \"Plan\" in the answer".into());
+    }
+    let mut reads = Reads::default();
+    for plan in plans {
+        walk(plan, &mut reads)?;
+    }
+    Ok(reads)
+}
+
+/// The keys of a plan node whose values are expressions (strings, or arrays of strings).
+const EXPRESSION_KEYS: &[&str] = &[
+    "Output",
+    "Filter",
+    "Index Cond",
+    "Recheck Cond",
+    "Join Filter",
+    "Hash Cond",
+    "Merge Cond",
+    "One-Time Filter",
+    "Sort Key",
+    "Presorted Key",
+    "Group Key",
+    "Hash Key",
+    "Cache Key",
+    "Run Condition",
+    "Order By",
+    "TID Cond",
+    "Function Call",
+    "Table Function Call",
+];
+
+fn walk(node: &Value, reads: &mut Reads) -> Result<(), String> {
+    let text = |k: &str| node.get(k).and_then(Value::as_str);
+    if node
+        .get("Subplans Removed")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        > 0
+    {
+        // Pruned partitions do not show in the plan: kck would not know it reads them.
+        return Err(
+            "the plan pruned partitions, so it does not name every table the query reads".into(),
+        );
+    }
+    for key in EXPRESSION_KEYS {
+        let values: Vec<&str> = match node.get(*key) {
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        for v in values {
+            for f in expr::functions(v) {
+                if !reads.calls.contains(&f) {
+                    reads.calls.push(f);
+                }
+            }
+        }
+    }
+    // `InitPlan 1 (returns $0)`, `SubPlan 2`: parameters the plan sets for itself.
+    if let Some(name) = text("Subplan Name")
+        && let Some(returns) = name.split("returns ").nth(1)
+    {
+        for p in returns.trim_end_matches(')').split(',') {
+            if let Ok(n) = p.trim().trim_start_matches('$').parse::<usize>() {
+                reads.internal_params.push(n);
+            }
+        }
+    }
+    if let Some(name) = text("Relation Name") {
+        let table = TableName {
+            schema: text("Schema").unwrap_or("public").to_owned(),
+            name: name.to_owned(),
+        };
+        let mut conditions: Vec<String> = ["Filter", "Index Cond", "Recheck Cond"]
+            .iter()
+            .filter_map(|k| text(k).map(str::to_owned))
+            .collect();
+        // A bitmap heap scan's index conditions are on its bitmap index scans below.
+        for child in node
+            .get("Plans")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if child.get("Node Type").and_then(Value::as_str) == Some("Bitmap Index Scan")
+                && let Some(c) = child.get("Index Cond").and_then(Value::as_str)
+            {
+                conditions.push(c.to_owned());
+            }
+        }
+        reads.scans.push(Scan {
+            table: table.clone(),
+            alias: text("Alias").unwrap_or(name).to_owned(),
+            conditions,
+        });
+        if !reads.tables.contains(&table) {
+            reads.tables.push(table);
+        }
+    }
+    // Postgres's own functions (generate_series, unnest, jsonb_each...) read no tables.
+    if text("Node Type") == Some("Function Scan")
+        && let Some(name) = text("Function Name")
+        && text("Schema") != Some("pg_catalog")
+    {
+        let f = format!("{}.{name}", text("Schema").unwrap_or("public"));
+        if !reads.functions.contains(&f) {
+            reads.functions.push(f);
+        }
+    }
+    for child in node
+        .get("Plans")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        walk(child, reads)?;
+    }
+    Ok(())
+}
+
+/// Ask Postgres what `primer`'s query reads. Uses (and leaves) a prepared statement on `client` only for the
+/// duration of the call.
+pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError> {
+    let plan_error = |source| PlanError::Plan {
+        primer: primer.name.clone(),
+        source,
+    };
+    // The connection may be shared (`kck check`): touch only our own statement and setting, and put the
+    // setting back whatever happens.
+    client
+        .batch_execute(
+            "SET plan_cache_mode = force_generic_plan; SET enable_partition_pruning = off",
+        )
+        .await
+        .map_err(plan_error)?;
+    if let Err(e) = client
+        .batch_execute(&format!("PREPARE kck_plan AS {}", primer.query))
+        .await
+    {
+        let _ = client
+            .batch_execute("RESET plan_cache_mode; RESET enable_partition_pruning")
+            .await;
+        return Err(plan_error(e));
+    }
+    let args = vec!["NULL"; primer.template.params.len()].join(", ");
+    let execute = if args.is_empty() {
+        "EXECUTE kck_plan".to_owned()
+    } else {
+        format!("EXECUTE kck_plan({args})")
+    };
+    // The simple protocol answers in text: the plan's JSON as Postgres wrote it.
+    let answer = client
+        .simple_query(&format!(
+            "EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) {execute}"
+        ))
+        .await;
+    let deallocate = client
+        .batch_execute("DEALLOCATE kck_plan; RESET plan_cache_mode; RESET enable_partition_pruning")
+        .await;
+    let messages = answer.map_err(plan_error)?;
+    deallocate.map_err(plan_error)?;
+    let text = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| PlanError::Unreadable {
+            primer: primer.name.clone(),
+            reason: "EXPLAIN returned no row".into(),
+        })?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| PlanError::Unreadable {
+        primer: primer.name.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut reads = reads_of(&json).map_err(|reason| PlanError::Unreadable {
+        primer: primer.name.clone(),
+        reason,
+    })?;
+    // A partitioned table is planned as its partitions; know their parents.
+    for table in &reads.tables {
+        let ancestors = crate::pg::partition_ancestors(client, table)
+            .await
+            .map_err(plan_error)?;
+        if !ancestors.is_empty() {
+            reads.ancestors.push((table.clone(), ancestors));
+        }
+    }
+    // The types of the tables whose scans compare a column with a key parameter.
+    let candidates: Vec<TableName> = reads
+        .scans
+        .iter()
+        .filter(|s| {
+            s.conditions
+                .iter()
+                .any(|c| !expr::equalities(c, &s.alias).is_empty())
+        })
+        .map(|s| s.table.clone())
+        .collect();
+    for table in candidates {
+        if reads.column_types.iter().any(|(t, _)| *t == table) {
+            continue;
+        }
+        let rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), coalesce(co.collisdeterministic, true) \
+                 FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation \
+                 WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass AND a.attnum > 0 \
+                   AND NOT a.attisdropped",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(plan_error)?;
+        let types = rows
+            .iter()
+            .map(|r| ColumnType {
+                name: r.get(0),
+                type_name: r.get(1),
+                deterministic: r.get(2),
+            })
+            .collect();
+        reads.column_types.push((table, types));
+    }
+    // Volatility of the functions the plan calls, from pg_proc: see `volatile_calls`.
+    let mut volatile = Vec::new();
+    for call in &reads.calls {
+        if is_volatile(client, call).await.map_err(plan_error)? {
+            volatile.push(call.clone());
+        }
+    }
+    reads.calls = volatile;
+    Ok(reads)
+}
+
+/// The SQL value keywords whose value is the session's or the clock's.
+const VOLATILE_KEYWORDS: &[&str] = &[
+    "CURRENT_USER",
+    "SESSION_USER",
+    "CURRENT_ROLE",
+    "CURRENT_TIMESTAMP",
+    "CURRENT_DATE",
+    "CURRENT_TIME",
+    "LOCALTIME",
+    "LOCALTIMESTAMP",
+];
+
+/// Built-in stable functions whose value moves with the clock or the session, not with tables.
+const CLOCK_AND_SESSION: &[&str] = &[
+    "now",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "current_setting",
+    "current_schema",
+    "current_schemas",
+    "current_user",
+    "session_user",
+    "inet_client_addr",
+    "inet_client_port",
+    "pg_backend_pid",
+    // age(x) is measured from today (age(a, b) is not, but the name does not say which).
+    "age",
+];
+
+/// Whether calling `name` (`name` or `schema.name`, or a SQL value keyword) can give another answer
+/// while no table changes: a volatile function (`random`, `clock_timestamp`, `nextval`...), a built-in
+/// that reads the clock or the session, or a keyword such as `CURRENT_USER`.
+async fn is_volatile(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    if VOLATILE_KEYWORDS.contains(&name) {
+        return Ok(true);
+    }
+    let (schema, func) = match name.split_once('.') {
+        Some((s, f)) => (Some(s), f),
+        None => (None, name),
+    };
+    if schema.is_none_or(|s| s == "pg_catalog") && CLOCK_AND_SESSION.contains(&func) {
+        return Ok(true);
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(bool_or(p.provolatile = 'v'), false) FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2)",
+            &[&func, &schema],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// How changes to `table` reach `primer`'s keys, from the plan's scans of it (see [`Inferred`]).
+pub fn infer(primer: &Primer, reads: &Reads, table: &TableName) -> Inferred {
+    let params = &primer.template.params;
+    if params.is_empty() {
+        return Inferred::TableLevel("the key has no parameters: its one key is refreshed".into());
+    }
+    if let Some(n) = reads
+        .internal_params
+        .iter()
+        .find(|n| (1..=params.len()).contains(*n))
+    {
+        return Inferred::TableLevel(format!(
+            "the plan's own parameter ${n} (a sub-plan's result) prints like the key's ${n}"
+        ));
+    }
+    let types = reads
+        .column_types
+        .iter()
+        .find(|(t, _)| t == table)
+        .map(|(_, c)| c.as_slice())
+        .unwrap_or(&[]);
+    let mut mappings: Vec<Vec<(usize, String)>> = Vec::new();
+    for scan in reads.scans.iter().filter(|s| &s.table == table) {
+        let pairs: Vec<(String, usize)> = scan
+            .conditions
+            .iter()
+            .flat_map(|c| expr::equalities(c, &scan.alias))
+            .collect();
+        let mut mapping = Vec::with_capacity(params.len());
+        for (i, param) in params.iter().enumerate() {
+            let Some((column, _)) = pairs.iter().find(|(column, n)| {
+                *n == i + 1
+                    && types
+                        .iter()
+                        .any(|t| &t.name == column && equal_as_text(param.ty, t))
+            }) else {
+                return Inferred::TableLevel(match pairs.iter().find(|(_, n)| *n == i + 1) {
+                    Some((column, _)) => format!(
+                        "its scan compares {column} with key parameter {}, but {column}'s type does not \
+                         compare as the key's text does",
+                        param.name
+                    ),
+                    None => format!(
+                        "a scan of it ({}) has no condition `column = ${}` for key parameter {}",
+                        scan.alias,
+                        i + 1,
+                        param.name
+                    ),
+                });
+            };
+            mapping.push((i, column.clone()));
+        }
+        if !mappings.contains(&mapping) {
+            mappings.push(mapping);
+        }
+    }
+    if mappings.is_empty() {
+        return Inferred::TableLevel("the plan has no scan of it".into());
+    }
+    Inferred::Columns(mappings)
+}
+
+impl Inferred {
+    /// `per key (user_id → id)`, or `every cached key: WHY`, for messages.
+    pub fn describe(&self, primer: &Primer) -> String {
+        match self {
+            Inferred::Columns(mappings) => {
+                let each: Vec<String> = mappings
+                    .iter()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(i, c)| {
+                                let name = primer
+                                    .template
+                                    .params
+                                    .get(*i)
+                                    .map_or("?", |p| p.name.as_str());
+                                format!("{} → {name}", crate::primer::Ident(c))
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .collect();
+                format!("per key ({})", each.join("; "))
+            }
+            Inferred::TableLevel(why) => format!("every cached key ({why})"),
+        }
+    }
+
+    pub fn is_table_level(&self) -> bool {
+        matches!(self, Inferred::TableLevel(_))
+    }
+}
+
+/// Whether two values of `column` are equal exactly when their text is, for a key parameter of type `ty`:
+/// integers for an int parameter, uuid for a uuid one, text or varchar with a deterministic collation for a
+/// text one. (A case-insensitive collation, citext or char(n) compare unequal texts as equal: a column map
+/// would then miss keys.)
+fn equal_as_text(ty: ParamType, column: &ColumnType) -> bool {
+    let t = column.type_name.as_str();
+    match ty {
+        ParamType::Int => matches!(t, "smallint" | "integer" | "bigint"),
+        ParamType::Uuid => t == "uuid",
+        ParamType::Text => {
+            column.deterministic && (t == "text" || t.starts_with("character varying"))
+        }
+    }
+}
+
+/// What [`complete`] did to one primer, for the log and `kck check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    pub primer: String,
+    /// Tables added (the primer gave no depends_on), each with how its changes map to keys.
+    pub added: Vec<(TableName, Inferred)>,
+}
+
+/// Check each primer's dependencies against what its query reads, and give a primer without
+/// `depends_on` a table-level dependency on every table it reads. Errors name the primer, the tables and
+/// the fix; the catalog is unchanged on error.
+pub async fn complete(
+    client: &Client,
+    catalog: &Catalog,
+) -> Result<(Catalog, Vec<Followed>), PlanError> {
+    let mut primers = catalog.primers.clone();
+    let mut followed = Vec::new();
+    for primer in &mut primers {
+        resolve_names(client, primer).await?;
+        let reads = reads(client, primer).await?;
+        let added = apply(primer, &reads)?;
+        if !added.is_empty() {
+            followed.push(Followed {
+                primer: primer.name.clone(),
+                added,
+            });
+        }
+    }
+    let catalog = Catalog::new(primers).map_err(|reason| PlanError::Unreadable {
+        primer: String::new(),
+        reason,
+    })?;
+    Ok((catalog, followed))
+}
+
+/// Look up the tables `primer` names without a schema in the source's `search_path` (as its query's own
+/// unqualified names resolve), and name them by the schema found. A name that resolves to nothing stays
+/// `public.name` (`kck check` and the plan then say it does not exist).
+pub async fn resolve_names(client: &Client, primer: &mut Primer) -> Result<(), PlanError> {
+    for table in std::mem::take(&mut primer.unqualified) {
+        let row = client
+            .query_opt(
+                "SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = to_regclass(quote_ident($1))",
+                &[&table.name],
+            )
+            .await
+            .map_err(|e| PlanError::Unreadable {
+                primer: primer.name.clone(),
+                reason: format!(
+                    "cannot look up table {} in the search_path: {}",
+                    table.name,
+                    crate::pg::error_text(&e)
+                ),
+            })?;
+        let Some(schema) = row.map(|r| r.get::<_, String>(0)) else {
+            continue;
+        };
+        if schema == table.schema {
+            continue;
+        }
+        let found = TableName {
+            schema,
+            name: table.name.clone(),
+        };
+        for d in &mut primer.dependencies {
+            if d.table == table {
+                d.table = found.clone();
+            }
+        }
+        for t in &mut primer.not_followed {
+            if *t == table {
+                *t = found.clone();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`complete`] for one primer, given what its plan reads: the tables added, or why it would be stale.
+pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<(TableName, Inferred)>, PlanError> {
+    if !reads.calls.is_empty()
+        && primer.policy.ttl.is_none()
+        && primer.policy.refresh_interval.is_none()
+    {
+        return Err(PlanError::Volatile {
+            primer: primer.name.clone(),
+            functions: reads
+                .calls
+                .iter()
+                .map(|c| {
+                    if c.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                        c.clone()
+                    } else {
+                        format!("{c}()")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let named = |t: &TableName| {
+        primer.dependencies.iter().any(|d| &d.table == t) || primer.not_followed.contains(t)
+    };
+    // A partition is covered by a dependency on it or on one of its ancestors.
+    let listed = |t: &TableName| named(t) || reads.ancestors_of(t).iter().any(named);
+    let missing: Vec<TableName> = reads
+        .tables
+        .iter()
+        .filter(|t| !listed(t))
+        .cloned()
+        .collect();
+    if primer.depends_on_given {
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Err(PlanError::Missing {
+            primer: primer.name.clone(),
+            tables: list(&missing),
+            them: if missing.len() == 1 { "it" } else { "them" },
+            entries: missing
+                .iter()
+                // A partition: name its root, which covers every partition.
+                .map(|t| {
+                    let t = reads.ancestors_of(t).last().unwrap_or(t);
+                    format!("`- table: {}`", display_table(t))
+                })
+                .fold(Vec::new(), |mut all: Vec<String>, e| {
+                    if !all.contains(&e) {
+                        all.push(e);
+                    }
+                    all
+                })
+                .join(", "),
+        });
+    }
+    if !reads.functions.is_empty() {
+        return Err(PlanError::Function {
+            primer: primer.name.clone(),
+            functions: reads.functions.join(", "),
+        });
+    }
+    // A partition is followed under its own name and its root's: the stream names the partition, or the
+    // root when the publication sets publish_via_partition_root; partitions attached later are found
+    // through the root (`replication` asks for a partition's ancestors).
+    // A table's scans hold `column = $n` for every key parameter: a column map; else table level.
+    let mut added: Vec<(TableName, Inferred)> = Vec::new();
+    for table in &missing {
+        let inferred = infer(primer, reads, table);
+        for t in std::iter::once(table).chain(reads.ancestors_of(table).last()) {
+            let mappings = match &inferred {
+                Inferred::Columns(mappings) => {
+                    mappings.iter().cloned().map(Mapping::Columns).collect()
+                }
+                Inferred::TableLevel(_) => vec![Mapping::AllKeys],
+            };
+            for mapping in mappings {
+                let dependency = Dependency {
+                    table: t.clone(),
+                    mapping,
+                };
+                if !primer.dependencies.contains(&dependency) {
+                    primer.dependencies.push(dependency);
+                }
+            }
+            match added.iter_mut().find(|(a, _)| a == t) {
+                None => added.push((t.clone(), inferred.clone())),
+                // The root of several partitions: table level if any of them is.
+                Some((_, seen)) => {
+                    if let (Inferred::Columns(a), Inferred::Columns(b)) = (&mut *seen, &inferred) {
+                        for m in b {
+                            if !a.contains(m) {
+                                a.push(m.clone());
+                            }
+                        }
+                    } else if let Inferred::TableLevel(_) = inferred {
+                        *seen = inferred.clone();
+                    }
+                }
+            }
+        }
+    }
+    Ok(added)
+}
+
+fn display_table(t: &TableName) -> String {
+    if t.schema == "public" {
+        crate::primer::Ident(&t.name).to_string()
+    } else {
+        t.to_string()
+    }
+}
+
+fn list(tables: &[TableName]) -> String {
+    tables
+        .iter()
+        .map(|t| format!("'{}'", display_table(t)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_relation_of_the_plan_is_read_subplans_included() {
+        let plan = json!([{"Plan": {
+            "Node Type": "Nested Loop",
+            "Plans": [
+                {"Node Type": "Index Scan", "Relation Name": "t", "Schema": "public", "Alias": "t"},
+                {"Node Type": "Seq Scan", "Relation Name": "t2", "Schema": "app", "Alias": "t2",
+                 "Plans": [{"Node Type": "Seq Scan", "Parent Relationship": "SubPlan",
+                            "Relation Name": "t", "Schema": "public"}]},
+                {"Node Type": "Function Scan", "Function Name": "generate_series", "Schema": "pg_catalog"},
+                {"Node Type": "Function Scan", "Function Name": "orders_of", "Schema": "app"}
+            ]
+        }}]);
+        let reads = reads_of(&plan).unwrap();
+        assert_eq!(
+            reads.tables,
+            vec![
+                TableName {
+                    schema: "public".into(),
+                    name: "t".into()
+                },
+                TableName {
+                    schema: "app".into(),
+                    name: "t2".into()
+                },
+            ]
+        );
+        assert_eq!(reads.functions, vec!["app.orders_of".to_owned()]);
+        assert!(reads_of(&json!({"Plan": {}})).is_err());
+        assert!(reads_of(&json!([])).is_err());
+    }
+}
