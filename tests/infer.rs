@@ -406,3 +406,53 @@ async fn a_query_calling_now_or_random_needs_a_ttl_or_refresh_interval() {
     }
     db.cleanup().await;
 }
+
+/// A function of the application's own that may read tables (PL/pgSQL, STABLE) hides them from the plan:
+/// without depends_on that is refused, naming the function; with depends_on it runs.
+#[tokio::test]
+async fn a_function_that_may_read_tables_needs_depends_on() {
+    let db = database(
+        "CREATE TABLE products (id int PRIMARY KEY, name text NOT NULL);
+CREATE TABLE reviews (id int PRIMARY KEY, product_id int NOT NULL, stars int NOT NULL);
+CREATE FUNCTION rating(p int) RETURNS numeric STABLE LANGUAGE plpgsql AS
+  $$ BEGIN RETURN (SELECT avg(stars) FROM reviews WHERE product_id = p); END $$;
+INSERT INTO products VALUES (1, 'lamp');
+INSERT INTO reviews VALUES (1, 1, 4);
+CREATE PUBLICATION kck_test FOR TABLE products, reviews;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let query = "SELECT name, rating(id) AS rating FROM products WHERE id = $1";
+    let inferred = format!(
+        r#"
+  - name: product
+    key: "product/{{id:int}}"
+    shape: row
+    query: "{query}"
+"#
+    );
+    let cfg = config(dir.path(), &db.url, "kck_test", &db.name, &inferred);
+    let err = match kck::app::start(cfg, kck::app::RunOptions::default()).await {
+        Ok(_) => panic!("a primer calling a table-reading function started without depends_on"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("calls function public.rating"), "{err}");
+    let declared = format!(
+        "{inferred}    depends_on:\n      - table: products\n        columns: {{ id: id }}\n      - table: reviews\n        columns: {{ id: product_id }}\n"
+    );
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, &declared)).await;
+    assert_eq!(
+        fetch(running.http_addr, "product/1").await,
+        (200, json!({"name": "lamp", "rating": 4.0}))
+    );
+    db.execute_batch("INSERT INTO reviews VALUES (2, 1, 2)").await;
+    eventually_equals(
+        running.http_addr,
+        "product/1",
+        &json!({"name": "lamp", "rating": 3.0}),
+        Duration::from_secs(30),
+    )
+    .await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}

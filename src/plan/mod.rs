@@ -105,8 +105,9 @@ pub enum PlanError {
         entries: String,
     },
     #[error(
-        "primer '{primer}' has no depends_on and its query reads from function {functions}, which may read \
-         tables its plan does not show: give depends_on listing the tables the function reads"
+        "primer '{primer}' has no depends_on and its query calls function {functions}, which may read \
+         tables its plan does not show: give depends_on listing the tables the function reads (or declare \
+         the function IMMUTABLE if it reads none)"
     )]
     Function { primer: String, functions: String },
     #[error(
@@ -350,10 +351,16 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
         reads.column_types.push((table, types));
     }
     // Volatility of the functions the plan calls, from pg_proc: see `volatile_calls`.
+    // and functions of the application's own that may read tables the plan cannot show.
     let mut volatile = Vec::new();
     for call in &reads.calls {
         if is_volatile(client, call).await.map_err(plan_error)? {
             volatile.push(call.clone());
+        }
+        if let Some(f) = may_read_tables(client, call).await.map_err(plan_error)?
+            && !reads.functions.contains(&f)
+        {
+            reads.functions.push(f);
         }
     }
     reads.calls = volatile;
@@ -412,6 +419,29 @@ async fn is_volatile(client: &Client, name: &str) -> Result<bool, tokio_postgres
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// `schema.name` when `call` names a function outside pg_catalog that is not IMMUTABLE (a PL/pgSQL or
+/// not-inlined SQL function may read tables its caller's plan does not show); None for built-ins and for
+/// immutable functions (which promise to read no table).
+async fn may_read_tables(client: &Client, call: &str) -> Result<Option<String>, tokio_postgres::Error> {
+    if call.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+        return Ok(None);
+    }
+    let (schema, func) = match call.split_once('.') {
+        Some((s, f)) => (Some(s), f),
+        None => (None, call),
+    };
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE p.proname = $1 AND ($2::text IS NULL OR n.nspname = $2) \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.provolatile <> 'i' \
+             ORDER BY 1 LIMIT 1",
+            &[&func, &schema],
+        )
+        .await?;
+    Ok(row.map(|r| format!("{}.{func}", r.get::<_, String>(0))))
 }
 
 /// How changes to `table` reach `primer`'s keys, from the plan's scans of it (see [`Inferred`]).
