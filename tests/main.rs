@@ -6,6 +6,7 @@
 mod support;
 
 mod backpressure;
+mod corpus;
 mod docker;
 mod harness;
 mod http;
