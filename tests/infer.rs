@@ -330,6 +330,22 @@ CREATE PUBLICATION kck_test FOR TABLE t, t2;",
         at1,
         "key 1 was refreshed by a change to key 2"
     );
+    // /status says how each table is followed.
+    let (_, status) = crate::support::kck::get_json(&format!("http://{addr}/status")).await;
+    let joined = status["primers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "joined")
+        .unwrap()
+        .clone();
+    assert!(
+        joined["follows"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"table": "public.t2", "how": "columns", "columns": ["t_id → id"]})),
+        "{joined}"
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }

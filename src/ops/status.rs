@@ -131,6 +131,55 @@ pub struct PrimerStatus {
     pub keys: Option<u64>,
     /// Refresh health (a running kck only).
     pub health: Option<PrimerHealth>,
+    /// How a change to each table it follows maps to its keys (in a running kck, after the plan filled
+    /// in what `depends_on` left out: see `kck explain` for the reasons).
+    #[serde(default)]
+    pub follows: Vec<Follows>,
+}
+
+/// One dependency of a primer, as kck runs it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Follows {
+    /// `schema.table`.
+    pub table: String,
+    /// `columns` (the changed row's columns name the key), `lookup` (a query finds the keys) or
+    /// `all_keys` (every cached key of the primer).
+    pub how: String,
+    /// The columns read from the changed row: `column → key parameter` pairs, or the lookup's arguments.
+    #[serde(default)]
+    pub columns: Vec<String>,
+}
+
+impl Follows {
+    pub fn of(primer: &Primer) -> Vec<Follows> {
+        primer
+            .dependencies
+            .iter()
+            .map(|d| match &d.mapping {
+                crate::primer::Mapping::Columns(pairs) => Follows {
+                    table: d.table.to_string(),
+                    how: "columns".into(),
+                    columns: pairs
+                        .iter()
+                        .map(|(i, c)| {
+                            let param = primer.template.params.get(*i).map_or("?", |p| p.name.as_str());
+                            format!("{} → {param}", crate::primer::Ident(c))
+                        })
+                        .collect(),
+                },
+                crate::primer::Mapping::Lookup { args, .. } => Follows {
+                    table: d.table.to_string(),
+                    how: "lookup".into(),
+                    columns: args.clone(),
+                },
+                crate::primer::Mapping::AllKeys => Follows {
+                    table: d.table.to_string(),
+                    how: "all_keys".into(),
+                    columns: Vec::new(),
+                },
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -328,6 +377,7 @@ impl Status {
                 key: p.template.source.clone(),
                 keys,
                 health: Some(health.primer(&p.name)),
+                follows: Follows::of(p),
             })
             .collect();
         let mut status = Status {
@@ -430,6 +480,7 @@ impl Status {
                 key: p.template.source.clone(),
                 keys,
                 health: None,
+                follows: Follows::of(p),
             })
             .collect();
         let mut status = Status {
@@ -565,6 +616,17 @@ impl Status {
             }
             out.push_str(&line);
             out.push('\n');
+            if !p.follows.is_empty() {
+                let follows: Vec<String> = p
+                    .follows
+                    .iter()
+                    .map(|f| match f.how.as_str() {
+                        "all_keys" => format!("{} (every key)", f.table),
+                        _ => format!("{} ({})", f.table, f.columns.join(", ")),
+                    })
+                    .collect();
+                out.push_str(&format!("  {:<24} follows {}\n", "", follows.join("; ")));
+            }
         }
         out.push_str(&format!(
             "jobs           {}\n",
