@@ -349,6 +349,39 @@ pub struct Refresher {
     /// Per-primer successes and failures, for `/status`.
     pub health: RefreshHealth,
     telemetry: Arc<Telemetry>,
+    /// Per primer without a `batch` query: whether its keys are computed many at once through an
+    /// automatic batch ([`auto_batch_sql`]); `Some(false)` once Postgres refused the rewritten query.
+    auto_batch: Vec<Mutex<Option<AutoBatch>>>,
+}
+
+/// The automatic batch of one primer: its SQL once the parameters' types are known, or why not.
+#[derive(Clone)]
+enum AutoBatch {
+    /// Not tried yet.
+    Untried,
+    Ready(Arc<str>),
+    Refused,
+}
+
+/// The SQL that computes many keys of a primer at once, each exactly as the one-key query would: the
+/// wrapped one-key query as a scalar subquery, its `$n` replaced by the `n`th array's element cast to the
+/// parameter's own type (`types`, as Postgres typed the one-key query), over `unnest` of one text array per
+/// parameter `WITH ORDINALITY`. The same expression per key, so the same bytes; the subquery sees the same
+/// snapshot for every key.
+pub fn auto_batch_sql(query: &str, shape: Shape, types: &[String]) -> Option<String> {
+    let replaced = crate::sqlscan::replace_placeholders(query, |n| match types.get(n - 1) {
+        Some(ty) => format!("(k.p{n})::{ty}"),
+        None => format!("${n}"),
+    })
+    .ok()?;
+    let arrays: Vec<String> = (1..=types.len()).map(|n| format!("${n}::text[]")).collect();
+    let columns: Vec<String> = (1..=types.len()).map(|n| format!("p{n}")).collect();
+    Some(format!(
+        "SELECT ({}) FROM unnest({}) WITH ORDINALITY AS k({}, ord) ORDER BY k.ord",
+        wrapped_query(&replaced, shape),
+        arrays.join(", "),
+        columns.join(", ")
+    ))
 }
 
 impl Refresher {
@@ -367,6 +400,16 @@ impl Refresher {
             .primers
             .iter()
             .map(|p| p.policy.concurrency.map(|n| Arc::new(Semaphore::new(n))))
+            .collect();
+        let auto_batch = catalog
+            .primers
+            .iter()
+            .map(|p| {
+                Mutex::new(
+                    (p.policy.batch.is_none() && !p.template.params.is_empty())
+                        .then_some(AutoBatch::Untried),
+                )
+            })
             .collect();
         let pool_size = pool_size.max(1);
         let worker_queries = Semaphore::new(
@@ -390,8 +433,133 @@ impl Refresher {
             limits,
             recent: Mutex::new(VecDeque::new()),
             health: RefreshHealth::default(),
+            auto_batch,
             telemetry,
         })
+    }
+
+    /// Whether key tasks of primer `index` claimed together are computed in one query (its `batch`, or
+    /// the automatic batch unless Postgres refused it).
+    fn batchable(&self, index: usize) -> bool {
+        self.catalog.primers[index].policy.batch.is_some()
+            || self.auto_batch.get(index).is_some_and(|a| {
+                !matches!(
+                    *a.lock().unwrap_or_else(|e| e.into_inner()),
+                    None | Some(AutoBatch::Refused)
+                )
+            })
+    }
+
+    /// Whether primer `index`'s keys are computed through the automatic batch (known once tried).
+    pub fn batches_automatically(&self, index: usize) -> bool {
+        self.auto_batch.get(index).is_some_and(|a| {
+            matches!(
+                *a.lock().unwrap_or_else(|e| e.into_inner()),
+                Some(AutoBatch::Ready(_))
+            )
+        })
+    }
+
+    /// The automatic batch SQL of primer `index`, typed on first use from the one-key query's prepared
+    /// parameters; None (for good) when Postgres cannot run the rewrite (a parameter in `LIMIT`, say).
+    async fn auto_batch(&self, index: usize) -> Result<Option<Arc<str>>, RefreshError> {
+        let Some(cell) = self.auto_batch.get(index) else {
+            return Ok(None);
+        };
+        let state = cell.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match state {
+            None | Some(AutoBatch::Refused) => return Ok(None),
+            Some(AutoBatch::Ready(sql)) => return Ok(Some(sql)),
+            Some(AutoBatch::Untried) => {}
+        }
+        let primer = &self.catalog.primers[index];
+        let client = self.client().await?;
+        let query_error = |source| RefreshError::Query {
+            primer: primer.name.clone(),
+            source,
+        };
+        let one = client
+            .prepare_cached(&wrapped_query(&primer.query, primer.shape))
+            .await
+            .map_err(query_error)?;
+        let mut types = Vec::with_capacity(one.params().len());
+        for ty in one.params() {
+            let row = client
+                .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
+                .await
+                .map_err(query_error)?;
+            types.push(row.get::<_, String>(0));
+        }
+        let next = match auto_batch_sql(&primer.query, primer.shape, &types) {
+            Some(sql) => match client.prepare_cached(&sql).await {
+                Ok(_) => AutoBatch::Ready(sql.into()),
+                // Not the server refusing the SQL (a lost connection): try again next time.
+                Err(e) if e.as_db_error().is_none() => return Err(query_error(e)),
+                Err(e) => {
+                    tracing::info!(primer = %primer.name, reason = %error_text(&e),
+                        "The primer's keys are computed one query each: Postgres cannot run them as one batch.");
+                    AutoBatch::Refused
+                }
+            },
+            None => AutoBatch::Refused,
+        };
+        *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(next.clone());
+        Ok(match next {
+            AutoBatch::Ready(sql) => Some(sql),
+            _ => None,
+        })
+    }
+
+    /// [`Refresher::compute_batch`] through the automatic batch: one query for all `keys`, each entry the
+    /// bytes the one-key query gives.
+    async fn compute_auto_batch(
+        &self,
+        index: usize,
+        sql: &str,
+        keys: &[&Key],
+        label: Lsn,
+    ) -> Result<Vec<Entry>, RefreshError> {
+        let primer = &self.catalog.primers[index];
+        let arrays: Vec<String> = (0..primer.template.params.len())
+            .map(|i| {
+                let values: Vec<String> = keys
+                    .iter()
+                    .map(|k| k.params.get(i).map(param_text).unwrap_or_default())
+                    .collect();
+                pg_text_array(&values)
+            })
+            .collect();
+        let params: Vec<TextParam<'_>> = arrays.iter().map(|a| TextParam(Some(a))).collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        let batch_error = |source| RefreshError::Batch {
+            primer: primer.name.clone(),
+            source,
+        };
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await.map_err(batch_error)?;
+        let rows = client.query(&statement, &refs).await.map_err(batch_error)?;
+        drop(client);
+        if rows.len() != keys.len() {
+            return Err(RefreshError::BatchShape {
+                primer: primer.name.clone(),
+                key_column: "ord".into(),
+            });
+        }
+        let computed_at_ms = now_ms();
+        let expires_at_ms = self.expiry(index);
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let json: Option<String> = row.get(0);
+                Entry {
+                    value: Bytes::from(json.unwrap_or_else(|| "null".to_string())),
+                    lsn: label,
+                    computed_at_ms,
+                    expires_at_ms,
+                }
+            })
+            .collect())
     }
 
     /// Tell the refresher about this process's own replication stream: while it streams, a miss waits
@@ -660,6 +828,12 @@ impl Refresher {
     ) -> Result<Vec<Entry>, RefreshError> {
         let primer = &self.catalog.primers[index];
         let Some(batch) = &primer.policy.batch else {
+            if keys.len() > 1
+                && let Some(sql) = self.auto_batch(index).await?
+            {
+                let label = self.ensure_visible(needed).await?;
+                return self.compute_auto_batch(index, &sql, keys, label).await;
+            }
             let mut out = Vec::with_capacity(keys.len());
             for key in keys {
                 out.push(self.compute(key, needed).await?);
@@ -999,7 +1173,7 @@ impl Refresher {
         let mut batch_at: HashMap<usize, usize> = HashMap::new();
         for (_, _, claim, key, primer) in ranked {
             if let (Some(key), Some(p)) = (key, primer)
-                && self.catalog.primers[p].policy.batch.is_some()
+                && self.batchable(p)
             {
                 let text = match TaskKind::parse(&claim.id) {
                     Ok(TaskKind::Key(text)) => text,

@@ -17,6 +17,8 @@ pub struct SqlScan {
     pub(crate) start: usize,
     /// The end of the statement: trailing whitespace, comments and `;` excluded.
     pub(crate) end: usize,
+    /// Every placeholder: its byte range (`$` to the last digit) and its number.
+    pub(crate) placeholders: Vec<(std::ops::Range<usize>, usize)>,
 }
 
 impl SqlScan {
@@ -33,6 +35,29 @@ impl SqlScan {
     pub fn end(&self) -> usize {
         self.end
     }
+
+    /// Every `$n` outside literals, quoted identifiers and comments: its byte range and `n`.
+    pub fn placeholders(&self) -> &[(std::ops::Range<usize>, usize)] {
+        &self.placeholders
+    }
+}
+
+/// `sql` with each placeholder `$n` replaced by `with(n)` (outside literals, quoted identifiers and
+/// comments), or the scanner's error.
+pub fn replace_placeholders(
+    sql: &str,
+    with: impl Fn(usize) -> String,
+) -> Result<String, (usize, String)> {
+    let scan = scan_sql(sql)?;
+    let mut out = String::with_capacity(sql.len() + 16 * scan.placeholders.len());
+    let mut at = 0;
+    for (range, n) in &scan.placeholders {
+        out.push_str(sql.get(at..range.start).unwrap_or_default());
+        out.push_str(&with(*n));
+        at = range.end;
+    }
+    out.push_str(sql.get(at..).unwrap_or_default());
+    Ok(out)
 }
 
 /// Scan a query: placeholders outside string literals, quoted identifiers, comments and dollar-quoted
@@ -174,6 +199,7 @@ pub fn scan_statements(sql: &str, many: bool) -> Result<Vec<SqlScan>, (usize, St
                         ),
                     ));
                 }
+                scan.placeholders.push((start..i, n));
                 if n > scan.used.len() {
                     scan.used.resize(n, false);
                     scan.max_offset = start;
@@ -279,6 +305,16 @@ pub(crate) fn check_placeholders(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_are_replaced_outside_literals_and_comments() {
+        let sql =
+            "SELECT '$1', \"$1\", $$ $1 $$ -- $1\n, a$1, $1 /* $2 */ + $12 FROM t WHERE x = $2";
+        assert_eq!(
+            replace_placeholders(sql, |n| format!("(k.p{n})")).unwrap(),
+            "SELECT '$1', \"$1\", $$ $1 $$ -- $1\n, a$1, (k.p1) /* $2 */ + (k.p12) FROM t WHERE x = (k.p2)"
+        );
+    }
 
     /// The fuzz target's property on a few thousand deterministic mixes of SQL's tricky pieces: never a
     /// panic, every offset a char boundary inside the text.

@@ -461,7 +461,8 @@ CREATE PUBLICATION kck_test FOR TABLE products, reviews;",
         fetch(running.http_addr, "product/1").await,
         (200, json!({"name": "lamp", "rating": 4.0}))
     );
-    db.execute_batch("INSERT INTO reviews VALUES (2, 1, 2)").await;
+    db.execute_batch("INSERT INTO reviews VALUES (2, 1, 2)")
+        .await;
     eventually_equals(
         running.http_addr,
         "product/1",

@@ -162,7 +162,11 @@ impl Follows {
                     columns: pairs
                         .iter()
                         .map(|(i, c)| {
-                            let param = primer.template.params.get(*i).map_or("?", |p| p.name.as_str());
+                            let param = primer
+                                .template
+                                .params
+                                .get(*i)
+                                .map_or("?", |p| p.name.as_str());
                             format!("{} → {param}", crate::primer::Ident(c))
                         })
                         .collect(),

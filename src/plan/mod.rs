@@ -424,7 +424,10 @@ async fn is_volatile(client: &Client, name: &str) -> Result<bool, tokio_postgres
 /// `schema.name` when `call` names a function outside pg_catalog that is not IMMUTABLE (a PL/pgSQL or
 /// not-inlined SQL function may read tables its caller's plan does not show); None for built-ins and for
 /// immutable functions (which promise to read no table).
-async fn may_read_tables(client: &Client, call: &str) -> Result<Option<String>, tokio_postgres::Error> {
+async fn may_read_tables(
+    client: &Client,
+    call: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
     if call.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
         return Ok(None);
     }
