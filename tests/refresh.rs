@@ -837,6 +837,8 @@ async fn a_primer_concurrency_caps_its_refreshes_in_flight() {
       - table: users
         columns: { id: id }
     concurrency: 1
+    # pg_try_advisory_xact_lock is volatile: kck refuses it without a ttl or refresh_interval.
+    ttl: 1h
 "#;
     let (config, _) = write(dir.path(), &db, primers, "  claim_batch: 1\n", "");
     let config = Config {

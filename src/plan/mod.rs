@@ -403,6 +403,13 @@ async fn is_volatile(client: &Client, name: &str) -> Result<bool, tokio_postgres
     if VOLATILE_KEYWORDS.contains(&name) {
         return Ok(true);
     }
+    // Volatile, but returning void: they change no value (a query made slow on purpose).
+    if matches!(
+        name,
+        "pg_sleep" | "pg_sleep_for" | "pg_sleep_until" | "pg_catalog.pg_sleep"
+    ) {
+        return Ok(false);
+    }
     let (schema, func) = match name.split_once('.') {
         Some((s, f)) => (Some(s), f),
         None => (None, name),
