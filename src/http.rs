@@ -364,12 +364,15 @@ impl IntoResponse for ApiError {
 
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> ApiError {
-        let code = match e {
-            KeyError::UnknownPrimer { .. } => "unknown_primer",
-            KeyError::Shape { .. } => "bad_key",
-            KeyError::ParamType { .. } => "bad_key_parameter",
+        let (status, code) = match e {
+            KeyError::TooLong { .. } => (StatusCode::URI_TOO_LONG, "key_too_long"),
+            KeyError::UnknownPrimer { .. } => (StatusCode::BAD_REQUEST, "unknown_primer"),
+            KeyError::Shape { .. } => (StatusCode::BAD_REQUEST, "bad_key"),
+            KeyError::ParamType { .. } | KeyError::Nul { .. } => {
+                (StatusCode::BAD_REQUEST, "bad_key_parameter")
+            }
         };
-        ApiError::new(StatusCode::BAD_REQUEST, code, e.to_string())
+        ApiError::new(status, code, e.to_string())
     }
 }
 
@@ -400,7 +403,11 @@ fn internal(error: &dyn std::fmt::Display) -> ApiError {
 fn prime_error(e: RefreshError) -> ApiError {
     match e {
         e @ RefreshError::Query { .. } => {
+            tracing::warn!(error = %crate::report::Chain(&e), "A primer's query failed on a miss.");
             ApiError::new(StatusCode::BAD_GATEWAY, "primer_failed", e.to_string())
+        }
+        e @ RefreshError::BadKeyValue { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_key_parameter", e.to_string())
         }
         e => internal(&crate::report::Chain(&e)),
     }

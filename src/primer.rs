@@ -174,6 +174,12 @@ pub struct Key {
 /// A key's text could not be understood.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    #[error("the key is {len} bytes long; keys are at most {MAX_KEY_BYTES} bytes")]
+    TooLong { len: usize },
+    #[error(
+        "key parameter '{param}' of '{key}' holds a NUL character (%00), which Postgres text cannot hold"
+    )]
+    Nul { key: String, param: String },
     #[error("no primer has a key template matching '{key}'")]
     UnknownPrimer { key: String },
     #[error("key '{key}' does not match the template '{template}'")]
@@ -186,6 +192,10 @@ pub enum KeyError {
         value: String,
     },
 }
+
+/// The longest key text kck accepts (bytes, as sent: percent-encoding included). Longer keys are refused
+/// before they reach the store or Postgres.
+pub const MAX_KEY_BYTES: usize = 4096;
 
 /// All primers of a config, indexed for key parsing.
 ///
@@ -266,6 +276,10 @@ impl Catalog {
     /// sign and leading zeros; UUIDs may be upper-case and without hyphens: [`Catalog::render`] gives the
     /// canonical form.
     pub fn parse_key(&self, text: &str) -> Result<Key, KeyError> {
+        // Bounded before anything else: a key is stored, indexed and echoed in messages.
+        if text.len() > MAX_KEY_BYTES {
+            return Err(KeyError::TooLong { len: text.len() });
+        }
         let first = match text.find('/') {
             Some(i) => &text[..i],
             None => text,
@@ -325,6 +339,14 @@ impl Catalog {
                 });
             };
             let value = match percent_decode_str(part).decode_utf8() {
+                // Postgres rejects NUL in text (SQLSTATE 22021): refuse the key rather than store a
+                // key whose every refresh fails.
+                Ok(decoded) if decoded.contains('\0') => {
+                    return Err(KeyError::Nul {
+                        key: text.to_owned(),
+                        param: param.name.clone(),
+                    });
+                }
                 Ok(decoded) => match param.ty {
                     ParamType::Text => Some(ParamValue::Text(decoded.into_owned())),
                     ty => ty.parse_value(&decoded),
@@ -1070,7 +1092,8 @@ mod tests {
     #[test]
     fn property_parse_render_round_trip() {
         let c = sample();
-        let alphabet: Vec<char> = "aZ09/%?# .~-_+\t\n\u{0}\u{7f}éü東😀'\"\\{}"
+        // No NUL: Postgres text cannot hold it, so a key with one is refused (`KeyError::Nul`).
+        let alphabet: Vec<char> = "aZ09/%?# .~-_+\t\n\u{7f}éü東😀'\"\\{}"
             .chars()
             .collect();
         let mut g = Gen(0x9E37_79B9_7F4A_7C15);

@@ -73,6 +73,18 @@ pub enum RefreshError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Postgres refused the key's own value (SQLSTATE class 22: out of range, bad input): the key is not
+    /// kept, since every refresh of it would fail the same way.
+    #[error(
+        "the query of primer '{primer}' refused this key's values (a value out of range or not valid input, \
+         usually the key's own): {}; the key is not cached",
+        error_text(source)
+    )]
+    BadKeyValue {
+        primer: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error(
         "the lookup query of primer '{primer}' (dependency {dependency}) failed: {}",
         error_text(source)
@@ -917,7 +929,17 @@ impl Refresher {
                 // decoded before is visible, so no change falls between the two.
                 self.store.register_key(primer, text).await?;
                 let needed = self.miss_position().await?;
-                let entry = self.compute(key, needed).await?;
+                let entry = match self.compute(key, needed).await {
+                    Ok(entry) => entry,
+                    Err(RefreshError::Query { primer, source })
+                        if source.code().is_some_and(|c| c.code().starts_with("22")) =>
+                    {
+                        // Not kept: its refreshes would fail forever and hold every freshness wait.
+                        self.store.remove_key(&primer, text).await?;
+                        return Err(RefreshError::BadKeyValue { primer, source });
+                    }
+                    Err(e) => return Err(e),
+                };
                 self.stat(key.primer, |s| s.primes += 1);
                 match self.store.store_result(primer, text, entry.clone()).await? {
                     Stored::Written => {

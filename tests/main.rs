@@ -5,6 +5,7 @@
 
 mod support;
 
+mod abuse;
 mod backpressure;
 mod corpus;
 mod docker;
