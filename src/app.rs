@@ -559,13 +559,10 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             app(state, ops::http::router(ops.clone())),
             telemetry.clone(),
         );
-        let mut http_shutdown = shutdown_rx.clone();
+        let http_shutdown = shutdown_rx.clone();
+        let limits = config.http.connection_limits();
         http = Some(tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = http_shutdown.wait_for(|stop| *stop).await;
-                })
-                .await
+            crate::listen::serve(listener, router, limits, http_shutdown).await
         }));
         tracing::info!(%http_addr, roles = %roles, "kck is serving.");
     } else {

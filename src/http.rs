@@ -90,6 +90,28 @@ pub struct HttpConfig {
     /// Origins browsers may call kck from (CORS), such as `https://app.example.com`, or `*`. Default none:
     /// no CORS headers.
     pub cors_origins: Vec<String>,
+    /// The most connections open at once; more wait until one closes. Default 4096.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long an idle keep-alive connection
+    /// stays open. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// The most bytes of request line and headers. Default 64 KiB.
+    pub max_header_bytes: usize,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 << 10;
+
+impl HttpConfig {
+    /// The connection limits for [`crate::listen::serve`].
+    pub fn connection_limits(&self) -> crate::listen::Limits {
+        crate::listen::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -102,6 +124,9 @@ impl Default for HttpConfig {
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             max_wait: DEFAULT_MAX_WAIT,
             cors_origins: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
         }
     }
 }

@@ -50,7 +50,10 @@ pub const LAYERS: &[(&str, &[&str])] = &[
             "invalidate",
         ],
     ),
-    ("serve", &["http", "openapi", "schedule", "jobs", "ops"]),
+    (
+        "serve",
+        &["http", "listen", "openapi", "schedule", "jobs", "ops"],
+    ),
     ("wiring", &["config", "app"]),
     ("commands", &["cli"]),
 ];

@@ -17,6 +17,7 @@ pub mod invalidate;
 pub mod jobs;
 #[cfg(test)]
 mod layers;
+pub mod listen;
 pub mod lsn;
 pub(crate) mod openapi;
 pub mod ops;

@@ -1093,9 +1093,7 @@ mod tests {
     fn property_parse_render_round_trip() {
         let c = sample();
         // No NUL: Postgres text cannot hold it, so a key with one is refused (`KeyError::Nul`).
-        let alphabet: Vec<char> = "aZ09/%?# .~-_+\t\n\u{7f}éü東😀'\"\\{}"
-            .chars()
-            .collect();
+        let alphabet: Vec<char> = "aZ09/%?# .~-_+\t\n\u{7f}éü東😀'\"\\{}".chars().collect();
         let mut g = Gen(0x9E37_79B9_7F4A_7C15);
         for _ in 0..20_000 {
             let primer = g.below(c.primers.len() as u64) as usize;

@@ -591,6 +591,41 @@ impl Loader<'_> {
                 }
             },
         };
+        let max_connections = match section.and_then(|s| s.max_connections.as_ref()) {
+            None => crate::http::DEFAULT_MAX_CONNECTIONS,
+            Some(n) => match usize::try_from(n.value) {
+                Ok(n) if (16..=1_000_000).contains(&n) => n,
+                _ => {
+                    return Err(self.err(
+                        line_of(n),
+                        "http.max_connections",
+                        format!("must be between 16 and 1000000, got {} (keep it below the process's open-file limit, `ulimit -n`)", n.value),
+                    ));
+                }
+            },
+        };
+        let header_read_timeout = duration(
+            section.and_then(|s| s.header_read_timeout.as_ref()),
+            "http.header_read_timeout",
+            crate::http::DEFAULT_HEADER_READ_TIMEOUT,
+        )?;
+        if header_read_timeout.is_zero() {
+            let line = section
+                .and_then(|s| s.header_read_timeout.as_ref())
+                .map_or(1, line_of);
+            return Err(self.err(
+                line,
+                "http.header_read_timeout",
+                "must be more than 0: without it one slow client holds a connection forever"
+                    .to_string(),
+            ));
+        }
+        let max_header_bytes = match section.and_then(|s| s.max_header_bytes.as_ref()) {
+            None => crate::http::DEFAULT_MAX_HEADER_BYTES,
+            Some(b) => parse_size(&b.value.0)
+                .map_err(|m| self.err(line_of(b), "http.max_header_bytes", m))?
+                .max(8 << 10),
+        };
         let mut cors_origins = Vec::new();
         if let Some(list) = section.and_then(|s| s.cors_origins.as_ref()) {
             for (i, o) in list.value.iter().enumerate() {
@@ -614,6 +649,9 @@ impl Loader<'_> {
             wait_timeout,
             max_wait,
             cors_origins,
+            max_connections,
+            header_read_timeout,
+            max_header_bytes,
         })
     }
 

@@ -107,6 +107,9 @@ pub(super) struct RawHttp {
     pub(super) wait_timeout: Option<Spanned<String>>,
     pub(super) max_wait: Option<Spanned<String>>,
     pub(super) cors_origins: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) header_read_timeout: Option<Spanned<String>>,
+    pub(super) max_header_bytes: Option<Spanned<ScalarText>>,
 }
 
 #[derive(Debug, Deserialize)]
