@@ -5,8 +5,18 @@
 use std::io::Write;
 
 use crate::config::Config;
-pub mod check;
 pub mod client;
+
+/// `kck check` for a config file: the checks themselves live in [`crate::ops::check`], where `kck run`
+/// reaches them too.
+pub mod check {
+    pub use crate::ops::check::{Finding, Level, Report, TableFacts, pg_message, primers};
+
+    /// Every check against the database of `config`.
+    pub async fn run(config: &crate::config::Config) -> Report {
+        crate::ops::check::run(&config.source, &config.catalog, config.roles.replication).await
+    }
+}
 pub mod explain;
 pub mod invalidate;
 
