@@ -23,6 +23,7 @@ use crate::pg::{Source, SourceConfig};
 use crate::primer::{Catalog, Mapping, ParamType, Primer, TableName};
 use crate::refresh::{wrapped_lookup, wrapped_query};
 use crate::replication;
+use crate::report::count;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -105,13 +106,17 @@ impl Report {
         );
         if fails + warns == 0 {
             out.push_str(&format!(
-                "check: no problems ({} checks passed, {notes} notes)\n",
-                self.count(Level::Ok)
+                "check: no problems ({} passed, {})\n",
+                count(self.count(Level::Ok) as u64, "check", "checks"),
+                count(notes as u64, "note", "notes"),
             ));
         } else {
             out.push_str(&format!(
-                "check: {} problem(s): {fails} failure(s), {warns} warning(s) ({notes} notes)\n",
-                fails + warns
+                "check: {}: {}, {} ({})\n",
+                count((fails + warns) as u64, "problem", "problems"),
+                count(fails as u64, "failure", "failures"),
+                count(warns as u64, "warning", "warnings"),
+                count(notes as u64, "note", "notes"),
             ));
         }
         out
@@ -819,9 +824,9 @@ async fn primer_query(report: &mut Report, client: &Client, primer: &Primer) {
             Level::Fail,
             topic,
             format!(
-                "its query takes {} parameter(s) but the key template {} has {}: kck binds the key's \
+                "its query takes {} but the key template {} has {}: kck binds the key's \
                  parameters as $1..$n in template order.",
-                params.len(),
+                count(params.len() as u64, "parameter", "parameters"),
                 primer.template.source,
                 template.len()
             ),
@@ -886,9 +891,9 @@ async fn lookups(report: &mut Report, client: &Client, primer: &Primer) {
                 Level::Fail,
                 topic,
                 format!(
-                    "takes {} parameter(s) but lists {} arg(s) ({}): each arg is bound as $1..$n in order.",
-                    raw.params().len(),
-                    args.len(),
+                    "takes {} but lists {} ({}): each arg is bound as $1..$n in order.",
+                    count(raw.params().len() as u64, "parameter", "parameters"),
+                    count(args.len() as u64, "arg", "args"),
                     args.join(", ")
                 ),
             );
