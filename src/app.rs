@@ -1,6 +1,9 @@
 //! The running process: wires the modules together and stops them in order.
 //!
-//! [`start`] opens the store, checks the source ([`replication::preflight`]), starts the replication
+//! [`start`] binds the HTTP port (first: a port in use must not leave a new slot behind), opens the
+//! store, refuses primers `kck check` calls FAIL ([`crate::ops::check::primers`]: a query that does not
+//! prepare, a column a dependency names that the table lacks), checks the source
+//! ([`replication::preflight`]), starts the replication
 //! stream, the visibility prover, the refresh workers and the HTTP server, and returns once the slot is held
 //! and the server listens, or with the first error. [`Running::shutdown`] stops taking requests (in-flight
 //! ones finish), flushes and acknowledges what the stream read, and stops the workers.
@@ -41,6 +44,7 @@ use crate::freshness::Progress;
 use crate::http::{AppState, app};
 use crate::jobs::Jobs;
 use crate::lsn::Lsn;
+use crate::ops::check::{Level, Report};
 use crate::ops::{self, Ops};
 use crate::pg::Source;
 use crate::primer::Catalog;
@@ -85,6 +89,15 @@ pub enum AppError {
     /// A primer's dependencies could not be checked against its query, or would leave keys stale.
     #[error(transparent)]
     Dependencies(#[from] crate::plan::PlanError),
+    /// `kck check` fails on a primer (its query does not prepare, a column it names is missing, ...):
+    /// kck would serve errors or stale values, so it does not start.
+    #[error(
+        "kck does not start: these checks of kck check fail against the live database, so kck would \
+         answer errors or serve stale values:\n{}Fix them and start again (`kck check --config FILE` runs \
+         every check).",
+        report.failures()
+    )]
+    Check { report: Report },
 }
 
 /// Knobs that are not part of the user's config (tests and benchmarks set them).
@@ -238,12 +251,31 @@ enum Slot {
     Standby,
 }
 
+/// Refuse to start with a primer `kck check` calls FAIL ([`crate::ops::check::primers`]: a query or
+/// lookup that does not prepare, a table or column its dependencies name that does not exist, ...), with
+/// check's own words; log its warnings.
+async fn refuse_failing_primers(
+    client: &tokio_postgres::Client,
+    catalog: &Catalog,
+) -> Result<(), AppError> {
+    let report = crate::ops::check::primers(client, catalog).await;
+    for finding in report.findings.iter().filter(|f| f.level == Level::Warn) {
+        tracing::warn!(topic = %finding.topic, "{}", finding.message);
+    }
+    if report.count(Level::Fail) > 0 {
+        return Err(AppError::Check { report });
+    }
+    Ok(())
+}
+
 /// The catalog with every primer's dependencies checked against its query's plan: a primer without
 /// `depends_on` follows every table it reads (at table level), and one whose `depends_on` misses a table
 /// is an error (see [`crate::plan`]).
-async fn follow_what_queries_read(source: &Source, catalog: &Catalog) -> Result<Catalog, AppError> {
-    let client = source.connect().await.map_err(ReplicationError::from)?;
-    let (catalog, followed) = crate::plan::complete(&client, catalog).await?;
+async fn follow_what_queries_read(
+    client: &tokio_postgres::Client,
+    catalog: &Catalog,
+) -> Result<Catalog, AppError> {
+    let (catalog, followed) = crate::plan::complete(client, catalog).await?;
     for f in followed {
         let Some(primer) = catalog.primers.iter().find(|p| p.name == f.primer) else {
             continue;
@@ -298,6 +330,19 @@ async fn take_slot(
 pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppError> {
     check_roles(&config, &options)?;
     let roles = config.roles;
+    // The port first, before anything leaves a trace: a port in use must not leave behind a replication
+    // slot just created (an inactive slot keeps WAL). Connections wait in the backlog until it serves.
+    let listener = if roles.http {
+        let listener = tokio::net::TcpListener::bind(config.http.bind)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: config.http.bind,
+                source,
+            })?;
+        Some(listener)
+    } else {
+        None
+    };
     let shared_store =
         options.shared_store.is_some() || matches!(config.store, StoreConfig::Scylla(_));
     let mut store = match &options.shared_store {
@@ -308,11 +353,15 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         store = (wrap.0)(store);
     }
     let source = Source::new(&config.source).map_err(ReplicationError::from)?;
-    let catalog = Arc::new(if roles.replication {
-        follow_what_queries_read(&source, &config.catalog).await?
-    } else {
-        config.catalog.clone()
-    });
+    let catalog = {
+        let client = source.connect().await.map_err(ReplicationError::from)?;
+        refuse_failing_primers(&client, &config.catalog).await?;
+        Arc::new(if roles.replication {
+            follow_what_queries_read(&client, &config.catalog).await?
+        } else {
+            config.catalog.clone()
+        })
+    };
     let deps = Arc::new(DepIndex::new(catalog.clone()));
     let telemetry = Arc::new(Telemetry::default());
     let stats = Arc::new(StreamStats::default());
@@ -413,7 +462,7 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     }
 
     let (failed_tx, failed) = watch::channel(false);
-    let mut replication = match slot {
+    let replication = match slot {
         None => {
             let mut stop = shutdown_rx.clone();
             tokio::spawn(async move {
@@ -510,20 +559,9 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     )));
     let mut http = None;
     let mut http_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-    if roles.http {
+    if let Some(listener) = listener {
         // Warm before serving, so that the first requests hit.
         schedule::warm(&refresher, config.refresh.workers).await;
-        let listener = match tokio::net::TcpListener::bind(config.http.bind).await {
-            Ok(l) => l,
-            Err(source) => {
-                let _ = shutdown.send(true);
-                let _ = (&mut replication).await;
-                return Err(AppError::Bind {
-                    addr: config.http.bind,
-                    source,
-                });
-            }
-        };
         http_addr = listener.local_addr().map_err(|source| AppError::Bind {
             addr: config.http.bind,
             source,

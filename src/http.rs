@@ -43,7 +43,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -428,7 +428,8 @@ fn internal(error: &dyn std::fmt::Display) -> ApiError {
 fn prime_error(e: RefreshError) -> ApiError {
     match e {
         e @ RefreshError::Query { .. } => {
-            tracing::warn!(error = %crate::report::Chain(&e), "A primer's query failed on a miss.");
+            // The answer says "details in kck's log": here they are, with the cause.
+            tracing::error!(error = %crate::report::Chain(&e), "A primer's query failed in Postgres; answered 502 primer_failed.");
             ApiError::new(StatusCode::BAD_GATEWAY, "primer_failed", e.to_string())
         }
         e @ RefreshError::BadKeyValue { .. } => {
@@ -494,6 +495,9 @@ async fn json_errors(response: Response) -> Response {
         return response;
     }
     let (parts, _) = response.into_parts();
+    if status.is_server_error() {
+        tracing::error!(%status, "Answered {status} from a layer that gave no cause (not one of kck's handlers).");
+    }
     let code = match status {
         StatusCode::NOT_FOUND => "not_found",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
@@ -534,6 +538,7 @@ async fn request_timeout(State(t): State<Timeouts>, request: Request, next: Next
     });
     let limit = if waits { t.request + t.wait } else { t.request };
     let update = request.method() == Method::POST && request.uri().path().starts_with("/update/");
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => {
@@ -547,6 +552,7 @@ async fn request_timeout(State(t): State<Timeouts>, request: Request, next: Next
                     "; the update goes on in the background and may still commit: check before retrying it",
                 );
             }
+            tracing::warn!(method = %method, path = %path, "Answered 504 timeout: {message}.");
             ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).into_response()
         }
     }
@@ -761,20 +767,18 @@ impl AppState {
                     .map_or_else(|| "none".to_owned(), |f| f.to_string())
             )
         };
-        let mut error = ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "not_fresh",
-            format!(
-                "'{text}' does not reflect {min} after {}: {stream}",
-                humantime::format_duration(timeout)
-            ),
-        )
-        .with("key", text)
-        .with("min_lsn", min.to_string())
-        .with(
-            "entry_lsn",
-            entry_lsn.map_or(serde_json::Value::Null, |l| l.to_string().into()),
+        let message = format!(
+            "'{text}' does not reflect {min} after {}: {stream}",
+            humantime::format_duration(timeout)
         );
+        tracing::warn!(key = %text, min_lsn = %min, "Answered 504 not_fresh: {message}.");
+        let mut error = ApiError::new(StatusCode::GATEWAY_TIMEOUT, "not_fresh", message)
+            .with("key", text)
+            .with("min_lsn", min.to_string())
+            .with(
+                "entry_lsn",
+                entry_lsn.map_or(serde_json::Value::Null, |l| l.to_string().into()),
+            );
         error.details.extend(lag.to_json(min));
         error
     }
@@ -820,6 +824,7 @@ fn not_cached(text: &str) -> ApiError {
 }
 
 fn shutting_down() -> ApiError {
+    tracing::info!("Answered 503 shutting_down: a request was waiting when kck began to stop.");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "shutting_down",
@@ -1010,56 +1015,111 @@ struct FetchManyRequest {
     keys: Vec<String>,
 }
 
-/// One key's answer in `POST /fetch`.
-#[derive(Debug, Serialize)]
-struct FetchManyItem {
-    status: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<Box<RawValue>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lsn: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    etag: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    computed_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cache: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<serde_json::Value>,
+/// One key's answer in `POST /fetch`. Written by hand ([`FetchManyItem::write_json`]) rather than through
+/// `serde_json::Value`, so that the cached value is spliced in as the bytes the primer stored: a `Value`
+/// would round numbers to f64 and sort object keys.
+#[derive(Debug)]
+enum FetchManyItem {
+    Entry {
+        /// The stored JSON, exactly as stored.
+        value: Bytes,
+        lsn: String,
+        etag: String,
+        computed_at: String,
+        cache: &'static str,
+    },
+    Error {
+        status: u16,
+        /// The `error` object of the [`ApiError`].
+        error: serde_json::Value,
+    },
 }
 
 impl FetchManyItem {
     fn error(e: ApiError) -> FetchManyItem {
         let status = e.status.as_u16();
-        let error = e.body().get("error").cloned();
-        FetchManyItem {
-            status,
-            value: None,
-            lsn: None,
-            etag: None,
-            computed_at: None,
-            cache: None,
-            error,
-        }
+        let error = e.body().get("error").cloned().unwrap_or_default();
+        FetchManyItem::Error { status, error }
     }
 
     fn entry(entry: Entry, cache: &'static str) -> FetchManyItem {
-        let value = String::from_utf8(entry.value.to_vec())
-            .ok()
-            .and_then(|s| RawValue::from_string(s).ok());
-        let Some(value) = value else {
+        // Checked without building anything (a borrowed `RawValue`), so that one broken value cannot make
+        // the whole answer invalid JSON.
+        if serde_json::from_slice::<&RawValue>(&entry.value).is_err() {
             return FetchManyItem::error(internal(&"a cached value is not valid JSON"));
-        };
-        FetchManyItem {
-            status: 200,
-            etag: Some(etag_of(&entry)),
-            lsn: Some(entry.lsn.to_string()),
-            computed_at: Some(computed_at(&entry)),
-            value: Some(value),
-            cache: Some(cache),
-            error: None,
+        }
+        FetchManyItem::Entry {
+            etag: etag_of(&entry),
+            lsn: entry.lsn.to_string(),
+            computed_at: computed_at(&entry),
+            cache,
+            value: entry.value,
         }
     }
+
+    /// `{"status": 200, "value": <stored bytes>, "lsn", "etag", "computed_at", "cache"}` or
+    /// `{"status": 4xx, "error": {...}}`.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            FetchManyItem::Entry {
+                value,
+                lsn,
+                etag,
+                computed_at,
+                cache,
+            } => {
+                out.extend_from_slice(b"{\"status\":200,\"value\":");
+                out.extend_from_slice(value);
+                for (name, text) in [
+                    ("lsn", lsn.as_str()),
+                    ("etag", etag.as_str()),
+                    ("computed_at", computed_at.as_str()),
+                    ("cache", cache),
+                ] {
+                    out.extend_from_slice(b",\"");
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\":");
+                    write_json_string(out, text);
+                }
+                out.push(b'}');
+            }
+            FetchManyItem::Error { status, error } => {
+                out.extend_from_slice(format!("{{\"status\":{status},\"error\":").as_bytes());
+                // Writing a `Value` into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, error);
+                out.push(b'}');
+            }
+        }
+    }
+}
+
+/// `text` as a JSON string.
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// The body of `POST /fetch`: `{"results": {key: item, ...}}`, values spliced in as stored.
+fn fetch_many_body(results: &BTreeMap<String, FetchManyItem>) -> Vec<u8> {
+    let size: usize = results
+        .values()
+        .map(|item| match item {
+            FetchManyItem::Entry { value, .. } => value.len() + 160,
+            FetchManyItem::Error { .. } => 200,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(16 + size);
+    out.extend_from_slice(b"{\"results\":{");
+    for (i, (key, item)) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_string(&mut out, key);
+        out.push(b':');
+        item.write_json(&mut out);
+    }
+    out.extend_from_slice(b"}}");
+    out
 }
 
 /// How many keys of one `POST /fetch` are looked up at once.
@@ -1133,7 +1193,14 @@ async fn fetch_many(
         .buffer_unordered(BATCH_CONCURRENCY)
         .collect()
         .await;
-    Ok(axum::Json(serde_json::json!({ "results": results })).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        fetch_many_body(&results),
+    )
+        .into_response())
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1224,11 +1291,14 @@ fn update_error(e: UpdateError) -> ApiError {
             "the transaction conflicted with concurrent ones and was rolled back after several attempts; \
              nothing was written, retry",
         ),
-        (_, "57014") => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            "the update ran longer than http.request_timeout and was rolled back; nothing was written",
-        ),
+        (_, "57014") => {
+            tracing::warn!(error = %crate::report::Chain(&e), "Answered 504 timeout: an updater ran longer than http.request_timeout and was rolled back.");
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "the update ran longer than http.request_timeout and was rolled back; nothing was written",
+            )
+        }
         ("08" | "53" | "57", _) => {
             tracing::warn!(error = %crate::report::Chain(&e), "Update failed: the database is unavailable.");
             ApiError::new(
@@ -1519,6 +1589,54 @@ primers:
         assert_eq!(
             get("/healthz", None).await.expect("answer").status(),
             StatusCode::OK
+        );
+
+        // Issue 16: the batch answer splices the stored bytes in, digits and key order kept.
+        let odd = Bytes::from_static(
+            br#"{"name":"b","id":9007199254740993,"r":4.6666666666666666666666667}"#,
+        );
+        store
+            .store_result(
+                "user",
+                "user/3",
+                Entry {
+                    value: odd.clone(),
+                    lsn: "0/16B3748".parse().expect("lsn"),
+                    computed_at_ms: crate::clock::now_ms(),
+                    expires_at_ms: None,
+                },
+            )
+            .await
+            .expect("stored");
+        let single = get("/fetch/user/3", None).await.expect("answer");
+        let etag = single
+            .headers()
+            .get(header::ETAG)
+            .cloned()
+            .expect("an ETag");
+        let request = Request::post("/fetch")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"keys": ["user/3", "user/x"]}"#))
+            .expect("request");
+        let batch = router.clone().oneshot(request).await.expect("answer");
+        assert_eq!(batch.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(batch.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let text = std::str::from_utf8(&body).expect("UTF-8");
+        let prefix = format!(
+            r#"{{"results":{{"user/3":{{"status":200,"value":{},"lsn":"0/16B3748","etag":{:?},"#,
+            std::str::from_utf8(&odd).expect("UTF-8"),
+            etag.to_str().expect("ASCII"),
+        );
+        assert!(
+            text.starts_with(&prefix),
+            "{text}\nnot starting with\n{prefix}"
+        );
+        let json: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
+        assert_eq!(
+            json["results"]["user/x"]["error"]["code"],
+            "bad_key_parameter"
         );
     }
 

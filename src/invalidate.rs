@@ -47,8 +47,8 @@ pub enum Mode {
 pub enum InvalidateError {
     #[error(transparent)]
     Key(#[from] KeyError),
-    #[error("no primer is named '{0}'")]
-    UnknownPrimer(String),
+    #[error("no primer is named '{0}' (primers: {1})")]
+    UnknownPrimer(String, String),
     #[error(
         "give exactly one of \"key\", \"primer\" or \"prefix\" (a non-empty prefix), such as \
          {{\"primer\": \"orders_by_user\", \"mode\": \"drop\"}}"
@@ -94,7 +94,18 @@ impl<'a> KeyPages<'a> {
             }
             Target::Primer(name) => match refresher.catalog.primer(name) {
                 Some((_, p)) => pages.primers.push(p.name.clone()),
-                None => return Err(InvalidateError::UnknownPrimer(name.clone())),
+                None => {
+                    let known: Vec<&str> = refresher
+                        .catalog
+                        .primers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect();
+                    return Err(InvalidateError::UnknownPrimer(
+                        name.clone(),
+                        known.join(", "),
+                    ));
+                }
             },
             Target::Prefix(prefix) => {
                 pages.primers = refresher

@@ -11,6 +11,7 @@ use kck::app::{self, RunOptions};
 use kck::cli;
 use kck::config::{Config, Roles, StoreConfig};
 use kck::invalidate::{self, Mode};
+use kck::report::count;
 
 /// kck: a cache that Postgres logical replication keeps fresh, served over HTTP.
 #[derive(Debug, Parser)]
@@ -211,8 +212,13 @@ fn error_text(e: &anyhow::Error) -> String {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a log file or a pipe gets plain text (and NO_COLOR is
+    // honoured).
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -292,18 +298,22 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let config = Config::load(&config)?;
             for primer in &config.catalog.primers {
                 println!(
-                    "primer {}: key {}, {} dependencies",
+                    "primer {}: key {}, {}",
                     primer.name,
                     primer.template.source,
-                    primer.dependencies.len()
+                    count(
+                        primer.dependencies.len() as u64,
+                        "dependency",
+                        "dependencies"
+                    )
                 );
             }
             for updater in &config.updaters {
                 println!(
-                    "updater {}: {} parameters, {} statements",
+                    "updater {}: {}, {}",
                     updater.name,
-                    updater.params.len(),
-                    updater.statements.len()
+                    count(updater.params.len() as u64, "parameter", "parameters"),
+                    count(updater.statements.len() as u64, "statement", "statements")
                 );
             }
             if let Some(jwt) = &config.auth.jwt {
@@ -345,7 +355,12 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let answer =
                 cli::invalidate::call(&base, "/invalidate", &request, token.as_deref()).await?;
             let done = if drop { "dropped" } else { "invalidated" };
-            println!("{done} {} key(s)", answer.keys);
+            let keys = count(answer.keys, "key", "keys");
+            if answer.keys == 0 {
+                println!("{done} {keys}: nothing matching was cached");
+            } else {
+                println!("{done} {keys}");
+            }
             Ok(true)
         }
         Command::Refresh {
@@ -364,7 +379,19 @@ async fn run(command: Command) -> anyhow::Result<bool> {
             let base = url.unwrap_or_else(|| cli::invalidate::base_url(config.http.bind));
             let answer =
                 cli::invalidate::call(&base, "/refresh", &request, token.as_deref()).await?;
-            println!("queued a refresh of {} key(s)", answer.keys);
+            if answer.keys == 0 {
+                // Nothing was queued: say why, and fail, so that a script notices.
+                let what = match (&request.key, &request.primer) {
+                    (Some(key), _) => format!(
+                        "'{key}' is not cached (a fetch computes it; only cached keys are refreshed)"
+                    ),
+                    (_, Some(primer)) => format!("primer '{primer}' has no cached keys"),
+                    _ => "nothing matching is cached".to_owned(),
+                };
+                eprintln!("kck: nothing to refresh: {what}");
+                return Ok(false);
+            }
+            println!("queued a refresh of {}", count(answer.keys, "key", "keys"));
             Ok(true)
         }
     }

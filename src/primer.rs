@@ -180,8 +180,12 @@ pub enum KeyError {
         "key parameter '{param}' of '{key}' holds a NUL character (%00), which Postgres text cannot hold"
     )]
     Nul { key: String, param: String },
-    #[error("no primer has a key template matching '{key}'")]
-    UnknownPrimer { key: String },
+    #[error("no primer has a key template matching '{key}' (the key templates: {known})")]
+    UnknownPrimer {
+        key: String,
+        /// The catalog's key templates ([`Catalog::templates`]).
+        known: String,
+    },
     #[error("key '{key}' does not match the template '{template}'")]
     Shape { key: String, template: String },
     #[error("key parameter '{param}' of '{key}' must be {expected}, got '{value}'")]
@@ -269,6 +273,26 @@ impl Catalog {
         tables
     }
 
+    /// The key templates, for an error that names what a key could be: `user/{id:int}, orders/{id:int}`
+    /// (the first 20, then how many more).
+    pub fn templates(&self) -> String {
+        const SHOWN: usize = 20;
+        let mut text = self
+            .primers
+            .iter()
+            .take(SHOWN)
+            .map(|p| p.template.source.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.primers.len() > SHOWN {
+            text.push_str(&format!(" and {} more", self.primers.len() - SHOWN));
+        }
+        if text.is_empty() {
+            text.push_str("none: the config has no primers");
+        }
+        text
+    }
+
     /// Parse key text (as in `/fetch/{key}`, percent-encoded parameter values) into a typed key.
     ///
     /// The text is split on `/` (before percent-decoding, so an encoded `%2F` stays inside its value) and
@@ -287,6 +311,7 @@ impl Catalog {
         let Some(candidates) = self.by_first.get(first) else {
             return Err(KeyError::UnknownPrimer {
                 key: text.to_owned(),
+                known: self.templates(),
             });
         };
         let segment_count = 1 + text.bytes().filter(|&b| b == b'/').count();
@@ -325,6 +350,7 @@ impl Catalog {
         let Some(template) = self.primers.get(primer).map(|p| &p.template) else {
             return Err(KeyError::UnknownPrimer {
                 key: text.to_owned(),
+                known: self.templates(),
             });
         };
         let mut params = Vec::with_capacity(template.params.len());
@@ -979,17 +1005,22 @@ mod tests {
         assert_eq!(
             c.parse_key("nope/1"),
             Err(KeyError::UnknownPrimer {
-                key: "nope/1".into()
+                key: "nope/1".into(),
+                known: c.templates(),
             })
         );
         assert_eq!(
             c.parse_key(""),
-            Err(KeyError::UnknownPrimer { key: "".into() })
+            Err(KeyError::UnknownPrimer {
+                key: "".into(),
+                known: c.templates(),
+            })
         );
         assert_eq!(
             c.parse_key("/orders_by_user/1"),
             Err(KeyError::UnknownPrimer {
-                key: "/orders_by_user/1".into()
+                key: "/orders_by_user/1".into(),
+                known: c.templates(),
             })
         );
         for (text, template) in [

@@ -25,9 +25,23 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
+/// `1 key`, `2 keys`: a count with its noun in the right number (`plural` is the noun for any count but
+/// one).
+pub fn count(n: impl Into<u64>, one: &str, plural: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { plural })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_say_one_thing_and_two_things() {
+        assert_eq!(count(1u32, "key", "keys"), "1 key");
+        assert_eq!(count(0u32, "key", "keys"), "0 keys");
+        assert_eq!(count(2u64, "dependency", "dependencies"), "2 dependencies");
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("cannot open the store at /x")]

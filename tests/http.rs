@@ -878,6 +878,130 @@ async fn batch_fetch_answers_each_key_with_its_own_status() {
     db.cleanup().await;
 }
 
+/// Issue 16: every route serves a value as the primer stored it, byte for byte: a numeric that does not fit
+/// an f64 keeps its digits, an object keeps its key order (a `serde_json::Value` on the way would round
+/// the one and sort the other), and the batch answer carries the same ETag as the single fetch.
+#[tokio::test]
+async fn every_route_serves_the_stored_bytes() {
+    const RATINGS: &str = r#"
+CREATE TABLE ratings (sku text PRIMARY KEY, rating numeric NOT NULL, big bigint NOT NULL, name text,
+                      email text);
+INSERT INTO ratings VALUES ('SKU-1', 4.6666666666666666666666667, 9007199254740993, 'ada', 'a@x.org');
+CREATE PUBLICATION kck_test FOR TABLE ratings;
+"#;
+    const PRIMERS: &str = r#"
+  - name: rating
+    key: "rating/{sku}"
+    shape: row
+    query: "SELECT sku, rating, big, name, email FROM ratings WHERE sku = $1"
+    depends_on:
+      - table: ratings
+        columns: { sku: sku }
+  - name: rating_value
+    key: "rating_value/{sku}"
+    shape: value
+    query: "SELECT rating FROM ratings WHERE sku = $1"
+    depends_on:
+      - table: ratings
+        columns: { sku: sku }
+"#;
+    #[derive(serde::Deserialize)]
+    struct Item {
+        value: Box<serde_json::value::RawValue>,
+        etag: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        results: std::collections::BTreeMap<String, Item>,
+    }
+    let db = database(RATINGS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS, "");
+    let running = start(crate::support::kck::load(&path)).await;
+    let http = Http::new(&running);
+    let keys = ["rating/SKU-1", "rating_value/SKU-1"];
+    let mut stored = Vec::new();
+    let mut etags = Vec::new();
+    for key in keys {
+        let single = http.get(&format!("/fetch/{key}")).await;
+        assert_eq!(single.status, 200, "{}", single.text);
+        let entry = running
+            .store
+            .get(key)
+            .await
+            .unwrap()
+            .expect("cached by the fetch");
+        let bytes = String::from_utf8(entry.value.to_vec()).unwrap();
+        assert!(
+            bytes.contains("4.6666666666666666666666667"),
+            "Postgres's digits: {bytes}"
+        );
+        assert_eq!(single.text, bytes, "GET /fetch/{key}");
+        etags.push(single.header("etag").to_owned());
+        stored.push(bytes);
+    }
+    assert!(
+        stored[0].contains("9007199254740993")
+            && stored[0].find("\"sku\"") < stored[0].find("\"big\""),
+        "a big integer and keys in column order, not sorted: {}",
+        stored[0]
+    );
+    // Again, now a hit: the same bytes.
+    assert_eq!(http.get("/fetch/rating/SKU-1").await.text, stored[0]);
+
+    let batch = http.post("/fetch", json!({"keys": keys})).await;
+    assert_eq!(batch.status, 200, "{}", batch.text);
+    let batch: Batch = serde_json::from_str(&batch.text).expect("the batch answer is JSON");
+    for (i, key) in keys.iter().enumerate() {
+        let item = &batch.results[*key];
+        assert_eq!(item.value.get(), stored[i], "POST /fetch {key}");
+        assert_eq!(item.etag, etags[i], "POST /fetch {key}: the same ETag");
+    }
+
+    for (i, key) in keys.iter().enumerate() {
+        let entry = http.get(&format!("/cache/entry/{key}")).await;
+        assert_eq!(entry.status, 200, "{}", entry.text);
+        let entry: kck::ops::http::EntryDocument = serde_json::from_str(&entry.text).unwrap();
+        assert_eq!(entry.value.get(), stored[i], "GET /cache/entry/{key}");
+    }
+
+    // `kck get`, through the running kck, then (stopped) from the store itself.
+    let kck_get = |key: &'static str, url: String| {
+        let path = path.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+                .args(["get", key, "--url", &url, "--config"])
+                .arg(&path)
+                .env("KCK_LOG", "warn")
+                .output()
+                .await
+                .expect("run kck get");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let entry: kck::ops::http::EntryDocument =
+                serde_json::from_slice(&out.stdout).expect("kck get prints JSON");
+            entry.value.get().to_owned()
+        }
+    };
+    let base = format!("http://{}", running.http_addr);
+    assert_eq!(
+        kck_get("rating/SKU-1", base.clone()).await,
+        stored[0],
+        "kck get"
+    );
+    running.stop().await.unwrap();
+    let nobody = format!("http://127.0.0.1:{}", crate::support::kck::free_port());
+    assert_eq!(
+        kck_get("rating/SKU-1", nobody).await,
+        stored[0],
+        "kck get from the store"
+    );
+    db.cleanup().await;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Server hygiene
 

@@ -17,5 +17,6 @@ mod orm;
 mod pipeline;
 mod refresh;
 mod standby;
+mod start;
 mod store_cli;
 mod tls;

@@ -228,7 +228,7 @@ async fn check_reports_every_problem_with_its_fix_and_passes_a_good_setup() {
     let config = path.to_str().unwrap();
     let out = kck(&["check", "--config", config]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stdout(&out).contains("0 failure(s), 1 warning(s)"));
+    assert!(stdout(&out).contains("1 problem: 0 failures, 1 warning"));
     let out = kck(&["check", "--config", config, "--warnings-ok"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     db.execute_batch("ALTER TABLE orders REPLICA IDENTITY FULL")

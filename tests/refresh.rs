@@ -383,7 +383,7 @@ async fn cli_refresh_and_invalidate_ask_the_running_server() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "queued a refresh of 1 key(s)"
+        "queued a refresh of 1 key"
     );
     eventually("rated/1 refreshed from the CLI", TIMEOUT, || async {
         rate_of(addr, "rated/1").await == json!(4)
@@ -392,6 +392,21 @@ async fn cli_refresh_and_invalidate_ask_the_running_server() {
     // Only the key asked for (rated/2 still has the old value).
     wait_drained(&running, &db.client().await, TIMEOUT).await;
     assert_eq!(rate_of(addr, "rated/2").await, json!(1));
+
+    // A key that is not cached: nothing is queued, and the command says so and fails.
+    let out = tokio::task::spawn_blocking({
+        let mut c = kck(&["refresh", "rated/999"]);
+        move || c.output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("nothing to refresh: 'rated/999' is not cached"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = tokio::task::spawn_blocking({
         let mut c = kck(&["refresh", "--primer", "rated"]);
@@ -422,7 +437,7 @@ async fn cli_refresh_and_invalidate_ask_the_running_server() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "dropped 2 key(s)"
+        "dropped 2 keys"
     );
     assert!(!running.store.is_registered("rated/1").await.unwrap());
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
+use crate::ops::http::EntryDocument;
 use crate::ops::status::Status;
 
 /// Talking to kck failed.
@@ -131,7 +132,7 @@ impl KckClient {
     }
 
     /// `GET /cache/entry/{key}`: `None` when the key is not cached.
-    pub async fn entry(&self, key: &str) -> Result<Option<serde_json::Value>, ClientError> {
+    pub async fn entry(&self, key: &str) -> Result<Option<EntryDocument>, ClientError> {
         self.get(&format!("/cache/entry/{key}")).await
     }
 

@@ -127,7 +127,7 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
 
 /// The table's replica identity, and the `ALTER TABLE` when the mapping needs old values it does not send.
 async fn identity(client: &Client, table: &TableName, mapping: &Mapping) -> Option<String> {
-    let facts = super::check::table_facts(client, table).await.ok()??;
+    let facts = crate::ops::check::table_facts(client, table).await.ok()??;
     let name = match facts.identity {
         'f' => "FULL",
         'd' => "DEFAULT (the primary key)",

@@ -3,14 +3,24 @@
 //! exit code), or an error that says what to do.
 
 use std::io::Write;
-use std::time::{Duration, UNIX_EPOCH};
 
 use crate::config::Config;
-pub mod check;
 pub mod client;
+
+/// `kck check` for a config file: the checks themselves live in [`crate::ops::check`], where `kck run`
+/// reaches them too.
+pub mod check {
+    pub use crate::ops::check::{Finding, Level, Report, TableFacts, pg_message, primers};
+
+    /// Every check against the database of `config`.
+    pub async fn run(config: &crate::config::Config) -> Report {
+        crate::ops::check::run(&config.source, &config.catalog, config.roles.replication).await
+    }
+}
 pub mod explain;
 pub mod invalidate;
 
+use crate::ops::http::EntryDocument;
 use crate::ops::size::format_bytes;
 use crate::ops::slot::{Dropped, drop_configured_slot};
 use crate::ops::status::Status;
@@ -156,31 +166,17 @@ pub async fn get(config: &Config, key: &str, url: Option<&str>) -> Result<bool, 
         Ok(entry) => entry,
         Err(ClientError::Unreachable { .. }) => {
             let store = open_existing_store(config).await?;
-            match store.get(&canonical).await.map_err(CliError::Store)? {
-                Some(entry) => {
-                    let value: serde_json::Value = serde_json::from_slice(&entry.value)
-                        .unwrap_or_else(|_| {
-                            String::from_utf8_lossy(&entry.value).into_owned().into()
-                        });
-                    let computed =
-                        UNIX_EPOCH + Duration::from_millis(entry.computed_at_ms.max(0) as u64);
-                    Some(serde_json::json!({
-                        "key": canonical,
-                        "lsn": entry.lsn.to_string(),
-                        "computed_at": humantime::format_rfc3339_millis(computed).to_string(),
-                        "expires_at_ms": entry.expires_at_ms,
-                        "value": value,
-                    }))
-                }
-                None => None,
-            }
+            store
+                .get(&canonical)
+                .await
+                .map_err(CliError::Store)?
+                .map(|entry| EntryDocument::new(canonical.clone(), &entry))
         }
         Err(e) => return Err(e.into()),
     };
     match entry {
         Some(entry) => {
-            let text = serde_json::to_string_pretty(&entry).unwrap_or_default();
-            writeln!(std::io::stdout().lock(), "{text}")?;
+            writeln!(std::io::stdout().lock(), "{}", entry.to_pretty())?;
             Ok(true)
         }
         None => {

@@ -21,8 +21,9 @@ use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use crate::http::{ApiError, Routes};
 use crate::ops::Ops;
@@ -269,18 +270,58 @@ async fn entry(State(ops): State<Arc<Ops>>, uri: Uri) -> Result<Response, ApiErr
             },
         ));
     };
-    let value: serde_json::Value = serde_json::from_slice(&entry.value).unwrap_or_else(|_| {
-        serde_json::Value::String(String::from_utf8_lossy(&entry.value).into())
-    });
-    let computed = UNIX_EPOCH + Duration::from_millis(entry.computed_at_ms.max(0) as u64);
-    Ok(axum::Json(json!({
-        "key": canonical,
-        "lsn": entry.lsn.to_string(),
-        "computed_at": humantime::format_rfc3339_millis(computed).to_string(),
-        "expires_at_ms": entry.expires_at_ms,
-        "value": value,
-    }))
-    .into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        EntryDocument::new(canonical, &entry).to_json(),
+    )
+        .into_response())
+}
+
+/// What `GET /cache/entry/{key}` answers and `kck get` prints: `{"key", "lsn", "computed_at",
+/// "expires_at_ms", "value"}`, the value spliced in as the primer stored it (never through
+/// `serde_json::Value`, which would round numbers to f64 and sort object keys).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EntryDocument {
+    pub key: String,
+    pub lsn: String,
+    pub computed_at: String,
+    pub expires_at_ms: Option<i64>,
+    pub value: Box<RawValue>,
+}
+
+impl EntryDocument {
+    /// The document of a stored entry. A value that is not JSON (a corrupt store) is shown as a string.
+    pub fn new(key: String, entry: &crate::store::Entry) -> EntryDocument {
+        let computed = UNIX_EPOCH + Duration::from_millis(entry.computed_at_ms.max(0) as u64);
+        let value = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|text| RawValue::from_string(text.to_owned()).ok())
+            .unwrap_or_else(|| {
+                let text = String::from_utf8_lossy(&entry.value);
+                serde_json::value::to_raw_value(&text).unwrap_or_default()
+            });
+        EntryDocument {
+            key,
+            lsn: entry.lsn.to_string(),
+            computed_at: humantime::format_rfc3339_millis(computed).to_string(),
+            expires_at_ms: entry.expires_at_ms,
+            value,
+        }
+    }
+
+    /// Compact JSON (the raw value as it is).
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Indented JSON for people; the value itself is written as stored (serde_json writes a raw value
+    /// verbatim, even when pretty-printing).
+    pub fn to_pretty(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
 }
 
 fn store_error(error: &dyn std::fmt::Display) -> ApiError {

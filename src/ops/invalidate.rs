@@ -17,7 +17,7 @@ impl From<InvalidateError> for ApiError {
     fn from(e: InvalidateError) -> ApiError {
         match e {
             InvalidateError::Key(e) => e.into(),
-            InvalidateError::UnknownPrimer(_) => {
+            InvalidateError::UnknownPrimer(..) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "unknown_primer", e.to_string())
             }
             InvalidateError::NoTarget => {

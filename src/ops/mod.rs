@@ -18,6 +18,7 @@
 //! **Architecture invariant:** `ops` observes; the only thing it changes is the slot, and only when told to
 //! (`kck slot drop`, or `source.on_slot_lost: recreate`).
 
+pub mod check;
 pub mod http;
 pub mod invalidate;
 pub mod monitor;

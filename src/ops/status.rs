@@ -573,8 +573,8 @@ impl Status {
         }
         match &self.queue {
             Some(q) => out.push_str(&format!(
-                "queue          {} tasks ({} in progress), oldest {}\n",
-                q.depth,
+                "queue          {} ({} in progress), oldest {}\n",
+                crate::report::count(q.depth, "task", "tasks"),
                 q.claimed,
                 q.oldest_age_seconds
                     .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s old"))
@@ -606,7 +606,9 @@ impl Status {
         out.push_str("primers\n");
         for p in &self.primers {
             let keys = p.keys.map_or_else(|| "?".to_string(), |k| k.to_string());
-            let mut line = format!("  {:<24} {:>8} keys  {}", p.name, keys, p.key);
+            // "key " keeps the column of the templates where it is.
+            let word = if p.keys == Some(1) { "key " } else { "keys" };
+            let mut line = format!("  {:<24} {:>8} {word}  {}", p.name, keys, p.key);
             if let Some(h) = &p.health {
                 if h.consecutive_failures > 0 {
                     line.push_str(&format!(

@@ -1,6 +1,10 @@
 //! `kck check`: everything about the live database that would stop kck, make it wrong or make it costly,
 //! reported at once before anything runs, one line per finding, each problem with its fix.
 //!
+//! It lives in `ops` (not in `cli`) because `kck run` runs part of it too: [`primers`], the checks of
+//! each primer against the live database, whose failures `app::start` refuses to serve with (a query that
+//! does not prepare, a `depends_on` naming a column the table does not have).
+//!
 //! It uses the same checks as start-up ([`crate::replication`]'s `check_*` and `read_*` functions), and
 //! adds what start-up only finds out later: tables and columns named in dependencies, SELECT privilege,
 //! whether each primer's query and each lookup prepares and how Postgres types its parameters, replica
@@ -12,14 +16,14 @@ use serde::Serialize;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use crate::config::Config;
 use crate::deps::DepIndex;
 use crate::ops::size::format_bytes;
-use crate::pg::Source;
 use crate::pg::quote_table;
+use crate::pg::{Source, SourceConfig};
 use crate::primer::{Catalog, Mapping, ParamType, Primer, TableName};
 use crate::refresh::{wrapped_lookup, wrapped_query};
 use crate::replication;
+use crate::report::count;
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -80,6 +84,15 @@ impl Report {
         self.count(Level::Fail) + self.count(Level::Warn)
     }
 
+    /// The failures, one line each as [`Report::to_text`] writes them.
+    pub fn failures(&self) -> String {
+        self.findings
+            .iter()
+            .filter(|f| f.level == Level::Fail)
+            .map(|f| format!("{} {}: {}\n", f.level.label(), f.topic, f.message))
+            .collect()
+    }
+
     /// One line per finding and a summary line.
     pub fn to_text(&self) -> String {
         let mut out = String::new();
@@ -93,13 +106,17 @@ impl Report {
         );
         if fails + warns == 0 {
             out.push_str(&format!(
-                "check: no problems ({} checks passed, {notes} notes)\n",
-                self.count(Level::Ok)
+                "check: no problems ({} passed, {})\n",
+                count(self.count(Level::Ok) as u64, "check", "checks"),
+                count(notes as u64, "note", "notes"),
             ));
         } else {
             out.push_str(&format!(
-                "check: {} problem(s): {fails} failure(s), {warns} warning(s) ({notes} notes)\n",
-                fails + warns
+                "check: {}: {}, {} ({})\n",
+                count((fails + warns) as u64, "problem", "problems"),
+                count(fails as u64, "failure", "failures"),
+                count(warns as u64, "warning", "warnings"),
+                count(notes as u64, "note", "notes"),
             ));
         }
         out
@@ -111,10 +128,11 @@ pub fn pg_message(e: &tokio_postgres::Error) -> String {
     crate::pg::error_text(e)
 }
 
-/// Run every check against the database of `config`.
-pub async fn run(config: &Config) -> Report {
+/// Run every check against the database of `source` (with `replication_role`: the replication
+/// connection too).
+pub async fn run(source: &SourceConfig, catalog: &Catalog, replication_role: bool) -> Report {
     let mut report = Report::default();
-    let source = match Source::new(&config.source) {
+    let source = match Source::new(source) {
         Ok(source) => source,
         Err(e) => {
             report.push(
@@ -133,12 +151,12 @@ pub async fn run(config: &Config) -> Report {
         }
     };
     report.push(Level::Ok, "tls", source.tls.describe());
-    if config.roles.replication {
+    if replication_role {
         replication_connection(&mut report, &source).await;
     }
     server(&mut report, &client, &source).await;
     // What each primer's query reads, from its plan; the checks below see the inferred dependencies.
-    let catalog = dependencies(&mut report, &client, &config.catalog).await;
+    let catalog = dependencies(&mut report, &client, catalog).await;
     let deps = DepIndex::new(std::sync::Arc::new(catalog.clone()));
     let published_ok = publication(&mut report, &client, &source, &deps).await;
     let _ = published_ok;
@@ -148,6 +166,20 @@ pub async fn run(config: &Config) -> Report {
         lookups(&mut report, &client, primer).await;
     }
     slot(&mut report, &client, &source).await;
+    report
+}
+
+/// The checks of the primers alone (what `kck run` runs before it serves): each primer's dependencies
+/// against its query's plan, the tables and columns they name, and that each query and lookup prepares as
+/// kck runs it. The same findings, in the same words, as [`run`] gives for them.
+pub async fn primers(client: &Client, catalog: &Catalog) -> Report {
+    let mut report = Report::default();
+    let catalog = dependencies(&mut report, client, catalog).await;
+    tables(&mut report, client, &catalog).await;
+    for primer in &catalog.primers {
+        primer_query(&mut report, client, primer).await;
+        lookups(&mut report, client, primer).await;
+    }
     report
 }
 
@@ -468,21 +500,18 @@ async fn partitions(
 }
 
 /// What `pg_class`/`pg_attribute` say about one table.
-pub(super) struct TableFacts {
-    pub(super) columns: Vec<String>,
+pub struct TableFacts {
+    pub columns: Vec<String>,
     /// `d` default, `f` full, `i` index, `n` nothing.
-    pub(super) identity: char,
+    pub identity: char,
     /// The columns Postgres sends in an old row image.
-    pub(super) identity_columns: BTreeSet<String>,
+    pub identity_columns: BTreeSet<String>,
     /// Generated columns: Postgres (15) leaves them out of the replication stream.
-    pub(super) generated: BTreeSet<String>,
-    pub(super) may_select: bool,
+    pub generated: BTreeSet<String>,
+    pub may_select: bool,
 }
 
-pub(super) async fn table_facts(
-    client: &Client,
-    table: &TableName,
-) -> Result<Option<TableFacts>, String> {
+pub async fn table_facts(client: &Client, table: &TableName) -> Result<Option<TableFacts>, String> {
     let row = client
         .query_opt(
             "SELECT c.oid, c.relreplident::text, has_table_privilege(c.oid, 'SELECT') \
@@ -803,9 +832,9 @@ async fn primer_query(report: &mut Report, client: &Client, primer: &Primer) {
             Level::Fail,
             topic,
             format!(
-                "its query takes {} parameter(s) but the key template {} has {}: kck binds the key's \
+                "its query takes {} but the key template {} has {}: kck binds the key's \
                  parameters as $1..$n in template order.",
-                params.len(),
+                count(params.len() as u64, "parameter", "parameters"),
                 primer.template.source,
                 template.len()
             ),
@@ -870,9 +899,9 @@ async fn lookups(report: &mut Report, client: &Client, primer: &Primer) {
                 Level::Fail,
                 topic,
                 format!(
-                    "takes {} parameter(s) but lists {} arg(s) ({}): each arg is bound as $1..$n in order.",
-                    raw.params().len(),
-                    args.len(),
+                    "takes {} but lists {} ({}): each arg is bound as $1..$n in order.",
+                    count(raw.params().len() as u64, "parameter", "parameters"),
+                    count(args.len() as u64, "arg", "args"),
                     args.join(", ")
                 ),
             );
