@@ -915,6 +915,38 @@ impl Refresher {
             .collect())
     }
 
+    /// Whether Postgres accepts each of `key`'s values as the type it gave the parameter in the primer's
+    /// query (`'99999999999'::int4` does not): tells a key that can never compute from data that fails.
+    async fn key_values_fit(&self, key: &Key) -> Result<bool, RefreshError> {
+        let primer = &self.catalog.primers[key.primer];
+        let query_error = |source| RefreshError::Query {
+            primer: primer.name.clone(),
+            source,
+        };
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(&wrapped_query(&primer.query, primer.shape))
+            .await
+            .map_err(query_error)?;
+        for (ty, value) in statement.params().iter().zip(&key.params) {
+            let text = param_text(value);
+            let name: String = client
+                .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
+                .await
+                .map_err(query_error)?
+                .get(0);
+            // The cast Postgres applies to a text parameter of that type (its input function).
+            if client
+                .query_one(&format!("SELECT $1::text::{name}"), &[&text])
+                .await
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Compute, store and return a key that a fetch missed. Concurrent calls for one key share one query.
     pub async fn prime(&self, key: &Key, text: &str) -> Result<Entry, RefreshError> {
         let cell = {
@@ -934,6 +966,10 @@ impl Refresher {
                     Err(RefreshError::Query { primer, source })
                         if source.code().is_some_and(|c| c.code().starts_with("22")) =>
                     {
+                        // The data (a division by zero) rather than the key: an ordinary failure.
+                        if self.key_values_fit(key).await? {
+                            return Err(RefreshError::Query { primer, source });
+                        }
                         // Not kept: its refreshes would fail forever and hold every freshness wait.
                         self.store.remove_key(&primer, text).await?;
                         return Err(RefreshError::BadKeyValue { primer, source });
