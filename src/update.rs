@@ -380,8 +380,8 @@ impl Updates {
         updaters: Vec<Updater>,
         statement_timeout: Duration,
     ) -> Result<Updates, UpdateError> {
-        let pool =
-            crate::pg::pool(source.pg.clone(), &source.tls, pool_size).map_err(|e| UpdateError::Pool { source: e.into() })?;
+        let pool = crate::pg::pool(source.pg.clone(), &source.tls, pool_size)
+            .map_err(|e| UpdateError::Pool { source: e.into() })?;
         Ok(Updates {
             by_name: updaters
                 .into_iter()

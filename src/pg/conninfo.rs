@@ -93,7 +93,10 @@ fn split_url(url: &str) -> Result<Split, SplitError> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let key = decode(k)?;
         if OWN.contains(&key.as_str()) {
-            own.push((key.clone(), decode(v).map_err(|_| SplitError::BadEncoding(key))?));
+            own.push((
+                key.clone(),
+                decode(v).map_err(|_| SplitError::BadEncoding(key))?,
+            ));
         } else {
             kept.push(pair);
         }

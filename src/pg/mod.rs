@@ -191,7 +191,8 @@ impl Source {
 
     /// [`Source::new`] with the environment given (for tests).
     pub fn with_env(config: &SourceConfig, env: &Environment<'_>) -> Result<Source, ConnectError> {
-        let split = conninfo::split(&config.url).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
+        let split =
+            conninfo::split(&config.url).map_err(|e| ConnectError::BadUrl(e.to_string()))?;
         if split.get("service").is_some() {
             return Err(ConnectError::BadUrl(
                 "service=: kck does not read pg_service.conf; put the service's host, port, dbname and user in \
@@ -344,14 +345,14 @@ impl Source {
 
     /// An ordinary (non-replication) connection; its driver runs on a spawned task.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
-        let (client, connection) = self
-            .pg
-            .connect(self.tls.connector())
-            .await
-            .map_err(|source| ConnectError::Connect {
-                target: self.display(),
-                source,
-            })?;
+        let (client, connection) =
+            self.pg
+                .connect(self.tls.connector())
+                .await
+                .map_err(|source| ConnectError::Connect {
+                    target: self.display(),
+                    source,
+                })?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(error = %crate::report::Chain(&error), "Postgres connection closed.");

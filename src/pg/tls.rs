@@ -179,7 +179,10 @@ impl Tls {
             ("sslsni", &["1"][..]),
             ("requiressl", &["0", "1"][..]),
             ("gssencmode", &["disable", "prefer", "allow"][..]),
-            ("ssl_min_protocol_version", &["TLSv1", "TLSv1.1", "TLSv1.2"][..]),
+            (
+                "ssl_min_protocol_version",
+                &["TLSv1", "TLSv1.1", "TLSv1.2"][..],
+            ),
             ("ssl_max_protocol_version", &["TLSv1.3"][..]),
             ("sslcertmode", &["allow", "require", "disable"][..]),
         ] {
@@ -211,7 +214,9 @@ impl Tls {
                             "kck cannot read encrypted client keys; decrypt it (openssl pkey -in key.enc -out key.pem) \
                              and keep the file readable only by kck's user"
                         }
-                        _ => "kck cannot check certificate revocation lists on every connection it opens",
+                        _ => {
+                            "kck cannot check certificate revocation lists on every connection it opens"
+                        }
                     },
                 });
             }
@@ -246,7 +251,8 @@ impl Tls {
                 p if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) => {
                     return Err(TlsError::NoRootCert {
                         mode: mode.as_str(),
-                        path: p.map_or("~/.postgresql/root.crt".into(), |p| p.display().to_string()),
+                        path: p
+                            .map_or("~/.postgresql/root.crt".into(), |p| p.display().to_string()),
                     });
                 }
                 _ => Roots::None,
@@ -255,7 +261,8 @@ impl Tls {
 
         let cert_param = param("sslcert", "PGSSLCERT");
         let key_param = param("sslkey", "PGSSLKEY");
-        let client = if mode == SslMode::Disable || get("sslcertmode").as_deref() == Some("disable") {
+        let client = if mode == SslMode::Disable || get("sslcertmode").as_deref() == Some("disable")
+        {
             None
         } else {
             match (cert_param, key_param) {
@@ -345,8 +352,12 @@ impl Tls {
     pub fn describe(&self) -> String {
         let roots = match (&self.roots, self.system_roots) {
             (Roots::None, _) => "the server's certificate is not checked".to_string(),
-            (Roots::File(_), true) => "the certificate is checked against the system's roots".to_string(),
-            (Roots::File(p), false) => format!("the certificate is checked against {}", p.display()),
+            (Roots::File(_), true) => {
+                "the certificate is checked against the system's roots".to_string()
+            }
+            (Roots::File(p), false) => {
+                format!("the certificate is checked against {}", p.display())
+            }
         };
         let what = match self.mode {
             SslMode::Disable => return "sslmode=disable: plain text, no TLS".into(),
@@ -375,7 +386,10 @@ fn static_name(p: &str) -> &'static str {
 
 /// The system's certificate bundle: `SSL_CERT_FILE`, else the first of the usual places that exists.
 fn system_bundle(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
-    if let Some(f) = env("SSL_CERT_FILE").map(PathBuf::from).filter(|p| p.exists()) {
+    if let Some(f) = env("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+    {
         return Some(f);
     }
     [
@@ -623,7 +637,10 @@ mod tests {
         let err = tls(&[("sslmode", "strict")], None).unwrap_err();
         assert!(err.to_string().contains("sslmode=\"strict\""), "{err}");
         let err = tls(&[("sslrootcert", "system"), ("sslmode", "require")], None).unwrap_err();
-        assert!(err.to_string().contains("needs sslmode=verify-full"), "{err}");
+        assert!(
+            err.to_string().contains("needs sslmode=verify-full"),
+            "{err}"
+        );
         let err = tls(&[("sslcrl", "/x.crl")], None).unwrap_err();
         assert!(err.to_string().starts_with("sslcrl="), "{err}");
         let err = tls(&[("sslpassword", "secret")], None).unwrap_err();
@@ -638,7 +655,10 @@ mod tests {
         let ca = dir.path().join("ca.crt");
         std::fs::write(&ca, "not a certificate").unwrap();
         let err = tls(
-            &[("sslmode", "verify-ca"), ("sslrootcert", ca.to_str().unwrap())],
+            &[
+                ("sslmode", "verify-ca"),
+                ("sslrootcert", ca.to_str().unwrap()),
+            ],
             None,
         )
         .unwrap_err();

@@ -615,10 +615,13 @@ impl SlotLock {
             .keepalives_idle(Duration::from_secs(10))
             .keepalives_interval(Duration::from_secs(5))
             .keepalives_retries(3);
-        let (client, connection) = pg.connect(source.tls.connector()).await.map_err(|e| ConnectError::Connect {
-            target: source.display(),
-            source: e,
-        })?;
+        let (client, connection) =
+            pg.connect(source.tls.connector())
+                .await
+                .map_err(|e| ConnectError::Connect {
+                    target: source.display(),
+                    source: e,
+                })?;
         let (closed_tx, closed) = watch::channel(false);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -992,7 +995,9 @@ async fn wait_for_room(
 /// Open a replication connection to `source` as the stream does (same TLS, same authentication) and run
 /// `IDENTIFY_SYSTEM` on it, then close it: what `kck check` runs so that whatever would stop `kck run` on
 /// this connection (pg_hba's `replication` line, the auth method, TLS) stops check too.
-pub async fn probe(source: &Source) -> Result<pgwire_replication::IdentifySystem, ReplicationError> {
+pub async fn probe(
+    source: &Source,
+) -> Result<pgwire_replication::IdentifySystem, ReplicationError> {
     let connect = async {
         let mut client = ReplicationClient::connect_gated(replication_config(source, Lsn::ZERO))
             .await
@@ -1071,11 +1076,15 @@ fn connect_fix(e: &PgWireError, source: &Source) -> String {
              use sslmode=prefer.",
             source.tls.mode.as_str()
         ),
-        PgWireError::Tls(m) if m.contains("NotValidForName") || m.contains("not valid for name") => format!(
-            "The server's certificate does not name {:?}: connect by a name (or IP address) the certificate \
+        PgWireError::Tls(m)
+            if m.contains("NotValidForName") || m.contains("not valid for name") =>
+        {
+            format!(
+                "The server's certificate does not name {:?}: connect by a name (or IP address) the certificate \
              lists, or use sslmode=verify-ca to check the chain only.",
-            source.host()
-        ),
+                source.host()
+            )
+        }
         PgWireError::Tls(_) => format!(
             "TLS failed ({}). Check that sslrootcert is the CA that signed the server's certificate.",
             source.tls.describe()

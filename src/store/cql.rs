@@ -132,6 +132,39 @@ pub fn replication_map(replication: &KeyspaceReplication) -> String {
     }
 }
 
+/// The data centres a keyspace replication names that the cluster does not have (`cluster`: the
+/// `data_center` of `system.local` and of every `system.peers` row), or `None` when all are known. Cassandra
+/// refuses such a keyspace ("Unrecognized strategy option"); this says which names it does have.
+pub fn unknown_datacenters(
+    replication: &KeyspaceReplication,
+    cluster: &[String],
+) -> Option<String> {
+    let KeyspaceReplication::NetworkTopology { datacenters } = replication else {
+        return None;
+    };
+    let unknown: Vec<&str> = datacenters
+        .iter()
+        .map(|(dc, _)| dc.as_str())
+        .filter(|dc| !cluster.iter().any(|c| c == dc))
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    let mut known: Vec<&str> = cluster.iter().map(String::as_str).collect();
+    known.sort_unstable();
+    known.dedup();
+    Some(format!(
+        "store.replication names data centre(s) {} that the cluster does not have; its data centres are: {} \
+         (names are case-sensitive and must match `nodetool status`)",
+        unknown.join(", "),
+        if known.is_empty() {
+            "(none found)".to_owned()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
 /// `CREATE TABLE IF NOT EXISTS` for every table of [`TABLES`], in that order.
 pub fn create_tables(keyspace: &str) -> Vec<String> {
     let g = QUEUE_GC_GRACE_SECONDS;
@@ -332,9 +365,22 @@ pub fn timestamp_lsn(ts: i64) -> StoreResult<Lsn> {
     })
 }
 
+/// The latest expiry Cassandra 4.0 (and ScyllaDB) can store: `2038-01-19T03:14:06Z`, in seconds since the
+/// Unix epoch (`Cell.MAX_DELETION_TIME`, `i32::MAX - 1`). A write whose `now + TTL` passes it is refused
+/// ("exceeds maximum supported expiration date").
+pub const MAX_EXPIRY_SECONDS: i64 = i32::MAX as i64 - 1;
+
+/// Seconds kept between `now + TTL` and [`MAX_EXPIRY_SECONDS`], for the server's clock being ahead of ours.
+pub const EXPIRY_CLOCK_MARGIN_SECONDS: i64 = 86_400;
+
 /// The `USING TTL` of an entry stored at `now_ms`: the seconds until `expires_at_ms`, rounded up, at
-/// least 1 (an entry that has already expired goes at once), and 0 (no TTL) without an expiry or beyond
-/// CQL's 20-year limit.
+/// least 1 (an entry that has already expired goes at once), and 0 (no TTL) without an expiry.
+///
+/// Clamped to what the server accepts: at most CQL's 20 years ([`MAX_TTL_SECONDS`]), and such that
+/// `now + TTL` stays a day below [`MAX_EXPIRY_SECONDS`] (Cassandra 4.0 refuses expiries past 2038-01-19).
+/// A clamped entry goes earlier than its `expires_at_ms` (it is then a miss, computed again), never later.
+/// When even a TTL of 1 s would pass that date (a clock past 2038), no TTL is used: the entry is kept,
+/// which the store contract allows (readers compare `expires_at_ms` themselves).
 pub fn ttl_seconds(expires_at_ms: Option<i64>, now_ms: i64) -> i32 {
     let Some(expires) = expires_at_ms else {
         return 0;
@@ -344,11 +390,13 @@ pub fn ttl_seconds(expires_at_ms: Option<i64>, now_ms: i64) -> i32 {
         return 1;
     }
     let secs = (left_ms + 999) / 1000;
-    if secs > i128::from(MAX_TTL_SECONDS) {
-        0
-    } else {
-        secs as i32
+    let now_s = i128::from(now_ms.div_euclid(1000));
+    let server_limit = i128::from(MAX_EXPIRY_SECONDS - EXPIRY_CLOCK_MARGIN_SECONDS) - now_s;
+    let limit = server_limit.min(i128::from(MAX_TTL_SECONDS));
+    if limit < 1 {
+        return 0;
     }
+    secs.min(limit) as i32
 }
 
 /// How an entry is laid out in its one `entry` cell: [`Layout::Ordered`], big-endian and order-preserving,
@@ -550,13 +598,48 @@ mod tests {
         // Already expired: gone as soon as possible (a TTL of 0 would mean "never").
         assert_eq!(ttl_seconds(Some(now), now), 1);
         assert_eq!(ttl_seconds(Some(i64::MIN), now), 1);
-        // Beyond CQL's 20 years: no TTL rather than an error.
+    }
+
+    /// Cassandra 4.0 refuses a write whose `now + TTL` passes 2038-01-19T03:14:06Z: the TTL is clamped so
+    /// that it stays a day below, whatever the entry's expiry, and CQL's 20-year cap holds too.
+    #[test]
+    fn ttls_are_clamped_below_the_servers_last_expiry() {
+        let limit_s = MAX_EXPIRY_SECONDS - EXPIRY_CLOCK_MARGIN_SECONDS;
+        for now in [
+            1_700_000_000_000i64, // 2023: 20 years would pass 2038
+            2_000_000_000_000,    // 2033
+            (limit_s - 10) * 1000,
+            (limit_s - 1) * 1000 + 999,
+        ] {
+            for expires in [
+                now + 12 * 365 * 86_400_000,
+                now + 40 * 365 * 86_400_000,
+                i64::MAX,
+            ] {
+                let ttl = ttl_seconds(Some(expires), now);
+                assert!(ttl >= 1, "now {now}: TTL {ttl}");
+                assert!(
+                    now.div_euclid(1000) + i64::from(ttl) <= limit_s,
+                    "now {now}, expires {expires}: TTL {ttl} passes the server's limit"
+                );
+                assert!(i64::from(ttl) <= MAX_TTL_SECONDS);
+            }
+        }
+        // A near expiry is not touched.
+        let now = 2_000_000_000_000;
+        assert_eq!(ttl_seconds(Some(now + 3_600_000), now), 3600);
+        // In 1990, 20 years is the cap.
         assert_eq!(
-            ttl_seconds(Some(now + MAX_TTL_SECONDS * 1000), now),
+            ttl_seconds(Some(i64::MAX), 631_152_000_000),
             MAX_TTL_SECONDS as i32
         );
-        assert_eq!(ttl_seconds(Some(now + MAX_TTL_SECONDS * 1000 + 1), now), 0);
-        assert_eq!(ttl_seconds(Some(i64::MAX), i64::MIN), 0);
+        // Past the limit (a clock in 2038): no TTL rather than a refused write.
+        assert_eq!(ttl_seconds(Some(i64::MAX), limit_s * 1000), 0);
+        assert_eq!(ttl_seconds(Some(i64::MAX), i64::MAX - 5), 0);
+        assert_eq!(
+            ttl_seconds(Some(i64::MAX), i64::MIN),
+            MAX_TTL_SECONDS as i32
+        );
     }
 
     #[test]
@@ -692,6 +775,31 @@ mod tests {
         assert!(!all.contains(" entries"), "{all}");
         assert!(st.put_entry.contains("USING TIMESTAMP ? AND TTL ?"));
         assert!(st.lease_take.contains(" IF lease_until_ms = ?"));
+    }
+
+    #[test]
+    fn data_centres_must_be_the_clusters() {
+        let cluster = vec!["datacenter1".to_owned(), "datacenter1".to_owned()];
+        let nts = |dcs: &[&str]| KeyspaceReplication::NetworkTopology {
+            datacenters: dcs.iter().map(|d| ((*d).to_owned(), 3)).collect(),
+        };
+        assert_eq!(unknown_datacenters(&nts(&["datacenter1"]), &cluster), None);
+        let err = unknown_datacenters(&nts(&["dc1", "datacenter1", "DC2"]), &cluster).unwrap();
+        assert!(
+            err.contains("data centre(s) dc1, DC2 that the cluster does not have")
+                && err.contains("its data centres are: datacenter1 (")
+                && err.contains("nodetool status"),
+            "{err}"
+        );
+        let simple = KeyspaceReplication::Simple {
+            replication_factor: 1,
+        };
+        assert_eq!(unknown_datacenters(&simple, &[]), None);
+        assert!(
+            unknown_datacenters(&nts(&["a"]), &[])
+                .unwrap()
+                .contains("(none found)")
+        );
     }
 
     /// `sql/scylla.cql` is the schema `kck store init` creates for the default keyspace.

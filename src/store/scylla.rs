@@ -144,6 +144,15 @@ fn tls_context(ca_file: &std::path::Path) -> StoreResult<Arc<rustls::ClientConfi
 pub async fn init_schema(config: &ScyllaConfig) -> StoreResult<()> {
     let session = connect(config).await?;
     let ks = &config.keyspace;
+    if matches!(
+        config.replication,
+        super::KeyspaceReplication::NetworkTopology { .. }
+    ) {
+        let dcs = cluster_datacenters(&session).await?;
+        if let Some(message) = cql::unknown_datacenters(&config.replication, &dcs) {
+            return Err(StoreError::failed(message));
+        }
+    }
     // ScyllaDB: a vnode keyspace (lightweight transactions); Cassandra does not know the option.
     let with_tablets = cql::create_keyspace(ks, &config.replication, true);
     if let Err(e) = session.query_unpaged(with_tablets, ()).await {
@@ -175,6 +184,28 @@ pub async fn init_schema(config: &ScyllaConfig) -> StoreResult<()> {
         .map_err(cql_err("recording the schema version"))?;
     tracing::info!(keyspace = %ks, tables = TABLES.len(), "The scylla store's schema is ready.");
     Ok(())
+}
+
+/// The data centre of every node the cluster knows (`system.local` and `system.peers`), as `nodetool
+/// status` names them.
+async fn cluster_datacenters(session: &Session) -> StoreResult<Vec<String>> {
+    let mut out = Vec::new();
+    for q in [
+        "SELECT data_center FROM system.local",
+        "SELECT data_center FROM system.peers",
+    ] {
+        let op = "reading the cluster's data centres";
+        let r = session.query_unpaged(q, ()).await.map_err(cql_err(op))?;
+        for row in rows(r, op)?
+            .rows::<(Option<String>,)>()
+            .map_err(cql_err(op))?
+        {
+            if let Some(dc) = row.map_err(cql_err(op))?.0 {
+                out.push(dc);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Every prepared statement.
