@@ -13,5 +13,6 @@ mod infer;
 mod ops;
 mod pipeline;
 mod refresh;
+mod scylla;
 mod standby;
 mod store_cli;

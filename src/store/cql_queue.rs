@@ -616,7 +616,7 @@ impl<B: QueueBackend> CqlQueue<B> {
             let outcomes: Vec<StoreResult<bool>> =
                 stream::iter(writes).buffered(CONCURRENCY).collect().await;
             let mut st = self.state();
-            for ((g, _, d), ok) in take.iter().zip(outcomes) {
+            for ((g, read, d), ok) in take.iter().zip(outcomes) {
                 if !ok? {
                     // Lost to another claimer (or a finish): read again next round.
                     unread = true;
@@ -627,7 +627,14 @@ impl<B: QueueBackend> CqlQueue<B> {
                     ..Counts::default()
                 };
                 if let Decision::Claim { state, opened } = d {
-                    delta.claimed += 1;
+                    // Taking over a lease that ran out replaces that claim (its worker died, or will find
+                    // the task is not its own any more): it was counted already.
+                    let expired = read
+                        .state
+                        .is_some_and(|s| s.pending && s.lease_until_ms > 0);
+                    if !expired {
+                        delta.claimed += 1;
+                    }
                     if *opened {
                         delta.open += 1;
                     }
@@ -1024,6 +1031,14 @@ impl<B: QueueBackend> CqlQueue<B> {
     pub async fn queue_stats(&self) -> StoreResult<QueueStats> {
         let c = self.counts().await?;
         let a = self.answer().await?;
+        if a.floor.is_none() && a.oldest.is_none() {
+            // Provably empty: every pending task carries a debt that the answer counts. Counters a crash
+            // left off are not reported.
+            return Ok(QueueStats {
+                estimated: true,
+                ..QueueStats::default()
+            });
+        }
         Ok(QueueStats {
             depth: c.events.max(0) as u64 + c.open.max(0) as u64,
             claimed: c.claimed.max(0) as u64,

@@ -741,6 +741,49 @@ pub struct ScyllaStore {
 struct Inner {
     keyspace: String,
     queue: CqlQueue<Cql>,
+    registered: Registered,
+}
+
+/// Keys this process knows are in the key index (it read or wrote them there), so that the replication
+/// stream, which asks for every key a changed row maps to, does not wait for a cluster read each time.
+/// Only "yes" is remembered: a key removed by another process still answers yes here, which costs one
+/// refresh that finds the key is not cached; "no" is always asked (another process may cache the key).
+/// Bounded: a shard that fills up is emptied.
+struct Registered {
+    shards: Vec<Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Keys remembered per shard of [`Registered`] (16 shards).
+const REGISTERED_PER_SHARD: usize = 16_384;
+
+impl Registered {
+    fn new() -> Registered {
+        Registered {
+            shards: (0..16).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        let i = cql::bucket_of(key) as usize % self.shards.len();
+        // A set of plain strings: a panic cannot leave it half-changed.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.shard(key).contains(key)
+    }
+
+    fn insert(&self, key: &str) {
+        let mut shard = self.shard(key);
+        if shard.len() >= REGISTERED_PER_SHARD {
+            shard.clear();
+        }
+        shard.insert(key.to_owned());
+    }
+
+    fn remove(&self, key: &str) {
+        self.shard(key).remove(key);
+    }
 }
 
 impl std::fmt::Debug for ScyllaStore {
@@ -770,6 +813,7 @@ impl ScyllaStore {
                     st,
                     warnings: Warnings::default(),
                 }),
+                registered: Registered::new(),
             }),
         })
     }
@@ -978,11 +1022,18 @@ impl Store for ScyllaStore {
         if key.is_empty() {
             return Ok(false);
         }
+        if self.inner.registered.contains(key) {
+            return Ok(true);
+        }
         let r = self
             .c()
             .run(&self.st().is_registered, (key,), "is_registered")
             .await?;
-        Ok(rows(r, "is_registered")?.rows_num() > 0)
+        let found = rows(r, "is_registered")?.rows_num() > 0;
+        if found {
+            self.inner.registered.insert(key);
+        }
+        Ok(found)
     }
 
     async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()> {
@@ -1002,6 +1053,7 @@ impl Store for ScyllaStore {
         if key.is_empty() || primer.is_empty() {
             return Ok(());
         }
+        self.inner.registered.remove(key);
         // Deleted at the entry's own timestamp: shadows exactly what is stored, and any later entry with a
         // higher LSN is visible again.
         let r = self
