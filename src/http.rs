@@ -352,6 +352,8 @@ pub struct ApiError {
     pub message: String,
     /// More fields of the `error` object (the parameter at fault, how far behind kck is, ...).
     pub details: serde_json::Map<String, serde_json::Value>,
+    /// Seconds for a `Retry-After` header (answers a client should simply repeat a little later).
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
@@ -361,7 +363,14 @@ impl ApiError {
             code,
             message: message.into(),
             details: serde_json::Map::new(),
+            retry_after_s: None,
         }
+    }
+
+    /// Answer with `Retry-After: seconds`.
+    pub fn retry_after(mut self, seconds: u32) -> ApiError {
+        self.retry_after_s = Some(seconds);
+        self
     }
 
     /// Add a field to the `error` object.
@@ -383,7 +392,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
     }
 }
 
@@ -425,6 +440,9 @@ fn internal(error: &dyn std::fmt::Display) -> ApiError {
     )
 }
 
+/// `Retry-After` of a `503 not_visible` answer, in seconds.
+const NOT_VISIBLE_RETRY_AFTER_S: u32 = 1;
+
 fn prime_error(e: RefreshError) -> ApiError {
     match e {
         e @ RefreshError::Query { .. } => {
@@ -435,6 +453,20 @@ fn prime_error(e: RefreshError) -> ApiError {
         e @ RefreshError::BadKeyValue { .. } => {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_key_parameter", e.to_string())
         }
+        // The miss needs a change this process cannot prove visible yet: no replication process is
+        // publishing the visible watermark (an http-only process with none running), or it is far behind.
+        // Nothing is wrong with the request; it can succeed once the stream catches up.
+        RefreshError::NotVisible { needed, visible } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_visible",
+            format!(
+                "the value cannot be computed yet: it must reflect the change at {needed}, but kck has proven \
+                 changes visible only up to {visible} (is a replication process running and keeping up?)"
+            ),
+        )
+        .with("needed_lsn", needed.to_string())
+        .with("visible_lsn", visible.to_string())
+        .retry_after(NOT_VISIBLE_RETRY_AFTER_S),
         e => internal(&crate::report::Chain(&e)),
     }
 }
@@ -1492,6 +1524,27 @@ async fn openapi() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A miss whose change is not visible yet is a 503 the client can retry (its own code, `Retry-After`,
+    /// both LSNs), not a 500.
+    #[tokio::test]
+    async fn a_change_not_visible_yet_is_a_retryable_503() {
+        let error = prime_error(RefreshError::NotVisible {
+            needed: Lsn(0x16_0000_0010),
+            visible: Lsn(0x16_0000_0000),
+        });
+        assert_eq!(error.code, "not_visible");
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "not_visible");
+        assert_eq!(body["error"]["needed_lsn"], "16/10");
+        assert_eq!(body["error"]["visible_lsn"], "16/0");
+    }
 
     /// The whole router in process (axum's `oneshot`): a hit is answered from the store with its ETag and
     /// conditional 304, a miss without priming is a JSON 404, an unknown primer a JSON 400, no Postgres.

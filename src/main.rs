@@ -210,19 +210,29 @@ fn error_text(e: &anyhow::Error) -> String {
 }
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour only for a person at a terminal: a log file or a pipe gets plain text (and NO_COLOR is
     // honoured).
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // The CQL driver logs every warning a database response carries, once per response (a tombstone
+    // warning on a hot query is thousands of lines a minute). The scylla store logs them itself, once
+    // per kind with a count, so the driver's own event is left out.
+    let per_response_warnings = tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.target().starts_with("scylla::") && meta.fields().field("warning").is_some())
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(per_response_warnings);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
 }
 

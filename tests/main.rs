@@ -16,6 +16,7 @@ mod ops;
 mod orm;
 mod pipeline;
 mod refresh;
+mod scylla;
 mod standby;
 mod start;
 mod store_cli;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-const SCHEMA: &str = r#"
+pub(crate) const SCHEMA: &str = r#"
 CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL);
 CREATE TABLE orders (id bigint PRIMARY KEY, user_id bigint NOT NULL, total numeric(10,2) NOT NULL,
                      status text NOT NULL DEFAULT 'new');
@@ -21,7 +21,7 @@ CREATE TABLE docs (id bigint PRIMARY KEY, title text NOT NULL, body text NOT NUL
 CREATE PUBLICATION kck_test FOR TABLE users, orders, line_items, docs;
 "#;
 
-const PRIMERS: &str = r#"
+pub(crate) const PRIMERS: &str = r#"
   - name: user
     key: "user/{id:int}"
     shape: row
@@ -392,7 +392,7 @@ async fn concurrent_misses_on_one_key_run_the_query_once() {
 }
 
 /// One random write transaction (1 to 4 statements) over users, orders and line_items.
-fn random_transaction(rng: &mut rand::rngs::StdRng) -> String {
+pub(crate) fn random_transaction(rng: &mut rand::rngs::StdRng) -> String {
     use rand::Rng;
     const STATUSES: [&str; 4] = ["new", "paid", "shipped", "void"];
     let mut sql = String::from("BEGIN;");
@@ -440,7 +440,7 @@ fn random_transaction(rng: &mut rand::rngs::StdRng) -> String {
     sql
 }
 
-fn random_key(rng: &mut rand::rngs::StdRng) -> String {
+pub(crate) fn random_key(rng: &mut rand::rngs::StdRng) -> String {
     use rand::Rng;
     let user = rng.random_range(1..=55);
     match rng.random_range(0..6) {
@@ -458,7 +458,7 @@ fn random_key(rng: &mut rand::rngs::StdRng) -> String {
     }
 }
 
-fn seed(test: &str) -> u64 {
+pub(crate) fn seed(test: &str) -> u64 {
     let seed = std::env::var("KCK_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

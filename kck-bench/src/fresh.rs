@@ -123,15 +123,15 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     Ok(section)
 }
 
-struct Measured {
-    achieved: f64,
-    latencies_ms: Vec<f64>,
-    timeouts: usize,
-    depth: Vec<f64>,
-    claimed_max: u64,
+pub struct Measured {
+    pub achieved: f64,
+    pub latencies_ms: Vec<f64>,
+    pub timeouts: usize,
+    pub depth: Vec<f64>,
+    pub claimed_max: u64,
 }
 
-fn measure(
+pub fn measure(
     ctx: &Ctx,
     running: &Running,
     addr: SocketAddr,

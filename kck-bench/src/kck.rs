@@ -32,6 +32,19 @@ impl Instance {
         workers: usize,
         primers: &str,
     ) -> Result<Instance> {
+        Instance::with_store(work, cluster, name, workers, primers, None)
+    }
+
+    /// [`Instance::new`] with the `store:` section given (YAML lines, indented by two spaces); `None`: an
+    /// embedded store in the instance's directory.
+    pub fn with_store(
+        work: &Path,
+        cluster: &Cluster,
+        name: &str,
+        workers: usize,
+        primers: &str,
+        store: Option<&str>,
+    ) -> Result<Instance> {
         let dir = work.join(format!("kck-{name}"));
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
@@ -39,14 +52,20 @@ impl Instance {
         let slot = format!("kck_{name}");
         let text = format!(
             "source:\n  url: \"{url}\"\n  publication: {publication}\n  slot: {slot}\n\
-             store:\n  kind: embedded\n  path: {store}\n\
+             store:\n{store}\
              http:\n  bind: \"{addr}\"\n\
              refresh:\n  workers: {workers}\n\
              prime_on_cache_miss: true\n\
              primers:\n{primers}\n",
             url = cluster.url(pg::DB),
             publication = pg::PUBLICATION,
-            store = dir.join("store").display(),
+            store = match store {
+                Some(s) => s.to_owned(),
+                None => format!(
+                    "  kind: embedded\n  path: {}\n",
+                    dir.join("store").display()
+                ),
+            },
         );
         let config = dir.join("kck.yaml");
         std::fs::write(&config, text)?;

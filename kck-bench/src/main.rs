@@ -7,7 +7,7 @@
 //! run: the machines are shared and noisy. Timings are never asserted.
 //!
 //! Scenarios (one module each): [`decode`], [`fresh`], [`serve`], [`coalesce`], [`memory`],
-//! [`recovery`].
+//! [`recovery`], and with `--store scylla`, [`scylla`].
 
 mod child;
 mod coalesce;
@@ -20,6 +20,7 @@ mod memory;
 mod pg;
 mod recovery;
 mod report;
+mod scylla;
 mod serve;
 mod util;
 
@@ -74,6 +75,12 @@ struct Cli {
     /// all).
     #[arg(long, value_delimiter = ',')]
     decode_consumers: Vec<String>,
+    /// `scylla`: also run the scylla store beside the embedded one (scenario `scylla`), on `--scylla-node`.
+    #[arg(long)]
+    store: Option<String>,
+    /// The ScyllaDB or Cassandra node for `--store scylla` (host:port).
+    #[arg(long, env = "KCK_TEST_SCYLLA")]
+    scylla_node: Option<String>,
 }
 
 /// The size of everything, by mode.
@@ -147,6 +154,8 @@ pub struct Ctx {
     pub tools: Tools,
     pub decode_workloads: Vec<decode::Workload>,
     pub decode_consumers: Vec<String>,
+    /// The node of `--store scylla`.
+    pub scylla: Option<String>,
 }
 
 /// External programs the scenarios run.
@@ -156,7 +165,9 @@ pub struct Tools {
     pub redis_benchmark: PathBuf,
 }
 
-const SCENARIOS: [&str; 6] = ["decode", "fresh", "serve", "coalesce", "memory", "recovery"];
+const SCENARIOS: [&str; 7] = [
+    "decode", "fresh", "serve", "coalesce", "memory", "recovery", "scylla",
+];
 
 /// The same allocator as the kck binary: the in-process decode figures and the HTTP floor measure what
 /// kck ships.
@@ -217,7 +228,22 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
     }
-    let wanted = |name: &str| cli.only.is_empty() || cli.only.iter().any(|s| s == name);
+    let scylla = match cli.store.as_deref() {
+        None | Some("embedded") => None,
+        Some("scylla") => match cli.scylla_node.clone().filter(|n| !n.is_empty()) {
+            Some(node) => Some(node),
+            None => bail!(
+                "--store scylla needs a node: set KCK_TEST_SCYLLA=host:9042 (or --scylla-node)"
+            ),
+        },
+        Some(other) => bail!("unknown --store '{other}' (embedded, scylla)"),
+    };
+    let has_scylla = scylla.is_some();
+    let only = &cli.only;
+    let wanted = move |name: &str| {
+        let listed = only.is_empty() || only.iter().any(|s| s == name);
+        listed && (name != "scylla" || has_scylla)
+    };
     let pg_bin = cli.pg_bin.clone();
     let pg_dirs = [pg_bin.as_path()];
     let mut missing = Vec::new();
@@ -309,6 +335,7 @@ fn run(cli: Cli) -> Result<()> {
         tools,
         decode_workloads,
         decode_consumers: cli.decode_consumers.clone(),
+        scylla,
     };
     let result = run_scenarios(&ctx, &cli, &wanted, started, load_before);
     ctx.cluster.destroy();
@@ -350,13 +377,14 @@ fn run_scenarios(
     // serving next (on a quiet table); the report keeps the order.
     let mut sections: Vec<(usize, Section)> = Vec::new();
     type Scenario = fn(&Ctx) -> Result<Section>;
-    let plan: [(usize, &str, Scenario); 6] = [
+    let plan: [(usize, &str, Scenario); 7] = [
         (1, "decode", decode::run),
         (3, "serve", serve::run),
         (2, "fresh", fresh::run),
         (4, "coalesce", coalesce::run),
         (5, "memory", memory::run),
         (6, "recovery", recovery::run),
+        (7, "scylla", scylla::run),
     ];
     for (index, name, scenario) in plan {
         if !wanted(name) {

@@ -294,7 +294,7 @@ fn avg_len(values: &[Vec<u8>]) -> usize {
     values.iter().map(Vec::len).sum::<usize>() / values.len().max(1)
 }
 
-fn wrk(
+pub fn wrk(
     ctx: &Ctx,
     dir: &Path,
     addr: std::net::SocketAddr,

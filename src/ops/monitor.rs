@@ -339,6 +339,10 @@ pub fn set_gauges(ops: &Ops, reading: Option<&Reading>, queue: Option<&crate::st
             .oldest_enqueued_at_ms
             .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
         metrics.gauge(m::QUEUE_OLDEST_AGE_SECONDS, age);
+        metrics.gauge(
+            m::QUEUE_STATS_ESTIMATED,
+            if queue.estimated { 1.0 } else { 0.0 },
+        );
     }
     let Some(reading) = reading else {
         return;

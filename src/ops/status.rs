@@ -101,6 +101,9 @@ pub struct QueueStatus {
     pub depth: u64,
     pub claimed: u64,
     pub oldest_age_seconds: Option<f64>,
+    /// The figures are estimates (the scylla store keeps counters instead of scanning its queue).
+    #[serde(default)]
+    pub estimated: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -277,6 +280,7 @@ fn queue_status(queue: &QueueStats) -> QueueStatus {
         oldest_age_seconds: queue
             .oldest_enqueued_at_ms
             .map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
+        estimated: queue.estimated,
     }
 }
 
@@ -573,11 +577,17 @@ impl Status {
         }
         match &self.queue {
             Some(q) => out.push_str(&format!(
-                "queue          {} ({} in progress), oldest {}\n",
+                "queue          {}{} ({} in progress), oldest {}{}\n",
+                if q.estimated { "~" } else { "" },
                 crate::report::count(q.depth, "task", "tasks"),
                 q.claimed,
                 q.oldest_age_seconds
-                    .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s old"))
+                    .map_or_else(|| "-".to_string(), |a| format!("{a:.1} s old")),
+                if q.estimated {
+                    " (estimates: counted, not scanned)"
+                } else {
+                    ""
+                }
             )),
             None => out.push_str("queue          unknown\n"),
         }

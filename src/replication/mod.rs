@@ -953,8 +953,8 @@ async fn wait_for_room(
         if *shutdown.borrow() {
             break;
         }
-        let depth = match store.queue_stats().await {
-            Ok(s) => s.depth,
+        let depth = match store.queue_depth().await {
+            Ok(depth) => depth,
             Err(error) => {
                 tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the queue's size; writing without waiting.");
                 break;

@@ -57,39 +57,32 @@ use super::{Consistency, KeyspaceReplication};
 use super::{StoreError, StoreResult};
 use crate::lsn::Lsn;
 
-/// Queue partitions per table. Changing it is a schema change (tasks would be looked for in the wrong
-/// bucket): it is recorded in `meta` by `kck store init` and checked when a store opens.
-pub const QUEUE_BUCKETS: i32 = 16;
-
 /// The value of the `meta` row [`SCHEMA_META`] that `kck store init` writes and every process checks.
-pub const SCHEMA_VERSION: &str = "kck-scylla-1 buckets=16";
+/// A keyspace made for another layout (`kck-scylla-1`: the queue of row deletes) is refused.
+pub const SCHEMA_VERSION: &str = "kck-scylla-2 shards=16";
 /// The `meta` name of [`SCHEMA_VERSION`].
 pub const SCHEMA_META: &str = "kck.schema";
+/// The `meta` row holding the position below which every queue log partition is retired (µs; written by
+/// `kck store init` as its time, raised by claimers): where a claimer with nothing better starts reading.
+pub const QUEUE_START_META: &str = "kck.queue.start";
 
 /// The tables kck needs, in creation order.
-pub const TABLES: [&str; 7] = [
+pub const TABLES: [&str; 9] = [
     "cache_entries",
     "key_index",
     "key_primers",
+    "queue_log",
     "queue_tasks",
-    "queue_order",
-    "queue_leases",
+    "queue_floors",
+    "queue_holders",
+    "queue_counts",
     "meta",
 ];
 
-/// Queue tables hold short-lived rows that are deleted when done. A deleted row that comes back (a
-/// replica that missed the deletion for longer than this) is a refresh done twice, which is harmless, so
-/// their tombstones are purged after an hour rather than the default ten days, which keeps claim scans
-/// short.
+/// Tombstones of the queue tables (retired log partitions, expired task rows, retired summary ranges) are
+/// purged after an hour rather than the default ten days: none is ever read by the hot path, and one that
+/// came back (a replica that missed the deletion for longer) would only be read past again.
 pub const QUEUE_GC_GRACE_SECONDS: u32 = 3600;
-
-/// How far below the oldest row it saw a process keeps scanning a bucket's `queue_order` (see
-/// [`next_floor`]): more than any clock skew between kck processes plus a write's latency.
-pub const FLOOR_MARGIN_US: i64 = 60_000_000;
-
-/// How often a process forgets its scan floors and reads every bucket from the start again, which catches
-/// a row written below a floor by a process whose clock is off by more than [`FLOOR_MARGIN_US`].
-pub const FLOOR_RESET: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The longest TTL CQL accepts (20 years).
 pub const MAX_TTL_SECONDS: i64 = 630_720_000;
@@ -132,6 +125,39 @@ pub fn replication_map(replication: &KeyspaceReplication) -> String {
     }
 }
 
+/// The data centres a keyspace replication names that the cluster does not have (`cluster`: the
+/// `data_center` of `system.local` and of every `system.peers` row), or `None` when all are known. Cassandra
+/// refuses such a keyspace ("Unrecognized strategy option"); this says which names it does have.
+pub fn unknown_datacenters(
+    replication: &KeyspaceReplication,
+    cluster: &[String],
+) -> Option<String> {
+    let KeyspaceReplication::NetworkTopology { datacenters } = replication else {
+        return None;
+    };
+    let unknown: Vec<&str> = datacenters
+        .iter()
+        .map(|(dc, _)| dc.as_str())
+        .filter(|dc| !cluster.iter().any(|c| c == dc))
+        .collect();
+    if unknown.is_empty() {
+        return None;
+    }
+    let mut known: Vec<&str> = cluster.iter().map(String::as_str).collect();
+    known.sort_unstable();
+    known.dedup();
+    Some(format!(
+        "store.replication names data centre(s) {} that the cluster does not have; its data centres are: {} \
+         (names are case-sensitive and must match `nodetool status`)",
+        unknown.join(", "),
+        if known.is_empty() {
+            "(none found)".to_owned()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
 /// `CREATE TABLE IF NOT EXISTS` for every table of [`TABLES`], in that order.
 pub fn create_tables(keyspace: &str) -> Vec<String> {
     let g = QUEUE_GC_GRACE_SECONDS;
@@ -146,13 +172,19 @@ pub fn create_tables(keyspace: &str) -> Vec<String> {
             "CREATE TABLE IF NOT EXISTS {keyspace}.key_primers (\n    key text,\n    primer text,\n    PRIMARY KEY ((key), primer)\n)"
         ),
         format!(
-            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_tasks (\n    bucket int,\n    id text,\n    lsn bigint,\n    enqueued_at_us bigint,\n    PRIMARY KEY ((bucket), id, lsn, enqueued_at_us)\n) WITH gc_grace_seconds = {g}"
+            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_log (\n    shard int,\n    slice bigint,\n    pos bigint,\n    id text,\n    lsn bigint,\n    floor bigint,\n    enq bigint,\n    PRIMARY KEY ((shard, slice), pos, id)\n) WITH gc_grace_seconds = {g} AND comment = 'kck refresh queue: append-only events, partitions retired whole'"
         ),
         format!(
-            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_order (\n    bucket int,\n    enqueued_at_us bigint,\n    id text,\n    lsn bigint,\n    PRIMARY KEY ((bucket), enqueued_at_us, id, lsn)\n) WITH gc_grace_seconds = {g}"
+            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_tasks (\n    id text PRIMARY KEY,\n    req_lsn bigint,\n    ver bigint,\n    pending boolean,\n    done_lsn bigint,\n    floor bigint,\n    enq bigint,\n    lease_until_ms bigint,\n    not_before_ms bigint,\n    attempts int,\n    claim_lsn bigint\n) WITH gc_grace_seconds = {g} AND comment = 'kck refresh queue: one row per task id, state written by lightweight transactions on ver'"
         ),
         format!(
-            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_leases (\n    bucket int,\n    id text,\n    lease_until_ms bigint,\n    not_before_ms bigint,\n    attempts int,\n    claim_lsn bigint,\n    PRIMARY KEY ((bucket), id)\n) WITH gc_grace_seconds = {g}"
+            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_floors (\n    level tinyint,\n    slice bigint,\n    floor bigint,\n    oldest bigint,\n    PRIMARY KEY ((level), slice)\n) WITH gc_grace_seconds = {g} AND comment = 'kck refresh queue: least floor and enqueue time per slice, kept as minimums by write timestamp'"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_holders (\n    k int,\n    holder text,\n    reading_to bigint,\n    heads frozen<list<bigint>>,\n    floor bigint,\n    oldest bigint,\n    until bigint,\n    PRIMARY KEY ((k), holder)\n) WITH gc_grace_seconds = {g} AND comment = 'kck refresh queue: what each claimer has read and holds'"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {keyspace}.queue_counts (\n    k int,\n    shard int,\n    events counter,\n    open counter,\n    claimed counter,\n    PRIMARY KEY ((k), shard)\n) WITH comment = 'kck refresh queue: depth estimates'"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {keyspace}.meta (\n    name text PRIMARY KEY,\n    value blob\n)"
@@ -198,20 +230,20 @@ pub struct Statements {
     pub is_registered: String,
     pub keys_first: String,
     pub keys_after: String,
-    pub insert_order: String,
-    pub insert_task: String,
-    pub delete_order: String,
-    pub delete_task: String,
-    pub order_head: String,
-    pub order_after: String,
-    pub task_versions: String,
-    pub bucket_tasks: String,
-    pub bucket_leases: String,
-    pub lease_insert: String,
-    pub lease_take: String,
-    pub lease_release: String,
-    pub lease_retry: String,
-    pub lease_delete: String,
+    pub log_insert: String,
+    pub log_read: String,
+    pub log_retire: String,
+    pub task_request: String,
+    pub task_read: String,
+    pub task_cas: String,
+    pub floor_min: String,
+    pub oldest_min: String,
+    pub floors_read: String,
+    pub floors_retire: String,
+    pub holder_put: String,
+    pub holders_read: String,
+    pub counts_add: String,
+    pub counts_read: String,
     pub get_meta: String,
     pub put_meta: String,
     /// Named leases ([`crate::store::Store::try_lease`]) are `meta` rows named `lease:NAME` holding the
@@ -246,48 +278,44 @@ impl Statements {
             keys_after: format!(
                 "SELECT key FROM {ks}.key_index WHERE primer = ? AND key > ? LIMIT ?"
             ),
-            insert_order: format!(
-                "INSERT INTO {ks}.queue_order (bucket, id, lsn, enqueued_at_us) VALUES (?, ?, ?, ?)"
+            log_insert: format!(
+                "INSERT INTO {ks}.queue_log (shard, slice, pos, id, lsn, floor, enq) VALUES (?, ?, ?, ?, ?, ?, ?)"
             ),
-            insert_task: format!(
-                "INSERT INTO {ks}.queue_tasks (bucket, id, lsn, enqueued_at_us) VALUES (?, ?, ?, ?)"
+            log_read: format!(
+                "SELECT pos, id, lsn, floor, enq FROM {ks}.queue_log WHERE shard = ? AND slice = ? AND pos >= ? AND pos <= ? LIMIT ?"
             ),
-            delete_order: format!(
-                "DELETE FROM {ks}.queue_order WHERE bucket = ? AND id = ? AND lsn = ? AND enqueued_at_us = ?"
+            log_retire: format!("DELETE FROM {ks}.queue_log WHERE shard = ? AND slice = ?"),
+            task_request: format!(
+                "UPDATE {ks}.queue_tasks USING TIMESTAMP ? AND TTL ? SET req_lsn = ? WHERE id = ?"
             ),
-            delete_task: format!(
-                "DELETE FROM {ks}.queue_tasks WHERE bucket = ? AND id = ? AND lsn = ? AND enqueued_at_us = ?"
+            task_read: format!(
+                "SELECT req_lsn, ver, pending, done_lsn, floor, enq, lease_until_ms, not_before_ms, attempts, claim_lsn FROM {ks}.queue_tasks WHERE id = ?"
             ),
-            order_head: format!(
-                "SELECT enqueued_at_us, id, lsn FROM {ks}.queue_order WHERE bucket = ? AND enqueued_at_us >= ? LIMIT ?"
+            task_cas: format!(
+                "UPDATE {ks}.queue_tasks USING TTL ? SET ver = ?, pending = ?, done_lsn = ?, floor = ?, enq = ?, lease_until_ms = ?, not_before_ms = ?, attempts = ?, claim_lsn = ? WHERE id = ? IF ver = ?"
             ),
-            order_after: format!(
-                "SELECT enqueued_at_us, id, lsn FROM {ks}.queue_order WHERE bucket = ? AND (enqueued_at_us, id, lsn) > (?, ?, ?) LIMIT ?"
+            floor_min: format!(
+                "UPDATE {ks}.queue_floors USING TIMESTAMP ? SET floor = ? WHERE level = ? AND slice = ?"
             ),
-            task_versions: format!(
-                "SELECT lsn, enqueued_at_us FROM {ks}.queue_tasks WHERE bucket = ? AND id = ?"
+            oldest_min: format!(
+                "UPDATE {ks}.queue_floors USING TIMESTAMP ? SET oldest = ? WHERE level = ? AND slice = ?"
             ),
-            bucket_tasks: format!(
-                "SELECT id, enqueued_at_us FROM {ks}.queue_tasks WHERE bucket = ?"
+            floors_read: format!(
+                "SELECT slice, floor, oldest FROM {ks}.queue_floors WHERE level = ? AND slice >= ? AND slice < ?"
             ),
-            bucket_leases: format!(
-                "SELECT id, lease_until_ms, not_before_ms, attempts, claim_lsn FROM {ks}.queue_leases WHERE bucket = ?"
+            floors_retire: format!(
+                "DELETE FROM {ks}.queue_floors USING TIMESTAMP ? WHERE level = ? AND slice >= ? AND slice < ?"
             ),
-            lease_insert: format!(
-                "INSERT INTO {ks}.queue_leases (bucket, id, lease_until_ms, not_before_ms, attempts, claim_lsn) VALUES (?, ?, ?, 0, 0, ?) IF NOT EXISTS"
+            holder_put: format!(
+                "INSERT INTO {ks}.queue_holders (k, holder, reading_to, heads, floor, oldest, until) VALUES (0, ?, ?, ?, ?, ?, ?) USING TTL ?"
             ),
-            lease_take: format!(
-                "UPDATE {ks}.queue_leases SET lease_until_ms = ?, attempts = ?, claim_lsn = ? WHERE bucket = ? AND id = ? IF lease_until_ms = ? AND not_before_ms = ? AND attempts = ? AND claim_lsn = ?"
+            holders_read: format!(
+                "SELECT holder, reading_to, heads, floor, oldest, until FROM {ks}.queue_holders WHERE k = 0"
             ),
-            lease_release: format!(
-                "UPDATE {ks}.queue_leases SET lease_until_ms = 0 WHERE bucket = ? AND id = ? IF attempts = ? AND claim_lsn = ?"
+            counts_add: format!(
+                "UPDATE {ks}.queue_counts SET events = events + ?, open = open + ?, claimed = claimed + ? WHERE k = 0 AND shard = ?"
             ),
-            lease_retry: format!(
-                "UPDATE {ks}.queue_leases SET lease_until_ms = 0, not_before_ms = ?, attempts = ? WHERE bucket = ? AND id = ? IF attempts = ? AND claim_lsn = ?"
-            ),
-            lease_delete: format!(
-                "DELETE FROM {ks}.queue_leases WHERE bucket = ? AND id = ? IF attempts = ? AND claim_lsn = ?"
-            ),
+            counts_read: format!("SELECT events, open, claimed FROM {ks}.queue_counts WHERE k = 0"),
             get_meta: format!("SELECT value FROM {ks}.meta WHERE name = ?"),
             put_meta: format!("INSERT INTO {ks}.meta (name, value) VALUES (?, ?)"),
             named_lease_insert: format!(
@@ -332,9 +360,22 @@ pub fn timestamp_lsn(ts: i64) -> StoreResult<Lsn> {
     })
 }
 
+/// The latest expiry Cassandra 4.0 (and ScyllaDB) can store: `2038-01-19T03:14:06Z`, in seconds since the
+/// Unix epoch (`Cell.MAX_DELETION_TIME`, `i32::MAX - 1`). A write whose `now + TTL` passes it is refused
+/// ("exceeds maximum supported expiration date").
+pub const MAX_EXPIRY_SECONDS: i64 = i32::MAX as i64 - 1;
+
+/// Seconds kept between `now + TTL` and [`MAX_EXPIRY_SECONDS`], for the server's clock being ahead of ours.
+pub const EXPIRY_CLOCK_MARGIN_SECONDS: i64 = 86_400;
+
 /// The `USING TTL` of an entry stored at `now_ms`: the seconds until `expires_at_ms`, rounded up, at
-/// least 1 (an entry that has already expired goes at once), and 0 (no TTL) without an expiry or beyond
-/// CQL's 20-year limit.
+/// least 1 (an entry that has already expired goes at once), and 0 (no TTL) without an expiry.
+///
+/// Clamped to what the server accepts: at most CQL's 20 years ([`MAX_TTL_SECONDS`]), and such that
+/// `now + TTL` stays a day below [`MAX_EXPIRY_SECONDS`] (Cassandra 4.0 refuses expiries past 2038-01-19).
+/// A clamped entry goes earlier than its `expires_at_ms` (it is then a miss, computed again), never later.
+/// When even a TTL of 1 s would pass that date (a clock past 2038), no TTL is used: the entry is kept,
+/// which the store contract allows (readers compare `expires_at_ms` themselves).
 pub fn ttl_seconds(expires_at_ms: Option<i64>, now_ms: i64) -> i32 {
     let Some(expires) = expires_at_ms else {
         return 0;
@@ -344,11 +385,13 @@ pub fn ttl_seconds(expires_at_ms: Option<i64>, now_ms: i64) -> i32 {
         return 1;
     }
     let secs = (left_ms + 999) / 1000;
-    if secs > i128::from(MAX_TTL_SECONDS) {
-        0
-    } else {
-        secs as i32
+    let now_s = i128::from(now_ms.div_euclid(1000));
+    let server_limit = i128::from(MAX_EXPIRY_SECONDS - EXPIRY_CLOCK_MARGIN_SECONDS) - now_s;
+    let limit = server_limit.min(i128::from(MAX_TTL_SECONDS));
+    if limit < 1 {
+        return 0;
     }
+    secs.min(limit) as i32
 }
 
 /// How an entry is laid out in its one `entry` cell: [`Layout::Ordered`], big-endian and order-preserving,
@@ -358,8 +401,43 @@ pub const ENTRY_LAYOUT: Layout = Layout::Ordered;
 
 // ---------------------------------------------------------------------------------------------------
 // Queue
+//
+// See "The refresh queue" in the module docs (and ARCHITECTURE.md) for the design; this part holds its
+// rows and every decision about them, as pure functions.
 
-/// The queue bucket of a task id: FNV-1a (64-bit) of its bytes, modulo [`QUEUE_BUCKETS`]. Stable across
+/// Log shards: a task id hashes to one ([`bucket_of`]); each shard's log is read in order by every claimer.
+pub const QUEUE_BUCKETS: i32 = 16;
+
+/// Width of one `queue_log` partition (a shard's events of 10 s), in µs. A partition is deleted whole once
+/// every claimer has read past it; no row is ever deleted inside one.
+pub const LOG_SLICE_US: i64 = 10_000_000;
+
+/// Width of a fine `queue_floors` summary (level [`FINE`]), in µs. The pending floor is exact up to the end
+/// of the fine slice the claimers' heads are in, and bounded by summaries beyond it.
+pub const FINE_SLICE_US: i64 = 50_000;
+
+/// `queue_floors` levels: fine slices ([`FINE_SLICE_US`]) and coarse ones ([`LOG_SLICE_US`]).
+pub const FINE: i8 = 0;
+pub const COARSE: i8 = 1;
+
+/// How long a finished task's row is kept (it answers "already done" to older events of the same id):
+/// 7 days. An event older than that for a finished task refreshes it once more, which is harmless.
+pub const DONE_TTL_SECONDS: i32 = 7 * 86_400;
+
+/// How long a claimer's `queue_holders` row outlives its last write (a process that stopped).
+pub const HOLDER_TTL_SECONDS: i32 = 86_400;
+
+/// Summaries keep a minimum without reading: each value is written `USING TIMESTAMP MIN_BASE - value`, so
+/// the smallest value has the highest timestamp and wins on every replica. Values are clamped to
+/// `0..MIN_BASE`; retiring summaries deletes them at `MIN_BASE`.
+pub const MIN_BASE: i64 = 1 << 62;
+
+/// The write timestamp of `value` in a min-keeping cell (see [`MIN_BASE`]).
+pub fn min_timestamp(value: i64) -> i64 {
+    MIN_BASE - value.clamp(0, MIN_BASE - 1)
+}
+
+/// The queue shard of a task id: FNV-1a (64-bit) of its bytes, modulo [`QUEUE_BUCKETS`]. Stable across
 /// processes, versions and platforms (it decides where every process looks for the task).
 pub fn bucket_of(id: &str) -> i32 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -370,7 +448,12 @@ pub fn bucket_of(id: &str) -> i32 {
     (h % QUEUE_BUCKETS as u64) as i32
 }
 
-/// An LSN as a CQL `bigint` of the queue tables (the same 64 bits; only compared for equality there).
+/// The slice of width `width` a position falls in.
+pub fn slice_of(pos_us: i64, width: i64) -> i64 {
+    pos_us.div_euclid(width)
+}
+
+/// An LSN as a CQL `bigint` of the queue tables (the same 64 bits).
 pub fn lsn_bigint(lsn: Lsn) -> i64 {
     lsn.0 as i64
 }
@@ -379,48 +462,90 @@ pub fn bigint_lsn(v: i64) -> Lsn {
     Lsn(v as u64)
 }
 
-/// One row of `queue_order` (and its twin in `queue_tasks`).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct OrderRow {
-    pub enqueued_at_us: i64,
-    pub id: String,
-    pub lsn: i64,
-    pub bucket: i32,
-}
-
-/// Merges the heads of the buckets into one list, oldest first (ties by id), each id once (at its oldest
-/// row, which is its place in line).
-pub fn merge_heads(heads: Vec<Vec<OrderRow>>) -> Vec<OrderRow> {
-    let mut all: Vec<OrderRow> = heads.into_iter().flatten().collect();
-    all.sort();
-    let mut seen = std::collections::HashSet::new();
-    all.retain(|r| seen.insert(r.id.clone()));
-    all
-}
-
-/// Where the next scan of a bucket's `queue_order` may start, after a scan that started at `floor` and
-/// found its first row at `first_us` (`None`: the bucket was empty from `floor` on) at `now_us`.
+/// One `queue_log` row: an event about task `id` at position `pos` (µs since the epoch) of shard `shard`
+/// (partition `(shard, slice_of(pos, LOG_SLICE_US))`).
 ///
-/// Finished tasks leave tombstones at the head of their bucket until compaction purges them (after
-/// [`QUEUE_GC_GRACE_SECONDS`]); a scan from the very start would read every one of them. Every row below
-/// the first one found is gone, and a new row is written with its writer's clock (about now), so the
-/// next scan can start a margin below the oldest live row, or below now when there is none. A retried
-/// task keeps its old row, which is live, so the floor never passes it. The floor never goes down (until
-/// the periodic reset, [`FLOOR_RESET`]).
-pub fn next_floor(floor: i64, first_us: Option<i64>, now_us: i64) -> i64 {
-    floor.max(first_us.unwrap_or(now_us).saturating_sub(FLOOR_MARGIN_US))
+/// - an **enqueue**: `lsn` and `floor` set, `enq` unset (the task was asked for at `pos`);
+/// - a **look** (a released, retried or deferred task is due at `pos`): `floor` and `enq` carry the task's
+///   debt and first enqueue time, `lsn` is set only for a deferred enqueue;
+/// - a **lease check** (a claim's lease ends at `pos`): nothing set; it carries no debt (the claimer's
+///   `queue_holders` row does).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRow {
+    pub shard: i32,
+    pub pos: i64,
+    pub id: String,
+    pub lsn: Option<i64>,
+    pub floor: Option<i64>,
+    pub enq: Option<i64>,
 }
 
-/// A task's versions (its `queue_tasks` rows) coalesced: (largest LSN, oldest enqueue in µs).
-pub fn coalesce(versions: &[(i64, i64)]) -> Option<(Lsn, i64)> {
-    let lsn = versions.iter().map(|(l, _)| bigint_lsn(*l)).max()?;
-    let first = versions.iter().map(|(_, e)| *e).min()?;
-    Some((lsn, first))
+impl LogRow {
+    /// The enqueue time this event stands for, if it stands for a debt.
+    pub fn oldest(&self) -> Option<i64> {
+        match (self.enq, self.lsn) {
+            (Some(e), _) => Some(e),
+            (None, Some(_)) => Some(self.pos),
+            (None, None) => None,
+        }
+    }
+
+    /// Whether this is an enqueue (counted in the queue's `events` counter until resolved).
+    pub fn is_enqueue(&self) -> bool {
+        self.lsn.is_some() && self.enq.is_none()
+    }
 }
 
-/// A `queue_leases` row.
+/// A `queue_floors` write: the minimum floor and enqueue time of the events in one slice of a level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
+pub struct Mark {
+    pub level: i8,
+    pub slice: i64,
+    pub floor: Option<i64>,
+    pub oldest: Option<i64>,
+}
+
+/// The [`Mark`]s that cover `rows`: per fine and coarse slice, the least floor and enqueue time.
+pub fn marks_for(rows: &[LogRow]) -> Vec<Mark> {
+    let mut by: std::collections::BTreeMap<(i8, i64), (Option<i64>, Option<i64>)> =
+        std::collections::BTreeMap::new();
+    let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    for r in rows {
+        let (floor, oldest) = (r.floor, r.oldest());
+        if floor.is_none() && oldest.is_none() {
+            continue;
+        }
+        for (level, width) in [(FINE, FINE_SLICE_US), (COARSE, LOG_SLICE_US)] {
+            let e = by.entry((level, slice_of(r.pos, width))).or_default();
+            *e = (min(e.0, floor), min(e.1, oldest));
+        }
+    }
+    by.into_iter()
+        .map(|((level, slice), (floor, oldest))| Mark {
+            level,
+            slice,
+            floor,
+            oldest,
+        })
+        .collect()
+}
+
+/// The state of a task as the `queue_tasks` row holds it, written only by lightweight transactions that
+/// compare `ver` (a fresh random number with every write), so that whoever read the row last decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskState {
+    pub ver: i64,
+    /// Queued (claimed, released or retried) rather than done.
+    pub pending: bool,
+    /// The claim LSN of the last finish that left the task done (every change up to it is reflected).
+    pub done_lsn: Option<i64>,
+    /// The oldest change LSN the pending task owes a refresh for.
+    pub floor: i64,
+    /// When the pending task was first enqueued (µs).
+    pub enq: i64,
     /// 0 when not claimed.
     pub lease_until_ms: i64,
     pub not_before_ms: i64,
@@ -428,15 +553,13 @@ pub struct Lease {
     pub claim_lsn: i64,
 }
 
-impl Lease {
-    /// Whether a claim holds the task at `now_ms`.
+impl TaskState {
     pub fn is_live(&self, now_ms: i64) -> bool {
         self.lease_until_ms > now_ms
     }
 
-    /// Whether a worker may claim the task at `now_ms`.
     pub fn is_claimable(&self, now_ms: i64) -> bool {
-        !self.is_live(now_ms) && self.not_before_ms <= now_ms
+        self.pending && !self.is_live(now_ms) && self.not_before_ms <= now_ms
     }
 
     /// The attempts a new claim records: a claim whose lease ran out without being finished or retried
@@ -448,6 +571,247 @@ impl Lease {
             self.attempts
         }
     }
+
+    /// Whether `claim` (its attempts and LSN) is the claim this state records.
+    pub fn is_claim(&self, attempts: i32, claim_lsn: i64) -> bool {
+        self.pending && self.attempts == attempts && self.claim_lsn == claim_lsn
+    }
+}
+
+/// A `queue_tasks` row as read: `req_lsn` (the largest LSN ever enqueued for the id, written by enqueue
+/// without reading, `USING TIMESTAMP <lsn>`) and the state, when a claim ever wrote one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TaskRead {
+    pub req_lsn: Option<i64>,
+    pub state: Option<TaskState>,
+}
+
+/// The events of one id in one claim round's page, together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: String,
+    pub shard: i32,
+    /// Position of its first event (its place in line).
+    pub first: i64,
+    pub lsn: Option<i64>,
+    pub floor: Option<i64>,
+    pub enq: Option<i64>,
+    pub enqueues: u32,
+    /// The events, by `(pos, id)`.
+    pub events: Vec<(i64, String)>,
+}
+
+/// Groups a page's events by id, in the order of each id's first event.
+pub fn group_events(rows: Vec<LogRow>) -> Vec<Group> {
+    let mut rows = rows;
+    rows.sort_by(|a, b| (a.pos, &a.id).cmp(&(b.pos, &b.id)));
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut groups: Vec<Group> = Vec::new();
+    let opt_max = |a: Option<i64>, b: Option<i64>| a.max(b);
+    let opt_min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    for r in rows {
+        let i = *index.entry(r.id.clone()).or_insert_with(|| {
+            groups.push(Group {
+                id: r.id.clone(),
+                shard: r.shard,
+                first: r.pos,
+                lsn: None,
+                floor: None,
+                enq: None,
+                enqueues: 0,
+                events: Vec::new(),
+            });
+            groups.len() - 1
+        });
+        let g = &mut groups[i];
+        g.lsn = opt_max(g.lsn, r.lsn);
+        g.floor = opt_min(g.floor, r.floor);
+        g.enq = opt_min(g.enq, r.oldest());
+        if r.is_enqueue() {
+            g.enqueues += 1;
+        }
+        g.events.push((r.pos, r.id));
+    }
+    groups
+}
+
+/// What a claim round does with a [`Group`] after reading its task's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Take the task: write `state` if the row's `ver` is still the one read. `opened`: the task was done
+    /// (or never seen) and is pending from now on.
+    Claim { state: TaskState, opened: bool },
+    /// Nothing to do: already done, claimed, or waiting for its own event.
+    Skip,
+    /// The task is claimed or delayed, and these events owe changes older than its floor: copy them (one
+    /// look event) to `at` (µs, when the task is next looked at), whose summaries keep that debt counted.
+    Defer { at: i64 },
+}
+
+/// Decides a group's fate. `until_ms`: the lease a claim takes; `ver`: the version it writes.
+pub fn decide(read: &TaskRead, g: &Group, now_ms: i64, until_ms: i64, ver: i64) -> Decision {
+    let req = read.req_lsn.max(g.lsn);
+    let claim =
+        |claim_lsn: i64, floor: i64, enq: i64, attempts: i32, done_lsn, opened| Decision::Claim {
+            state: TaskState {
+                ver,
+                pending: true,
+                done_lsn,
+                floor,
+                enq,
+                lease_until_ms: until_ms,
+                not_before_ms: 0,
+                attempts,
+                claim_lsn,
+            },
+            opened,
+        };
+    match read.state {
+        None | Some(TaskState { pending: false, .. }) => {
+            let done = read.state.and_then(|s| s.done_lsn);
+            // Only an enqueue newer than the last finish opens the task again; a look or lease check of a
+            // finished task, or an enqueue it already reflects, is nothing to do.
+            match (g.lsn, req) {
+                (Some(l), Some(req)) if done.is_none_or(|d| l > d) => {
+                    let floor = g.floor.unwrap_or(l).min(l);
+                    claim(req, floor, g.enq.unwrap_or(g.first), 0, done, true)
+                }
+                _ => Decision::Skip,
+            }
+        }
+        Some(s) => {
+            if s.is_claimable(now_ms) {
+                let floor = g.floor.map_or(s.floor, |f| f.min(s.floor));
+                let claim_lsn = req.unwrap_or(s.claim_lsn).max(s.claim_lsn);
+                claim(
+                    claim_lsn,
+                    floor,
+                    s.enq,
+                    s.next_attempts(),
+                    s.done_lsn,
+                    false,
+                )
+            } else if g.floor.is_some_and(|f| f < s.floor) {
+                let at_ms = s.lease_until_ms.max(s.not_before_ms).max(now_ms);
+                Decision::Defer {
+                    at: at_ms.saturating_mul(1000),
+                }
+            } else {
+                Decision::Skip
+            }
+        }
+    }
+}
+
+/// What finishing a claim does to its task's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The row records another claim (the lease ran out and another worker took it, or this one was
+    /// retried or finished already): leave it.
+    NotOurs,
+    /// Done: every change the task was asked for is reflected.
+    Done(TaskState),
+    /// Raised while claimed: released, still owing the changes after the claim's LSN; a look event at once
+    /// makes it claimable again.
+    Raised(TaskState),
+}
+
+/// `again`: a follow-up of the finish has the task's own id (it is then a new task, at the same LSN).
+pub fn finish_state(
+    read: &TaskRead,
+    attempts: i32,
+    claim_lsn: i64,
+    again: bool,
+    ver: i64,
+) -> Finish {
+    let Some(s) = read.state.filter(|s| s.is_claim(attempts, claim_lsn)) else {
+        return Finish::NotOurs;
+    };
+    let released = TaskState {
+        ver,
+        lease_until_ms: 0,
+        not_before_ms: 0,
+        ..s
+    };
+    if again {
+        // Its follow-up's event carries the floor it owes.
+        Finish::Raised(TaskState {
+            floor: s.floor.max(claim_lsn),
+            ..released
+        })
+    } else if read.req_lsn.is_some_and(|r| r > claim_lsn) {
+        Finish::Raised(TaskState {
+            floor: s.floor.max(claim_lsn.saturating_add(1)),
+            ..released
+        })
+    } else {
+        Finish::Done(TaskState {
+            pending: false,
+            done_lsn: Some(s.done_lsn.map_or(claim_lsn, |d| d.max(claim_lsn))),
+            ..released
+        })
+    }
+}
+
+/// A retried claim's state: released, due at `not_before_ms`, one more attempt.
+pub fn retry_state(
+    read: &TaskRead,
+    attempts: i32,
+    claim_lsn: i64,
+    not_before_ms: i64,
+    ver: i64,
+) -> Option<TaskState> {
+    let s = read.state.filter(|s| s.is_claim(attempts, claim_lsn))?;
+    Some(TaskState {
+        ver,
+        lease_until_ms: 0,
+        not_before_ms,
+        attempts: attempts.saturating_add(1),
+        ..s
+    })
+}
+
+/// A claimer's `queue_holders` row: what it has read and what it holds. Written whole (no read), before
+/// each claim round reads past `reading_to`, and after claims finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderRow {
+    pub holder: String,
+    /// The claimer reads no event past this position until it has written a larger one; a writer in
+    /// another process that finds its event at or below it copies the event above it.
+    pub reading_to: i64,
+    /// Per shard: every event before this position is resolved.
+    pub heads: Vec<i64>,
+    /// The least floor and first enqueue time of its live claims.
+    pub floor: Option<i64>,
+    pub oldest: Option<i64>,
+    /// The latest lease end of those claims (µs): once every head passed it, their lease checks were
+    /// resolved and this row's debts moved elsewhere.
+    pub until: i64,
+}
+
+/// The queue's counters (sums over shards): enqueue events not resolved yet, tasks resolved and pending,
+/// and live claims. Counter updates are not idempotent, so these are estimates: exact while no write of
+/// them is lost or repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub events: i64,
+    pub open: i64,
+    pub claimed: i64,
+}
+
+impl Counts {
+    pub fn add(&mut self, o: Counts) {
+        self.events += o.events;
+        self.open += o.open;
+        self.claimed += o.claimed;
+    }
+
+    pub fn is_zero(&self) -> bool {
+        *self == Counts::default()
+    }
 }
 
 /// `now + lease` in ms, saturating.
@@ -457,7 +821,7 @@ pub fn lease_until(now_ms: i64, lease: std::time::Duration) -> i64 {
 }
 
 /// A clock of microseconds since the Unix epoch that never repeats or goes back within a process, for
-/// `enqueued_at_us` (it orders the queue and is part of the row key, so two enqueues never share a row).
+/// event positions (they order the log and are part of its key, so two events never share a row).
 #[derive(Debug, Default)]
 pub struct MicrosClock {
     last: std::sync::atomic::AtomicI64,
@@ -466,6 +830,11 @@ pub struct MicrosClock {
 impl MicrosClock {
     pub fn next(&self) -> i64 {
         self.next_after(now_us())
+    }
+
+    /// The last position handed out (0 before the first).
+    pub fn peek(&self) -> i64 {
+        self.last.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// [`MicrosClock::next`] with the wall clock given.
@@ -550,13 +919,48 @@ mod tests {
         // Already expired: gone as soon as possible (a TTL of 0 would mean "never").
         assert_eq!(ttl_seconds(Some(now), now), 1);
         assert_eq!(ttl_seconds(Some(i64::MIN), now), 1);
-        // Beyond CQL's 20 years: no TTL rather than an error.
+    }
+
+    /// Cassandra 4.0 refuses a write whose `now + TTL` passes 2038-01-19T03:14:06Z: the TTL is clamped so
+    /// that it stays a day below, whatever the entry's expiry, and CQL's 20-year cap holds too.
+    #[test]
+    fn ttls_are_clamped_below_the_servers_last_expiry() {
+        let limit_s = MAX_EXPIRY_SECONDS - EXPIRY_CLOCK_MARGIN_SECONDS;
+        for now in [
+            1_700_000_000_000i64, // 2023: 20 years would pass 2038
+            2_000_000_000_000,    // 2033
+            (limit_s - 10) * 1000,
+            (limit_s - 1) * 1000 + 999,
+        ] {
+            for expires in [
+                now + 12 * 365 * 86_400_000,
+                now + 40 * 365 * 86_400_000,
+                i64::MAX,
+            ] {
+                let ttl = ttl_seconds(Some(expires), now);
+                assert!(ttl >= 1, "now {now}: TTL {ttl}");
+                assert!(
+                    now.div_euclid(1000) + i64::from(ttl) <= limit_s,
+                    "now {now}, expires {expires}: TTL {ttl} passes the server's limit"
+                );
+                assert!(i64::from(ttl) <= MAX_TTL_SECONDS);
+            }
+        }
+        // A near expiry is not touched.
+        let now = 2_000_000_000_000;
+        assert_eq!(ttl_seconds(Some(now + 3_600_000), now), 3600);
+        // In 1990, 20 years is the cap.
         assert_eq!(
-            ttl_seconds(Some(now + MAX_TTL_SECONDS * 1000), now),
+            ttl_seconds(Some(i64::MAX), 631_152_000_000),
             MAX_TTL_SECONDS as i32
         );
-        assert_eq!(ttl_seconds(Some(now + MAX_TTL_SECONDS * 1000 + 1), now), 0);
-        assert_eq!(ttl_seconds(Some(i64::MAX), i64::MIN), 0);
+        // Past the limit (a clock in 2038): no TTL rather than a refused write.
+        assert_eq!(ttl_seconds(Some(i64::MAX), limit_s * 1000), 0);
+        assert_eq!(ttl_seconds(Some(i64::MAX), i64::MAX - 5), 0);
+        assert_eq!(
+            ttl_seconds(Some(i64::MAX), i64::MIN),
+            MAX_TTL_SECONDS as i32
+        );
     }
 
     #[test]
@@ -575,75 +979,251 @@ mod tests {
         }
     }
 
-    #[test]
-    fn heads_merge_oldest_first_each_id_once() {
-        let row = |enq, id: &str, lsn, bucket| OrderRow {
-            enqueued_at_us: enq,
+    fn ev(pos: i64, id: &str, lsn: Option<i64>, floor: Option<i64>, enq: Option<i64>) -> LogRow {
+        LogRow {
+            shard: bucket_of(id),
+            pos,
             id: id.to_owned(),
             lsn,
-            bucket,
-        };
-        let merged = merge_heads(vec![
-            vec![row(3, "c", 1, 0), row(5, "a", 9, 0)],
-            vec![row(1, "a", 5, 0), row(2, "b", 1, 1), row(4, "b", 2, 1)],
-            vec![],
+            floor,
+            enq,
+        }
+    }
+
+    #[test]
+    fn events_group_by_id_in_order_of_their_first() {
+        let groups = group_events(vec![
+            ev(30, "c", Some(1), Some(1), None),
+            ev(50, "a", Some(9), Some(7), None),
+            ev(10, "a", Some(5), Some(5), None),
+            ev(20, "b", Some(1), Some(1), None),
+            ev(40, "b", None, None, None),
+            ev(45, "a", None, Some(2), Some(3)),
         ]);
-        let ids: Vec<(&str, i64)> = merged
-            .iter()
-            .map(|r| (r.id.as_str(), r.enqueued_at_us))
-            .collect();
-        assert_eq!(ids, vec![("a", 1), ("b", 2), ("c", 3)]);
-        assert_eq!(coalesce(&[(5, 1), (9, 5), (3, 7)]), Some((Lsn(9), 1)));
-        assert_eq!(coalesce(&[]), None);
+        let ids: Vec<(&str, i64)> = groups.iter().map(|g| (g.id.as_str(), g.first)).collect();
+        assert_eq!(ids, vec![("a", 10), ("b", 20), ("c", 30)]);
+        let a = &groups[0];
+        assert_eq!(
+            (a.lsn, a.floor, a.enq, a.enqueues),
+            (Some(9), Some(2), Some(3), 2)
+        );
+        assert_eq!(a.events.len(), 3);
+        assert_eq!((groups[1].lsn, groups[1].enqueues), (Some(1), 1));
     }
 
     #[test]
-    fn scan_floors_stay_a_margin_below_the_oldest_row_and_never_go_down() {
-        let m = FLOOR_MARGIN_US;
-        let start = i64::MIN;
-        // The oldest row is at 1000 s: scan from 1000 s minus the margin next time.
+    fn marks_keep_the_least_floor_and_enqueue_time_per_slice() {
+        let f = FINE_SLICE_US;
+        let marks = marks_for(&[
+            ev(f + 1, "a", Some(9), Some(7), None),
+            ev(f + 2, "b", Some(3), Some(3), None),
+            ev(2 * f, "c", None, Some(1), Some(5)),
+            ev(2 * f + 1, "d", None, None, None),
+        ]);
         assert_eq!(
-            next_floor(start, Some(1_000_000_000), 2_000_000_000),
-            1_000_000_000 - m
+            marks,
+            vec![
+                Mark {
+                    level: FINE,
+                    slice: 1,
+                    floor: Some(3),
+                    oldest: Some(f + 1)
+                },
+                Mark {
+                    level: FINE,
+                    slice: 2,
+                    floor: Some(1),
+                    oldest: Some(5)
+                },
+                Mark {
+                    level: COARSE,
+                    slice: 0,
+                    floor: Some(1),
+                    oldest: Some(5)
+                },
+            ]
         );
-        // Empty bucket: a margin below now.
-        assert_eq!(next_floor(start, None, 2_000_000_000), 2_000_000_000 - m);
-        // Never down, even when an older row shows up (a retried task found by a rescan).
-        assert_eq!(
-            next_floor(1_500_000_000, Some(1_000_000_000), 2_000_000_000),
-            1_500_000_000
-        );
-        // No overflow at the edges.
-        assert_eq!(next_floor(start, Some(i64::MIN), 0), start);
-        assert_eq!(next_floor(start, None, i64::MIN + 5), start);
+        // The smallest value wins by timestamp.
+        assert!(min_timestamp(1) > min_timestamp(2));
+        assert_eq!(min_timestamp(-5), MIN_BASE);
+        assert!(min_timestamp(i64::MAX) > 0);
     }
 
-    #[test]
-    fn leases() {
-        let free = Lease {
+    fn group(lsn: Option<i64>, floor: Option<i64>) -> Group {
+        let mut g = group_events(vec![ev(100, "t", lsn, floor, None)]).remove(0);
+        if lsn.is_none() {
+            g.enq = None;
+        }
+        g
+    }
+
+    fn state(pending: bool) -> TaskState {
+        TaskState {
+            ver: 1,
+            pending,
+            done_lsn: Some(10),
+            floor: 12,
+            enq: 50,
             lease_until_ms: 0,
             not_before_ms: 0,
-            attempts: 2,
-            claim_lsn: 5,
+            attempts: 0,
+            claim_lsn: 10,
+        }
+    }
+
+    #[test]
+    fn a_claim_needs_the_row_as_read() {
+        let now = 1_000;
+        let new = TaskRead {
+            req_lsn: Some(8),
+            state: None,
         };
-        assert!(free.is_claimable(100));
-        assert_eq!(free.next_attempts(), 2);
-        let held = Lease {
-            lease_until_ms: 200,
-            ..free
-        };
-        assert!(held.is_live(100) && !held.is_claimable(100));
-        assert!(held.is_claimable(200), "a lease ends at its deadline");
+        // A new task: claimed with the largest requested LSN, its own floor and first enqueue.
+        match decide(&new, &group(Some(5), Some(4)), now, 2_000, 7) {
+            Decision::Claim { state, opened } => {
+                assert!(opened && state.pending);
+                assert_eq!(
+                    (state.claim_lsn, state.floor, state.enq, state.ver),
+                    (8, 4, 100, 7)
+                );
+                assert_eq!((state.lease_until_ms, state.attempts), (2_000, 0));
+            }
+            d => panic!("{d:?}"),
+        }
+        // A lease check or look of a task never seen: nothing.
         assert_eq!(
-            held.next_attempts(),
-            3,
-            "an expired claim counts as an attempt"
+            decide(&TaskRead::default(), &group(None, None), now, 2_000, 7),
+            Decision::Skip
         );
-        let delayed = Lease {
-            not_before_ms: 150,
-            ..free
+
+        // Done at 10: an enqueue it reflects is nothing, a newer one opens it again.
+        let done = TaskRead {
+            req_lsn: Some(11),
+            state: Some(state(false)),
         };
-        assert!(!delayed.is_claimable(100) && delayed.is_claimable(150));
+        assert_eq!(
+            decide(&done, &group(Some(10), Some(10)), now, 2_000, 7),
+            Decision::Skip
+        );
+        assert_eq!(
+            decide(&done, &group(None, None), now, 2_000, 7),
+            Decision::Skip
+        );
+        assert!(matches!(
+            decide(&done, &group(Some(11), Some(11)), now, 2_000, 7),
+            Decision::Claim { opened: true, .. }
+        ));
+
+        // Claimed by someone else: skipped, or deferred to its lease's end if it owes older changes.
+        let held = TaskRead {
+            req_lsn: Some(20),
+            state: Some(TaskState {
+                lease_until_ms: 5_000,
+                ..state(true)
+            }),
+        };
+        assert_eq!(
+            decide(&held, &group(Some(20), Some(15)), now, 2_000, 7),
+            Decision::Skip
+        );
+        assert_eq!(
+            decide(&held, &group(Some(20), Some(3)), now, 2_000, 7),
+            Decision::Defer { at: 5_000_000 }
+        );
+        // Retried and not due: the same.
+        let delayed = TaskRead {
+            req_lsn: Some(20),
+            state: Some(TaskState {
+                not_before_ms: 9_000,
+                ..state(true)
+            }),
+        };
+        assert_eq!(
+            decide(&delayed, &group(None, Some(12)), now, 2_000, 7),
+            Decision::Skip
+        );
+        assert_eq!(
+            decide(&delayed, &group(Some(13), Some(11)), now, 2_000, 7),
+            Decision::Defer { at: 9_000_000 }
+        );
+        // Released or its lease ran out: claimed again, keeping its place and floor, one more attempt.
+        let expired = TaskRead {
+            req_lsn: Some(20),
+            state: Some(TaskState {
+                lease_until_ms: 900,
+                attempts: 2,
+                ..state(true)
+            }),
+        };
+        match decide(&expired, &group(None, None), now, 2_000, 7) {
+            Decision::Claim { state, opened } => {
+                assert!(!opened);
+                assert_eq!(
+                    (state.claim_lsn, state.floor, state.enq, state.attempts),
+                    (20, 12, 50, 3)
+                );
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn finishing_and_retrying_need_the_claim_the_row_records() {
+        let claimed = TaskState {
+            lease_until_ms: 5_000,
+            attempts: 1,
+            claim_lsn: 20,
+            ..state(true)
+        };
+        let read = TaskRead {
+            req_lsn: Some(20),
+            state: Some(claimed),
+        };
+        match finish_state(&read, 1, 20, false, 9) {
+            Finish::Done(s) => {
+                assert!(!s.pending);
+                assert_eq!((s.done_lsn, s.lease_until_ms, s.ver), (Some(20), 0, 9));
+            }
+            f => panic!("{f:?}"),
+        }
+        // Raised while claimed: released, owing what came after the claim.
+        let raised = TaskRead {
+            req_lsn: Some(25),
+            ..read
+        };
+        match finish_state(&raised, 1, 20, false, 9) {
+            Finish::Raised(s) => {
+                assert!(s.pending);
+                assert_eq!(
+                    (s.floor, s.lease_until_ms, s.not_before_ms, s.enq),
+                    (21, 0, 0, 50)
+                );
+            }
+            f => panic!("{f:?}"),
+        }
+        // Another claim (or none) is recorded: not ours.
+        assert_eq!(finish_state(&read, 2, 20, false, 9), Finish::NotOurs);
+        assert_eq!(finish_state(&read, 1, 19, false, 9), Finish::NotOurs);
+        let done = TaskRead {
+            req_lsn: Some(20),
+            state: Some(state(false)),
+        };
+        assert_eq!(finish_state(&done, 0, 10, false, 9), Finish::NotOurs);
+        assert_eq!(
+            finish_state(&TaskRead::default(), 0, 10, false, 9),
+            Finish::NotOurs
+        );
+
+        let r = retry_state(&read, 1, 20, 7_000, 9).unwrap();
+        assert_eq!(
+            (r.lease_until_ms, r.not_before_ms, r.attempts, r.pending),
+            (0, 7_000, 2, true)
+        );
+        assert_eq!(retry_state(&read, 0, 20, 7_000, 9), None);
+    }
+
+    #[test]
+    fn lease_ends() {
         assert_eq!(lease_until(100, std::time::Duration::from_millis(1)), 101);
         assert_eq!(lease_until(100, std::time::Duration::ZERO), 101);
         assert_eq!(
@@ -691,7 +1271,32 @@ mod tests {
         let all = format!("{st:?}");
         assert!(!all.contains(" entries"), "{all}");
         assert!(st.put_entry.contains("USING TIMESTAMP ? AND TTL ?"));
-        assert!(st.lease_take.contains(" IF lease_until_ms = ?"));
+        assert!(st.task_cas.ends_with(" IF ver = ?"));
+    }
+
+    #[test]
+    fn data_centres_must_be_the_clusters() {
+        let cluster = vec!["datacenter1".to_owned(), "datacenter1".to_owned()];
+        let nts = |dcs: &[&str]| KeyspaceReplication::NetworkTopology {
+            datacenters: dcs.iter().map(|d| ((*d).to_owned(), 3)).collect(),
+        };
+        assert_eq!(unknown_datacenters(&nts(&["datacenter1"]), &cluster), None);
+        let err = unknown_datacenters(&nts(&["dc1", "datacenter1", "DC2"]), &cluster).unwrap();
+        assert!(
+            err.contains("data centre(s) dc1, DC2 that the cluster does not have")
+                && err.contains("its data centres are: datacenter1 (")
+                && err.contains("nodetool status"),
+            "{err}"
+        );
+        let simple = KeyspaceReplication::Simple {
+            replication_factor: 1,
+        };
+        assert_eq!(unknown_datacenters(&simple, &[]), None);
+        assert!(
+            unknown_datacenters(&nts(&["a"]), &[])
+                .unwrap()
+                .contains("(none found)")
+        );
     }
 
     /// `sql/scylla.cql` is the schema `kck store init` creates for the default keyspace.

@@ -1217,6 +1217,7 @@ impl Store for EmbeddedStore {
             depth,
             claimed: claimed.min(depth),
             oldest_enqueued_at_ms,
+            estimated: false,
         })
     }
 
@@ -1424,7 +1425,8 @@ mod tests {
             QueueStats {
                 depth: 3,
                 claimed: 0,
-                oldest_enqueued_at_ms: oldest
+                oldest_enqueued_at_ms: oldest,
+                estimated: false,
             }
         );
         assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(1)));

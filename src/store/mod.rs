@@ -64,6 +64,9 @@
 
 pub mod codec;
 pub mod cql;
+#[cfg(test)]
+mod cql_model;
+pub mod cql_queue;
 pub mod embedded;
 mod hot;
 #[cfg(feature = "scylla")]
@@ -152,6 +155,10 @@ pub struct QueueStats {
     pub claimed: u64,
     /// `enqueued_at_ms` of the oldest pending task.
     pub oldest_enqueued_at_ms: Option<i64>,
+    /// The figures are estimates, not counts (the CQL store keeps counters rather than scanning): `depth`
+    /// also counts enqueues no claimer has looked at yet (several of one id count several times until
+    /// then), and a counter write lost in a crash, or repeated by a retry, stays off by that much.
+    pub estimated: bool,
 }
 
 /// The cause of a [`StoreError::Backend`]: the error of the database, driver or system call underneath.
@@ -275,6 +282,12 @@ pub trait Store: Send + Sync + 'static {
     async fn wait_for_tasks(&self, timeout: Duration);
 
     async fn queue_stats(&self) -> StoreResult<QueueStats>;
+
+    /// [`QueueStats::depth`] alone, for the stream's backpressure (asked before every batch it writes):
+    /// a backend whose full stats cost more than its depth should override it.
+    async fn queue_depth(&self) -> StoreResult<u64> {
+        Ok(self.queue_stats().await?.depth)
+    }
 
     /// A lower bound of the lowest floor of all pending tasks (claimed or not, due or delayed), or `None`
     /// when the queue is empty: no change older than it can still be missing from a cached entry. See "The

@@ -10,18 +10,22 @@
 //! - **Entries never go backwards** without a read: each entry is written `USING TIMESTAMP <lsn>`, and the
 //!   cluster keeps the highest timestamp. [`Store::store_result`] then reads the entry's write time back
 //!   (one small read at the same consistency) to report [`Stored::KeptNewer`] when a newer entry won.
+//! - **The queue** is [`CqlQueue`] over [`Cql`], this module's implementation of its statements: an
+//!   append-only log read forward from per-process heads, one row per task written by lightweight
+//!   transactions (the lease and the task's state decided together), counters for its depth. See
+//!   [`super::cql_queue`].
 //! - **Enqueue is durable** once every row is written at the configured consistency (`local_quorum` by
 //!   default).
-//! - **Claims are exclusive while their lease lasts**: a lightweight transaction (Paxos) takes each
-//!   task's lease row; two workers cannot both win it.
-//! - **Finish is ordered, not atomic**: the result is stored, follow-ups queued, then the finished rows
-//!   deleted and the lease dropped. A crash in between leaves the task claimed until its lease runs out,
-//!   and then it runs again (at-least-once); nothing is lost.
+//! - **Finish is ordered, not atomic**: the result is stored, follow-ups queued, then the task's row is
+//!   closed. A crash in between leaves the task claimed until its lease runs out, and then it runs again
+//!   (at-least-once); nothing is lost.
 //! - **Waiting** for tasks polls the cluster ([`POLL`]) and wakes at once for this process's own writes.
+//! - **Server warnings** (a tombstone warning, a large batch) are logged once per kind, then counted
+//!   ([`Warnings`]); the driver's own per-response log line is filtered out by the binary.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,36 +33,25 @@ use futures_util::{StreamExt, TryStreamExt, stream};
 use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
-use scylla::deserialize::row::DeserializeRow;
 use scylla::response::query_result::QueryResult;
 use scylla::serialize::row::SerializeRow;
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::statement::{Consistency as CqlConsistency, SerialConsistency, Statement};
 use scylla::value::{CqlValue, Row};
-use tokio::sync::Notify;
 
 use super::cql::{
-    self, Lease, MicrosClock, OrderRow, QUEUE_BUCKETS, SCHEMA_META, SCHEMA_VERSION, Statements,
-    TABLES,
+    self, Counts, HolderRow, LogRow, Mark, QUEUE_START_META, SCHEMA_META, SCHEMA_VERSION,
+    Statements, TABLES, TaskRead, TaskState,
 };
+use super::cql_queue::{CqlQueue, QueueBackend};
 use super::{BoxError, Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
 use super::{Consistency, ScyllaConfig};
 use crate::lsn::Lsn;
 
-/// How often [`Store::wait_for_tasks`] looks at the cluster for work other processes queued.
-pub const POLL: Duration = Duration::from_millis(200);
-/// Rows of each bucket's `queue_order` a claim reads per round.
-const HEAD: i32 = 32;
-/// Rounds a claim reads before giving up (so at most `HEAD * ROUNDS` rows per bucket per claim).
-const ROUNDS: usize = 16;
-/// Rows per page of a scan.
-const PAGE: i32 = 1000;
-/// Statements run at once by one call (enqueue of a large batch, deletes).
+pub use super::cql_queue::POLL;
+/// Statements run at once by one call (enqueue of a large batch).
 const CONCURRENCY: usize = 64;
-/// An order row with no task row is left alone this long (its enqueue may still be writing the task row),
-/// then removed by the next claim that sees it.
-const ORPHAN_GRACE_US: i64 = 60_000_000;
 /// Per-request timeout.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -144,6 +137,15 @@ fn tls_context(ca_file: &std::path::Path) -> StoreResult<Arc<rustls::ClientConfi
 pub async fn init_schema(config: &ScyllaConfig) -> StoreResult<()> {
     let session = connect(config).await?;
     let ks = &config.keyspace;
+    if matches!(
+        config.replication,
+        super::KeyspaceReplication::NetworkTopology { .. }
+    ) {
+        let dcs = cluster_datacenters(&session).await?;
+        if let Some(message) = cql::unknown_datacenters(&config.replication, &dcs) {
+            return Err(StoreError::failed(message));
+        }
+    }
     // ScyllaDB: a vnode keyspace (lightweight transactions); Cassandra does not know the option.
     let with_tablets = cql::create_keyspace(ks, &config.replication, true);
     if let Err(e) = session.query_unpaged(with_tablets, ()).await {
@@ -173,8 +175,150 @@ pub async fn init_schema(config: &ScyllaConfig) -> StoreResult<()> {
         .query_unpaged(put, (SCHEMA_META, SCHEMA_VERSION.as_bytes()))
         .await
         .map_err(cql_err("recording the schema version"))?;
+    // Where claimers start reading the queue log: now, unless a queue already runs on this keyspace.
+    let start = Statement::new(format!(
+        "INSERT INTO {ks}.meta (name, value) VALUES (?, ?) IF NOT EXISTS"
+    ));
+    session
+        .query_unpaged(
+            start,
+            (QUEUE_START_META, cql::now_us().to_be_bytes().as_slice()),
+        )
+        .await
+        .map_err(cql_err("recording the queue's start"))?;
     tracing::info!(keyspace = %ks, tables = TABLES.len(), "The scylla store's schema is ready.");
     Ok(())
+}
+
+/// The data centre of every node the cluster knows (`system.local` and `system.peers`), as `nodetool
+/// status` names them.
+async fn cluster_datacenters(session: &Session) -> StoreResult<Vec<String>> {
+    let mut out = Vec::new();
+    for q in [
+        "SELECT data_center FROM system.local",
+        "SELECT data_center FROM system.peers",
+    ] {
+        let op = "reading the cluster's data centres";
+        let r = session.query_unpaged(q, ()).await.map_err(cql_err(op))?;
+        for row in rows(r, op)?
+            .rows::<(Option<String>,)>()
+            .map_err(cql_err(op))?
+        {
+            if let Some(dc) = row.map_err(cql_err(op))?.0 {
+                out.push(dc);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Server warnings, logged once per kind and then counted: a warning on a hot query would otherwise be
+/// a log line per response.
+#[derive(Default)]
+pub struct Warnings {
+    kinds: Mutex<HashMap<String, WarningKind>>,
+}
+
+struct WarningKind {
+    /// Since the last line logged about it.
+    count: u64,
+    total: u64,
+    logged: Instant,
+}
+
+/// How often a warning already logged is logged again with its count.
+const WARNING_EVERY: Duration = Duration::from_secs(60);
+/// Kinds remembered at most (others are still logged, without their own count).
+const WARNING_KINDS: usize = 64;
+
+impl Warnings {
+    /// A warning's kind: its text with numbers and quoted values left out, so that "Read 0 live rows and
+    /// 1200 tombstone cells for query SELECT ... WHERE p = 1" and its repeats are one kind.
+    pub fn kind(text: &str) -> String {
+        let mut out = String::with_capacity(text.len().min(160));
+        let mut in_quote = false;
+        let mut last_digit = false;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '-' && chars.peek().is_some_and(char::is_ascii_digit) {
+                continue;
+            }
+            if c == '\'' {
+                in_quote = !in_quote;
+                if in_quote {
+                    out.push_str("'…'");
+                }
+                continue;
+            }
+            if in_quote {
+                continue;
+            }
+            if c.is_ascii_digit() {
+                if !last_digit {
+                    out.push('N');
+                }
+                last_digit = true;
+                continue;
+            }
+            last_digit = false;
+            out.push(c);
+            if out.len() >= 160 {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Note the warnings of one response (`op`: what kck was doing).
+    pub fn note<'a>(&self, op: &str, warnings: impl Iterator<Item = &'a str>) {
+        for text in warnings {
+            let kind = Warnings::kind(text);
+            let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            match kinds.get_mut(&kind) {
+                Some(k) => {
+                    k.count += 1;
+                    k.total += 1;
+                    if k.logged.elapsed() >= WARNING_EVERY {
+                        tracing::warn!(
+                            op,
+                            warning = text,
+                            repeats = k.count,
+                            total = k.total,
+                            "The database keeps warning (one line per minute per kind; the count is since the last line)."
+                        );
+                        k.count = 0;
+                        k.logged = now;
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        op,
+                        warning = text,
+                        "The database warned (logged once per kind, then counted once a minute)."
+                    );
+                    if kinds.len() < WARNING_KINDS {
+                        kinds.insert(
+                            kind,
+                            WarningKind {
+                                count: 0,
+                                total: 1,
+                                logged: now,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kind seen, with how many times (for tests and status).
+    pub fn totals(&self) -> Vec<(String, u64)> {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, u64)> = kinds.iter().map(|(k, v)| (k.clone(), v.total)).collect();
+        out.sort();
+        out
+    }
 }
 
 /// Every prepared statement.
@@ -188,25 +332,404 @@ struct Prepared {
     is_registered: PreparedStatement,
     keys_first: PreparedStatement,
     keys_after: PreparedStatement,
-    insert_order: PreparedStatement,
-    insert_task: PreparedStatement,
-    delete_order: PreparedStatement,
-    delete_task: PreparedStatement,
-    order_head: PreparedStatement,
-    order_after: PreparedStatement,
-    task_versions: PreparedStatement,
-    bucket_tasks: PreparedStatement,
-    bucket_leases: PreparedStatement,
-    lease_insert: PreparedStatement,
-    lease_take: PreparedStatement,
-    lease_release: PreparedStatement,
-    lease_retry: PreparedStatement,
-    lease_delete: PreparedStatement,
+    log_insert: PreparedStatement,
+    log_read: PreparedStatement,
+    log_retire: PreparedStatement,
+    task_request: PreparedStatement,
+    task_read: PreparedStatement,
+    task_cas: PreparedStatement,
+    floor_min: PreparedStatement,
+    oldest_min: PreparedStatement,
+    floors_read: PreparedStatement,
+    floors_retire: PreparedStatement,
+    holder_put: PreparedStatement,
+    holders_read: PreparedStatement,
+    counts_add: PreparedStatement,
+    counts_read: PreparedStatement,
     get_meta: PreparedStatement,
     put_meta: PreparedStatement,
+    put_start: PreparedStatement,
     named_lease_insert: PreparedStatement,
     named_lease_renew: PreparedStatement,
     named_lease_release: PreparedStatement,
+}
+
+/// The session and statements every part of the store shares; [`QueueBackend`] for the queue.
+pub struct Cql {
+    session: Session,
+    st: Prepared,
+    pub warnings: Warnings,
+}
+
+impl Cql {
+    /// Run a prepared statement once (the driver retries the idempotent ones), noting server warnings.
+    async fn run(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        op: &'static str,
+    ) -> StoreResult<QueryResult> {
+        let result = self
+            .session
+            .execute_unpaged(statement, values)
+            .await
+            .map_err(cql_err(op))?;
+        if result.warnings().next().is_some() {
+            self.warnings.note(op, result.warnings());
+        }
+        Ok(result)
+    }
+
+    async fn batch(
+        &self,
+        batch: &Batch,
+        values: impl scylla::serialize::batch::BatchValues,
+        op: &'static str,
+    ) -> StoreResult<()> {
+        let result = self
+            .session
+            .batch(batch, values)
+            .await
+            .map_err(cql_err(op))?;
+        if result.warnings().next().is_some() {
+            self.warnings.note(op, result.warnings());
+        }
+        Ok(())
+    }
+
+    /// Run a lightweight transaction; whether it applied.
+    async fn lwt(
+        &self,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+        op: &'static str,
+    ) -> StoreResult<bool> {
+        let result = self.run(statement, values, op).await?;
+        let row = rows(result, op)?
+            .maybe_first_row::<Row>()
+            .map_err(cql_err(op))?;
+        match row.and_then(|r| r.columns.into_iter().next().flatten()) {
+            Some(CqlValue::Boolean(applied)) => Ok(applied),
+            other => Err(StoreError::failed(format!(
+                "{op}: a lightweight transaction answered without [applied] ({other:?})"
+            ))),
+        }
+    }
+
+    /// Run every future, some at once; the first error.
+    async fn all<F>(&self, futures: Vec<F>) -> StoreResult<()>
+    where
+        F: std::future::Future<Output = StoreResult<()>>,
+    {
+        stream::iter(futures)
+            .buffer_unordered(CONCURRENCY)
+            .try_for_each(|()| async { Ok(()) })
+            .await
+    }
+}
+
+#[async_trait]
+impl QueueBackend for Cql {
+    async fn append(&self, rows: &[LogRow]) -> StoreResult<()> {
+        let writes = rows
+            .iter()
+            .map(|r| async move {
+                let slice = cql::slice_of(r.pos, cql::LOG_SLICE_US);
+                self.run(
+                    &self.st.log_insert,
+                    (r.shard, slice, r.pos, r.id.as_str(), r.lsn, r.floor, r.enq),
+                    "queueing a task",
+                )
+                .await
+                .map(drop)
+            })
+            .collect();
+        self.all(writes).await
+    }
+
+    async fn request(&self, id: &str, lsn: i64) -> StoreResult<()> {
+        // Timestamped with the LSN: the largest LSN asked for wins, whatever order the writes arrive in.
+        self.run(
+            &self.st.task_request,
+            (lsn, cql::DONE_TTL_SECONDS, lsn, id),
+            "queueing a task",
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn mark(&self, marks: &[Mark]) -> StoreResult<()> {
+        let mut writes = Vec::new();
+        for m in marks {
+            for (st, v) in [
+                (&self.st.floor_min, m.floor),
+                (&self.st.oldest_min, m.oldest),
+            ] {
+                if let Some(v) = v {
+                    let (level, slice) = (m.level, m.slice);
+                    writes.push(async move {
+                        self.run(
+                            st,
+                            (cql::min_timestamp(v), v, level, slice),
+                            "queueing a task",
+                        )
+                        .await
+                        .map(drop)
+                    });
+                }
+            }
+        }
+        self.all(writes).await
+    }
+
+    async fn read_log(
+        &self,
+        shard: i32,
+        slice: i64,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<LogRow>> {
+        let op = "reading the queue";
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let r = self
+            .run(&self.st.log_read, (shard, slice, from, to, limit), op)
+            .await?;
+        let mut out = Vec::new();
+        for row in rows(r, op)?
+            .rows::<(i64, String, Option<i64>, Option<i64>, Option<i64>)>()
+            .map_err(cql_err(op))?
+        {
+            let (pos, id, lsn, floor, enq) = row.map_err(cql_err(op))?;
+            out.push(LogRow {
+                shard,
+                pos,
+                id,
+                lsn,
+                floor,
+                enq,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn read_task(&self, id: &str) -> StoreResult<TaskRead> {
+        let op = "reading a task";
+        let r = self.run(&self.st.task_read, (id,), op).await?;
+        type TaskRow = (
+            Option<i64>,
+            Option<i64>,
+            Option<bool>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            Option<i32>,
+            Option<i64>,
+        );
+        let Some(row) = rows(r, op)?
+            .maybe_first_row::<TaskRow>()
+            .map_err(cql_err(op))?
+        else {
+            return Ok(TaskRead::default());
+        };
+        let (req_lsn, ver, pending, done_lsn, floor, enq, until, not_before, attempts, claim_lsn) =
+            row;
+        Ok(TaskRead {
+            req_lsn,
+            state: ver.map(|ver| TaskState {
+                ver,
+                pending: pending.unwrap_or(false),
+                done_lsn,
+                floor: floor.unwrap_or(0),
+                enq: enq.unwrap_or(0),
+                lease_until_ms: until.unwrap_or(0),
+                not_before_ms: not_before.unwrap_or(0),
+                attempts: attempts.unwrap_or(0),
+                claim_lsn: claim_lsn.unwrap_or(0),
+            }),
+        })
+    }
+
+    async fn cas_task(
+        &self,
+        id: &str,
+        expect: Option<i64>,
+        s: &TaskState,
+        ttl_s: i32,
+    ) -> StoreResult<bool> {
+        self.lwt(
+            &self.st.task_cas,
+            (
+                ttl_s,
+                s.ver,
+                s.pending,
+                s.done_lsn,
+                s.floor,
+                s.enq,
+                s.lease_until_ms,
+                s.not_before_ms,
+                s.attempts,
+                s.claim_lsn,
+                id,
+                expect,
+            ),
+            "claiming or closing a task",
+        )
+        .await
+    }
+
+    async fn holders(&self) -> StoreResult<Vec<HolderRow>> {
+        let op = "reading the queue's claimers";
+        let r = self.run(&self.st.holders_read, (), op).await?;
+        let mut out = Vec::new();
+        type HRow = (
+            String,
+            Option<i64>,
+            Option<Vec<i64>>,
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+        );
+        for row in rows(r, op)?.rows::<HRow>().map_err(cql_err(op))? {
+            let (holder, reading_to, heads, floor, oldest, until) = row.map_err(cql_err(op))?;
+            out.push(HolderRow {
+                holder,
+                reading_to: reading_to.unwrap_or(0),
+                heads: heads.unwrap_or_default(),
+                floor,
+                oldest,
+                until: until.unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn put_holder(&self, h: &HolderRow) -> StoreResult<()> {
+        self.run(
+            &self.st.holder_put,
+            (
+                h.holder.as_str(),
+                h.reading_to,
+                &h.heads,
+                h.floor,
+                h.oldest,
+                h.until,
+                cql::HOLDER_TTL_SECONDS,
+            ),
+            "publishing the queue's heads",
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn read_marks(&self, level: i8, from: i64, to: i64) -> StoreResult<Vec<Mark>> {
+        let op = "reading the queue's floors";
+        let r = self
+            .run(&self.st.floors_read, (level, from, to), op)
+            .await?;
+        let mut out = Vec::new();
+        for row in rows(r, op)?
+            .rows::<(i64, Option<i64>, Option<i64>)>()
+            .map_err(cql_err(op))?
+        {
+            let (slice, floor, oldest) = row.map_err(cql_err(op))?;
+            out.push(Mark {
+                level,
+                slice,
+                floor,
+                oldest,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn add_counts(&self, shard: i32, d: Counts) -> StoreResult<()> {
+        self.run(
+            &self.st.counts_add,
+            (
+                scylla::value::Counter(d.events),
+                scylla::value::Counter(d.open),
+                scylla::value::Counter(d.claimed),
+                shard,
+            ),
+            "counting the queue",
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn counts(&self) -> StoreResult<Counts> {
+        let op = "reading the queue's size";
+        let r = self.run(&self.st.counts_read, (), op).await?;
+        let mut c = Counts::default();
+        type CRow = (
+            Option<scylla::value::Counter>,
+            Option<scylla::value::Counter>,
+            Option<scylla::value::Counter>,
+        );
+        for row in rows(r, op)?.rows::<CRow>().map_err(cql_err(op))? {
+            let (e, o, cl) = row.map_err(cql_err(op))?;
+            c.add(Counts {
+                events: e.map_or(0, |c| c.0),
+                open: o.map_or(0, |c| c.0),
+                claimed: cl.map_or(0, |c| c.0),
+            });
+        }
+        Ok(c)
+    }
+
+    async fn retire_log(&self, shard: i32, slice: i64) -> StoreResult<()> {
+        self.run(
+            &self.st.log_retire,
+            (shard, slice),
+            "retiring the queue's log",
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn retire_marks(&self, level: i8, from: i64, to: i64) -> StoreResult<()> {
+        self.run(
+            &self.st.floors_retire,
+            (cql::MIN_BASE, level, from, to),
+            "retiring the queue's floors",
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_start(&self) -> StoreResult<Option<i64>> {
+        let op = "reading the queue's start";
+        let r = self.run(&self.st.get_meta, (QUEUE_START_META,), op).await?;
+        let v = rows(r, op)?
+            .maybe_first_row::<(Option<Vec<u8>>,)>()
+            .map_err(cql_err(op))?
+            .and_then(|(v,)| v);
+        match v {
+            None => Ok(None),
+            Some(b) => <[u8; 8]>::try_from(b.as_slice())
+                .map(|b| Some(i64::from_be_bytes(b)))
+                .map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "meta '{QUEUE_START_META}' holds {} bytes, not 8",
+                        b.len()
+                    ))
+                }),
+        }
+    }
+
+    async fn put_start(&self, pos: i64) -> StoreResult<()> {
+        // Timestamped with the position: the furthest start wins.
+        self.run(
+            &self.st.put_start,
+            (QUEUE_START_META, pos.to_be_bytes().as_slice(), pos),
+            "recording the queue's start",
+        )
+        .await
+        .map(drop)
+    }
 }
 
 /// The ScyllaDB / Cassandra [`Store`]. Cheap to clone.
@@ -216,31 +739,50 @@ pub struct ScyllaStore {
 }
 
 struct Inner {
-    session: Session,
     keyspace: String,
-    st: Prepared,
-    clock: MicrosClock,
-    /// Woken by this process's enqueues, retries and releases.
-    tasks_changed: Notify,
-    /// Where claims start reading each bucket's `queue_order` (see [`cql::next_floor`]).
-    floors: std::sync::Mutex<Floors>,
-    /// Order rows a claim found without their task row, younger than [`ORPHAN_GRACE_US`] (an enqueue
-    /// still writing, or one that died half-way): waiting ignores them, or workers would spin on them.
-    orphans: std::sync::Mutex<std::collections::HashSet<OrderRow>>,
+    queue: CqlQueue<Cql>,
+    registered: Registered,
 }
 
-/// Per-bucket scan floors, forgotten every [`cql::FLOOR_RESET`].
-struct Floors {
-    at: [i64; QUEUE_BUCKETS as usize],
-    since: std::time::Instant,
+/// Keys this process knows are in the key index (it read or wrote them there), so that the replication
+/// stream, which asks for every key a changed row maps to, does not wait for a cluster read each time.
+/// Only "yes" is remembered: a key removed by another process still answers yes here, which costs one
+/// refresh that finds the key is not cached; "no" is always asked (another process may cache the key).
+/// Bounded: a shard that fills up is emptied.
+struct Registered {
+    shards: Vec<Mutex<std::collections::HashSet<String>>>,
 }
 
-impl Floors {
-    fn new() -> Floors {
-        Floors {
-            at: [i64::MIN; QUEUE_BUCKETS as usize],
-            since: std::time::Instant::now(),
+/// Keys remembered per shard of [`Registered`] (16 shards).
+const REGISTERED_PER_SHARD: usize = 16_384;
+
+impl Registered {
+    fn new() -> Registered {
+        Registered {
+            shards: (0..16).map(|_| Mutex::default()).collect(),
         }
+    }
+
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        let i = cql::bucket_of(key) as usize % self.shards.len();
+        // A set of plain strings: a panic cannot leave it half-changed.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.shard(key).contains(key)
+    }
+
+    fn insert(&self, key: &str) {
+        let mut shard = self.shard(key);
+        if shard.len() >= REGISTERED_PER_SHARD {
+            shard.clear();
+        }
+        shard.insert(key.to_owned());
+    }
+
+    fn remove(&self, key: &str) {
+        self.shard(key).remove(key);
     }
 }
 
@@ -265,44 +807,23 @@ impl ScyllaStore {
         tracing::info!(keyspace = %ks, nodes = %config.nodes.join(","), consistency = config.consistency.name(), "Opened the scylla store.");
         Ok(ScyllaStore {
             inner: Arc::new(Inner {
-                session,
                 keyspace: ks.clone(),
-                st,
-                clock: MicrosClock::default(),
-                tasks_changed: Notify::new(),
-                floors: std::sync::Mutex::new(Floors::new()),
-                orphans: std::sync::Mutex::new(std::collections::HashSet::new()),
+                queue: CqlQueue::new(Cql {
+                    session,
+                    st,
+                    warnings: Warnings::default(),
+                }),
+                registered: Registered::new(),
             }),
         })
     }
 
-    fn s(&self) -> &Session {
-        &self.inner.session
+    fn c(&self) -> &Cql {
+        self.inner.queue.backend()
     }
 
     fn st(&self) -> &Prepared {
-        &self.inner.st
-    }
-
-    /// Every row (all pages) that `statement` answers for `values`; `op` names the read in errors.
-    async fn all_rows<R>(
-        &self,
-        statement: &PreparedStatement,
-        values: impl SerializeRow + Send,
-        op: &'static str,
-    ) -> StoreResult<Vec<R>>
-    where
-        R: for<'frame, 'metadata> DeserializeRow<'frame, 'metadata> + Send + Unpin + 'static,
-    {
-        self.s()
-            .execute_iter(statement.clone(), values)
-            .await
-            .map_err(cql_err(op))?
-            .rows_stream::<R>()
-            .map_err(cql_err(op))?
-            .map_err(cql_err(op))
-            .try_collect()
-            .await
+        &self.c().st
     }
 
     /// The keyspace this store uses.
@@ -310,24 +831,28 @@ impl ScyllaStore {
         &self.inner.keyspace
     }
 
+    /// The server warnings seen so far, by kind, with their counts.
+    pub fn warnings(&self) -> Vec<(String, u64)> {
+        self.c().warnings.totals()
+    }
+
     async fn index_key(&self, primer: &str, key: &str) -> StoreResult<()> {
-        self.s()
-            .batch(&self.st().index, ((primer, key), (primer, key)))
+        self.c()
+            .batch(
+                &self.st().index,
+                ((primer, key), (primer, key)),
+                "indexing a key",
+            )
             .await
-            .map_err(cql_err("indexing a key"))?;
-        Ok(())
     }
 
     /// The LSN of `key`'s entry, from its write time (no value transferred).
     async fn stored_lsn(&self, key: &str) -> StoreResult<Option<Lsn>> {
-        let r = self
-            .s()
-            .execute_unpaged(&self.st().entry_writetime, (key,))
-            .await
-            .map_err(cql_err("reading an entry's LSN"))?;
-        let row = rows(r, "reading an entry's LSN")?
+        let op = "reading an entry's LSN";
+        let r = self.c().run(&self.st().entry_writetime, (key,), op).await?;
+        let row = rows(r, op)?
             .maybe_first_row::<(Option<i64>,)>()
-            .map_err(cql_err("reading an entry's LSN"))?;
+            .map_err(cql_err(op))?;
         match row.and_then(|(ts,)| ts) {
             Some(ts) => Ok(Some(cql::timestamp_lsn(ts)?)),
             None => Ok(None),
@@ -342,210 +867,19 @@ impl ScyllaStore {
         let ttl = cql::ttl_seconds(entry.expires_at_ms, cql::now_ms());
         // Indexed first: an entry is never stored without being found by `keys` and `is_registered`.
         self.index_key(primer, key).await?;
-        self.s()
-            .execute_unpaged(
+        self.c()
+            .run(
                 &self.st().put_entry,
                 (key, cql::ENTRY_LAYOUT.encode(entry), ts, ttl),
+                "storing an entry",
             )
-            .await
-            .map_err(cql_err("storing an entry"))?;
+            .await?;
         match self.stored_lsn(key).await? {
             Some(stored) if stored > entry.lsn => Ok(Stored::KeptNewer(stored)),
             _ => Ok(Stored::Written),
         }
     }
-
-    /// Writes one row per task (order row first, then task row: a task row is never without its order
-    /// row) and returns the rows written.
-    async fn enqueue_rows(&self, tasks: &[Task]) -> StoreResult<Vec<OrderRow>> {
-        let rows: Vec<OrderRow> = tasks
-            .iter()
-            .map(|t| OrderRow {
-                enqueued_at_us: self.inner.clock.next(),
-                id: t.id.clone(),
-                lsn: cql::lsn_bigint(t.lsn),
-                bucket: cql::bucket_of(&t.id),
-            })
-            .collect();
-        self.for_rows(&rows, &self.st().insert_order, "queueing a task")
-            .await?;
-        self.for_rows(&rows, &self.st().insert_task, "queueing a task")
-            .await?;
-        Ok(rows)
-    }
-
-    /// Runs `statement` (which binds bucket, id, lsn, enqueued_at_us) for every row, some at once.
-    async fn for_rows(
-        &self,
-        rows: &[OrderRow],
-        statement: &PreparedStatement,
-        op: &'static str,
-    ) -> StoreResult<()> {
-        let session = self.s();
-        stream::iter(rows.iter().cloned())
-            .map(|r: OrderRow| async move {
-                session
-                    .execute_unpaged(
-                        statement,
-                        (r.bucket, r.id.as_str(), r.lsn, r.enqueued_at_us),
-                    )
-                    .await
-                    .map(drop)
-            })
-            .buffer_unordered(CONCURRENCY)
-            .map_err(cql_err(op))
-            .try_for_each(|_| async { Ok(()) })
-            .await
-    }
-
-    /// The `queue_tasks` rows of a task: (lsn, enqueued_at_us).
-    async fn versions(&self, bucket: i32, id: &str) -> StoreResult<Vec<(i64, i64)>> {
-        self.all_rows(&self.st().task_versions, (bucket, id), "reading a task")
-            .await
-    }
-
-    /// Every lease row of a bucket.
-    async fn leases(&self, bucket: i32) -> StoreResult<HashMap<String, Lease>> {
-        let rows: Vec<LeaseRow> = self
-            .all_rows(&self.st().bucket_leases, (bucket,), "reading claims")
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, until, not_before, attempts, claim_lsn)| {
-                (
-                    id,
-                    Lease {
-                        lease_until_ms: until.unwrap_or(0),
-                        not_before_ms: not_before.unwrap_or(0),
-                        attempts: attempts.unwrap_or(0),
-                        claim_lsn: claim_lsn.unwrap_or(0),
-                    },
-                )
-            })
-            .collect())
-    }
-
-    /// The scan floor of a bucket (all reset every [`cql::FLOOR_RESET`]).
-    fn floor(&self, bucket: i32) -> i64 {
-        let mut floors = self.inner.floors.lock().unwrap_or_else(|e| e.into_inner());
-        if floors.since.elapsed() >= cql::FLOOR_RESET {
-            *floors = Floors::new();
-        }
-        floors.at[bucket as usize]
-    }
-
-    /// Raise a bucket's floor after a scan from `floor` whose first row was `first`.
-    fn raise_floor(&self, bucket: i32, floor: i64, first: Option<&OrderRow>) {
-        let mut floors = self.inner.floors.lock().unwrap_or_else(|e| e.into_inner());
-        let at = &mut floors.at[bucket as usize];
-        // Only after a scan that started at the current floor (a reset may have happened meanwhile).
-        if *at == floor {
-            *at = cql::next_floor(floor, first.map(|r| r.enqueued_at_us), cql::now_us());
-        }
-    }
-
-    /// One page of a bucket's `queue_order`: from the bucket's scan floor, or after `after`.
-    async fn order_page(
-        &self,
-        bucket: i32,
-        after: Option<&OrderRow>,
-    ) -> StoreResult<Vec<OrderRow>> {
-        let op = "reading the queue";
-        let floor = self.floor(bucket);
-        let result = match after {
-            None => {
-                self.s()
-                    .execute_unpaged(&self.st().order_head, (bucket, floor, HEAD))
-                    .await
-            }
-            Some(a) => {
-                self.s()
-                    .execute_unpaged(
-                        &self.st().order_after,
-                        (bucket, a.enqueued_at_us, a.id.as_str(), a.lsn, HEAD),
-                    )
-                    .await
-            }
-        }
-        .map_err(cql_err(op))?;
-        let rows = rows(result, op)?;
-        let mut out = Vec::new();
-        for row in rows.rows::<(i64, String, i64)>().map_err(cql_err(op))? {
-            let (enqueued_at_us, id, lsn) = row.map_err(cql_err(op))?;
-            out.push(OrderRow {
-                enqueued_at_us,
-                id,
-                lsn,
-                bucket,
-            });
-        }
-        if after.is_none() {
-            self.raise_floor(bucket, floor, out.first());
-        }
-        Ok(out)
-    }
-
-    /// Runs a lightweight transaction; returns whether it applied.
-    async fn lwt(
-        &self,
-        statement: &PreparedStatement,
-        values: impl scylla::serialize::row::SerializeRow,
-        op: &'static str,
-    ) -> StoreResult<bool> {
-        let result = self
-            .s()
-            .execute_unpaged(statement, values)
-            .await
-            .map_err(cql_err(op))?;
-        let row = rows(result, op)?
-            .maybe_first_row::<Row>()
-            .map_err(cql_err(op))?;
-        match row.and_then(|r| r.columns.into_iter().next().flatten()) {
-            Some(CqlValue::Boolean(applied)) => Ok(applied),
-            other => Err(StoreError::failed(format!(
-                "{op}: a lightweight transaction answered without [applied] ({other:?})"
-            ))),
-        }
-    }
-
-    /// Delete the given rows of a task: task rows first, then their order rows (an order row without a
-    /// task row is harmless and cleaned up; the reverse would hide a pending task).
-    async fn delete_rows(&self, rows: &[OrderRow]) -> StoreResult<()> {
-        self.for_rows(rows, &self.st().delete_task, "removing a task")
-            .await?;
-        self.for_rows(rows, &self.st().delete_order, "removing a task")
-            .await
-    }
-
-    fn orphans(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<OrderRow>> {
-        // A set of plain rows that no panic can leave half-updated.
-        self.inner.orphans.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether some task looks claimable now (for waiting; a claim may still lose the race for it).
-    async fn looks_claimable(&self) -> StoreResult<bool> {
-        let now = cql::now_ms();
-        let buckets = stream::iter(0..QUEUE_BUCKETS)
-            .map(|b| async move {
-                let head = self.order_page(b, None).await?;
-                if head.is_empty() {
-                    return Ok::<bool, StoreError>(false);
-                }
-                let leases = self.leases(b).await?;
-                let orphans = self.orphans();
-                Ok(head.iter().any(|r| {
-                    !orphans.contains(r) && leases.get(&r.id).is_none_or(|l| l.is_claimable(now))
-                }))
-            })
-            .buffer_unordered(QUEUE_BUCKETS as usize)
-            .try_collect::<Vec<bool>>()
-            .await?;
-        Ok(buckets.into_iter().any(|b| b))
-    }
 }
-
-/// A `queue_leases` row as read: id, lease_until_ms, not_before_ms, attempts, claim_lsn.
-type LeaseRow = (String, Option<i64>, Option<i64>, Option<i32>, Option<i64>);
 
 fn rows(
     result: QueryResult,
@@ -567,6 +901,23 @@ async fn check_schema(session: &Session, ks: &str) -> StoreResult<()> {
     {
         present.push(row.map_err(cql_err("reading the schema"))?.0);
     }
+    let r = session
+        .query_unpaged(statements.get_meta.clone(), (SCHEMA_META,))
+        .await
+        .map_err(cql_err("reading the schema version"))?;
+    let version = rows(r, "reading the schema version")?
+        .maybe_first_row::<(Option<Vec<u8>>,)>()
+        .map_err(cql_err("reading the schema version"))?
+        .and_then(|(v,)| v);
+    if let Some(v) = &version
+        && v != SCHEMA_VERSION.as_bytes()
+    {
+        return Err(StoreError::failed(format!(
+            "the scylla store's keyspace '{ks}' was created for '{}', but this kck needs '{SCHEMA_VERSION}': \
+             use another keyspace, or drop this one and run `kck store init`",
+            String::from_utf8_lossy(v)
+        )));
+    }
     let missing: Vec<&str> = TABLES
         .iter()
         .copied()
@@ -579,21 +930,8 @@ async fn check_schema(session: &Session, ks: &str) -> StoreResult<()> {
             missing.join(", ")
         )));
     }
-    let r = session
-        .query_unpaged(statements.get_meta, (SCHEMA_META,))
-        .await
-        .map_err(cql_err("reading the schema version"))?;
-    let version = rows(r, "reading the schema version")?
-        .maybe_first_row::<(Option<Vec<u8>>,)>()
-        .map_err(cql_err("reading the schema version"))?
-        .and_then(|(v,)| v);
     match version {
-        Some(v) if v == SCHEMA_VERSION.as_bytes() => Ok(()),
-        Some(v) => Err(StoreError::failed(format!(
-            "the scylla store's keyspace '{ks}' was created for '{}', but this kck needs '{SCHEMA_VERSION}': \
-             use another keyspace, or drop this one and run `kck store init`",
-            String::from_utf8_lossy(&v)
-        ))),
+        Some(_) => Ok(()),
         None => Err(StoreError::failed(format!(
             "the scylla store's keyspace '{ks}' has no schema version: run `kck store init --config FILE` \
              (or set store.init: true)"
@@ -610,10 +948,6 @@ async fn prepare(session: &Session, ks: &str) -> StoreResult<Prepared> {
             .map_err(|e| StoreError::backend(format!("preparing `{q}`"), e))?;
         st.set_is_idempotent(idempotent);
         Ok::<PreparedStatement, StoreError>(st)
-    };
-    let paged = |mut st: PreparedStatement| {
-        st.set_page_size(PAGE);
-        st
     };
     let batch = |a: PreparedStatement, b: PreparedStatement| {
         let mut batch = Batch::new(BatchType::Logged);
@@ -639,23 +973,29 @@ async fn prepare(session: &Session, ks: &str) -> StoreResult<Prepared> {
         is_registered: p(text.is_registered, true).await?,
         keys_first: p(text.keys_first, true).await?,
         keys_after: p(text.keys_after, true).await?,
-        insert_order: p(text.insert_order, true).await?,
-        insert_task: p(text.insert_task, true).await?,
-        delete_order: p(text.delete_order, true).await?,
-        delete_task: p(text.delete_task, true).await?,
-        order_head: p(text.order_head, true).await?,
-        order_after: p(text.order_after, true).await?,
-        task_versions: paged(p(text.task_versions, true).await?),
-        bucket_tasks: paged(p(text.bucket_tasks, true).await?),
-        bucket_leases: paged(p(text.bucket_leases, true).await?),
+        log_insert: p(text.log_insert, true).await?,
+        log_read: p(text.log_read, true).await?,
+        log_retire: p(text.log_retire, true).await?,
+        task_request: p(text.task_request, true).await?,
+        task_read: p(text.task_read, true).await?,
         // Lightweight transactions are not idempotent: a retried one may report the outcome of the first.
-        lease_insert: p(text.lease_insert, false).await?,
-        lease_take: p(text.lease_take, false).await?,
-        lease_release: p(text.lease_release, false).await?,
-        lease_retry: p(text.lease_retry, false).await?,
-        lease_delete: p(text.lease_delete, false).await?,
+        task_cas: p(text.task_cas, false).await?,
+        floor_min: p(text.floor_min, true).await?,
+        oldest_min: p(text.oldest_min, true).await?,
+        floors_read: p(text.floors_read, true).await?,
+        floors_retire: p(text.floors_retire, true).await?,
+        holder_put: p(text.holder_put, true).await?,
+        holders_read: p(text.holders_read, true).await?,
+        // Counter updates are not idempotent either (a repeat counts twice).
+        counts_add: p(text.counts_add, false).await?,
+        counts_read: p(text.counts_read, true).await?,
         get_meta: p(text.get_meta, true).await?,
         put_meta: p(text.put_meta, true).await?,
+        put_start: p(
+            format!("INSERT INTO {ks}.meta (name, value) VALUES (?, ?) USING TIMESTAMP ?"),
+            true,
+        )
+        .await?,
         named_lease_insert: p(text.named_lease_insert, false).await?,
         named_lease_renew: p(text.named_lease_renew, false).await?,
         named_lease_release: p(text.named_lease_release, false).await?,
@@ -668,11 +1008,7 @@ impl Store for ScyllaStore {
         if key.is_empty() {
             return Ok(None);
         }
-        let r = self
-            .s()
-            .execute_unpaged(&self.st().get_entry, (key,))
-            .await
-            .map_err(cql_err("get"))?;
+        let r = self.c().run(&self.st().get_entry, (key,), "get").await?;
         let row = rows(r, "get")?
             .maybe_first_row::<(Option<Vec<u8>>,)>()
             .map_err(cql_err("get"))?;
@@ -686,12 +1022,18 @@ impl Store for ScyllaStore {
         if key.is_empty() {
             return Ok(false);
         }
+        if self.inner.registered.contains(key) {
+            return Ok(true);
+        }
         let r = self
-            .s()
-            .execute_unpaged(&self.st().is_registered, (key,))
-            .await
-            .map_err(cql_err("is_registered"))?;
-        Ok(rows(r, "is_registered")?.rows_num() > 0)
+            .c()
+            .run(&self.st().is_registered, (key,), "is_registered")
+            .await?;
+        let found = rows(r, "is_registered")?.rows_num() > 0;
+        if found {
+            self.inner.registered.insert(key);
+        }
+        Ok(found)
     }
 
     async fn register_key(&self, primer: &str, key: &str) -> StoreResult<()> {
@@ -711,28 +1053,29 @@ impl Store for ScyllaStore {
         if key.is_empty() || primer.is_empty() {
             return Ok(());
         }
+        self.inner.registered.remove(key);
         // Deleted at the entry's own timestamp: shadows exactly what is stored, and any later entry with a
         // higher LSN is visible again.
         let r = self
-            .s()
-            .execute_unpaged(&self.st().entry_writetime, (key,))
-            .await
-            .map_err(cql_err("remove_key"))?;
+            .c()
+            .run(&self.st().entry_writetime, (key,), "remove_key")
+            .await?;
         let ts = rows(r, "remove_key")?
             .maybe_first_row::<(Option<i64>,)>()
             .map_err(cql_err("remove_key"))?
             .and_then(|(ts,)| ts);
         if let Some(ts) = ts {
-            self.s()
-                .execute_unpaged(&self.st().delete_entry, (ts, key))
-                .await
-                .map_err(cql_err("remove_key"))?;
+            self.c()
+                .run(&self.st().delete_entry, (ts, key), "remove_key")
+                .await?;
         }
-        self.s()
-            .batch(&self.st().unindex, ((primer, key), (primer, key)))
+        self.c()
+            .batch(
+                &self.st().unindex,
+                ((primer, key), (primer, key)),
+                "remove_key",
+            )
             .await
-            .map_err(cql_err("remove_key"))?;
-        Ok(())
     }
 
     async fn keys(
@@ -747,17 +1090,16 @@ impl Store for ScyllaStore {
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let r = match after {
             None => {
-                self.s()
-                    .execute_unpaged(&self.st().keys_first, (primer, limit))
-                    .await
+                self.c()
+                    .run(&self.st().keys_first, (primer, limit), "keys")
+                    .await?
             }
             Some(after) => {
-                self.s()
-                    .execute_unpaged(&self.st().keys_after, (primer, after, limit))
-                    .await
+                self.c()
+                    .run(&self.st().keys_after, (primer, after, limit), "keys")
+                    .await?
             }
-        }
-        .map_err(cql_err("keys"))?;
+        };
         let mut out = Vec::new();
         for row in rows(r, "keys")?
             .rows::<(String,)>()
@@ -769,142 +1111,11 @@ impl Store for ScyllaStore {
     }
 
     async fn enqueue(&self, tasks: Vec<Task>) -> StoreResult<()> {
-        if tasks.is_empty() {
-            return Ok(());
-        }
-        self.enqueue_rows(&tasks).await?;
-        self.inner.tasks_changed.notify_waiters();
-        Ok(())
+        self.inner.queue.enqueue(tasks).await
     }
 
     async fn claim(&self, max: usize, lease: Duration) -> StoreResult<Vec<Claim>> {
-        let mut out = Vec::new();
-        if max == 0 {
-            return Ok(out);
-        }
-        let now = cql::now_ms();
-        let now_us = cql::now_us();
-        let until = cql::lease_until(now, lease);
-        let mut cursors: Vec<Option<OrderRow>> = vec![None; QUEUE_BUCKETS as usize];
-        let mut open: Vec<i32> = (0..QUEUE_BUCKETS).collect();
-        let mut leases: HashMap<i32, HashMap<String, Lease>> = HashMap::new();
-        let mut tried = std::collections::HashSet::new();
-        for _ in 0..ROUNDS {
-            if open.is_empty() || out.len() >= max {
-                break;
-            }
-            // The next page of every bucket that may hold more, and (once) its leases.
-            let pages = stream::iter(open.clone())
-                .map(|b| {
-                    let cursor = cursors[b as usize].clone();
-                    let need_leases = !leases.contains_key(&b);
-                    async move {
-                        let page = self.order_page(b, cursor.as_ref()).await?;
-                        let l = if need_leases && !page.is_empty() {
-                            Some(self.leases(b).await?)
-                        } else {
-                            None
-                        };
-                        Ok::<_, StoreError>((b, page, l))
-                    }
-                })
-                .buffer_unordered(QUEUE_BUCKETS as usize)
-                .try_collect::<Vec<_>>()
-                .await?;
-            let mut heads = Vec::new();
-            open.clear();
-            for (b, page, l) in pages {
-                if let Some(l) = l {
-                    leases.insert(b, l);
-                }
-                if page.len() == HEAD as usize {
-                    open.push(b);
-                }
-                cursors[b as usize] = page.last().cloned();
-                heads.push(page);
-            }
-            for row in cql::merge_heads(heads) {
-                if out.len() >= max {
-                    break;
-                }
-                if !tried.insert(row.id.clone()) {
-                    continue;
-                }
-                let held = leases
-                    .get(&row.bucket)
-                    .and_then(|l| l.get(&row.id))
-                    .copied();
-                if held.is_some_and(|l| !l.is_claimable(now)) {
-                    continue;
-                }
-                let versions = self.versions(row.bucket, &row.id).await?;
-                let Some((lsn, first_us)) = cql::coalesce(&versions) else {
-                    if now_us - row.enqueued_at_us > ORPHAN_GRACE_US {
-                        self.for_rows(
-                            std::slice::from_ref(&row),
-                            &self.st().delete_order,
-                            "cleaning the queue",
-                        )
-                        .await?;
-                        self.orphans().remove(&row);
-                    } else {
-                        let mut orphans = self.orphans();
-                        orphans.retain(|r| now_us - r.enqueued_at_us <= 2 * ORPHAN_GRACE_US);
-                        orphans.insert(row.clone());
-                    }
-                    continue;
-                };
-                {
-                    // Its task row has arrived: waiting may count it again.
-                    let mut orphans = self.orphans();
-                    if !orphans.is_empty() {
-                        orphans.remove(&row);
-                    }
-                }
-                let claim_lsn = cql::lsn_bigint(lsn);
-                let (applied, attempts) = match held {
-                    None => (
-                        self.lwt(
-                            &self.st().lease_insert,
-                            (row.bucket, row.id.as_str(), until, claim_lsn),
-                            "claiming a task",
-                        )
-                        .await?,
-                        0,
-                    ),
-                    Some(l) => {
-                        let attempts = l.next_attempts();
-                        let applied = self
-                            .lwt(
-                                &self.st().lease_take,
-                                (
-                                    until,
-                                    attempts,
-                                    claim_lsn,
-                                    row.bucket,
-                                    row.id.as_str(),
-                                    l.lease_until_ms,
-                                    l.not_before_ms,
-                                    l.attempts,
-                                    l.claim_lsn,
-                                ),
-                                "claiming a task",
-                            )
-                            .await?;
-                        (applied, attempts)
-                    }
-                };
-                if applied {
-                    out.push(Claim {
-                        id: row.id.clone(),
-                        lsn,
-                        attempts: u32::try_from(attempts).unwrap_or(0),
-                        enqueued_at_ms: first_us.div_euclid(1000),
-                    });
-                }
-            }
-        }
-        Ok(out)
+        self.inner.queue.claim(max, lease).await
     }
 
     async fn finish(
@@ -917,155 +1128,35 @@ impl Store for ScyllaStore {
             Some((primer, key, entry)) => Some(self.write_entry(primer, key, &entry).await?),
             None => None,
         };
-        // Follow-ups first, so that a crash after this point cannot lose them; their own rows are not
-        // removed below even when one has the claim's id (it is then a new task).
-        let added = self.enqueue_rows(&follow_up).await?;
-        let bucket = cql::bucket_of(&claim.id);
-        let versions = self.versions(bucket, &claim.id).await?;
-        let fresh = |lsn: i64, enq: i64| {
-            added
-                .iter()
-                .any(|r| r.id == claim.id && r.lsn == lsn && r.enqueued_at_us == enq)
-        };
-        let mut done = Vec::new();
-        let mut raised = false;
-        for (lsn, enq) in versions {
-            if fresh(lsn, enq) {
-                continue;
-            }
-            if cql::bigint_lsn(lsn) <= claim.lsn {
-                done.push(OrderRow {
-                    enqueued_at_us: enq,
-                    id: claim.id.clone(),
-                    lsn,
-                    bucket,
-                });
-            } else {
-                raised = true;
-            }
-        }
-        let attempts = i32::try_from(claim.attempts).unwrap_or(i32::MAX);
-        let claim_lsn = cql::lsn_bigint(claim.lsn);
-        if raised {
-            // Raised while claimed: it stays queued, whole (its older rows keep its place in line and its
-            // enqueue time; the next finish removes them), and is released at once.
-            self.lwt(
-                &self.st().lease_release,
-                (bucket, claim.id.as_str(), attempts, claim_lsn),
-                "releasing a claim",
-            )
-            .await?;
-        } else {
-            self.delete_rows(&done).await?;
-            self.lwt(
-                &self.st().lease_delete,
-                (bucket, claim.id.as_str(), attempts, claim_lsn),
-                "releasing a claim",
-            )
-            .await?;
-        }
-        let left = raised;
-        if left || !follow_up.is_empty() {
-            self.inner.tasks_changed.notify_waiters();
-        }
+        self.inner.queue.finish(claim, follow_up).await?;
         Ok(stored)
     }
 
     async fn retry(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
-        let bucket = cql::bucket_of(&claim.id);
-        let not_before = cql::now_ms()
-            .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
-            .max(1);
-        let attempts = i32::try_from(claim.attempts).unwrap_or(i32::MAX);
-        self.lwt(
-            &self.st().lease_retry,
-            (
-                not_before,
-                attempts.saturating_add(1),
-                bucket,
-                claim.id.as_str(),
-                attempts,
-                cql::lsn_bigint(claim.lsn),
-            ),
-            "retrying a task",
-        )
-        .await?;
-        self.inner.tasks_changed.notify_waiters();
-        Ok(())
+        self.inner.queue.retry(claim, delay).await
     }
 
     async fn wait_for_tasks(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            // Registered before looking, so that an enqueue by this process after the look wakes us.
-            let notified = self.inner.tasks_changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            match self.looks_claimable().await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(error = %crate::report::Chain(&error), "Cannot look at the queue; waiting.")
-                }
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return;
-            }
-            let step = (deadline - now).min(POLL);
-            tokio::select! {
-                _ = &mut notified => return,
-                _ = tokio::time::sleep(step) => {}
-            }
-        }
+        self.inner.queue.wait_for_tasks(timeout).await
     }
 
     async fn queue_stats(&self) -> StoreResult<QueueStats> {
-        let now = cql::now_ms();
-        let per_bucket = stream::iter(0..QUEUE_BUCKETS)
-            .map(|b| async move {
-                let tasks: Vec<(String, i64)> = self
-                    .all_rows(&self.st().bucket_tasks, (b,), "queue_stats")
-                    .await?;
-                let mut pending: HashMap<String, i64> = HashMap::new();
-                for (id, enq) in tasks {
-                    let e = pending.entry(id).or_insert(enq);
-                    *e = (*e).min(enq);
-                }
-                let claimed = if pending.is_empty() {
-                    0
-                } else {
-                    self.leases(b)
-                        .await?
-                        .iter()
-                        .filter(|(id, l)| l.is_live(now) && pending.contains_key(*id))
-                        .count() as u64
-                };
-                let oldest = pending.values().min().copied();
-                Ok::<_, StoreError>((pending.len() as u64, claimed, oldest))
-            })
-            .buffer_unordered(QUEUE_BUCKETS as usize)
-            .try_collect::<Vec<_>>()
-            .await?;
-        let mut stats = QueueStats::default();
-        for (depth, claimed, oldest) in per_bucket {
-            stats.depth += depth;
-            stats.claimed += claimed;
-            stats.oldest_enqueued_at_ms = match (stats.oldest_enqueued_at_ms, oldest) {
-                (a, None) => a,
-                (None, Some(o)) => Some(o.div_euclid(1000)),
-                (Some(a), Some(o)) => Some(a.min(o.div_euclid(1000))),
-            };
-        }
-        Ok(stats)
+        self.inner.queue.queue_stats().await
+    }
+
+    async fn queue_depth(&self) -> StoreResult<u64> {
+        self.inner.queue.queue_depth().await
+    }
+
+    async fn pending_floor(&self) -> StoreResult<Option<Lsn>> {
+        self.inner.queue.pending_floor().await
     }
 
     async fn get_meta(&self, name: &str) -> StoreResult<Option<Bytes>> {
         let r = self
-            .s()
-            .execute_unpaged(&self.st().get_meta, (name,))
-            .await
-            .map_err(cql_err("get_meta"))?;
+            .c()
+            .run(&self.st().get_meta, (name,), "get_meta")
+            .await?;
         let row = rows(r, "get_meta")?
             .maybe_first_row::<(Option<Vec<u8>>,)>()
             .map_err(cql_err("get_meta"))?;
@@ -1073,11 +1164,10 @@ impl Store for ScyllaStore {
     }
 
     async fn put_meta(&self, name: &str, value: Bytes) -> StoreResult<()> {
-        self.s()
-            .execute_unpaged(&self.st().put_meta, (name, value.as_ref()))
+        self.c()
+            .run(&self.st().put_meta, (name, value.as_ref()), "put_meta")
             .await
-            .map_err(cql_err("put_meta"))?;
-        Ok(())
+            .map(drop)
     }
 
     async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool> {
@@ -1086,6 +1176,7 @@ impl Store for ScyllaStore {
         let row = format!("lease:{name}");
         let holder = holder.as_bytes();
         if self
+            .c()
             .lwt(
                 &self.st().named_lease_insert,
                 (row.as_str(), holder, ttl_s),
@@ -1096,23 +1187,25 @@ impl Store for ScyllaStore {
             return Ok(true);
         }
         // Held: renew it if it is ours.
-        self.lwt(
-            &self.st().named_lease_renew,
-            (ttl_s, holder, row.as_str(), holder),
-            "renewing a lease",
-        )
-        .await
+        self.c()
+            .lwt(
+                &self.st().named_lease_renew,
+                (ttl_s, holder, row.as_str(), holder),
+                "renewing a lease",
+            )
+            .await
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
         let row = format!("lease:{name}");
-        self.lwt(
-            &self.st().named_lease_release,
-            (row.as_str(), holder.as_bytes()),
-            "releasing a lease",
-        )
-        .await
-        .map(|_| ())
+        self.c()
+            .lwt(
+                &self.st().named_lease_release,
+                (row.as_str(), holder.as_bytes()),
+                "releasing a lease",
+            )
+            .await
+            .map(|_| ())
     }
 }
 
@@ -1140,34 +1233,38 @@ mod tests {
         }
     }
 
-    /// The conformance suite on a real cluster, in a fresh keyspace (dropped afterwards); each property
-    /// starts from empty tables. Skipped, and saying so, when no node is given: no CQL server can run on
-    /// the machines the suite usually runs on.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn passes_the_conformance_suite() {
-        let Some(node) = std::env::var(ENV).ok().filter(|v| !v.is_empty()) else {
+    fn node() -> Option<String> {
+        let node = std::env::var(ENV).ok().filter(|v| !v.is_empty());
+        if node.is_none() {
             // Straight to stderr, past the test harness's capture, so that it shows in every run.
             use std::io::Write as _;
             let _ = writeln!(
                 std::io::stderr(),
-                "SKIPPED: set {ENV}=host:9042 to run the Scylla store conformance suite"
+                "SKIPPED: set {ENV}=host:9042 to run the Scylla store tests against a node"
             );
-            return;
-        };
+        }
+        node
+    }
+
+    /// The conformance suite on a real cluster, in a fresh keyspace (dropped afterwards); each property
+    /// starts from empty tables and a newly opened store. Skipped, and saying so, when no node is given.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_conformance_suite() {
+        let Some(node) = node() else { return };
         let keyspace = format!("kck_test_{:x}", cql::now_us());
         let config = test_config(&node, &keyspace);
         init_schema(&config).await.expect("init the test keyspace");
         let admin = connect(&config).await.expect("connect");
-        let opened = ScyllaStore::open(&ScyllaConfig {
+        let open = ScyllaConfig {
             init: false,
             ..config.clone()
-        })
-        .await
-        .expect("open the store");
+        };
+        let seen: Arc<Mutex<Vec<ScyllaStore>>> = Arc::default();
         let run = conformance::run_all(|| {
             let admin = &admin;
             let keyspace = &keyspace;
-            let store = opened.clone();
+            let open = &open;
+            let seen = seen.clone();
             async move {
                 for table in TABLES {
                     if table != "meta" {
@@ -1184,17 +1281,81 @@ mod tests {
                     )
                     .await
                     .expect("clear meta");
+                let store = Box::pin(ScyllaStore::open(open))
+                    .await
+                    .expect("open the store");
+                seen.lock().unwrap().push(store.clone());
                 store
             }
         });
+        // On the heap: the suite's future is large.
         let outcome =
-            futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await;
+            futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(Box::pin(run)))
+                .await;
         let _ = admin
             .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
             .await;
         if let Err(panic) = outcome {
             std::panic::resume_unwind(panic);
         }
+        let warnings: Vec<(String, u64)> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s.warnings())
+            .collect();
+        assert!(
+            warnings.is_empty(),
+            "the server warned about kck's queries: {warnings:?}"
+        );
+    }
+
+    /// TTLs are clamped to what the server accepts: an entry expiring in 30 years is stored (Cassandra
+    /// 4.0 refuses any expiry past 2038-01-19).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_far_expiry_is_stored() {
+        let Some(node) = node() else { return };
+        let keyspace = format!("kck_test_ttl_{:x}", cql::now_us());
+        let store = ScyllaStore::open(&test_config(&node, &keyspace))
+            .await
+            .expect("open");
+        let now = cql::now_ms();
+        let entry = Entry {
+            value: Bytes::from_static(b"{}"),
+            lsn: Lsn(7),
+            computed_at_ms: now,
+            expires_at_ms: Some(now + 30 * 365 * 86_400_000),
+        };
+        let stored = store.store_result("p", "p/1", entry.clone()).await;
+        let admin = connect(&test_config(&node, &keyspace))
+            .await
+            .expect("connect");
+        let _ = admin
+            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {keyspace}"), ())
+            .await;
+        assert_eq!(
+            stored.expect("a 30-year expiry must be stored"),
+            Stored::Written
+        );
+    }
+
+    /// A data centre the cluster does not have is refused by `kck store init`, naming the ones it has.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn init_names_the_clusters_data_centres() {
+        let Some(node) = node() else { return };
+        let config = ScyllaConfig {
+            replication: KeyspaceReplication::NetworkTopology {
+                datacenters: vec![("dc1".into(), 3)],
+            },
+            ..test_config(&node, &format!("kck_test_dc_{:x}", cql::now_us()))
+        };
+        let err = init_schema(&config).await.unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "data centre(s) dc1 that the cluster does not have; its data centres are: "
+            ),
+            "{err}"
+        );
     }
 
     /// Without a node to talk to, connecting fails with a message naming the nodes.
@@ -1228,5 +1389,19 @@ mod tests {
             err.contains("missing.pem") && err.contains("cannot read"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn warnings_are_one_kind_whatever_their_numbers() {
+        let a = "Read 0 live rows and 1200 tombstone cells for query SELECT * FROM kck.queue_log WHERE shard = 3 LIMIT 32; token 123 (see tombstone_warn_threshold)";
+        let b = "Read 2 live rows and 86000 tombstone cells for query SELECT * FROM kck.queue_log WHERE shard = 11 LIMIT 32; token -99 (see tombstone_warn_threshold)";
+        assert_eq!(Warnings::kind(a), Warnings::kind(b));
+        assert_ne!(Warnings::kind(a), Warnings::kind("Batch is too large"));
+        let w = Warnings::default();
+        w.note("x", [a, b, a].into_iter());
+        w.note("y", std::iter::once("Batch is too large"));
+        let totals = w.totals();
+        assert_eq!(totals.len(), 2);
+        assert!(totals.iter().any(|(_, n)| *n == 3), "{totals:?}");
     }
 }

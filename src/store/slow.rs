@@ -92,6 +92,9 @@ impl Store for SlowStore {
     async fn queue_stats(&self) -> StoreResult<QueueStats> {
         self.inner.queue_stats().await
     }
+    async fn queue_depth(&self) -> StoreResult<u64> {
+        self.inner.queue_depth().await
+    }
     async fn pending_floor(&self) -> StoreResult<Option<Lsn>> {
         self.inner.pending_floor().await
     }

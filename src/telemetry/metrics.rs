@@ -50,6 +50,8 @@ pub const QUEUE_DEPTH: &str = "kck_queue_depth";
 pub const QUEUE_CLAIMED: &str = "kck_queue_claimed";
 /// Age of the oldest task in the queue (0 when empty).
 pub const QUEUE_OLDEST_AGE_SECONDS: &str = "kck_queue_oldest_age_seconds";
+/// 1 when the three queue gauges are estimates (the scylla store counts instead of scanning), else 0.
+pub const QUEUE_STATS_ESTIMATED: &str = "kck_queue_stats_estimated";
 /// Refresh tasks finished, by `primer` and `outcome`: `ok` (value stored, or lookup / key listing done),
 /// `kept_newer` (a newer value was already stored), `not_cached` (the key is no longer cached),
 /// `not_visible` (the change was not visible yet: retried), `failed` (retried with backoff).
@@ -351,6 +353,10 @@ fn describe() {
         QUEUE_OLDEST_AGE_SECONDS,
         Unit::Seconds,
         "Age of the oldest queued refresh task."
+    );
+    describe_gauge!(
+        QUEUE_STATS_ESTIMATED,
+        "1 when kck_queue_depth, kck_queue_claimed and kck_queue_oldest_age_seconds are estimates (counters, not a scan)."
     );
     describe_counter!(REFRESHES, "Refresh tasks finished, by primer and outcome.");
     describe_histogram!(
