@@ -35,12 +35,17 @@ struct Partition {
     rows: BTreeMap<(i64, String), LogRow>,
 }
 
+/// A summary slice: (least floor, least enqueue time).
+type Summary = (Option<i64>, Option<i64>);
+/// An armed pause: the operation, and the notifications of [`Pause`].
+type Gate = Option<(&'static str, Arc<Notify>, Arc<Notify>)>;
+
 #[derive(Default)]
 struct Tables {
     log: BTreeMap<(i32, i64), Partition>,
     tasks: HashMap<String, TaskRead>,
     /// level → slice → (floor, oldest).
-    floors: BTreeMap<i8, BTreeMap<i64, (Option<i64>, Option<i64>)>>,
+    floors: BTreeMap<i8, BTreeMap<i64, Summary>>,
     /// Range deletions of `floors`: (level, from, to).
     floor_ranges: Vec<(i8, i64, i64)>,
     holders: BTreeMap<String, HolderRow>,
@@ -59,7 +64,7 @@ pub struct Pause {
 pub struct Model {
     tables: Arc<Mutex<Tables>>,
     reads: Arc<Mutex<BTreeMap<&'static str, Reads>>>,
-    gate: Arc<Mutex<Option<(&'static str, Arc<Notify>, Arc<Notify>)>>>,
+    gate: Arc<Mutex<Gate>>,
 }
 
 fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
