@@ -14,8 +14,6 @@ use crate::report::{Section, Table};
 use crate::serve;
 use crate::util::{mean, percentile, thousands};
 
-const RATE: u32 = 1_000;
-
 pub fn run(ctx: &Ctx) -> Result<Section> {
     let Some(node) = ctx.scylla.as_deref() else {
         anyhow::bail!("the scylla scenario needs --store scylla and a node (KCK_TEST_SCYLLA)");
@@ -28,10 +26,15 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
             "The same kck (in process, 4 refresh workers, 2 runtime threads) on each store in turn: the \
              embedded store, then the scylla store on `{node}` (keyspace `{keyspace}`, SimpleStrategy 1, \
              consistency `quorum`; the node runs on this machine). Freshness as in section 2 at {rate} tx/s \
-             for {secs} s; then wrk (as in section 3, {c} connections) fetching random cached `user/{{id}}` \
+             (`--fresh-rates`) for {secs} s each; then wrk (as in section 3, {c} connections) fetching random cached `user/{{id}}` \
              keys ({keys} cached) for {serve} s. Every hit on the scylla store is a read of the cluster \
              (there is no front cache).",
-            rate = thousands(f64::from(RATE)),
+            rate = s
+                .fresh_rates
+                .iter()
+                .map(|r| thousands(f64::from(*r)))
+                .collect::<Vec<_>>()
+                .join(" and "),
             secs = s.fresh_secs,
             c = s.concurrency,
             keys = thousands(s.warm_users as f64),
@@ -40,6 +43,7 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
     );
     let mut table = Table::new(&[
         "store",
+        "target tx/s",
         "achieved tx/s",
         "probes",
         "fresh p50 ms",
@@ -72,28 +76,37 @@ pub fn run(ctx: &Ctx) -> Result<Section> {
         let bad = http::fetch_all(addr, &paths, 8)?;
         anyhow::ensure!(bad == 0, "{bad} warm-up fetches failed");
         ctx.rt.block_on(fresh::wait_drained(ctx, kck.running()))?;
-        let r = fresh::measure(ctx, kck.running(), addr, RATE, probe_id)?;
-        ctx.rt.block_on(fresh::wait_drained(ctx, kck.running()))?;
+        let mut rows = Vec::new();
+        for &rate in &s.fresh_rates {
+            eprintln!("kck-bench: the {name} store at {rate} tx/s");
+            let r = fresh::measure(ctx, kck.running(), addr, rate, probe_id)?;
+            ctx.rt.block_on(fresh::wait_drained(ctx, kck.running()))?;
+            rows.push((rate, r));
+        }
         let dir = inst.dir.clone();
         let hits = serve::wrk(ctx, &dir, addr, "user", s.warm_users, s.concurrency)?;
-        let p = |q| percentile(&r.latencies_ms, q).unwrap_or(f64::NAN);
-        table.row(vec![
-            name.to_string(),
-            thousands(r.achieved),
-            r.latencies_ms.len().to_string(),
-            format!("{:.2}", p(50.0)),
-            format!("{:.2}", p(99.0)),
-            format!("{:.2}", p(100.0)),
-            r.timeouts.to_string(),
-            format!(
-                "{:.1} / {}",
-                mean(&r.depth).unwrap_or(0.0),
-                r.depth.iter().copied().fold(0.0, f64::max)
-            ),
-            thousands(hits.rate),
-            format!("{:.2}", hits.p50_ms),
-            format!("{:.2}", hits.p99_ms),
-        ]);
+        for (i, (rate, r)) in rows.iter().enumerate() {
+            let p = |q| percentile(&r.latencies_ms, q).unwrap_or(f64::NAN);
+            let hit = |v: String| if i == 0 { v } else { "".to_string() };
+            table.row(vec![
+                name.to_string(),
+                thousands(f64::from(*rate)),
+                thousands(r.achieved),
+                r.latencies_ms.len().to_string(),
+                format!("{:.2}", p(50.0)),
+                format!("{:.2}", p(99.0)),
+                format!("{:.2}", p(100.0)),
+                r.timeouts.to_string(),
+                format!(
+                    "{:.1} / {}",
+                    mean(&r.depth).unwrap_or(0.0),
+                    r.depth.iter().copied().fold(0.0, f64::max)
+                ),
+                hit(thousands(hits.rate)),
+                hit(format!("{:.2}", hits.p50_ms)),
+                hit(format!("{:.2}", hits.p99_ms)),
+            ]);
+        }
         kck.stop()?;
         ctx.rt.block_on(async {
             let client = ctx.cluster.connect(DB).await?;

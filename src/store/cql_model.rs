@@ -35,10 +35,9 @@ struct Partition {
     rows: BTreeMap<(i64, String), LogRow>,
 }
 
-/// One slice of a floor level: (floor, oldest).
-type FloorSlice = (Option<i64>, Option<i64>);
-
-/// An armed pause: the operation it stops, and the two sides of [`Pause`].
+/// A summary slice: (least floor, least enqueue time).
+type Summary = (Option<i64>, Option<i64>);
+/// An armed pause: the operation, and the notifications of [`Pause`].
 type Gate = Option<(&'static str, Arc<Notify>, Arc<Notify>)>;
 
 #[derive(Default)]
@@ -46,7 +45,7 @@ struct Tables {
     log: BTreeMap<(i32, i64), Partition>,
     tasks: HashMap<String, TaskRead>,
     /// level → slice → (floor, oldest).
-    floors: BTreeMap<i8, BTreeMap<i64, FloorSlice>>,
+    floors: BTreeMap<i8, BTreeMap<i64, Summary>>,
     /// Range deletions of `floors`: (level, from, to).
     floor_ranges: Vec<(i8, i64, i64)>,
     holders: BTreeMap<String, HolderRow>,
