@@ -1,5 +1,5 @@
 //! The CQL data model of the ScyllaDB / Cassandra store, as pure functions: table and statement text,
-//! entry encoding, LSN → write timestamp, TTLs and queue buckets.
+//! entry encoding, LSN → write timestamp, TTLs, and the refresh queue's rows and decisions.
 //!
 //! [`super::scylla`] is a thin layer that runs these statements with the driver; everything here is
 //! decided without a server, so it is unit-tested on every machine (no CQL server runs on ours). This
@@ -12,9 +12,11 @@
 //! | `cache_entries` | `key`                                        | `entry blob`: the encoded [`Entry`](super::Entry), written `USING TIMESTAMP <lsn>` |
 //! | `key_index`     | `((primer), key)`                            | the keys of a primer, in key order (for paging) |
 //! | `key_primers`   | `((key), primer)`                            | the reverse, for `is_registered` |
-//! | `queue_tasks`   | `((bucket), id, lsn, enqueued_at_us)`        | one row per enqueue of a task: the task is pending while it has a row |
-//! | `queue_order`   | `((bucket), enqueued_at_us, id, lsn)`        | the same rows in enqueue order: where claims look |
-//! | `queue_leases`  | `((bucket), id)`                             | claims and retries (lease deadline, not-before, attempts), written only with lightweight transactions |
+//! | `queue_log`     | `((shard, slice), pos, id)`                  | append-only queue events ([`LogRow`]); partitions deleted whole |
+//! | `queue_tasks`   | `id`                                         | a task's state ([`TaskState`], written only by lightweight transactions on `ver`) and `req_lsn` |
+//! | `queue_floors`  | `((level), slice)`                           | per-slice minimums of floor and enqueue time ([`Mark`]) |
+//! | `queue_holders` | `((k), holder)`                              | each claiming process's heads and debts ([`HolderRow`]) |
+//! | `queue_counts`  | `((k), shard)`                               | depth counters ([`Counts`], estimates) |
 //! | `meta`          | `name`                                       | `value blob` |
 //!
 //! `entries` is not used as a table name: it is a reserved word in Cassandra's CQL.
@@ -38,17 +40,12 @@
 //!
 //! # The refresh queue
 //!
-//! A task id hashes to one of [`QUEUE_BUCKETS`] buckets ([`bucket_of`]); each bucket is one partition of
-//! `queue_tasks`, `queue_order` and `queue_leases`, so enqueues and claims spread over the cluster and no
-//! partition is hot. Enqueuing writes a row to `queue_order`, then the same row to `queue_tasks`: no read,
-//! no lightweight transaction, and repeats of an id simply add rows. Coalescing happens when reading: a
-//! task's LSN is the largest of its rows, its place in line (and `enqueued_at_ms`) the oldest. Claims read
-//! the head of every bucket's `queue_order` (from a scan floor below which only tombstones of finished
-//! tasks lie, see [`next_floor`]), merge them oldest first, and take each task with a
-//! lightweight transaction on its `queue_leases` row (`INSERT ... IF NOT EXISTS`, or `UPDATE ... IF` the
-//! lease is as read, expired and due), so two workers never hold one task at once. Finishing deletes the
-//! task's rows whose LSN is at most the claim's (rows added since stay: the newer change still needs a
-//! refresh) and then the lease.
+//! See [`super::cql_queue`] for how it runs and ARCHITECTURE.md ("The CQL refresh queue") for its cost per
+//! operation. In short: enqueues append events to `queue_log` (no read, no lightweight transaction);
+//! claimers read each shard's log forward from their heads and decide each task's fate from its
+//! `queue_tasks` row ([`decide`]); the row's state changes only by `UPDATE ... IF ver = ?`, so the lease and
+//! the task's existence are decided together; nothing is deleted inside a log partition, and partitions
+//! every head has passed are deleted whole.
 
 use std::fmt::Write as _;
 
