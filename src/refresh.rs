@@ -375,6 +375,25 @@ enum AutoBatch {
     Refused,
 }
 
+/// The types Postgres gives the parameters of `primer`'s one-key query, as SQL type names
+/// (`integer`, `public.mood`), in parameter order.
+async fn param_types(
+    client: &deadpool_postgres::Object,
+    primer: &crate::primer::Primer,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(&wrapped_query(&primer.query, primer.shape))
+        .await?;
+    let mut types = Vec::with_capacity(statement.params().len());
+    for ty in statement.params() {
+        let row = client
+            .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
+            .await?;
+        types.push(row.get::<_, String>(0));
+    }
+    Ok(types)
+}
+
 /// The SQL that computes many keys of a primer at once, each exactly as the one-key query would: the
 /// wrapped one-key query as a scalar subquery, its `$n` replaced by the `n`th array's element cast to the
 /// parameter's own type (`types`, as Postgres typed the one-key query), over `unnest` of one text array per
@@ -490,18 +509,7 @@ impl Refresher {
             primer: primer.name.clone(),
             source,
         };
-        let one = client
-            .prepare_cached(&wrapped_query(&primer.query, primer.shape))
-            .await
-            .map_err(query_error)?;
-        let mut types = Vec::with_capacity(one.params().len());
-        for ty in one.params() {
-            let row = client
-                .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
-                .await
-                .map_err(query_error)?;
-            types.push(row.get::<_, String>(0));
-        }
+        let types = param_types(&client, primer).await.map_err(query_error)?;
         let next = match auto_batch_sql(&primer.query, primer.shape, &types) {
             Some(sql) => match client.prepare_cached(&sql).await {
                 Ok(_) => AutoBatch::Ready(sql.into()),
@@ -924,17 +932,9 @@ impl Refresher {
             source,
         };
         let client = self.client().await?;
-        let statement = client
-            .prepare_cached(&wrapped_query(&primer.query, primer.shape))
-            .await
-            .map_err(query_error)?;
-        for (ty, value) in statement.params().iter().zip(&key.params) {
+        let types = param_types(&client, primer).await.map_err(query_error)?;
+        for (name, value) in types.iter().zip(&key.params) {
             let text = param_text(value);
-            let name: String = client
-                .query_one("SELECT format_type($1::oid, NULL)", &[&ty.oid()])
-                .await
-                .map_err(query_error)?
-                .get(0);
             // The cast Postgres applies to a text parameter of that type (its input function).
             if client
                 .query_one(&format!("SELECT $1::text::{name}"), &[&text])

@@ -501,6 +501,18 @@ fn statement(rng: &mut rand::rngs::StdRng, i: usize) -> (&'static str, String) {
     }
 }
 
+/// The corpus as the `primers:` list of a config.
+fn corpus_primers() -> String {
+    let mut primers = String::new();
+    for (name, key, shape, query, _) in CORPUS {
+        primers.push_str(&format!(
+            "  - name: {name}\n    key: \"{key}\"\n    shape: {shape}\n    query: \"{}\"\n",
+            query.replace('"', "\\\"")
+        ));
+    }
+    primers
+}
+
 #[tokio::test]
 async fn forty_primers_without_depends_on_converge_under_random_writes() {
     let seed: u64 = std::env::var("KCK_CORPUS_SEED")
@@ -515,13 +527,7 @@ async fn forty_primers_without_depends_on_converge_under_random_writes() {
     );
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut primers = String::new();
-    for (name, key, shape, query, _) in CORPUS {
-        primers.push_str(&format!(
-            "  - name: {name}\n    key: \"{key}\"\n    shape: {shape}\n    query: \"{}\"\n",
-            query.replace('"', "\\\"")
-        ));
-    }
+    let primers = corpus_primers();
     let path = ConfigYaml::new(&db.url, "kck_test", &db.name, &primers).write(dir.path());
     let config = load(&path);
 
@@ -620,13 +626,7 @@ async fn forty_primers_without_depends_on_converge_under_random_writes() {
 async fn automatic_batches_give_the_one_key_bytes_on_every_primer_of_the_corpus() {
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut primers = String::new();
-    for (name, key, shape, query, _) in CORPUS {
-        primers.push_str(&format!(
-            "  - name: {name}\n    key: \"{key}\"\n    shape: {shape}\n    query: \"{}\"\n",
-            query.replace('"', "\\\"")
-        ));
-    }
+    let primers = corpus_primers();
     let path = ConfigYaml::new(&db.url, "kck_test", &db.name, &primers).write(dir.path());
     let config = load(&path);
     let running = start(config.clone()).await;
