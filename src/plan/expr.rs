@@ -169,6 +169,60 @@ fn conjuncts(condition: &str, alias: &str, out: &mut Vec<(String, usize)>, depth
     }
 }
 
+/// A column `alias.column` (through the no-op text casts), any alias.
+fn any_column(s: &str) -> Option<(String, String)> {
+    let mut s = unwrap_parens(s);
+    for cast in TEXT_CASTS {
+        if let Some(inner) = s.strip_suffix(cast)
+            && inner.starts_with('(')
+            && inner.ends_with(')')
+        {
+            s = unwrap_parens(inner);
+        }
+    }
+    let (qualifier, rest) = ident(s)?;
+    let rest = rest.strip_prefix('.')?;
+    let (name, rest) = ident(rest)?;
+    rest.is_empty().then_some((qualifier, name))
+}
+
+/// The `((alias, column), (alias, column))` pairs of `condition` (a join condition, or a scan's condition that
+/// names an outer scan's column) that are conjuncts at its top level of the form `a.x = b.y` with two
+/// different aliases. Any other shape gives none.
+pub fn column_equalities(condition: &str) -> Vec<((String, String), (String, String))> {
+    let mut out = Vec::new();
+    column_conjuncts(condition, &mut out, 0);
+    out
+}
+
+fn column_conjuncts(
+    condition: &str,
+    out: &mut Vec<((String, String), (String, String))>,
+    depth: usize,
+) {
+    if depth > 32 {
+        return;
+    }
+    let unwrapped = unwrap_parens(condition);
+    if split_top(unwrapped, " OR ").len() > 1 {
+        return;
+    }
+    let parts = split_top(unwrapped, " AND ");
+    if parts.len() > 1 {
+        for part in parts {
+            column_conjuncts(part, out, depth + 1);
+        }
+        return;
+    }
+    let sides = split_top(unwrapped, " = ");
+    let [a, b] = sides.as_slice() else { return };
+    if let (Some(a), Some(b)) = (any_column(a), any_column(b))
+        && a.0 != b.0
+    {
+        out.push((a, b));
+    }
+}
+
 /// The functions `expr` calls, as `name` or `schema.name` (lower case as printed, quotes removed), and the
 /// SQL value keywords it uses (`CURRENT_USER`, `CURRENT_TIMESTAMP`...), outside string literals.
 pub fn functions(expr: &str) -> Vec<String> {
@@ -280,6 +334,22 @@ mod tests {
         ] {
             let _ = equalities(odd, "t");
         }
+    }
+
+    #[test]
+    fn column_equalities_of_join_conditions() {
+        assert_eq!(
+            column_equalities("((i.order_id = o.id) AND (i.x = 1))"),
+            vec![(("i".into(), "order_id".into()), ("o".into(), "id".into()))]
+        );
+        assert_eq!(
+            column_equalities(r#"(("a b".k)::text = (o.k)::text)"#),
+            vec![(("a b".into(), "k".into()), ("o".into(), "k".into()))]
+        );
+        assert!(column_equalities("((i.a = o.b) OR (i.c = o.d))").is_empty());
+        assert!(column_equalities("(i.a = i.b)").is_empty());
+        assert!(column_equalities("(i.a < o.b)").is_empty());
+        assert!(column_equalities("(lower(i.a) = o.b)").is_empty());
     }
 
     #[test]

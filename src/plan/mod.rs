@@ -46,6 +46,13 @@ pub enum Inferred {
     /// Each scan of the table holds `column = $n` for every key parameter: a changed row refreshes the
     /// keys its columns name. One mapping per distinct scan.
     Columns(Vec<Vec<(usize, String)>>),
+    /// Some scans hold a column map, the others reach a scan that does only through equality join
+    /// conditions: a changed row runs each lookup (SQL with the changed row's columns, in `args` order, as
+    /// `$1..$n`) to find the keys it affects.
+    Lookups {
+        columns: Vec<Vec<(usize, String)>>,
+        lookups: Vec<(String, Vec<String>)>,
+    },
     /// Every cached key of the primer, and why no column map holds.
     TableLevel(String),
 }
@@ -68,6 +75,20 @@ pub struct Reads {
     pub calls: Vec<String>,
     /// For each table with a scan whose conditions name a key parameter: its columns' types.
     pub column_types: Vec<(TableName, Vec<ColumnType>)>,
+    /// Every join node of the plan (nested loop, hash or merge join), with the aliases on each side.
+    pub joins: Vec<Join>,
+}
+
+/// One join node of the plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    /// `Inner`, `Left`, `Right`, `Full`, `Semi`, `Anti`... as Postgres prints it.
+    pub kind: String,
+    /// Aliases of the scans below its outer and inner children.
+    pub outer: Vec<String>,
+    pub inner: Vec<String>,
+    /// `Hash Cond`, `Merge Cond` and `Join Filter` of the node.
+    pub conditions: Vec<String>,
 }
 
 impl Reads {
@@ -131,7 +152,7 @@ pub fn reads_of(explain: &Value) -> Result<Reads, String> {
     }
     let mut reads = Reads::default();
     for plan in plans {
-        walk(plan, &mut reads)?;
+        walk(plan, &mut reads, 0)?;
     }
     Ok(reads)
 }
@@ -158,8 +179,13 @@ const EXPRESSION_KEYS: &[&str] = &[
     "Table Function Call",
 ];
 
-fn walk(node: &Value, reads: &mut Reads) -> Result<(), String> {
+/// Walk one plan node and those below it; the aliases of the scans below it.
+fn walk(node: &Value, reads: &mut Reads, depth: usize) -> Result<Vec<String>, String> {
+    if depth > 200 {
+        return Err("the plan is nested too deep".into());
+    }
     let text = |k: &str| node.get(k).and_then(Value::as_str);
+    let mut aliases = Vec::new();
     if node
         .get("Subplans Removed")
         .and_then(Value::as_u64)
@@ -217,9 +243,11 @@ fn walk(node: &Value, reads: &mut Reads) -> Result<(), String> {
                 conditions.push(c.to_owned());
             }
         }
+        let alias = text("Alias").unwrap_or(name).to_owned();
+        aliases.push(alias.clone());
         reads.scans.push(Scan {
             table: table.clone(),
-            alias: text("Alias").unwrap_or(name).to_owned(),
+            alias,
             conditions,
         });
         if !reads.tables.contains(&table) {
@@ -236,15 +264,36 @@ fn walk(node: &Value, reads: &mut Reads) -> Result<(), String> {
             reads.functions.push(f);
         }
     }
+    let (mut outer, mut inner) = (Vec::new(), Vec::new());
     for child in node
         .get("Plans")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
     {
-        walk(child, reads)?;
+        let below = walk(child, reads, depth + 1)?;
+        match child.get("Parent Relationship").and_then(Value::as_str) {
+            Some("Outer") => outer.extend(below.iter().cloned()),
+            Some("Inner") => inner.extend(below.iter().cloned()),
+            _ => {}
+        }
+        aliases.extend(below);
     }
-    Ok(())
+    if matches!(
+        text("Node Type"),
+        Some("Nested Loop" | "Hash Join" | "Merge Join")
+    ) {
+        reads.joins.push(Join {
+            kind: text("Join Type").unwrap_or("").to_owned(),
+            outer,
+            inner,
+            conditions: ["Hash Cond", "Merge Cond", "Join Filter"]
+                .iter()
+                .filter_map(|k| text(k).map(str::to_owned))
+                .collect(),
+        });
+    }
+    Ok(aliases)
 }
 
 /// Ask Postgres what `primer`'s query reads. Uses (and leaves) a prepared statement on `client` only for the
@@ -469,51 +518,175 @@ pub fn infer(primer: &Primer, reads: &Reads, table: &TableName) -> Inferred {
             "the plan's own parameter ${n} (a sub-plan's result) prints like the key's ${n}"
         ));
     }
-    let types = reads
+    let mut mappings: Vec<Vec<(usize, String)>> = Vec::new();
+    let mut lookups: Vec<(String, Vec<String>)> = Vec::new();
+    for scan in reads.scans.iter().filter(|s| &s.table == table) {
+        match scan_mapping(primer, reads, scan) {
+            Ok(mapping) => {
+                if !mappings.contains(&mapping) {
+                    mappings.push(mapping);
+                }
+            }
+            Err(why) => match lookup_for(primer, reads, scan) {
+                Some(lookup) => {
+                    if !lookups.contains(&lookup) {
+                        lookups.push(lookup);
+                    }
+                }
+                None => {
+                    return Inferred::TableLevel(format!(
+                        "{why}, and no equality join condition ties it to a scan that has one"
+                    ));
+                }
+            },
+        }
+    }
+    if mappings.is_empty() && lookups.is_empty() {
+        return Inferred::TableLevel("the plan has no scan of it".into());
+    }
+    if lookups.is_empty() {
+        return Inferred::Columns(mappings);
+    }
+    Inferred::Lookups {
+        columns: mappings,
+        lookups,
+    }
+}
+
+/// The types of `table`'s columns, as [`reads`] found them.
+fn types_of<'a>(reads: &'a Reads, table: &TableName) -> &'a [ColumnType] {
+    reads
         .column_types
         .iter()
         .find(|(t, _)| t == table)
         .map(|(_, c)| c.as_slice())
-        .unwrap_or(&[]);
-    let mut mappings: Vec<Vec<(usize, String)>> = Vec::new();
-    for scan in reads.scans.iter().filter(|s| &s.table == table) {
-        let pairs: Vec<(String, usize)> = scan
-            .conditions
+        .unwrap_or(&[])
+}
+
+/// `scan`'s column map (`column = $n` for every key parameter), or why it has none.
+fn scan_mapping(
+    primer: &Primer,
+    reads: &Reads,
+    scan: &Scan,
+) -> Result<Vec<(usize, String)>, String> {
+    let params = &primer.template.params;
+    let types = types_of(reads, &scan.table);
+    let pairs: Vec<(String, usize)> = scan
+        .conditions
+        .iter()
+        .flat_map(|c| expr::equalities(c, &scan.alias))
+        .collect();
+    let mut mapping = Vec::with_capacity(params.len());
+    for (i, param) in params.iter().enumerate() {
+        let Some((column, _)) = pairs.iter().find(|(column, n)| {
+            *n == i + 1
+                && types
+                    .iter()
+                    .any(|t| &t.name == column && equal_as_text(param.ty, t))
+        }) else {
+            return Err(match pairs.iter().find(|(_, n)| *n == i + 1) {
+                Some((column, _)) => format!(
+                    "its scan compares {column} with key parameter {}, but {column}'s type does not \
+                     compare as the key's text does",
+                    param.name
+                ),
+                None => format!(
+                    "a scan of it ({}) has no condition `column = ${}` for key parameter {}",
+                    scan.alias,
+                    i + 1,
+                    param.name
+                ),
+            });
+        };
+        mapping.push((i, column.clone()));
+    }
+    Ok(mapping)
+}
+
+/// A lookup for `scan` (which has no column map): a join node of the plan whose equality conditions tie
+/// `scan`'s columns to another scan that has one, where every row of `scan` that reaches the result has
+/// matched a row of that scan (an inner or semi join, or `scan` on the side an outer or anti join does not
+/// preserve). The lookup selects, from the other scan's table, the key columns of the rows whose join
+/// columns equal the changed row's: `SELECT b.user_id AS user_id FROM orders b WHERE b.id = $1`. It runs
+/// after the change is visible, so it sees the other table at or after the change's commit; a change to the
+/// other table itself refreshes the keys of its old and new rows through its own column map, so no key is
+/// missed in between.
+fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Vec<String>)> {
+    let me = &scan.alias;
+    for join in &reads.joins {
+        let mine_outer = join.outer.contains(me);
+        let mine_inner = join.inner.contains(me);
+        if mine_outer == mine_inner {
+            continue;
+        }
+        let safe = match join.kind.as_str() {
+            "Inner" | "Semi" => true,
+            "Left" | "Anti" => mine_inner,
+            "Right" | "Right Anti" => mine_outer,
+            _ => false,
+        };
+        if !safe {
+            continue;
+        }
+        let others = if mine_outer { &join.inner } else { &join.outer };
+        // The join's own conditions, and (a nested loop's parameters) the conditions of the scans below
+        // its inner side.
+        let mut conditions: Vec<&str> = join.conditions.iter().map(String::as_str).collect();
+        for s in reads.scans.iter().filter(|s| join.inner.contains(&s.alias)) {
+            conditions.extend(s.conditions.iter().map(String::as_str));
+        }
+        let pairs: Vec<((String, String), (String, String))> = conditions
             .iter()
-            .flat_map(|c| expr::equalities(c, &scan.alias))
+            .flat_map(|c| expr::column_equalities(c))
             .collect();
-        let mut mapping = Vec::with_capacity(params.len());
-        for (i, param) in params.iter().enumerate() {
-            let Some((column, _)) = pairs.iter().find(|(column, n)| {
-                *n == i + 1
-                    && types
-                        .iter()
-                        .any(|t| &t.name == column && equal_as_text(param.ty, t))
-            }) else {
-                return Inferred::TableLevel(match pairs.iter().find(|(_, n)| *n == i + 1) {
-                    Some((column, _)) => format!(
-                        "its scan compares {column} with key parameter {}, but {column}'s type does not \
-                         compare as the key's text does",
-                        param.name
-                    ),
-                    None => format!(
-                        "a scan of it ({}) has no condition `column = ${}` for key parameter {}",
-                        scan.alias,
-                        i + 1,
-                        param.name
-                    ),
-                });
+        for other in reads.scans.iter().filter(|s| others.contains(&s.alias)) {
+            let Ok(mapping) = scan_mapping(primer, reads, other) else {
+                continue;
             };
-            mapping.push((i, column.clone()));
-        }
-        if !mappings.contains(&mapping) {
-            mappings.push(mapping);
+            let mut args: Vec<String> = Vec::new();
+            let mut wheres: Vec<String> = Vec::new();
+            for (a, b) in &pairs {
+                let (mine, theirs) = if a.0 == *me && b.0 == other.alias {
+                    (&a.1, &b.1)
+                } else if b.0 == *me && a.0 == other.alias {
+                    (&b.1, &a.1)
+                } else {
+                    continue;
+                };
+                if args.contains(mine) {
+                    continue;
+                }
+                args.push(mine.clone());
+                wheres.push(format!(
+                    "b.{} = ${}",
+                    crate::primer::Ident(theirs),
+                    args.len()
+                ));
+            }
+            if args.is_empty() {
+                continue;
+            }
+            let select: Vec<String> = mapping
+                .iter()
+                .map(|(i, c)| {
+                    format!(
+                        "b.{} AS {}",
+                        crate::primer::Ident(c),
+                        crate::primer::Ident(&primer.template.params[*i].name)
+                    )
+                })
+                .collect();
+            let query = format!(
+                "SELECT DISTINCT {} FROM {}.{} b WHERE {}",
+                select.join(", "),
+                crate::primer::Ident(&other.table.schema),
+                crate::primer::Ident(&other.table.name),
+                wheres.join(" AND ")
+            );
+            return Some((query, args));
         }
     }
-    if mappings.is_empty() {
-        return Inferred::TableLevel("the plan has no scan of it".into());
-    }
-    Inferred::Columns(mappings)
+    None
 }
 
 impl Inferred {
@@ -538,6 +711,16 @@ impl Inferred {
                     })
                     .collect();
                 format!("per key ({})", each.join("; "))
+            }
+            Inferred::Lookups { columns, lookups } => {
+                let mut parts: Vec<String> = Vec::new();
+                if !columns.is_empty() {
+                    parts.push(Inferred::Columns(columns.clone()).describe(primer));
+                }
+                for (query, args) in lookups {
+                    parts.push(format!("lookup `{query}` with {}", args.join(", ")));
+                }
+                parts.join("; ")
             }
             Inferred::TableLevel(why) => format!("every cached key ({why})"),
         }
@@ -717,6 +900,15 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<(TableName, Infer
                 Inferred::Columns(mappings) => {
                     mappings.iter().cloned().map(Mapping::Columns).collect()
                 }
+                Inferred::Lookups { columns, lookups } => columns
+                    .iter()
+                    .cloned()
+                    .map(Mapping::Columns)
+                    .chain(lookups.iter().map(|(query, args)| Mapping::Lookup {
+                        query: query.clone(),
+                        args: args.clone(),
+                    }))
+                    .collect::<Vec<_>>(),
                 Inferred::TableLevel(_) => vec![Mapping::AllKeys],
             };
             for mapping in mappings {
