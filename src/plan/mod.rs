@@ -993,3 +993,74 @@ mod tests {
         assert!(reads_of(&json!([])).is_err());
     }
 }
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::*;
+    use serde_json::json;
+    use std::path::Path;
+
+    fn primer() -> Primer {
+        let yaml = r#"
+source: { url: "postgres://u@localhost/db" }
+primers:
+  - name: by_user
+    key: "by_user/{user_id:int}"
+    query: "SELECT i.* FROM orders o JOIN items i ON i.order_id = o.id WHERE o.user_id = $1"
+"#;
+        let config = crate::config::Config::from_yaml_str(yaml, Path::new("t.yaml"), |_| None)
+            .expect("config");
+        config.catalog.primers[0].clone()
+    }
+
+    fn plan(kind: &str) -> Reads {
+        let mut reads = reads_of(&json!([{"Plan": {
+            "Node Type": "Hash Join", "Join Type": kind, "Hash Cond": "(i.order_id = o.id)",
+            "Plans": [
+                {"Node Type": "Seq Scan", "Parent Relationship": "Outer", "Relation Name": "items",
+                 "Schema": "public", "Alias": "i"},
+                {"Node Type": "Hash", "Parent Relationship": "Inner", "Plans": [
+                    {"Node Type": "Seq Scan", "Parent Relationship": "Outer", "Relation Name": "orders",
+                     "Schema": "public", "Alias": "o", "Filter": "(o.user_id = $1)"}]}
+            ]
+        }}]))
+        .expect("plan");
+        reads.column_types.push((
+            TableName {
+                schema: "public".into(),
+                name: "orders".into(),
+            },
+            vec![ColumnType {
+                name: "user_id".into(),
+                type_name: "integer".into(),
+                deterministic: true,
+            }],
+        ));
+        reads
+    }
+
+    #[test]
+    fn a_table_reached_through_a_join_gets_a_lookup() {
+        let items = TableName {
+            schema: "public".into(),
+            name: "items".into(),
+        };
+        let primer = primer();
+        assert_eq!(
+            infer(&primer, &plan("Inner"), &items),
+            Inferred::Lookups {
+                columns: vec![],
+                lookups: vec![(
+                    "SELECT DISTINCT b.user_id AS user_id FROM public.orders b WHERE b.id = $1"
+                        .into(),
+                    vec!["order_id".into()]
+                )],
+            }
+        );
+        // items is the preserved side of a left join (every item row reaches every key): table level.
+        assert!(infer(&primer, &plan("Left"), &items).is_table_level());
+        assert!(infer(&primer, &plan("Full"), &items).is_table_level());
+        assert!(infer(&primer, &plan("Anti"), &items).is_table_level());
+        assert!(!infer(&primer, &plan("Right"), &items).is_table_level());
+    }
+}
