@@ -169,6 +169,9 @@ fn conjuncts(condition: &str, alias: &str, out: &mut Vec<(String, usize)>, depth
     }
 }
 
+/// `((alias, column), (alias, column))`: the two sides of a join equality.
+pub type ColumnPair = ((String, String), (String, String));
+
 /// A column `alias.column` (through the no-op text casts), any alias.
 fn any_column(s: &str) -> Option<(String, String)> {
     let mut s = unwrap_parens(s);
@@ -189,17 +192,13 @@ fn any_column(s: &str) -> Option<(String, String)> {
 /// The `((alias, column), (alias, column))` pairs of `condition` (a join condition, or a scan's condition that
 /// names an outer scan's column) that are conjuncts at its top level of the form `a.x = b.y` with two
 /// different aliases. Any other shape gives none.
-pub fn column_equalities(condition: &str) -> Vec<((String, String), (String, String))> {
+pub fn column_equalities(condition: &str) -> Vec<ColumnPair> {
     let mut out = Vec::new();
     column_conjuncts(condition, &mut out, 0);
     out
 }
 
-fn column_conjuncts(
-    condition: &str,
-    out: &mut Vec<((String, String), (String, String))>,
-    depth: usize,
-) {
+fn column_conjuncts(condition: &str, out: &mut Vec<ColumnPair>, depth: usize) {
     if depth > 32 {
         return;
     }

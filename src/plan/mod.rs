@@ -635,7 +635,7 @@ fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Ve
         for s in reads.scans.iter().filter(|s| join.inner.contains(&s.alias)) {
             conditions.extend(s.conditions.iter().map(String::as_str));
         }
-        let pairs: Vec<((String, String), (String, String))> = conditions
+        let pairs: Vec<expr::ColumnPair> = conditions
             .iter()
             .flat_map(|c| expr::column_equalities(c))
             .collect();
