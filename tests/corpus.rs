@@ -596,6 +596,8 @@ async fn forty_primers_without_depends_on_converge_under_random_writes() {
             let short = table.trim_start_matches("public.");
             let level = if rest.starts_with("every cached key") {
                 "table"
+            } else if rest.contains("runs the lookup") {
+                "lookup"
             } else {
                 "key"
             };
