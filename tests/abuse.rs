@@ -171,3 +171,48 @@ async fn slow_and_idle_connections_are_closed_and_the_server_keeps_answering() {
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// Misses on ids that do not exist are answered (`null`) but not kept: the store does not grow with them.
+/// A key missed with `null` twice within `refresh::ABSENT_WINDOW` is kept from its second miss on.
+#[tokio::test]
+async fn misses_on_absent_ids_do_not_fill_the_store() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS)).await;
+    let addr = running.http_addr;
+    const N: u32 = 20_000;
+    let started = std::time::Instant::now();
+    let client = reqwest::Client::new();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let client = client.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= N {
+                    break;
+                }
+                let r = client
+                    .get(format!("http://{addr}/fetch/item/{}", 1_000_000 + i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.text().await.unwrap(), "null");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = started.elapsed();
+    eprintln!("{N} absent misses in {took:?}");
+    assert_eq!(running.store.key_count("item").await.unwrap(), 0);
+    // A second miss within the window keeps it.
+    let (status, _) = fetch(addr, "item/1000000").await;
+    assert_eq!(status, 200);
+    assert!(running.store.is_registered("item/1000000").await.unwrap());
+    assert_eq!(running.store.key_count("item").await.unwrap(), 1);
+}
