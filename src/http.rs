@@ -28,6 +28,7 @@
 //! lookup and the stored bytes written as they are.
 
 pub mod auth;
+pub mod subscribe;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -229,6 +230,8 @@ pub fn routes() -> Routes<Arc<AppState>> {
         .get("/fetch/{*key}", fetch)
         .post("/fetch", fetch_many)
         .post("/update/{name}", update)
+        .get("/subscribe", subscribe::subscribe_get)
+        .post("/subscribe", subscribe::subscribe_post)
         .get("/healthz", || async { "ok\n" })
         .get("/openapi.json", openapi)
 }

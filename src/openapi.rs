@@ -80,6 +80,41 @@ pub fn document() -> Value {
                     }
                 }
             },
+            "/subscribe": {
+                "get": {
+                    "operationId": "subscribe",
+                    "summary": "Live keys as Server-Sent Events",
+                    "description": "One `value` event per key with its current value, then one whenever a key's value changes (its ETag differs). Data: `{key, value, etag, lsn, computed_at}`; the event id is the LSN. Reconnecting with `Last-Event-ID` sends every key's current value again. Comments every 15 s keep the stream open.",
+                    "parameters": [{"name": "key", "in": "query", "required": true, "style": "form", "explode": true,
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "description": "A key to watch; repeat for more (at most `http.max_batch_keys`)."}],
+                    "responses": {
+                        "200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "400": error("A key or the query string is invalid, or too many keys."),
+                        "401": error("No valid bearer token."),
+                        "403": error("The token does not grant access to a key."),
+                        "503": error("`too_many_subscriptions`, or kck is shutting down.")
+                    }
+                },
+                "post": {
+                    "operationId": "subscribeMany",
+                    "summary": "Live keys as Server-Sent Events, the keys in the body",
+                    "requestBody": {
+                        "required": true,
+                        "content": {"application/json": {"schema": {
+                            "type": "object", "required": ["keys"], "additionalProperties": false,
+                            "properties": {"keys": {"type": "array", "items": {"type": "string"}}}
+                        }}}
+                    },
+                    "responses": {
+                        "200": {"description": "The event stream, as for GET.", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                        "400": error("A key or the body is invalid, or too many keys."),
+                        "401": error("No valid bearer token."),
+                        "403": error("The token does not grant access to a key."),
+                        "503": error("`too_many_subscriptions`, or kck is shutting down.")
+                    }
+                }
+            },
             "/fetch": {
                 "post": {
                     "operationId": "fetchMany",

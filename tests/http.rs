@@ -1700,3 +1700,93 @@ async fn jwt_es256_public_key_file() {
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// Reads SSE `data:` lines of `value` events from `response` until `n` arrived.
+async fn sse_values(response: &mut reqwest::Response, buffer: &mut String, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if block.lines().any(|l| l == "event: value") {
+                let data = block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .unwrap();
+                out.push(serde_json::from_str(data).unwrap());
+            }
+        }
+        if out.len() >= n {
+            break;
+        }
+        let chunk = tokio::time::timeout(TIMEOUT, response.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn subscribe_streams_current_values_then_changes() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(test_config(dir.path(), &db, "", &[])).await;
+    let http = Http::new(&running);
+    let pg = db.client().await;
+    pg.batch_execute("INSERT INTO settings VALUES ('mode', 'a'), ('other', 'x')")
+        .await
+        .unwrap();
+    let url = format!("{}/subscribe?key=setting/mode&key=setting/other", http.base);
+    let mut response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    assert_eq!(response.headers()["x-accel-buffering"], "no");
+    let mut buffer = String::new();
+    let first = sse_values(&mut response, &mut buffer, 2).await;
+    let mut keys: Vec<_> = first.iter().map(|e| e["key"].as_str().unwrap()).collect();
+    keys.sort();
+    assert_eq!(keys, ["setting/mode", "setting/other"]);
+    let mode = first.iter().find(|e| e["key"] == "setting/mode").unwrap();
+    assert_eq!(mode["value"], "a");
+    assert!(mode["etag"].is_string() && mode["lsn"].is_string() && mode["computed_at"].is_string());
+
+    pg.batch_execute("UPDATE settings SET v = 'b' WHERE k = 'mode'")
+        .await
+        .unwrap();
+    // Recomputations that give the same value send nothing; the change arrives.
+    let change = loop {
+        let e = sse_values(&mut response, &mut buffer, 1).await.remove(0);
+        if e["value"] != "a" {
+            break e;
+        }
+    };
+    assert_eq!(change["key"], "setting/mode");
+    assert_eq!(change["value"], "b");
+
+    // Resuming (a new connection with Last-Event-ID) sends every key's current value again.
+    drop(response);
+    let mut resumed = reqwest::Client::new()
+        .get(&url)
+        .header("last-event-id", change["lsn"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    let again = sse_values(&mut resumed, &mut buffer, 2).await;
+    assert!(
+        again
+            .iter()
+            .any(|e| e["key"] == "setting/mode" && e["value"] == "b")
+    );
+
+    // Errors are JSON, before the stream starts.
+    let a = http.get("/subscribe?key=nope/1").await;
+    assert_eq!(a.status, 400);
+    let a = http.get("/subscribe").await;
+    assert_eq!(a.status, 400);
+    drop(resumed);
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
