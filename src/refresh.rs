@@ -171,13 +171,6 @@ pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
 pub const DEFAULT_CLAIM_BATCH: usize = 16;
 
-/// A miss whose primer found no row (the value `null`) is answered but not kept unless the same key
-/// missed with `null` within this window before: random ids cannot fill the store or the queue, and an
-/// absent key fetched often is cached (and kept fresh) from its second miss on.
-pub const ABSENT_WINDOW: Duration = Duration::from_secs(60);
-/// How many absent keys the window remembers (bounded; the oldest half is forgotten when full).
-const ABSENT_LOG_CAPACITY: usize = 100_000;
-
 /// Refresh workers.
 #[derive(Debug, Clone)]
 pub struct RefreshConfig {
@@ -350,8 +343,6 @@ pub struct Refresher {
     pub clock: Arc<VisibilityClock>,
     /// When each key was last fetched (hot keys first, cold keys dropped).
     pub access: AccessLog,
-    /// Keys whose last miss found no row (`null`), and when: see [`ABSENT_WINDOW`].
-    absent: AccessLog,
     /// Told about every entry this refresher writes and every task it finishes (freshness waits).
     pub hub: Arc<Hub>,
     pool: Pool,
@@ -463,7 +454,6 @@ impl Refresher {
             clock,
             worker_queries,
             access: AccessLog::new(ACCESS_LOG_CAPACITY),
-            absent: AccessLog::new(ABSENT_LOG_CAPACITY),
             hub: Arc::new(Hub::default()),
             pool,
             visibility_timeout,
@@ -987,18 +977,6 @@ impl Refresher {
                     Err(e) => return Err(e),
                 };
                 self.stat(key.primer, |s| s.primes += 1);
-                if entry.value.as_ref() == b"null" {
-                    let seen = self
-                        .absent
-                        .was_read(text)
-                        .is_some_and(|at| at.elapsed() < ABSENT_WINDOW);
-                    if !seen {
-                        // No row: answered, not kept (see ABSENT_WINDOW).
-                        self.absent.touch(text);
-                        self.store.remove_key(primer, text).await?;
-                        return Ok(entry);
-                    }
-                }
                 match self.store.store_result(primer, text, entry.clone()).await? {
                     Stored::Written => {
                         self.hub.written(text);
