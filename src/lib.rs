@@ -34,3 +34,10 @@ pub mod store;
 pub(crate) mod telemetry;
 pub(crate) mod update;
 pub mod visibility;
+
+/// Entry points for the fuzz targets in `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::primer::fuzz_key as key;
+    pub use crate::update::fuzz_args as updater_args;
+}

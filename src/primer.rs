@@ -712,6 +712,75 @@ impl fmt::Display for KeyTemplate {
     }
 }
 
+/// Fuzzing entry point (`fuzz/fuzz_targets/key.rs`): the first line of `data` holds up to four key
+/// templates separated by tabs, each further line a key text. Templates that parse become primers of one
+/// catalog (if [`Catalog::new`] takes them); each key is parsed against it. Must never panic, and a key
+/// that parses renders to a canonical text that parses back to the same key.
+#[doc(hidden)]
+pub fn fuzz_key(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut lines = text.split('\n');
+    let Some(first) = lines.next() else {
+        return;
+    };
+    let primers: Vec<Primer> = first
+        .split('\t')
+        .take(4)
+        .enumerate()
+        .filter_map(|(i, source)| {
+            let template = KeyTemplate::parse(source).ok()?;
+            let _ = template.first_literal();
+            Some(Primer {
+                name: format!("p{i}"),
+                query: "SELECT 1".to_owned(),
+                shape: Shape::Rows,
+                dependencies: Vec::new(),
+                depends_on_given: true,
+                not_followed: Vec::new(),
+                unqualified: Vec::new(),
+                policy: Policy::default(),
+                cache_control: None,
+                access: None,
+                template,
+            })
+        })
+        .collect();
+    for a in &primers {
+        for b in &primers {
+            // Overlap is symmetric: the catalog refuses a pair whichever comes first.
+            assert_eq!(
+                a.template.overlaps(&b.template),
+                b.template.overlaps(&a.template)
+            );
+        }
+    }
+    let Ok(catalog) = Catalog::new(primers) else {
+        return;
+    };
+    let _ = catalog.templates();
+    for line in lines.take(16) {
+        let Ok(key) = catalog.parse_key(line) else {
+            continue;
+        };
+        let rendered = catalog.render(&key);
+        if rendered.len() <= MAX_KEY_BYTES {
+            assert_eq!(
+                catalog.parse_key(&rendered).as_ref(),
+                Ok(&key),
+                "{line:?} -> {rendered:?}"
+            );
+        }
+        let values = catalog.param_values_as_text(&key);
+        let refs: Vec<Option<&str>> = values.iter().map(|v| Some(v.as_str())).collect();
+        assert_eq!(
+            catalog.key_from_text(key.primer, &refs).as_ref(),
+            Some(&key)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -543,6 +543,59 @@ pub fn commit_lsn_bound(insert: Lsn, block_size: u64, segment_size: u64) -> Lsn 
     }
 }
 
+/// Fuzzing entry point (`fuzz/fuzz_targets/updater_args.rs`): the first byte of `data` picks how many
+/// parameters (0-4, named `a` to `d`) the updater declares, the next one per parameter its type and
+/// whether it is nullable; the rest is the request body. [`parse_args`] must never panic, and what it
+/// accepts has one value per parameter, `None` only for nullable ones, in each type's Postgres text form.
+#[doc(hidden)]
+pub fn fuzz_args(data: &[u8]) {
+    const TYPES: [ValueType; 7] = [
+        ValueType::Int,
+        ValueType::Float,
+        ValueType::Numeric,
+        ValueType::Text,
+        ValueType::Uuid,
+        ValueType::Bool,
+        ValueType::Json,
+    ];
+    let Some((&count, rest)) = data.split_first() else {
+        return;
+    };
+    let count = usize::from(count % 5).min(rest.len());
+    let (types, body) = rest.split_at(count);
+    let updater = Updater {
+        name: "fuzz".to_owned(),
+        params: types
+            .iter()
+            .zip(["a", "b", "c", "d"])
+            .map(|(&t, name)| UpdaterParam {
+                name: name.to_owned(),
+                ty: TYPES[usize::from(t) % TYPES.len()],
+                nullable: t & 0x80 != 0,
+            })
+            .collect(),
+        statements: Vec::new(),
+        access: None,
+    };
+    let Ok(args) = parse_args(&updater, body) else {
+        return;
+    };
+    assert_eq!(args.len(), updater.params.len());
+    for (p, arg) in updater.params.iter().zip(&args) {
+        let Some(text) = arg else {
+            assert!(p.nullable, "NULL for a parameter that is not nullable");
+            continue;
+        };
+        match p.ty {
+            ValueType::Int => assert!(text.parse::<i64>().is_ok(), "{text:?}"),
+            ValueType::Uuid => assert_eq!(text.len(), 36, "{text:?}"),
+            ValueType::Bool => assert!(text == "true" || text == "false"),
+            ValueType::Numeric => assert!(text == "NaN" || !text.is_empty()),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
