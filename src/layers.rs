@@ -55,7 +55,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         &["http", "listen", "openapi", "schedule", "jobs", "ops"],
     ),
     ("wiring", &["config", "app"]),
-    ("commands", &["cli"]),
+    ("commands", &["cli", "fuzzing"]),
 ];
 
 /// Test code may build its fixtures through these.

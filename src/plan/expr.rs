@@ -142,6 +142,20 @@ pub fn equalities(condition: &str, alias: &str) -> Vec<(String, usize)> {
 }
 
 fn conjuncts(condition: &str, alias: &str, out: &mut Vec<(String, usize)>, depth: usize) {
+    for_each_conjunct(condition, depth, &mut |conjunct| {
+        let sides = split_top(conjunct, " = ");
+        let [a, b] = sides.as_slice() else { return };
+        match (side(a, alias), side(b, alias)) {
+            (Some(Side::Column(c)), Some(Side::Param(n)))
+            | (Some(Side::Param(n)), Some(Side::Column(c))) => out.push((c, n)),
+            _ => {}
+        }
+    });
+}
+
+/// Calls `f` with each conjunct at the top level of `condition` (nested ANDs included, parentheses
+/// removed); a condition with a top-level OR has none.
+fn for_each_conjunct(condition: &str, depth: usize, f: &mut dyn FnMut(&str)) {
     // Nested ANDs are conjuncts too (bounded: plan text is small, but never trust it).
     if depth > 32 {
         return;
@@ -153,20 +167,11 @@ fn conjuncts(condition: &str, alias: &str, out: &mut Vec<(String, usize)>, depth
     let parts = split_top(unwrapped, " AND ");
     if parts.len() > 1 {
         for part in parts {
-            conjuncts(part, alias, out, depth + 1);
+            for_each_conjunct(part, depth + 1, f);
         }
         return;
     }
-    {
-        let conjunct = unwrap_parens(condition);
-        let sides = split_top(conjunct, " = ");
-        let [a, b] = sides.as_slice() else { return };
-        match (side(a, alias), side(b, alias)) {
-            (Some(Side::Column(c)), Some(Side::Param(n)))
-            | (Some(Side::Param(n)), Some(Side::Column(c))) => out.push((c, n)),
-            _ => {}
-        }
-    }
+    f(unwrapped);
 }
 
 /// `((alias, column), (alias, column))`: the two sides of a join equality.
@@ -199,27 +204,15 @@ pub fn column_equalities(condition: &str) -> Vec<ColumnPair> {
 }
 
 fn column_conjuncts(condition: &str, out: &mut Vec<ColumnPair>, depth: usize) {
-    if depth > 32 {
-        return;
-    }
-    let unwrapped = unwrap_parens(condition);
-    if split_top(unwrapped, " OR ").len() > 1 {
-        return;
-    }
-    let parts = split_top(unwrapped, " AND ");
-    if parts.len() > 1 {
-        for part in parts {
-            column_conjuncts(part, out, depth + 1);
+    for_each_conjunct(condition, depth, &mut |conjunct| {
+        let sides = split_top(conjunct, " = ");
+        let [a, b] = sides.as_slice() else { return };
+        if let (Some(a), Some(b)) = (any_column(a), any_column(b))
+            && a.0 != b.0
+        {
+            out.push((a, b));
         }
-        return;
-    }
-    let sides = split_top(unwrapped, " = ");
-    let [a, b] = sides.as_slice() else { return };
-    if let (Some(a), Some(b)) = (any_column(a), any_column(b))
-        && a.0 != b.0
-    {
-        out.push((a, b));
-    }
+    });
 }
 
 /// The functions `expr` calls, as `name` or `schema.name` (lower case as printed, quotes removed), and the
