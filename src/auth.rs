@@ -309,6 +309,14 @@ impl JwtConfig {
     /// Verify a token: its signature, algorithm, `exp`, `nbf`, `iss` and `aud`. The error is for the log.
     pub fn verify(&self, token: &str) -> Result<Claims, String> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| describe(&e))?;
+        // RFC 7515 4.1.11: a recipient that does not understand an extension `crit` names must refuse the
+        // token. kck understands none.
+        if let Some(crit) = &header.crit {
+            return Err(format!(
+                "the token's crit header names extensions kck does not implement ({})",
+                crit.join(", ")
+            ));
+        }
         if !self.algorithms.contains(&header.alg) {
             return Err(format!("algorithm {:?} is not allowed", header.alg));
         }
@@ -370,6 +378,17 @@ pub enum AuthError {
     Invalid,
     #[error("the token does not grant access to {0}")]
     Forbidden(String),
+}
+
+impl AuthError {
+    /// The `WWW-Authenticate` challenge (RFC 6750 section 3) its 401 or 403 carries.
+    pub fn challenge(&self) -> &'static str {
+        match self {
+            AuthError::Missing => r#"Bearer realm="kck""#,
+            AuthError::Invalid => r#"Bearer realm="kck", error="invalid_token""#,
+            AuthError::Forbidden(_) => r#"Bearer realm="kck", error="insufficient_scope""#,
+        }
+    }
 }
 
 /// What [`authenticate`] needs.

@@ -357,6 +357,8 @@ pub struct ApiError {
     pub details: serde_json::Map<String, serde_json::Value>,
     /// Seconds for a `Retry-After` header (answers a client should simply repeat a little later).
     pub retry_after_s: Option<u32>,
+    /// A `WWW-Authenticate` challenge (RFC 6750): every 401 and 403 carries one.
+    pub challenge: Option<&'static str>,
 }
 
 impl ApiError {
@@ -367,6 +369,7 @@ impl ApiError {
             message: message.into(),
             details: serde_json::Map::new(),
             retry_after_s: None,
+            challenge: None,
         }
     }
 
@@ -401,6 +404,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response
     }
 }
@@ -430,7 +439,9 @@ impl From<AuthError> for ApiError {
             AuthError::Invalid => "invalid_token",
             AuthError::Forbidden(_) => "forbidden",
         };
-        ApiError::new(status, code, e.to_string())
+        let mut error = ApiError::new(status, code, e.to_string());
+        error.challenge = Some(e.challenge());
+        error
     }
 }
 

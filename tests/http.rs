@@ -1408,6 +1408,11 @@ async fn jwt_rs256_checks_every_claim_and_refuses_forgeries() {
             c.as_object_mut().unwrap().remove("exp");
             sign(Algorithm::RS256, &key, &c, None)
         }),
+        ("an extension it must understand (crit)", {
+            let mut header = Header::new(Algorithm::RS256);
+            header.crit = Some(vec!["exp".into()]);
+            jsonwebtoken::encode(&header, &claims("1", json!({})), &key).unwrap()
+        }),
         ("tampered payload", tampered),
         ("alg none", none),
         ("alg none with a signature", none_signed),
@@ -1436,6 +1441,11 @@ async fn jwt_rs256_checks_every_claim_and_refuses_forgeries() {
         )
         .await;
     assert_eq!((a.status.as_u16(), a.code()), (403, "forbidden".into()));
+    assert!(
+        a.header("www-authenticate")
+            .contains(r#"error="insufficient_scope""#),
+        "an access rule's 403 carries its challenge"
+    );
     let a = http
         .get_with(
             "/fetch/my_orders/1",

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -26,29 +25,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Principal {
 
 impl IntoResponse for AuthError {
     fn into_response(self) -> Response {
-        let (status, code, challenge) = match &self {
-            AuthError::Missing => (
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                r#"Bearer realm="kck""#,
-            ),
-            AuthError::Invalid => (
-                StatusCode::UNAUTHORIZED,
-                "invalid_token",
-                r#"Bearer realm="kck", error="invalid_token""#,
-            ),
-            AuthError::Forbidden(_) => (
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                r#"Bearer realm="kck", error="insufficient_scope""#,
-            ),
-        };
-        let mut response = ApiError::new(status, code, self.to_string()).into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(challenge),
-        );
-        response
+        ApiError::from(self).into_response()
     }
 }
 
