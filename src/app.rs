@@ -332,6 +332,11 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
     let roles = config.roles;
     // The port first, before anything leaves a trace: a port in use must not leave behind a replication
     // slot just created (an inactive slot keeps WAL). Connections wait in the backlog until it serves.
+    if roles.http
+        && let Some(why) = crate::http::exposure_warning(config.http.bind, &config.auth)
+    {
+        tracing::warn!("{why}.");
+    }
     let listener = if roles.http {
         let listener = tokio::net::TcpListener::bind(config.http.bind)
             .await

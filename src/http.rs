@@ -445,6 +445,23 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// What is wrong with serving on `bind` with `auth`, if anything: a non-loopback address with authentication
+/// off lets anyone who reaches it read every key and, through the operations routes, drop the cache. Said at
+/// start-up (a warning) and by `kck check` (a WARN).
+pub fn exposure_warning(
+    bind: std::net::SocketAddr,
+    auth: &crate::auth::AuthConfig,
+) -> Option<String> {
+    if auth.jwt.is_some() || bind.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "http.bind is {bind}, not a loopback address, and authentication is off: anyone who can reach it reads \
+         every cached key and may drop the cache (POST /invalidate). Configure auth.jwt, or bind 127.0.0.1 and \
+         put a proxy that authenticates in front"
+    ))
+}
+
 fn internal(error: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(%error, "Request failed.");
     ApiError::new(
@@ -1538,6 +1555,21 @@ async fn openapi() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a non-loopback bind with authentication off is an exposure worth a warning.
+    #[test]
+    fn serving_every_key_to_the_network_is_warned_about() {
+        let off = crate::auth::AuthConfig::default();
+        let bind = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let why = exposure_warning(bind("0.0.0.0:8080"), &off).unwrap();
+        assert!(
+            why.contains("auth.jwt") && why.contains("0.0.0.0:8080"),
+            "{why}"
+        );
+        assert!(exposure_warning(bind("192.168.1.5:8080"), &off).is_some());
+        assert!(exposure_warning(bind("127.0.0.1:8080"), &off).is_none());
+        assert!(exposure_warning(bind("[::1]:8080"), &off).is_none());
+    }
 
     /// A miss whose change is not visible yet is a 503 the client can retry (its own code, `Retry-After`,
     /// both LSNs), not a 500.

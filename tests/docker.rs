@@ -196,7 +196,8 @@ fn the_compose_file_runs_postgres_scylla_and_kck() {
         "a hot standby"
     );
     assert_eq!(c.services["kck"].environment["KCK_ROLES"], "http,refresh");
-    assert_eq!(c.services["kck"].ports, vec!["8080:8080"]);
+    // Auth is off in the example: the port is published on the host's loopback only.
+    assert_eq!(c.services["kck"].ports, vec!["127.0.0.1:8080:8080"]);
 }
 
 /// Loads a config as kck in the container would: the file, then the container's `KCK_*` variables.

@@ -14,7 +14,12 @@ pub mod check {
 
     /// Every check against the database of `config`.
     pub async fn run(config: &crate::config::Config) -> Report {
-        crate::ops::check::run(&config.source, &config.catalog, config.roles.replication).await
+        let mut report =
+            crate::ops::check::run(&config.source, &config.catalog, config.roles.replication).await;
+        if config.roles.http {
+            crate::ops::check::exposure(&mut report, config.http.bind, &config.auth);
+        }
+        report
     }
 }
 pub mod explain;

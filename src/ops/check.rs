@@ -169,6 +169,23 @@ pub async fn run(source: &SourceConfig, catalog: &Catalog, replication_role: boo
     report
 }
 
+/// The HTTP exposure check ([`crate::http::exposure_warning`]): a WARN when kck would serve every key to
+/// anyone on the network.
+pub fn exposure(report: &mut Report, bind: std::net::SocketAddr, auth: &crate::auth::AuthConfig) {
+    match crate::http::exposure_warning(bind, auth) {
+        Some(why) => report.push(Level::Warn, "exposure", why),
+        None => report.push(
+            Level::Ok,
+            "exposure",
+            if auth.jwt.is_some() {
+                format!("http.bind {bind}, authentication on")
+            } else {
+                format!("http.bind {bind} is loopback only (authentication off)")
+            },
+        ),
+    }
+}
+
 /// The checks of the primers alone (what `kck run` runs before it serves): each primer's dependencies
 /// against its query's plan, the tables and columns they name, and that each query and lookup prepares as
 /// kck runs it. The same findings, in the same words, as [`run`] gives for them.
