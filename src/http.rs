@@ -462,6 +462,18 @@ pub fn exposure_warning(
     ))
 }
 
+/// `400 too_many_keys` when `asked` distinct keys exceed `http.max_batch_keys` (`max`) for one `per`.
+fn within_key_limit(asked: usize, max: usize, per: &str) -> Result<(), ApiError> {
+    if asked <= max {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "too_many_keys",
+        format!("{asked} distinct keys asked for; at most {max} per {per} (http.max_batch_keys)"),
+    ))
+}
+
 fn internal(error: &dyn std::fmt::Display) -> ApiError {
     tracing::error!(%error, "Request failed.");
     ApiError::new(
@@ -1208,17 +1220,7 @@ async fn fetch_many(
     let mut keys = request.keys;
     keys.sort();
     keys.dedup();
-    let max = state.limits.max_batch_keys;
-    if keys.len() > max {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_keys",
-            format!(
-                "{} distinct keys asked for; at most {max} per request (http.max_batch_keys)",
-                keys.len()
-            ),
-        ));
-    }
+    within_key_limit(keys.len(), state.limits.max_batch_keys, "request")?;
     let min = parse_min_lsn(query.min_lsn.as_deref())?;
     let wait = match (min, &query.timeout) {
         (Some(_), timeout) => Some(state.deadline(timeout.as_deref())?),

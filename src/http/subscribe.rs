@@ -138,17 +138,7 @@ async fn open(
             "no key given: use /subscribe?key=K1&key=K2",
         ));
     }
-    let max = state.limits.max_batch_keys;
-    if asked.len() > max {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_keys",
-            format!(
-                "{} distinct keys asked for; at most {max} per subscription (http.max_batch_keys)",
-                asked.len()
-            ),
-        ));
-    }
+    super::within_key_limit(asked.len(), state.limits.max_batch_keys, "subscription")?;
     let mut watched = Vec::with_capacity(asked.len());
     for text in &asked {
         let key = state.catalog.parse_key(text)?;
