@@ -743,27 +743,7 @@ impl<B: QueueBackend> CqlQueue<B> {
                 }
                 Finish::Raised(state) => {
                     let pos = self.alloc(1)[0];
-                    self.append_rows(vec![LogRow {
-                        shard,
-                        pos,
-                        id: claim.id.clone(),
-                        lsn: None,
-                        floor: Some(state.floor),
-                        enq: Some(state.enq),
-                    }])
-                    .await?;
-                    if self
-                        .b
-                        .cas_task(&claim.id, read.state.map(|s| s.ver), &state, 0)
-                        .await?
-                    {
-                        self.count(
-                            shard,
-                            Counts {
-                                claimed: -1,
-                                ..Counts::default()
-                            },
-                        );
+                    if self.unclaim(&claim.id, shard, pos, &read, &state).await? {
                         self.tasks_changed.notify_waiters();
                         break;
                     }
@@ -804,31 +784,46 @@ impl<B: QueueBackend> CqlQueue<B> {
         let read = self.b.read_task(&claim.id).await?;
         if let Some(state) = cql::retry_state(&read, attempts, claim_lsn, due_ms, random()) {
             let pos = self.alloc_at(due_ms.saturating_mul(1000));
-            self.append_rows(vec![LogRow {
-                shard,
-                pos,
-                id: claim.id.clone(),
-                lsn: None,
-                floor: Some(state.floor),
-                enq: Some(state.enq),
-            }])
-            .await?;
-            if self
-                .b
-                .cas_task(&claim.id, read.state.map(|s| s.ver), &state, 0)
-                .await?
-            {
-                self.count(
-                    shard,
-                    Counts {
-                        claimed: -1,
-                        ..Counts::default()
-                    },
-                );
-            }
+            self.unclaim(&claim.id, shard, pos, &read, &state).await?;
         }
         self.tasks_changed.notify_waiters();
         self.release(claim).await
+    }
+
+    /// Put a claimed task back as `state` (open again: raised by a newer enqueue, or due later): its log
+    /// row at `pos` first, so a claimer can find it, then the state row by LWT on the version `read` saw.
+    /// Whether the LWT applied (then one claim fewer is counted).
+    async fn unclaim(
+        &self,
+        id: &str,
+        shard: i32,
+        pos: i64,
+        read: &TaskRead,
+        state: &TaskState,
+    ) -> StoreResult<bool> {
+        self.append_rows(vec![LogRow {
+            shard,
+            pos,
+            id: id.to_owned(),
+            lsn: None,
+            floor: Some(state.floor),
+            enq: Some(state.enq),
+        }])
+        .await?;
+        let applied = self
+            .b
+            .cas_task(id, read.state.map(|s| s.ver), state, 0)
+            .await?;
+        if applied {
+            self.count(
+                shard,
+                Counts {
+                    claimed: -1,
+                    ..Counts::default()
+                },
+            );
+        }
+        Ok(applied)
     }
 
     /// Whether some event may be claimable now (a claim may still find it is nothing to do).
