@@ -67,11 +67,19 @@ enum Target {
     },
 }
 
+/// One dependency resolved, with the positions of the columns its primer reads from the table (`None`:
+/// unknown, every change counts).
+#[derive(Debug, Clone)]
+struct Resolved {
+    target: Target,
+    reads: Option<Vec<usize>>,
+}
+
 /// The dependencies on one table, resolved against its current column list.
 #[derive(Debug, Clone)]
 pub struct ResolvedTable {
     pub table: TableName,
-    targets: Vec<Target>,
+    targets: Vec<Resolved>,
     /// Dependencies that name a column the table does not have. They fall back to refreshing all keys.
     pub errors: Vec<String>,
     /// Mappings that will often fall back to refreshing all keys, with the fix.
@@ -147,9 +155,21 @@ impl DepIndex {
         let full = relation.replica_identity == b'f';
         for &(p, d) in self.by_table.get(&table).into_iter().flatten() {
             let primer = &self.catalog.primers[p];
+            // Column relevance: where each column the primer reads sits in the stream's rows.
+            let reads: Option<Vec<usize>> = primer
+                .columns_read
+                .iter()
+                .find(|(t, _)| *t == table)
+                .and_then(|(_, columns)| columns.iter().map(|c| position(c)).collect());
+            let resolve = |target: Target| Resolved {
+                target,
+                reads: reads.clone(),
+            };
             let names: Vec<&str> = match &primer.dependencies[d].mapping {
                 Mapping::AllKeys => {
-                    resolved.targets.push(Target::AllKeys { primer: p });
+                    resolved
+                        .targets
+                        .push(resolve(Target::AllKeys { primer: p }));
                     continue;
                 }
                 Mapping::Columns(pairs) => {
@@ -174,7 +194,9 @@ impl DepIndex {
                 }
             }
             if columns.len() != names.len() {
-                resolved.targets.push(Target::AllKeys { primer: p });
+                resolved
+                    .targets
+                    .push(resolve(Target::AllKeys { primer: p }));
                 continue;
             }
             let all_key = columns.iter().all(|&i| is_key(i));
@@ -191,7 +213,7 @@ impl DepIndex {
             }
             resolved
                 .targets
-                .push(match &primer.dependencies[d].mapping {
+                .push(resolve(match &primer.dependencies[d].mapping {
                     Mapping::Lookup { .. } => Target::Lookup {
                         primer: p,
                         dependency: d,
@@ -203,7 +225,7 @@ impl DepIndex {
                         columns,
                         all_key,
                     },
-                });
+                }));
         }
         resolved
     }
@@ -215,7 +237,21 @@ impl DepIndex {
         change: RowChange<'_>,
         emit: &mut dyn FnMut(TaskKind),
     ) {
-        for target in &table.targets {
+        for Resolved { target, reads } in &table.targets {
+            // Column relevance: an UPDATE whose full old image shows that no column the primer reads
+            // changed cannot change any of its results.
+            if let (
+                Some(reads),
+                RowChange::Update {
+                    old: Some(old),
+                    old_is_key: false,
+                    new,
+                },
+            ) = (reads, change)
+                && unchanged(old, new, reads)
+            {
+                continue;
+            }
             let (primer, columns, all_key) = match target {
                 Target::AllKeys { primer } => {
                     emit(self.all_keys(*primer));
@@ -304,6 +340,18 @@ impl DepIndex {
             after: None,
         }
     }
+}
+
+/// Whether `new` holds the same value as `old` at every one of `columns` (an unchanged TOAST value in
+/// `new` is the same; one in `old`, or a column missing from either, is not known to be).
+fn unchanged(old: &Tuple, new: &Tuple, columns: &[usize]) -> bool {
+    columns.iter().all(|&i| match (old.0.get(i), new.0.get(i)) {
+        (Some(_), Some(Value::UnchangedToast)) => true,
+        (Some(Value::Null), Some(Value::Null)) => true,
+        (Some(Value::Text(a)), Some(Value::Text(b))) => a == b,
+        (Some(Value::Binary(a)), Some(Value::Binary(b))) => a == b,
+        _ => false,
+    })
 }
 
 /// The text values at `columns` of `image`; an unchanged TOAST value is taken from `other`. `None` when a
@@ -474,6 +522,55 @@ primers:
         assert_eq!(
             emitted,
             ["k\u{1f}by_user/1", "k\u{1f}order/5", "p\u{1f}everything"]
+        );
+    }
+
+    #[test]
+    fn an_update_of_columns_no_primer_reads_refreshes_nothing() {
+        let mut config = Config::from_yaml_str(YAML, Path::new("t.yaml"), |_| None).unwrap();
+        let orders = TableName {
+            schema: "public".into(),
+            name: "orders".into(),
+        };
+        // by_user reads user_id, `everything` no column (count(*)); `order` lists none, so its reads are
+        // unknown and every change counts.
+        config.catalog.primers[0].columns_read = vec![(orders.clone(), vec!["user_id".into()])];
+        config.catalog.primers[2].columns_read = vec![(orders.clone(), vec![])];
+        let index = DepIndex::new(Arc::new(config.catalog));
+        let full = index.resolve(&relation(
+            "orders",
+            b'f',
+            &[("id", true), ("user_id", false), ("note", false)],
+        ));
+        let old = tuple(&[Some("5"), Some("1"), Some("a")]);
+        let note_only = tuple(&[Some("5"), Some("1"), Some("b")]);
+        let update = |new| RowChange::Update {
+            old: Some(&old),
+            old_is_key: false,
+            new,
+        };
+        assert_eq!(map(&index, &full, update(&note_only)), ["k order/5"]);
+        // An unchanged TOAST value is unchanged.
+        let toasted = tuple(&[Some("5"), Some("<toast>"), Some("b")]);
+        assert_eq!(map(&index, &full, update(&toasted)), ["k order/5"]);
+        let moved = tuple(&[Some("5"), Some("2"), Some("a")]);
+        assert_eq!(
+            map(&index, &full, update(&moved)),
+            ["k by_user/1", "k by_user/2", "k order/5"]
+        );
+        // Inserts and deletes always count; so does an UPDATE without the full old row.
+        assert_eq!(
+            map(&index, &full, RowChange::Insert { new: &note_only }),
+            ["k by_user/1", "k order/5", "p everything"]
+        );
+        let key_only = RowChange::Update {
+            old: None,
+            old_is_key: false,
+            new: &note_only,
+        };
+        assert_eq!(
+            map(&index, &full, key_only),
+            ["k by_user/1", "k order/5", "p by_user", "p everything"]
         );
     }
 

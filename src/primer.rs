@@ -146,6 +146,11 @@ pub struct Primer {
     /// [`crate::plan::resolve_names`] looks them up in the source's `search_path`, as the query's own
     /// unqualified names are.
     pub unqualified: Vec<TableName>,
+    /// For each table its query reads, the columns it reads there, where the plan shows them exactly
+    /// ([`crate::plan::columns_read`]): an UPDATE that changes none of them refreshes nothing for this
+    /// primer. A table not listed: unknown, so every change to it counts. Empty until
+    /// [`crate::plan::complete`].
+    pub columns_read: Vec<(TableName, Vec<String>)>,
     /// Schedules, expiry, warming and limits besides replication (see [`crate::schedule`]).
     pub policy: Policy,
     /// `Cache-Control` for `/fetch` answers of this primer; `None`: [`crate::config::DEFAULT_CACHE_CONTROL`].
@@ -740,6 +745,7 @@ pub fn fuzz_key(data: &[u8]) {
                 depends_on_given: true,
                 not_followed: Vec::new(),
                 unqualified: Vec::new(),
+                columns_read: Vec::new(),
                 policy: Policy::default(),
                 cache_control: None,
                 access: None,
@@ -800,6 +806,7 @@ mod tests {
             }],
             depends_on_given: true,
             unqualified: Vec::new(),
+            columns_read: Vec::new(),
             not_followed: Vec::new(),
             policy: Default::default(),
             cache_control: None,

@@ -28,6 +28,9 @@ CREATE TABLE events (id int NOT NULL, user_id int NOT NULL, kind text NOT NULL, 
 CREATE TABLE events_0 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 0);
 CREATE TABLE events_1 PARTITION OF events FOR VALUES WITH (MODULUS 2, REMAINDER 1);
 CREATE TABLE settings (name text PRIMARY KEY, value text NOT NULL);
+ALTER TABLE users ADD COLUMN note text NOT NULL DEFAULT '';
+ALTER TABLE orders ADD COLUMN note text NOT NULL DEFAULT '';
+ALTER TABLE reviews ADD COLUMN note text NOT NULL DEFAULT '';
 ALTER TABLE orders REPLICA IDENTITY FULL;
 ALTER TABLE order_items REPLICA IDENTITY FULL;
 ALTER TABLE reviews REPLICA IDENTITY FULL;
@@ -368,7 +371,7 @@ const CORPUS: &[Entry] = &[
 fn statement(rng: &mut rand::rngs::StdRng, i: usize) -> (&'static str, String) {
     let user = rng.random_range(1..=12);
     let product = rng.random_range(1..=12);
-    match rng.random_range(0..16) {
+    match rng.random_range(0..19) {
         0 => (
             "users",
             format!(
@@ -491,6 +494,25 @@ fn statement(rng: &mut rand::rngs::StdRng, i: usize) -> (&'static str, String) {
                 rng.random_range(3..=5)
             ),
         ),
+        // Columns no primer reads: column relevance refreshes nothing for them (the old row is sent).
+        15 => (
+            "users",
+            format!("UPDATE users SET note = 'n{i}' WHERE id = {user}"),
+        ),
+        16 => (
+            "orders",
+            format!(
+                "UPDATE orders SET note = 'n{i}' WHERE id = {}",
+                rng.random_range(1..=40)
+            ),
+        ),
+        17 => (
+            "reviews",
+            format!(
+                "UPDATE reviews SET note = 'n{i}' WHERE id = {}",
+                rng.random_range(1..=40)
+            ),
+        ),
         _ => (
             "countries",
             format!(
@@ -584,9 +606,17 @@ async fn forty_primers_without_depends_on_converge_under_random_writes() {
             .filter(|s| s.starts_with(&format!("primer {name} ")))
             .collect();
         let section = section.first().copied().unwrap_or("");
-        let mut how = Vec::new();
+        let mut how: Vec<String> = Vec::new();
         let mut baseline = 0u64;
         for line in section.lines().skip(2) {
+            // Column relevance: `+c` when kck knows which of the table's columns the primer reads.
+            let read = line.trim_start();
+            if line.starts_with("    ")
+                && (read.starts_with("reads columns") || read.starts_with("reads no column"))
+                && let Some(last) = how.last_mut()
+            {
+                last.push_str("+c");
+            }
             let Some((table, rest)) = line.trim().split_once(": ") else {
                 continue;
             };

@@ -473,3 +473,114 @@ CREATE PUBLICATION kck_test FOR TABLE products, reviews;",
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// Column relevance: an UPDATE that changes no column a primer reads (the old row is sent: REPLICA
+/// IDENTITY FULL) refreshes nothing for it; one that changes a column it reads, an index's order or a
+/// partial index's condition does. `kck explain` names the columns.
+#[tokio::test]
+async fn an_update_of_columns_the_query_does_not_read_refreshes_nothing() {
+    let db = database(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL, other text NOT NULL, \
+                         active bool NOT NULL, cat int NOT NULL, rank int NOT NULL);
+ALTER TABLE t REPLICA IDENTITY FULL;
+CREATE INDEX t_active ON t (id) WHERE active;
+CREATE INDEX t_cat_rank ON t (cat, rank);
+INSERT INTO t SELECT g, 'v' || g, 'o' || g, true, g % 2, g FROM generate_series(1, 4) g;
+CREATE PUBLICATION kck_test FOR TABLE t;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = r#"
+  - name: v
+    key: "v/{id:int}"
+    shape: value
+    query: "SELECT t.v FROM t WHERE t.id = $1"
+  - name: active
+    key: "active/{id:int}"
+    query: "SELECT t.v FROM t WHERE t.id = $1 AND t.active"
+  - name: ranked
+    key: "ranked/{cat:int}"
+    query: "SELECT t.id FROM t WHERE t.cat = $1 ORDER BY t.rank"
+  - name: summed
+    key: "summed/{cat:int}"
+    shape: value
+    query: "SELECT sum(rank) FROM t WHERE cat = $1"
+"#;
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+        .args(["explain", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        text.contains("reads columns id, v: an UPDATE that changes none of them refreshes nothing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("which columns it reads is not known (its scan uses index t_active")
+            || text.contains("reads columns id, v, active"),
+        "{text}"
+    );
+    assert!(text.contains("reads columns id, cat, rank"), "{text}");
+    // A sequential scan's output may be every column (Postgres's physical tlist); the aggregate above it
+    // names the one it uses.
+    assert!(text.contains("reads columns cat, rank:"), "{text}");
+
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, primers)).await;
+    let addr = running.http_addr;
+    for key in ["v/1", "v/2", "active/1", "ranked/1", "summed/1"] {
+        assert_eq!(fetch(addr, key).await.0, 200, "{key}");
+    }
+    let lsn_of = |key: &'static str| {
+        let store = running.store.clone();
+        async move { store.get(key).await.unwrap().unwrap().lsn }
+    };
+    let at = lsn_of("v/1").await;
+    // `other` is read by no primer: nothing is refreshed. A later change to v/2 proves the stream passed it.
+    db.execute_batch("UPDATE t SET other = 'changed' WHERE id = 1")
+        .await;
+    db.execute_batch("UPDATE t SET v = 'CHANGED' WHERE id = 2")
+        .await;
+    eventually_equals(addr, "v/2", &json!("CHANGED"), Duration::from_secs(30)).await;
+    assert_eq!(
+        lsn_of("v/1").await,
+        at,
+        "an UPDATE of `other` refreshed v/1"
+    );
+    let summed = lsn_of("summed/1").await;
+    db.execute_batch("UPDATE t SET other = 'again', v = 'x' WHERE id = 3")
+        .await;
+    db.execute_batch("UPDATE t SET v = 'AGAIN' WHERE id = 2")
+        .await;
+    eventually_equals(addr, "v/2", &json!("AGAIN"), Duration::from_secs(30)).await;
+    assert_eq!(
+        lsn_of("summed/1").await,
+        summed,
+        "summed/1 reads no changed column"
+    );
+    db.execute_batch("UPDATE t SET rank = 10 WHERE id = 1")
+        .await;
+    eventually_equals(addr, "summed/1", &json!(13), Duration::from_secs(30)).await;
+    // A column it reads.
+    db.execute_batch("UPDATE t SET v = 'NEW' WHERE id = 1")
+        .await;
+    eventually_equals(addr, "v/1", &json!("NEW"), Duration::from_secs(30)).await;
+    // The partial index's condition (`active`), which the generic plan may not print.
+    db.execute_batch("UPDATE t SET active = false WHERE id = 1")
+        .await;
+    eventually_equals(addr, "active/1", &json!([]), Duration::from_secs(30)).await;
+    // The order of an index scan: rank decides the order although the output does not show it.
+    db.execute_batch("UPDATE t SET rank = 0 WHERE id = 3").await;
+    eventually_equals(
+        addr,
+        "ranked/1",
+        &json!([{"id": 3}, {"id": 1}]),
+        Duration::from_secs(30),
+    )
+    .await;
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}

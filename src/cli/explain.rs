@@ -66,6 +66,8 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
         }
     };
     let inferred = |table: &TableName| added.iter().find(|(t, _)| t == table).map(|(_, how)| how);
+    let read = plan::columns_read(&reads, primer.template.params.len());
+    let mut told: Vec<&TableName> = Vec::new();
     for dep in &completed.dependencies {
         let how = match &dep.mapping {
             Mapping::Columns(columns) => {
@@ -114,6 +116,10 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
         if let Some(line) = identity(client, &dep.table, &dep.mapping).await {
             let _ = writeln!(out, "    {line}");
         }
+        if !told.contains(&&dep.table) {
+            told.push(&dep.table);
+            let _ = writeln!(out, "    {}", columns_line(&completed, &read, &dep.table));
+        }
     }
     for table in &completed.not_followed {
         let _ = writeln!(
@@ -123,6 +129,33 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
         );
     }
     out.push('\n');
+}
+
+/// Which columns of `table` the primer reads, and what an UPDATE of the others does.
+fn columns_line(
+    primer: &Primer,
+    read: &[(TableName, Result<Vec<String>, String>)],
+    table: &TableName,
+) -> String {
+    let known = primer.columns_read.iter().find(|(t, _)| t == table);
+    match (known, read.iter().find(|(t, _)| t == table)) {
+        (Some((_, columns)), _) if columns.is_empty() => {
+            "reads no column of it (an UPDATE of it refreshes nothing, once the old row is sent: \
+             REPLICA IDENTITY FULL)"
+                .to_owned()
+        }
+        (Some((_, columns)), _) => format!(
+            "reads columns {}: an UPDATE that changes none of them refreshes nothing (when the old row \
+             is sent: REPLICA IDENTITY FULL)",
+            columns.join(", ")
+        ),
+        (None, Some((_, Err(why)))) => {
+            format!("which columns it reads is not known ({why}): every UPDATE counts")
+        }
+        (None, _) => "which columns it reads is not known (its plan does not scan it): every \
+                      UPDATE counts"
+            .to_owned(),
+    }
 }
 
 /// The table's replica identity, and the `ALTER TABLE` when the mapping needs old values it does not send.

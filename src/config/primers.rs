@@ -299,6 +299,7 @@ pub(super) fn build_primer(
             depends_on_given,
             not_followed,
             unqualified,
+            columns_read: Vec::new(),
             policy,
             cache_control,
             access,

@@ -288,6 +288,107 @@ pub fn functions(expr: &str) -> Vec<String> {
     out
 }
 
+/// The column references and parameters of a plan expression (see [`refs`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Refs {
+    /// `alias.column`, and `(alias, "*")` for a whole-row reference (`t.*`).
+    pub qualified: Vec<(String, String)>,
+    /// Identifiers printed without a table (EXPLAIN leaves them bare when the query has one relation):
+    /// columns, or words such as type names, which the caller filters against the table's columns.
+    pub bare: Vec<String>,
+    /// `$n` parameters.
+    pub params: Vec<usize>,
+}
+
+impl Refs {
+    fn push_qualified(&mut self, q: String, c: String) {
+        if !self.qualified.iter().any(|(a, b)| *a == q && *b == c) {
+            self.qualified.push((q, c));
+        }
+    }
+}
+
+/// Add the column references of `expr` (as `EXPLAIN VERBOSE` prints it) to `out`: every `alias.column` and
+/// `alias.*` outside string literals, bare identifiers that are not calls, and `$n` parameters. Calls
+/// (`f(`, `schema.f(`), SQL keywords (printed upper case) and the type after `::` are not references. Reading
+/// more than is there is harmless (a column kck thinks is read); reading less is not, so any identifier
+/// that could be a column is kept.
+pub fn refs(expr: &str, out: &mut Refs) {
+    let mut rest = expr;
+    while let Some(c) = rest.chars().next() {
+        if c == '\'' {
+            let mut chars = rest.char_indices().skip(1);
+            let mut end = rest.len();
+            while let Some((i, c)) = chars.next() {
+                if c == '\'' {
+                    if rest[i + 1..].starts_with('\'') {
+                        chars.next();
+                    } else {
+                        end = i + 1;
+                        break;
+                    }
+                }
+            }
+            rest = &rest[end..];
+            continue;
+        }
+        if let Some(after) = rest.strip_prefix("::") {
+            // A cast's type: `::text`, `::public.mood`, `::character varying` (later words stay bare).
+            rest = match ident(after) {
+                Some((_, after)) => match after.strip_prefix('.').and_then(ident) {
+                    Some((_, after)) => after,
+                    None => after,
+                },
+                None => after,
+            };
+            continue;
+        }
+        if c == '$' {
+            let digits = rest[1..]
+                .find(|c: char| !c.is_ascii_digit())
+                .map_or(rest.len(), |e| e + 1);
+            if let Ok(n) = rest[1..digits].parse::<usize>()
+                && !out.params.contains(&n)
+            {
+                out.params.push(n);
+            }
+            rest = &rest[digits.max(1)..];
+            continue;
+        }
+        if c == '"' || c.is_ascii_lowercase() || c == '_' {
+            let Some((first, after)) = ident(rest) else {
+                rest = &rest[c.len_utf8()..];
+                continue;
+            };
+            if let Some(star) = after.strip_prefix(".*") {
+                out.push_qualified(first, "*".to_owned());
+                rest = star;
+                continue;
+            }
+            if let Some((second, after2)) = after.strip_prefix('.').and_then(ident) {
+                if !after2.starts_with('(') {
+                    out.push_qualified(first, second);
+                }
+                rest = after2;
+                continue;
+            }
+            if !after.starts_with('(') && !out.bare.contains(&first) {
+                out.bare.push(first);
+            }
+            rest = after;
+            continue;
+        }
+        if c.is_ascii_uppercase() || c.is_ascii_digit() {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+                .unwrap_or(rest.len());
+            rest = &rest[end.max(1)..];
+            continue;
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,5 +462,37 @@ mod tests {
         );
         assert!(functions("(t.id = $1)").is_empty());
         assert_eq!(functions(r#""My Fn"(x)"#), vec!["My Fn"]);
+    }
+    #[test]
+    fn refs_name_every_column_outside_literals_and_calls() {
+        let mut r = Refs::default();
+        refs(
+            r#"row_to_json(t.*), lower("User"."eMail"), (t.v)::public.mood, app.score(t.id), 'x.y'::text, $2, ($10)::bigint, count(*), v, CASE WHEN flag THEN 1.5 END, (t.c).f"#,
+            &mut r,
+        );
+        assert_eq!(
+            r.qualified,
+            vec![
+                ("t".into(), "*".into()),
+                ("User".into(), "eMail".into()),
+                ("t".into(), "v".into()),
+                ("t".into(), "id".into()),
+                ("t".into(), "c".into()),
+            ]
+        );
+        assert_eq!(r.params, vec![2, 10]);
+        assert_eq!(r.bare, vec!["v".to_owned(), "flag".into(), "f".into()]);
+        for odd in [
+            "",
+            "$",
+            "\"",
+            "'",
+            "t.",
+            "t.\"",
+            "::",
+            "$99999999999999999999999",
+        ] {
+            refs(odd, &mut Refs::default());
+        }
     }
 }

@@ -27,6 +27,9 @@ pub struct Scan {
     pub alias: String,
     /// `Filter`, `Index Cond` and `Recheck Cond` of the scan (and of a bitmap index scan below it).
     pub conditions: Vec<String>,
+    /// The indexes it scans (`Index Name`, its own or its bitmap index scans'): an index's order and a
+    /// partial index's predicate are reads the plan's expressions do not show.
+    pub indexes: Vec<String>,
 }
 
 /// A column's type and whether its equality is its text's (for inferring a column map).
@@ -77,6 +80,16 @@ pub struct Reads {
     pub column_types: Vec<(TableName, Vec<ColumnType>)>,
     /// Every join node of the plan (nested loop, hash or merge join), with the aliases on each side.
     pub joins: Vec<Join>,
+    /// Every column reference and parameter in the plan's expressions, all nodes together.
+    pub refs: expr::Refs,
+    /// A node whose result can depend on the order of rows among ties (`Limit`, `Unique`, `WindowAgg`):
+    /// any UPDATE may move a row in that order, so column relevance does not apply.
+    pub order_sensitive: Option<String>,
+    /// For each index a scan uses (`schema.index`): its key columns, or `None` for a partial or
+    /// expression index (filled by [`reads`]).
+    pub index_columns: Vec<(String, Option<Vec<String>>)>,
+    /// The columns of each table the plan scans (filled by [`reads`]).
+    pub table_columns: Vec<(TableName, Vec<String>)>,
 }
 
 /// One join node of the plan.
@@ -152,7 +165,7 @@ pub fn reads_of(explain: &Value) -> Result<Reads, String> {
     }
     let mut reads = Reads::default();
     for plan in plans {
-        walk(plan, &mut reads, 0)?;
+        walk(plan, &mut reads, 0, false)?;
     }
     Ok(reads)
 }
@@ -179,8 +192,43 @@ const EXPRESSION_KEYS: &[&str] = &[
     "Table Function Call",
 ];
 
-/// Walk one plan node and those below it; the aliases of the scans below it.
-fn walk(node: &Value, reads: &mut Reads, depth: usize) -> Result<Vec<String>, String> {
+/// Nodes that hand their input's rows up unchanged: their `Output` is their input's.
+const PASS_THROUGH: &[&str] = &[
+    "Sort",
+    "Incremental Sort",
+    "Hash",
+    "Materialize",
+    "Memoize",
+    "Gather",
+    "Gather Merge",
+    "Limit",
+    "Unique",
+    "LockRows",
+];
+
+/// Nodes that compute their own output from their inputs' columns and print every column they use (in
+/// their `Output`, conditions and keys). Not `Append` and `Merge Append`: what is printed above them names
+/// only their first member's columns.
+const CONSUMERS: &[&str] = &[
+    "Aggregate",
+    "Group",
+    "Hash Join",
+    "Merge Join",
+    "Nested Loop",
+    "Result",
+    "ProjectSet",
+];
+
+/// Walk one plan node and those below it; the aliases of the scans below it. `consumed`: the nearest node
+/// above that is not a pass-through one is a consumer, which names every column it takes from below, so this
+/// node's `Output` (a scan's may be all of its table's columns, Postgres's "physical tlist") says nothing
+/// about what the query reads when it is a scan or a pass-through node.
+fn walk(
+    node: &Value,
+    reads: &mut Reads,
+    depth: usize,
+    consumed: bool,
+) -> Result<Vec<String>, String> {
     if depth > 200 {
         return Err("the plan is nested too deep".into());
     }
@@ -203,7 +251,14 @@ fn walk(node: &Value, reads: &mut Reads, depth: usize) -> Result<Vec<String>, St
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
+        let passed_up = *key == "Output"
+            && consumed
+            && (node.get("Relation Name").is_some()
+                || text("Node Type").is_some_and(|t| PASS_THROUGH.contains(&t)));
         for v in values {
+            if !passed_up {
+                expr::refs(v, &mut reads.refs);
+            }
             for f in expr::functions(v) {
                 if !reads.calls.contains(&f) {
                     reads.calls.push(f);
@@ -243,16 +298,35 @@ fn walk(node: &Value, reads: &mut Reads, depth: usize) -> Result<Vec<String>, St
                 conditions.push(c.to_owned());
             }
         }
+        let mut indexes: Vec<String> = text("Index Name").map(str::to_owned).into_iter().collect();
+        for child in node
+            .get("Plans")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(index) = child.get("Index Name").and_then(Value::as_str)
+                && !indexes.iter().any(|i| i == index)
+            {
+                indexes.push(index.to_owned());
+            }
+        }
         let alias = text("Alias").unwrap_or(name).to_owned();
         aliases.push(alias.clone());
         reads.scans.push(Scan {
             table: table.clone(),
             alias,
             conditions,
+            indexes,
         });
         if !reads.tables.contains(&table) {
             reads.tables.push(table);
         }
+    }
+    if let Some(kind @ ("Limit" | "Unique" | "WindowAgg")) = text("Node Type")
+        && reads.order_sensitive.is_none()
+    {
+        reads.order_sensitive = Some(kind.to_owned());
     }
     // Postgres's own functions (generate_series, unnest, jsonb_each...) read no tables.
     if text("Node Type") == Some("Function Scan")
@@ -271,7 +345,14 @@ fn walk(node: &Value, reads: &mut Reads, depth: usize) -> Result<Vec<String>, St
         .into_iter()
         .flatten()
     {
-        let below = walk(child, reads, depth + 1)?;
+        let kind = text("Node Type").unwrap_or("");
+        let child_consumed = match child.get("Parent Relationship").and_then(Value::as_str) {
+            // A sub-plan's result is used by an expression that does not name its columns.
+            Some("SubPlan" | "InitPlan") => false,
+            _ if PASS_THROUGH.contains(&kind) => consumed,
+            _ => CONSUMERS.contains(&kind),
+        };
+        let below = walk(child, reads, depth + 1, child_consumed)?;
         match child.get("Parent Relationship").and_then(Value::as_str) {
             Some("Outer") => outer.extend(below.iter().cloned()),
             Some("Inner") => inner.extend(below.iter().cloned()),
@@ -363,6 +444,47 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
         if !ancestors.is_empty() {
             reads.ancestors.push((table.clone(), ancestors));
         }
+    }
+    // Every scanned table's columns, and the key columns of the indexes its scans use (for column
+    // relevance: `columns_read`).
+    for table in &reads.tables {
+        let rows = client
+            .query(
+                "SELECT a.attname::text FROM pg_attribute a \
+                 WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass AND a.attnum > 0 \
+                   AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&table.schema, &table.name],
+            )
+            .await
+            .map_err(plan_error)?;
+        reads
+            .table_columns
+            .push((table.clone(), rows.iter().map(|r| r.get(0)).collect()));
+    }
+    let mut indexes: Vec<(String, String)> = Vec::new();
+    for scan in &reads.scans {
+        for index in &scan.indexes {
+            let pair = (scan.table.schema.clone(), index.clone());
+            if !indexes.contains(&pair) {
+                indexes.push(pair);
+            }
+        }
+    }
+    for (schema, index) in indexes {
+        let row = client
+            .query_opt(
+                "SELECT i.indpred IS NULL AND i.indexprs IS NULL, \
+                        array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) k \
+                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k) \
+                 FROM pg_index i WHERE i.indexrelid = to_regclass(format('%I.%I', $1::text, $2::text))",
+                &[&schema, &index],
+            )
+            .await
+            .map_err(plan_error)?;
+        let columns = row.and_then(|r| r.get::<_, bool>(0).then(|| r.get::<_, Vec<String>>(1)));
+        reads
+            .index_columns
+            .push((format!("{schema}.{index}"), columns));
     }
     // The types of the tables whose scans compare a column with a key parameter.
     let candidates: Vec<TableName> = reads
@@ -689,6 +811,118 @@ fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Ve
     None
 }
 
+/// The system columns: Postgres does not send them in the stream, and `xmin`/`ctid` change with every
+/// UPDATE.
+const SYSTEM_COLUMNS: &[&str] = &["ctid", "xmin", "xmax", "cmin", "cmax", "tableoid"];
+
+/// For each table the plan reads, the columns the query reads from it, or why kck cannot know them. An
+/// UPDATE that changes none of them cannot change the query's result (column relevance; see
+/// `deps`). Every reference in the plan counts (outputs, conditions, sort and group keys, sub-plans), and
+/// so do the key columns of an index a scan uses (its order can decide a result without any expression
+/// naming the column). Unknown, never guessed: whole-row references, system columns, partial and
+/// expression indexes (a predicate the planner proved is not printed), functions that may read tables,
+/// parameters the plan prints that are not the key's, and nodes whose result can depend on the order of
+/// rows among ties.
+pub fn columns_read(
+    reads: &Reads,
+    key_params: usize,
+) -> Vec<(TableName, Result<Vec<String>, String>)> {
+    let global: Option<String> = if !reads.functions.is_empty() {
+        Some(format!(
+            "the query calls {}, which may read what its plan does not show",
+            reads.functions.join(", ")
+        ))
+    } else if let Some(node) = &reads.order_sensitive {
+        Some(format!(
+            "its plan has a {node} node, whose result can depend on the order of rows among ties, which \
+             any UPDATE can change"
+        ))
+    } else if let Some(n) = reads
+        .refs
+        .params
+        .iter()
+        .find(|n| !(1..=key_params).contains(*n) && !reads.internal_params.contains(*n))
+    {
+        Some(format!(
+            "its plan prints parameter ${n}, which may stand for a column"
+        ))
+    } else {
+        let mut aliases: Vec<&str> = reads.scans.iter().map(|s| s.alias.as_str()).collect();
+        aliases.dedup();
+        (!reads.refs.bare.is_empty() && aliases.len() > 1)
+            .then(|| "its plan prints a column without its table".to_owned())
+    };
+    let mut out = Vec::new();
+    for table in &reads.tables {
+        if let Some(why) = &global {
+            out.push((table.clone(), Err(why.clone())));
+            continue;
+        }
+        let known: &[String] = reads
+            .table_columns
+            .iter()
+            .find(|(t, _)| t == table)
+            .map_or(&[], |(_, c)| c.as_slice());
+        let mut columns: Vec<String> = Vec::new();
+        let mut unknown: Option<String> = None;
+        for scan in reads.scans.iter().filter(|s| &s.table == table) {
+            let mut named: Vec<&str> = reads
+                .refs
+                .qualified
+                .iter()
+                .filter(|(q, _)| *q == scan.alias)
+                .map(|(_, c)| c.as_str())
+                .collect();
+            // One relation in the query: EXPLAIN prints its columns bare.
+            if reads.scans.len() == 1 {
+                named.extend(reads.refs.bare.iter().map(String::as_str));
+            }
+            for index in &scan.indexes {
+                let name = format!("{}.{index}", scan.table.schema);
+                match reads.index_columns.iter().find(|(i, _)| *i == name) {
+                    Some((_, Some(keys))) => named.extend(keys.iter().map(String::as_str)),
+                    _ => {
+                        unknown = Some(format!(
+                            "its scan uses index {index}, a partial or expression index whose \
+                             condition the plan does not print"
+                        ))
+                    }
+                }
+            }
+            for c in named {
+                if c == "*" {
+                    unknown = Some("the query reads its whole rows".into());
+                } else if SYSTEM_COLUMNS.contains(&c) {
+                    unknown = Some(format!("the query reads its system column {c}"));
+                } else if known.iter().any(|k| k == c) {
+                    if !columns.iter().any(|k| k == c) {
+                        columns.push(c.to_owned());
+                    }
+                } else if reads
+                    .refs
+                    .qualified
+                    .iter()
+                    .any(|(q, n)| *q == scan.alias && n == c)
+                {
+                    unknown = Some(format!("the plan names a column {c} it does not have"));
+                }
+            }
+        }
+        out.push((
+            table.clone(),
+            match unknown {
+                Some(why) => Err(why),
+                None => {
+                    // In the table's own order, for messages and tests.
+                    columns.sort_by_key(|c| known.iter().position(|k| k == c));
+                    Ok(columns)
+                }
+            },
+        ));
+    }
+    out
+}
+
 impl Inferred {
     /// `per key (user_id → id)`, or `every cached key: WHY`, for messages.
     pub fn describe(&self, primer: &Primer) -> String {
@@ -847,6 +1081,7 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<(TableName, Infer
                 .join(", "),
         });
     }
+    primer.columns_read = known_columns(reads, primer.template.params.len());
     let named = |t: &TableName| {
         primer.dependencies.iter().any(|d| &d.table == t) || primer.not_followed.contains(t)
     };
@@ -938,6 +1173,33 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<(TableName, Infer
         }
     }
     Ok(added)
+}
+
+/// [`columns_read`] where it is known, under each table's name and its partition root's (the stream may
+/// name either): a root is known only when every partition the plan reads is.
+fn known_columns(reads: &Reads, key_params: usize) -> Vec<(TableName, Vec<String>)> {
+    let all = columns_read(reads, key_params);
+    let mut out: Vec<(TableName, Option<Vec<String>>)> = Vec::new();
+    for (table, columns) in &all {
+        for t in std::iter::once(table).chain(reads.ancestors_of(table).last()) {
+            match out.iter_mut().find(|(o, _)| o == t) {
+                None => out.push((t.clone(), columns.as_ref().ok().cloned())),
+                Some((_, seen)) => match (seen.as_mut(), columns) {
+                    (Some(seen), Ok(more)) => {
+                        for c in more {
+                            if !seen.contains(c) {
+                                seen.push(c.clone());
+                            }
+                        }
+                    }
+                    _ => *seen = None,
+                },
+            }
+        }
+    }
+    out.into_iter()
+        .filter_map(|(t, c)| c.map(|c| (t, c)))
+        .collect()
 }
 
 fn display_table(t: &TableName) -> String {
