@@ -277,6 +277,12 @@ async fn follow_what_queries_read(
 ) -> Result<Catalog, AppError> {
     let (catalog, followed) = crate::plan::complete(client, catalog).await?;
     for f in followed {
+        for warning in &f.warnings {
+            tracing::warn!(primer = %f.primer, "{warning}");
+        }
+        if f.added.is_empty() {
+            continue;
+        }
         let Some(primer) = catalog.primers.iter().find(|p| p.name == f.primer) else {
             continue;
         };

@@ -95,6 +95,47 @@ async fn a_depends_on_that_forgets_a_table_the_query_reads_is_refused() {
     db.cleanup().await;
 }
 
+/// A hand-written `columns` map that the query's plan contradicts is a WARN in `kck check` (and in `kck
+/// explain`), with the map the plan derives; one it agrees with is not.
+#[tokio::test]
+async fn a_column_map_the_plan_contradicts_is_a_warning_with_the_derived_one() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let primers = r#"
+  - name: wrong
+    key: "wrong/{id:int}"
+    query: "SELECT w FROM t2 WHERE t_id = $1"
+    depends_on:
+      - table: t2
+        columns: { id: id }
+  - name: right
+    key: "right/{id:int}"
+    query: "SELECT w FROM t2 WHERE t_id = $1"
+    depends_on:
+      - table: t2
+        columns: { id: t_id }
+"#;
+    let path =
+        crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
+    for command in ["check", "explain"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+            .args([command, "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        let wrong = "primer 'wrong': depends_on maps table public.t2 as `columns: { id: id }`, but its \
+                     query's plan compares id: t_id with the key";
+        assert!(text.contains(wrong), "{command}: {text}");
+        assert!(text.contains("Use `columns: { id: t_id }`"), "{text}");
+        assert!(!text.contains("primer 'right': depends_on maps"), "{text}");
+        if command == "check" {
+            assert!(text.contains("WARN"), "{text}");
+        }
+    }
+    db.cleanup().await;
+}
+
 /// A table partitioned by id in two partitions, with two rows of user 7 (one in each).
 const PARTITIONED: &str = r#"
 CREATE TABLE ev (id bigint PRIMARY KEY, user_id bigint NOT NULL, what text NOT NULL) PARTITION BY RANGE (id);

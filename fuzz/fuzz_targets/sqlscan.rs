@@ -1,5 +1,6 @@
 //! Feeds arbitrary text to the SQL scanner the config loader checks primers' and updaters' SQL with. It
-//! must never panic, and every offset it reports must be a position in the text.
+//! must never panic, and every offset it reports must be a position in the text. The same text goes to
+//! the readers of plan expressions (`kck::plan::expr`), which must never panic either.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -20,4 +21,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = kck::sqlscan::scan_sql(sql);
+    let _ = kck::plan::expr::equalities(sql, "t");
+    let _ = kck::plan::expr::column_equalities(sql);
+    let _ = kck::plan::expr::functions(sql);
+    kck::plan::expr::refs(sql, &mut kck::plan::expr::Refs::default());
 });

@@ -57,6 +57,9 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
     };
     let names: Vec<String> = reads.tables.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "  reads (from its plan): {}", names.join(", "));
+    for warning in plan::contradictions(primer, &reads) {
+        let _ = writeln!(out, "  WARNING: {warning}");
+    }
     let mut completed = primer.clone();
     let added = match plan::apply(&mut completed, &reads) {
         Ok(added) => added,

@@ -233,6 +233,9 @@ async fn dependencies(report: &mut Report, client: &Client, catalog: &Catalog) -
                 continue;
             }
         };
+        for warning in crate::plan::contradictions(primer, &reads) {
+            report.push(Level::Warn, &topic, warning);
+        }
         match crate::plan::apply(primer, &reads) {
             Ok(added) if !added.is_empty() => {
                 let tables: Vec<String> = added

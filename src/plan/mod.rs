@@ -986,6 +986,8 @@ pub struct Followed {
     pub primer: String,
     /// Tables added (the primer gave no depends_on), each with how its changes map to keys.
     pub added: Vec<(TableName, Inferred)>,
+    /// Hand-written `columns` maps the plan contradicts ([`contradictions`]).
+    pub warnings: Vec<String>,
 }
 
 /// Check each primer's dependencies against what its query reads, and give a primer without
@@ -1000,11 +1002,13 @@ pub async fn complete(
     for primer in &mut primers {
         resolve_names(client, primer).await?;
         let reads = reads(client, primer).await?;
+        let warnings = contradictions(primer, &reads);
         let added = apply(primer, &reads)?;
-        if !added.is_empty() {
+        if !added.is_empty() || !warnings.is_empty() {
             followed.push(Followed {
                 primer: primer.name.clone(),
                 added,
+                warnings,
             });
         }
     }
@@ -1173,6 +1177,70 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<(TableName, Infer
         }
     }
     Ok(added)
+}
+
+/// The hand-written `columns` maps of `primer`'s `depends_on` that its plan contradicts: the plan derives a
+/// column map for the table (each scan of it holds `column = $n` for every key parameter) and the hand
+/// map is not one of them, so a row moving between keys may refresh the wrong ones. A map the plan cannot
+/// derive (the table is reached through a join, say) is not judged: the person may know more.
+pub fn contradictions(primer: &Primer, reads: &Reads) -> Vec<String> {
+    if !primer.depends_on_given {
+        return Vec::new();
+    }
+    let describe = |m: &[(usize, String)]| {
+        m.iter()
+            .map(|(i, c)| {
+                let name = primer
+                    .template
+                    .params
+                    .get(*i)
+                    .map_or("?", |p| p.name.as_str());
+                format!("{name}: {}", crate::primer::Ident(c))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = Vec::new();
+    for dep in &primer.dependencies {
+        let Mapping::Columns(hand) = &dep.mapping else {
+            continue;
+        };
+        let mut hand = hand.clone();
+        hand.sort();
+        // The table itself, or the partitions the plan scans of a root named in depends_on.
+        let scanned: Vec<&TableName> = reads
+            .tables
+            .iter()
+            .filter(|t| **t == dep.table || reads.ancestors_of(t).contains(&dep.table))
+            .collect();
+        for table in scanned {
+            let Inferred::Columns(derived) = infer(primer, reads, table) else {
+                continue;
+            };
+            let derived: Vec<Vec<(usize, String)>> = derived
+                .into_iter()
+                .map(|mut m| {
+                    m.sort();
+                    m
+                })
+                .collect();
+            if !derived.contains(&hand) {
+                let plan: Vec<String> = derived.iter().map(|m| describe(m)).collect();
+                out.push(format!(
+                    "primer '{}': depends_on maps table {} as `columns: {{ {} }}`, but its query's plan \
+                     compares {} with the key: a row that moves between keys may refresh the wrong ones. \
+                     Use `columns: {{ {} }}` (or remove depends_on to let kck infer it)",
+                    primer.name,
+                    dep.table,
+                    describe(&hand),
+                    plan.join(" / "),
+                    plan.first().map_or("", String::as_str),
+                ));
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// [`columns_read`] where it is known, under each table's name and its partition root's (the stream may
