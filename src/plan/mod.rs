@@ -1,7 +1,8 @@
 //! What a primer's query reads, from Postgres's own plan, so that no table it reads goes unwatched.
 //!
-//! For each primer, kck prepares the query and asks for its generic plan (`SET plan_cache_mode =
-//! force_generic_plan`, then `EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) EXECUTE` with null arguments). The
+//! For each primer, kck asks for its generic plan: `EXPLAIN (GENERIC_PLAN, VERBOSE, FORMAT JSON, COSTS
+//! OFF)` on Postgres 16+, before that a prepared statement with `SET plan_cache_mode = force_generic_plan`,
+//! then `EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) EXECUTE` with null arguments ([`GenericPlan`]). The
 //! plan names every base relation the query reads, with views expanded and every CTE, subquery (`IN`,
 //! `EXISTS`, scalar), `LATERAL` and `UNION` branch included. [`complete`] then makes the catalog safe:
 //! - a primer without `depends_on` follows every table its plan reads at table level (any change refreshes
@@ -384,38 +385,28 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
         primer: primer.name.clone(),
         source,
     };
-    // The connection may be shared (`kck check`): touch only our own statement and setting, and put the
-    // setting back whatever happens.
-    client
-        .batch_execute(
-            "SET plan_cache_mode = force_generic_plan; SET enable_partition_pruning = off",
-        )
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
-        .map_err(plan_error)?;
-    if let Err(e) = client
-        .batch_execute(&format!("PREPARE kck_plan AS {}", primer.query))
-        .await
+        .map_err(plan_error)?
+        .get(0);
+    let sql = GenericPlan::new(version, &primer.query, primer.template.params.len());
+    // The connection may be shared (`kck check`): touch only our own statement and settings, and put them
+    // back whatever happens.
+    client.batch_execute(&sql.setup).await.map_err(plan_error)?;
+    if let Some(prepare) = &sql.prepare
+        && let Err(e) = client.batch_execute(prepare).await
     {
-        let _ = client
-            .batch_execute("RESET plan_cache_mode; RESET enable_partition_pruning")
-            .await;
+        let _ = client.batch_execute(&sql.reset).await;
         return Err(plan_error(e));
     }
-    let args = vec!["NULL"; primer.template.params.len()].join(", ");
-    let execute = if args.is_empty() {
-        "EXECUTE kck_plan".to_owned()
-    } else {
-        format!("EXECUTE kck_plan({args})")
-    };
     // The simple protocol answers in text: the plan's JSON as Postgres wrote it.
-    let answer = client
-        .simple_query(&format!(
-            "EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) {execute}"
-        ))
-        .await;
-    let deallocate = client
-        .batch_execute("DEALLOCATE kck_plan; RESET plan_cache_mode; RESET enable_partition_pruning")
-        .await;
+    let answer = client.simple_query(&sql.explain).await;
+    let teardown = match &sql.deallocate {
+        Some(deallocate) => format!("{deallocate}; {}", sql.reset),
+        None => sql.reset.clone(),
+    };
+    let deallocate = client.batch_execute(&teardown).await;
     let messages = answer.map_err(plan_error)?;
     deallocate.map_err(plan_error)?;
     let text = messages
@@ -536,6 +527,49 @@ pub async fn reads(client: &Client, primer: &Primer) -> Result<Reads, PlanError>
     }
     reads.calls = volatile;
     Ok(reads)
+}
+
+/// The statements that ask a server for a query's generic plan (the plan for any key, `$n` unknown): on
+/// Postgres 16 and later `EXPLAIN (GENERIC_PLAN)` of the query itself; before, a prepared statement
+/// planned with `plan_cache_mode = force_generic_plan` and explained with null arguments. Partition pruning
+/// is off either way, so the plan names every partition the query may read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenericPlan {
+    pub setup: String,
+    pub prepare: Option<String>,
+    pub explain: String,
+    pub deallocate: Option<String>,
+    pub reset: String,
+}
+
+impl GenericPlan {
+    /// For a server whose `server_version_num` is `version`, a query with `params` key parameters.
+    pub fn new(version: i32, query: &str, params: usize) -> GenericPlan {
+        const OPTIONS: &str = "VERBOSE, FORMAT JSON, COSTS OFF";
+        if version >= 160_000 {
+            return GenericPlan {
+                setup: "SET enable_partition_pruning = off".into(),
+                prepare: None,
+                explain: format!("EXPLAIN (GENERIC_PLAN, {OPTIONS}) {query}"),
+                deallocate: None,
+                reset: "RESET enable_partition_pruning".into(),
+            };
+        }
+        let args = vec!["NULL"; params].join(", ");
+        let execute = if args.is_empty() {
+            "EXECUTE kck_plan".to_owned()
+        } else {
+            format!("EXECUTE kck_plan({args})")
+        };
+        GenericPlan {
+            setup: "SET plan_cache_mode = force_generic_plan; SET enable_partition_pruning = off"
+                .into(),
+            prepare: Some(format!("PREPARE kck_plan AS {query}")),
+            explain: format!("EXPLAIN ({OPTIONS}) {execute}"),
+            deallocate: Some("DEALLOCATE kck_plan".into()),
+            reset: "RESET plan_cache_mode; RESET enable_partition_pruning".into(),
+        }
+    }
 }
 
 /// The SQL value keywords whose value is the session's or the clock's.
@@ -1290,6 +1324,36 @@ fn list(tables: &[TableName]) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_generic_plan_is_asked_for_as_the_server_version_allows() {
+        let q = "SELECT v FROM t WHERE id = $1 AND k = $2";
+        let pg16 = GenericPlan::new(160_002, q, 2);
+        assert_eq!(
+            pg16.explain,
+            "EXPLAIN (GENERIC_PLAN, VERBOSE, FORMAT JSON, COSTS OFF) SELECT v FROM t WHERE id = $1 AND k = $2"
+        );
+        assert!(pg16.prepare.is_none() && pg16.deallocate.is_none());
+        assert!(!pg16.setup.contains("plan_cache_mode"));
+        let pg15 = GenericPlan::new(150_018, q, 2);
+        assert_eq!(
+            pg15.prepare.as_deref(),
+            Some(&*format!("PREPARE kck_plan AS {q}"))
+        );
+        assert_eq!(
+            pg15.explain,
+            "EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) EXECUTE kck_plan(NULL, NULL)"
+        );
+        assert!(pg15.setup.contains("force_generic_plan"));
+        assert_eq!(
+            GenericPlan::new(140_000, "SELECT 1", 0).explain,
+            "EXPLAIN (VERBOSE, FORMAT JSON, COSTS OFF) EXECUTE kck_plan"
+        );
+        for plan in [&pg16, &pg15] {
+            assert!(plan.setup.contains("enable_partition_pruning = off"));
+            assert!(plan.reset.contains("RESET enable_partition_pruning"));
+        }
+    }
 
     #[test]
     fn every_relation_of_the_plan_is_read_subplans_included() {
