@@ -625,3 +625,36 @@ CREATE PUBLICATION kck_test FOR TABLE t;",
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// docs/operations.md shows `kck explain` on the demo: that text is what the demo's config prints, line for
+/// line, against the demo's schema.
+#[tokio::test]
+async fn kck_explain_on_the_demo_prints_what_the_operations_doc_shows() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema = std::fs::read_to_string(root.join("sql/demo.sql")).unwrap();
+    let db = database(&schema).await;
+    let doc = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let section = doc
+        .split("### What a primer reads: `kck explain`")
+        .nth(1)
+        .unwrap();
+    let shown = section
+        .split("```text\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+        .args(["explain", "--config", "demo.yaml", "orders_by_user"])
+        .current_dir(root.join("config"))
+        .env("KCK_SOURCE_URL", &db.url)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(text.trim_end(), shown.trim_end());
+    db.cleanup().await;
+}
