@@ -759,19 +759,42 @@ fn scan_mapping(
     Ok(mapping)
 }
 
-/// A lookup for `scan` (which has no column map): a join node of the plan whose equality conditions tie
-/// `scan`'s columns to another scan that has one, where every row of `scan` that reaches the result has
-/// matched a row of that scan (an inner or semi join, or `scan` on the side an outer or anti join does not
-/// preserve). The lookup selects, from the other scan's table, the key columns of the rows whose join
-/// columns equal the changed row's: `SELECT b.user_id AS user_id FROM orders b WHERE b.id = $1`. It runs
-/// after the change is visible, so it sees the other table at or after the change's commit; a change to the
-/// other table itself refreshes the keys of its old and new rows through its own column map, so no key is
-/// missed in between.
-fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Vec<String>)> {
-    let me = &scan.alias;
+/// How far a derived lookup may reach through the plan (tables joined between the changed one and the
+/// keyed one, the keyed one included).
+const MAX_HOPS: usize = 4;
+
+/// Equality conditions that tie rows of `from` (an alias) to rows of other scans, where every row of `from`
+/// that reaches the result matched such a row: `(other alias, [(column of from, column of other)])`.
+/// - A join node with `from` on one side: an inner or semi join, or `from` on the side an outer or anti join
+///   does not preserve; its own conditions and (a nested loop's parameters) those of the scans on its inner
+///   side.
+/// - `from`'s own scan conditions that name another scan's column (a correlated sub-plan's, or a nested
+///   loop's parameter): a row of `from` that fails them takes no part in the outer row's result.
+fn ties(reads: &Reads, from: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let mut add = |pairs: &[expr::ColumnPair], others: &dyn Fn(&str) -> bool| {
+        for (a, b) in pairs {
+            let (mine, theirs) = if a.0 == from && others(&b.0) {
+                (&a.1, b)
+            } else if b.0 == from && others(&a.0) {
+                (&b.1, a)
+            } else {
+                continue;
+            };
+            let pair = (mine.clone(), theirs.1.clone());
+            match out.iter_mut().find(|(alias, _)| *alias == theirs.0) {
+                Some((_, all)) => {
+                    if !all.contains(&pair) {
+                        all.push(pair);
+                    }
+                }
+                None => out.push((theirs.0.clone(), vec![pair])),
+            }
+        }
+    };
     for join in &reads.joins {
-        let mine_outer = join.outer.contains(me);
-        let mine_inner = join.inner.contains(me);
+        let mine_outer = join.outer.iter().any(|a| a == from);
+        let mine_inner = join.inner.iter().any(|a| a == from);
         if mine_outer == mine_inner {
             continue;
         }
@@ -785,8 +808,6 @@ fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Ve
             continue;
         }
         let others = if mine_outer { &join.inner } else { &join.outer };
-        // The join's own conditions, and (a nested loop's parameters) the conditions of the scans below
-        // its inner side.
         let mut conditions: Vec<&str> = join.conditions.iter().map(String::as_str).collect();
         for s in reads.scans.iter().filter(|s| join.inner.contains(&s.alias)) {
             conditions.extend(s.conditions.iter().map(String::as_str));
@@ -795,54 +816,148 @@ fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Ve
             .iter()
             .flat_map(|c| expr::column_equalities(c))
             .collect();
-        for other in reads.scans.iter().filter(|s| others.contains(&s.alias)) {
-            let Ok(mapping) = scan_mapping(primer, reads, other) else {
-                continue;
-            };
-            let mut args: Vec<String> = Vec::new();
-            let mut wheres: Vec<String> = Vec::new();
-            for (a, b) in &pairs {
-                let (mine, theirs) = if a.0 == *me && b.0 == other.alias {
-                    (&a.1, &b.1)
-                } else if b.0 == *me && a.0 == other.alias {
-                    (&b.1, &a.1)
-                } else {
-                    continue;
-                };
-                if args.contains(mine) {
-                    continue;
-                }
-                args.push(mine.clone());
-                wheres.push(format!(
-                    "b.{} = ${}",
-                    crate::primer::Ident(theirs),
-                    args.len()
-                ));
-            }
-            if args.is_empty() {
-                continue;
-            }
-            let select: Vec<String> = mapping
-                .iter()
-                .map(|(i, c)| {
-                    format!(
-                        "b.{} AS {}",
-                        crate::primer::Ident(c),
-                        crate::primer::Ident(&primer.template.params[*i].name)
-                    )
-                })
-                .collect();
-            let query = format!(
-                "SELECT DISTINCT {} FROM {}.{} b WHERE {}",
-                select.join(", "),
-                crate::primer::Ident(&other.table.schema),
-                crate::primer::Ident(&other.table.name),
-                wheres.join(" AND ")
-            );
-            return Some((query, args));
+        add(&pairs, &|alias| others.iter().any(|o| o == alias));
+    }
+    for scan in reads.scans.iter().filter(|s| s.alias == from) {
+        let pairs: Vec<expr::ColumnPair> = scan
+            .conditions
+            .iter()
+            .flat_map(|c| expr::column_equalities(c))
+            .collect();
+        add(&pairs, &|alias| {
+            alias != from && reads.scans.iter().any(|s| s.alias == alias)
+        });
+    }
+    out
+}
+
+/// A lookup for `scan` (which has no column map): a path of [`ties`] from it to a scan that has one, at
+/// most [`MAX_HOPS`] long. The lookup selects, from the keyed scan's table joined along the path, the key
+/// columns of the rows tied to the changed row's columns:
+/// `SELECT DISTINCT b.user_id AS user_id FROM orders b WHERE b.id = $1` for one hop,
+/// `... FROM orders b JOIN order_items b1 ON b1.order_id = b.id WHERE b1.product_id = $1` for two. It runs
+/// after the change is visible, so it sees the other tables at or after the change's commit; a change to
+/// one of them refreshes the keys of its old and new rows through its own mapping, so no key is missed in
+/// between.
+fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Vec<String>)> {
+    let scan_of = |alias: &str| reads.scans.iter().find(|s| s.alias == alias);
+    // Breadth first: the shortest path, so the cheapest lookup. Each step: (alias, its predecessor's
+    // index, the pairs (predecessor's column, its column)).
+    let mut steps: Vec<(String, usize, Vec<(String, String)>)> =
+        vec![(scan.alias.clone(), usize::MAX, Vec::new())];
+    let mut depth_of: Vec<usize> = vec![0];
+    let mut next = 0;
+    while next < steps.len() {
+        let (alias, depth) = (steps[next].0.clone(), depth_of[next]);
+        if next > 0
+            && let Some(keyed) = scan_of(&alias)
+            && let Ok(mapping) = scan_mapping(primer, reads, keyed)
+        {
+            return Some(lookup_sql(primer, reads, &steps, next, &mapping));
         }
+        if depth < MAX_HOPS {
+            for (to, pairs) in ties(reads, &alias) {
+                if !steps.iter().any(|(a, ..)| *a == to) && scan_of(&to).is_some() {
+                    steps.push((to, next, pairs));
+                    depth_of.push(depth + 1);
+                }
+            }
+        }
+        next += 1;
     }
     None
+}
+
+/// The SQL of the lookup along `steps` (see [`lookup_for`]) ending at `last` (the keyed scan), and the
+/// changed row's columns it binds, in `$n` order.
+fn lookup_sql(
+    primer: &Primer,
+    reads: &Reads,
+    steps: &[(String, usize, Vec<(String, String)>)],
+    last: usize,
+    mapping: &[(usize, String)],
+) -> (String, Vec<String>) {
+    use crate::primer::Ident;
+    // The path from the keyed scan back to the changed one: keyed, ..., the step after the changed scan.
+    let mut path = vec![last];
+    while steps[*path.last().unwrap_or(&0)].1 != 0 {
+        let before = steps[*path.last().unwrap_or(&0)].1;
+        path.push(before);
+    }
+    let table_of = |i: usize| {
+        let alias = &steps[i].0;
+        reads
+            .scans
+            .iter()
+            .find(|s| s.alias == *alias)
+            .map(|s| format!("{}.{}", Ident(&s.table.schema), Ident(&s.table.name)))
+            .unwrap_or_default()
+    };
+    // `b` for the keyed table, `b1`, `b2`... towards the changed one.
+    let name = |n: usize| {
+        if n == 0 {
+            "b".to_owned()
+        } else {
+            format!("b{n}")
+        }
+    };
+    let mut from = format!("{} b", table_of(path[0]));
+    for n in 1..path.len() {
+        // steps[path[n - 1]]'s pairs: (column of path[n], column of path[n - 1]).
+        let on: Vec<String> = steps[path[n - 1]]
+            .2
+            .iter()
+            .map(|(theirs, mine)| {
+                format!(
+                    "{}.{} = {}.{}",
+                    name(n),
+                    Ident(theirs),
+                    name(n - 1),
+                    Ident(mine)
+                )
+            })
+            .collect();
+        from.push_str(&format!(
+            " JOIN {} {} ON {}",
+            table_of(path[n]),
+            name(n),
+            on.join(" AND ")
+        ));
+    }
+    // The first step's pairs: (column of the changed scan, column of the table next to it).
+    let first = path.len() - 1;
+    let mut args: Vec<String> = Vec::new();
+    let mut wheres: Vec<String> = Vec::new();
+    for (changed, theirs) in &steps[path[first]].2 {
+        if args.contains(changed) {
+            continue;
+        }
+        args.push(changed.clone());
+        wheres.push(format!(
+            "{}.{} = ${}",
+            name(first),
+            Ident(theirs),
+            args.len()
+        ));
+    }
+    let select: Vec<String> = mapping
+        .iter()
+        .map(|(i, c)| {
+            format!(
+                "b.{} AS {}",
+                Ident(c),
+                Ident(&primer.template.params[*i].name)
+            )
+        })
+        .collect();
+    (
+        format!(
+            "SELECT DISTINCT {} FROM {from} WHERE {}",
+            select.join(", "),
+            wheres.join(" AND ")
+        ),
+        args,
+    )
 }
 
 /// The system columns: Postgres does not send them in the stream, and `xmin`/`ctid` change with every
@@ -1456,5 +1571,106 @@ primers:
         assert!(infer(&primer, &plan("Full"), &items).is_table_level());
         assert!(infer(&primer, &plan("Anti"), &items).is_table_level());
         assert!(!infer(&primer, &plan("Right"), &items).is_table_level());
+    }
+
+    fn table(name: &str) -> TableName {
+        TableName {
+            schema: "public".into(),
+            name: name.into(),
+        }
+    }
+
+    fn int_columns(reads: &mut Reads, name: &str, columns: &[&str]) {
+        reads.column_types.push((
+            table(name),
+            columns
+                .iter()
+                .map(|c| ColumnType {
+                    name: (*c).into(),
+                    type_name: "integer".into(),
+                    deterministic: true,
+                })
+                .collect(),
+        ));
+    }
+
+    #[test]
+    fn a_table_two_joins_away_gets_a_lookup_along_the_chain() {
+        let scan = |name: &str, alias: &str, filter: Option<&str>, rel: &str| {
+            let mut node = json!({"Node Type": "Seq Scan", "Parent Relationship": rel,
+                "Relation Name": name, "Schema": "public", "Alias": alias});
+            if let Some(f) = filter {
+                node["Filter"] = json!(f);
+            }
+            node
+        };
+        let chain = |kind: &str| {
+            let mut reads = reads_of(&json!([{"Plan": {
+                "Node Type": "Hash Join", "Join Type": kind, "Hash Cond": "(oi.product_id = p.id)",
+                "Plans": [
+                    {"Node Type": "Hash Join", "Join Type": "Inner", "Parent Relationship": "Outer",
+                     "Hash Cond": "(oi.order_id = o.id)",
+                     "Plans": [
+                        scan("order_items", "oi", None, "Outer"),
+                        {"Node Type": "Hash", "Parent Relationship": "Inner",
+                         "Plans": [scan("orders", "o", Some("(o.user_id = $1)"), "Outer")]}]},
+                    {"Node Type": "Hash", "Parent Relationship": "Inner",
+                     "Plans": [scan("products", "p", None, "Outer")]}
+                ]
+            }}]))
+            .expect("plan");
+            int_columns(&mut reads, "orders", &["id", "user_id"]);
+            reads
+        };
+        let primer = primer();
+        assert_eq!(
+            infer(&primer, &chain("Inner"), &table("products")),
+            Inferred::Lookups {
+                columns: vec![],
+                lookups: vec![(
+                    "SELECT DISTINCT b.user_id AS user_id FROM public.orders b \
+                     JOIN public.order_items b1 ON b1.order_id = b.id WHERE b1.product_id = $1"
+                        .into(),
+                    vec!["id".into()]
+                )],
+            }
+        );
+        // products on the preserved side of the outer join: table level.
+        assert!(infer(&primer, &chain("Right"), &table("products")).is_table_level());
+    }
+
+    #[test]
+    fn a_correlated_sub_plan_ties_its_table_to_the_outer_scan() {
+        let mut reads = reads_of(&json!([{"Plan": {
+            "Node Type": "Index Scan", "Relation Name": "products", "Schema": "public", "Alias": "p",
+            "Index Cond": "(p.id = $1)", "Output": ["p.name", "(SubPlan 1)"],
+            "Plans": [{"Node Type": "Aggregate", "Parent Relationship": "SubPlan",
+                       "Subplan Name": "SubPlan 1", "Output": ["avg(r.stars)"],
+                       "Plans": [{"Node Type": "Seq Scan", "Parent Relationship": "Outer",
+                                  "Relation Name": "reviews", "Schema": "public", "Alias": "r",
+                                  "Filter": "(r.product_id = p.id)"}]}]
+        }}]))
+        .expect("plan");
+        int_columns(&mut reads, "products", &["id"]);
+        let yaml = r#"
+source: { url: "postgres://u@localhost/db" }
+primers:
+  - name: product
+    key: "product/{id:int}"
+    query: "SELECT p.name, (SELECT avg(r.stars) FROM reviews r WHERE r.product_id = p.id) FROM products p WHERE p.id = $1"
+"#;
+        let config = crate::config::Config::from_yaml_str(yaml, Path::new("t.yaml"), |_| None)
+            .expect("config");
+        let primer = &config.catalog.primers[0];
+        assert_eq!(
+            infer(primer, &reads, &table("reviews")),
+            Inferred::Lookups {
+                columns: vec![],
+                lookups: vec![(
+                    "SELECT DISTINCT b.id AS id FROM public.products b WHERE b.id = $1".into(),
+                    vec!["product_id".into()]
+                )],
+            }
+        );
     }
 }
