@@ -93,7 +93,7 @@ async fn the_js_client_and_the_example_pages_pass_their_node_tests_against_a_liv
     let (Some(node), Some(npm)) = (on_path("node"), on_path("npm")) else {
         eprintln!(
             "SKIPPED the_js_client_and_the_example_pages_pass_their_node_tests_against_a_live_kck: \
-             node or npm is not installed (Node 20+; .ci/run installs it)"
+             node or npm is not installed (Node 18+; .ci/run installs it)"
         );
         return;
     };

@@ -5,7 +5,7 @@ import { test } from "node:test";
 import { Kck, KckError } from "../dist/index.js";
 import { cuttableProxy, env, eventually, sql, token } from "./support.mjs";
 
-// This file owns users 1 to 9; the browser tests own others.
+// This file owns users 1 to 10; the browser tests own 11 and up.
 const kck = new Kck({ baseUrl: env.kckUrl, token: token({ sub: "1" }) });
 
 /** Collects a subscription's changes, errors and states. */
@@ -101,6 +101,29 @@ test("resume: a dropped connection loses nothing written meanwhile", async () =>
     // And the resumed stream goes on.
     await sql("UPDATE users SET name = 'after' WHERE id = 8");
     await eventually("a change after the reconnect", () => r.latest("user/8").value.name === "after");
+  } finally {
+    stop();
+    await proxy.close();
+  }
+});
+
+test("a connection gone silent (no heartbeat) is given up after idleTimeoutMs and replaced", async () => {
+  const proxy = await cuttableProxy(env.kckUrl);
+  const client = new Kck({ baseUrl: proxy.url, token: token({ sub: "1" }) });
+  const r = recorder();
+  const stop = client.subscribe(["user/10"], r.onChange, r.options({ idleTimeoutMs: 1000 }));
+  try {
+    await eventually("the first value", () => r.latest("user/10"));
+    // kck's stream goes on, but nothing reaches the client any more, and no error either.
+    proxy.stall();
+    const connections = proxy.heads.length;
+    await sql("UPDATE users SET name = 'while silent' WHERE id = 10");
+    await eventually("the idle timeout", () => r.errors.some((e) => e.error.code === "idle_timeout"));
+    assert.equal(r.latest("user/10").value.name, "user 10");
+    proxy.unstall();
+    await eventually("the value, on a new connection", () => r.latest("user/10").value.name === "while silent");
+    assert.ok(proxy.heads.length > connections);
+    assert.ok(r.errors.every((e) => e.willRetry));
   } finally {
     stop();
     await proxy.close();

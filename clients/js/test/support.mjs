@@ -70,13 +70,14 @@ export async function eventually(what, check, timeoutMs = TIMEOUT_MS) {
 
 /**
  * A TCP proxy in front of kck whose connections the test can cut (`drop()`), and which can refuse new
- * ones for a while (`block()` / `unblock()`). Remembers the head of every request it forwarded.
+ * ones for a while (`block()` / `unblock()`), or keep them open but silent (`stall()` / `unstall()`). Remembers the head of every request it forwarded.
  */
 export async function cuttableProxy(target) {
   const { hostname, port } = new URL(target);
   const sockets = new Set();
   const heads = [];
   let blocked = false;
+  let stalled = false;
   const server = net.createServer((client) => {
     if (blocked) {
       client.destroy();
@@ -95,7 +96,13 @@ export async function cuttableProxy(target) {
         }
       }
     });
-    client.pipe(upstream).pipe(client);
+    client.pipe(upstream);
+    // While stalled, kck's bytes are swallowed: the connection stays open but silent (half-open).
+    upstream.on("data", (chunk) => {
+      if (!stalled) {
+        client.write(chunk);
+      }
+    });
     const close = () => {
       client.destroy();
       upstream.destroy();
@@ -114,6 +121,12 @@ export async function cuttableProxy(target) {
     },
     unblock() {
       blocked = false;
+    },
+    stall() {
+      stalled = true;
+    },
+    unstall() {
+      stalled = false;
     },
     drop() {
       for (const s of sockets) {
