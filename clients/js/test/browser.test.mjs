@@ -70,7 +70,7 @@ test("the React-free page shows a live key and follows a change made in Postgres
   }
 });
 
-test("the React page (useKck) shows a live key and follows a change made in Postgres", { skip }, async () => {
+test("the React page (useKck) shows a live key, follows a change made in Postgres, and says when it is stale", { skip }, async () => {
   const q = new URLSearchParams({ id: "12", token: token({ sub: "12" }) });
   const { page, problems } = await open(`${site.url}/examples/react/index.html?${q}`);
   try {
@@ -79,7 +79,22 @@ test("the React page (useKck) shows a live key and follows a change made in Post
     await sql("UPDATE users SET name = 'renamed in psql' WHERE id = 12");
     await page.waitForFunction(() => document.getElementById("name")?.textContent === "renamed in psql", null, { timeout: TIMEOUT_MS });
     assert.equal(await page.textContent("#user"), "User 12: renamed in psql");
+
+    // kck out of reach: the value stays on screen, marked stale; a change made meanwhile shows once the
+    // hook has reconnected.
     assert.deepEqual(problems, []);
+    site.cut();
+    await page.waitForFunction(() => document.getElementById("user")?.dataset.stale === "true", null, { timeout: TIMEOUT_MS });
+    assert.equal(await page.textContent("#name"), "renamed in psql");
+    await sql("UPDATE users SET name = 'changed while cut off' WHERE id = 12");
+    site.restore();
+    await page.waitForFunction(
+      () => document.getElementById("name")?.textContent === "changed while cut off" && document.getElementById("user").dataset.stale === "false",
+      null,
+      { timeout: TIMEOUT_MS },
+    );
+    // The broken stream and the 503s while cut off are the browser's only complaints (no page error).
+    assert.deepEqual(problems.filter((p) => !p.startsWith("Failed to load resource:")), []);
   } finally {
     await page.close();
   }

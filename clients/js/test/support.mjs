@@ -151,6 +151,8 @@ const TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
  */
 export async function siteServer(target) {
   const upstream = new URL(target);
+  const live = new Set();
+  let blocked = false;
   const server = http.createServer(async (req, res) => {
     const url = new URL(req.url, "http://x");
     if (url.pathname.startsWith("/examples/") || url.pathname.startsWith("/clients/js/dist/")) {
@@ -167,6 +169,14 @@ export async function siteServer(target) {
       }
       return;
     }
+    if (blocked) {
+      res
+        .writeHead(503, { "content-type": "application/json" })
+        .end(JSON.stringify({ error: { code: "unavailable", message: "cut off by the test" } }));
+      return;
+    }
+    live.add(res);
+    res.on("close", () => live.delete(res));
     const forward = http.request(
       { host: upstream.hostname, port: upstream.port, path: req.url, method: req.method, headers: req.headers },
       (answer) => {
@@ -181,6 +191,16 @@ export async function siteServer(target) {
   await new Promise((r) => server.listen(0, "127.0.0.1", r));
   return {
     url: `http://127.0.0.1:${server.address().port}`,
+    /** Ends every answer kck is streaming, and answers 503 instead of kck until `restore()`. */
+    cut() {
+      blocked = true;
+      for (const res of live) {
+        res.destroy();
+      }
+    },
+    restore() {
+      blocked = false;
+    },
     close: () => new Promise((r) => {
       server.closeAllConnections();
       server.close(r);
