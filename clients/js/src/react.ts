@@ -3,7 +3,15 @@
  * point only; the main entry point has no dependency at all.
  */
 
-import { createContext, createElement, useContext, useEffect, useState, type ReactNode } from "react";
+import {
+  createContext,
+  createElement,
+  useContext,
+  useEffect,
+  useState,
+  type ReactElement,
+  type ReactNode,
+} from "react";
 
 import { Kck, type SubscribeOptions } from "./index.js";
 
@@ -12,7 +20,7 @@ export { Kck, KckError } from "./index.js";
 const KckContext = createContext<Kck | null>(null);
 
 /** Makes `client` the one `useKck` uses below it. */
-export function KckProvider(props: { client: Kck; children?: ReactNode }) {
+export function KckProvider(props: { client: Kck; children?: ReactNode }): ReactElement {
   return createElement(KckContext.Provider, { value: props.client }, props.children);
 }
 
