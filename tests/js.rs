@@ -1,12 +1,13 @@
-//! The TypeScript client (`clients/js`) against a real kck and Postgres: this test starts both, builds
-//! the package (`npm ci` when `node_modules` is missing, then `npm run build`: tsc, and esbuild for the
-//! React example) and runs its node tests (`node --test`), which write to Postgres with psql and, when
-//! Chromium is installed, drive the example pages in headless Chromium. Without node or npm it says it
-//! was skipped and passes.
+//! The TypeScript client (`clients/js`) against a real kck and Postgres: this test starts both,
+//! builds the package (`npm ci` when `node_modules` is missing or stale, then `npm run build`: tsc,
+//! and esbuild for the React example) and runs its node tests (`node --test`), which write to
+//! Postgres with psql and, when Chromium is installed, drive the example pages in headless
+//! Chromium. Without node or npm it says it was skipped and passes.
 //!
-//! What the node tests check is in `clients/js/test/`: reads and writes, a subscription seeing a change
-//! made in Postgres, resume after a dropped connection losing nothing, access rules (403, 401, a renewed
-//! token), and both example pages (React-free and React) following a psql change.
+//! What the node tests check is in `clients/js/test/`: reads and writes, a subscription seeing a
+//! change made in Postgres, resume after a dropped connection losing nothing, access rules (403,
+//! 401, a renewed token), a half-open connection replaced, and both example pages (React-free and
+//! React, whose `stale` shows while kck is out of reach) following a psql change.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -116,7 +117,11 @@ async fn the_js_client_and_the_example_pages_pass_their_node_tests_against_a_liv
         return;
     }
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js");
-    if !package.join("node_modules").is_dir() {
+    // npm ci when node_modules is missing or older than the lock file (npm writes its own copy of
+    // the lock into node_modules on every install).
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let installed = modified(&package.join("node_modules/.package-lock.json"));
+    if installed.is_none() || installed < modified(&package.join("package-lock.json")) {
         run(
             &package,
             &npm,
