@@ -7,7 +7,8 @@
 //! What the node tests check is in `clients/js/test/`: reads and writes, a subscription seeing a
 //! change made in Postgres, resume after a dropped connection losing nothing, access rules (403,
 //! 401, a renewed token), a half-open connection replaced, and both example pages (React-free and
-//! React, whose `stale` shows while kck is out of reach) following a psql change.
+//! React, whose `stale` shows while kck is out of reach) following a psql change, the React-free one
+//! also from another origin (`cors_origins: ["*"]`), resuming after a cut with `Last-Event-ID`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -149,6 +150,9 @@ async fn the_js_client_and_the_example_pages_pass_their_node_tests_against_a_liv
             .or_else(|| std::env::var(name).ok())
     })
     .unwrap_or_else(|e| panic!("test config does not load: {e}"));
+    // The browser tests also open a page from another origin than kck's.
+    let mut config = config;
+    config.http.cors_origins = vec!["*".into()];
     let running = start(config).await;
 
     let chromium = ["chromium", "chromium-browser", "google-chrome"]

@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, test } from "node:test";
 
-import { env, siteServer, sql, token, TIMEOUT_MS } from "./support.mjs";
+import { cuttableProxy, env, siteServer, sql, token, TIMEOUT_MS } from "./support.mjs";
 
 const skip = env.chromium ? false : "Chromium is not installed (apt-get install -y chromium)";
 let site, context, profile;
@@ -97,5 +97,27 @@ test("the React page (useKck) shows a live key, follows a change made in Postgre
     assert.deepEqual(problems.filter((p) => !p.startsWith("Failed to load resource:")), []);
   } finally {
     await page.close();
+  }
+});
+
+test("from another origin (CORS), the page resumes after its connection is cut, Last-Event-ID and all", { skip }, async () => {
+  // The page comes from the site's origin; kck (through a proxy the test can cut) is another one.
+  const proxy = await cuttableProxy(env.kckUrl);
+  const q = new URLSearchParams({ key: "user/13", kck: proxy.url, token: token({ sub: "13" }) });
+  const { page, problems } = await open(`${site.url}/examples/plain/index.html?${q}`);
+  try {
+    await page.waitForFunction(() => document.getElementById("value")?.textContent.includes('"user 13"'), null, { timeout: TIMEOUT_MS });
+    assert.deepEqual(problems, []);
+    proxy.drop();
+    await sql("UPDATE users SET name = 'changed across origins' WHERE id = 13");
+    await page.waitForFunction(() => document.getElementById("value")?.textContent.includes("changed across origins"), null, { timeout: TIMEOUT_MS });
+    // The reconnect carried Last-Event-ID: its preflight asked for it, and kck allowed it (else the value
+    // above could not have arrived).
+    const preflights = proxy.heads.filter((h) => h.startsWith("OPTIONS /subscribe") && /^access-control-request-headers:.*last-event-id/im.test(h));
+    assert.ok(preflights.length >= 1, proxy.heads.join("\n---\n"));
+    assert.equal(await page.textContent("#status"), "open");
+  } finally {
+    await page.close();
+    await proxy.close();
   }
 });
