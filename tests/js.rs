@@ -144,14 +144,13 @@ async fn the_js_client_and_the_example_pages_pass_their_node_tests_against_a_liv
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &db.url, "kck_js", &db.name, PRIMERS, EXTRA);
-    let config = Config::load_with_env(&path, |name| {
+    let mut config = Config::load_with_env(&path, |name| {
         (name == "KCK_TEST_JS_JWT_SECRET")
             .then(|| SECRET.to_owned())
             .or_else(|| std::env::var(name).ok())
     })
     .unwrap_or_else(|e| panic!("test config does not load: {e}"));
     // The browser tests also open a page from another origin than kck's.
-    let mut config = config;
     config.http.cors_origins = vec!["*".into()];
     let running = start(config).await;
 
