@@ -312,7 +312,7 @@ pub fn app(state: AppState, operations: Router) -> Router {
 }
 
 /// The CORS layer for `http.cors_origins` (`None` when there are none): GET and POST, with the headers
-/// the API reads and the ones it answers with.
+/// the API reads (`Last-Event-ID` too, for `/subscribe`) and the ones it answers with.
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     if origins.is_empty() {
@@ -331,6 +331,8 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 header::AUTHORIZATION,
                 header::CONTENT_TYPE,
                 header::IF_NONE_MATCH,
+                // Sent by a live-key client when it reconnects to /subscribe (clients/js).
+                header::HeaderName::from_static("last-event-id"),
             ])
             .expose_headers([
                 header::ETAG,

@@ -1594,7 +1594,10 @@ async fn jwt_hs256_secret_from_the_environment() {
             let headers = [
                 ("origin", origin),
                 ("access-control-request-method", "GET"),
-                ("access-control-request-headers", "authorization"),
+                (
+                    "access-control-request-headers",
+                    "authorization, last-event-id",
+                ),
             ];
             http.send(Method::OPTIONS, "/fetch/user/1", &headers, None)
                 .await
@@ -1609,6 +1612,11 @@ async fn jwt_hs256_secret_from_the_environment() {
     assert!(
         a.header("access-control-allow-headers")
             .contains("authorization")
+    );
+    // A live-key client reconnecting from another origin sends Last-Event-ID.
+    assert!(
+        a.header("access-control-allow-headers")
+            .contains("last-event-id")
     );
     let a = preflight("https://evil.example").await;
     assert!(a.headers.get("access-control-allow-origin").is_none());

@@ -12,6 +12,7 @@ mod docker;
 mod harness;
 mod http;
 mod infer;
+mod js;
 mod ops;
 mod orm;
 mod pipeline;

@@ -592,7 +592,7 @@ fn is_code(e: &tokio_postgres::Error, code: &str) -> bool {
     e.as_db_error().is_some_and(|db| db.code().code() == code)
 }
 
-fn bin_dir() -> PathBuf {
+pub fn bin_dir() -> PathBuf {
     std::env::var_os("PG_BIN")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
