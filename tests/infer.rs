@@ -778,3 +778,45 @@ CREATE PUBLICATION kck_test FOR TABLE a, b, c, r;",
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// A foreign table cannot be published: a primer that reads one without listing it in `not_followed` is
+/// refused at start with the fix; with it listed (and a ttl), it starts.
+#[tokio::test]
+async fn a_primer_reading_a_foreign_table_must_list_it_in_not_followed() {
+    let db = database(&format!(
+        "{SCHEMA}
+CREATE EXTENSION file_fdw;
+CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+CREATE FOREIGN TABLE remote_rates (id bigint, rate text) SERVER files OPTIONS (filename '/dev/null', format 'csv');"
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let primer = |extra: &str| {
+        format!(
+            r#"
+  - name: rated
+    key: "rated/{{id:int}}"
+    query: "SELECT t.v, r.rate FROM t LEFT JOIN remote_rates r ON r.id = t.id WHERE t.id = $1"
+{extra}"#
+        )
+    };
+    let refused = config(dir.path(), &db.url, "kck_test", &db.name, &primer(""));
+    let error = match kck::app::start(refused, kck::app::RunOptions::default()).await {
+        Ok(running) => {
+            running.stop().await.unwrap();
+            panic!("kck started with a primer reading a foreign table it cannot follow");
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("primer 'rated' reads foreign table 'remote_rates'")
+            && error.contains("`not_followed`"),
+        "{error}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let listed = primer("    not_followed: [remote_rates]\n    ttl: 60s\n");
+    let running = start(config(dir.path(), &db.url, "kck_test", &db.name, &listed)).await;
+    assert_eq!(fetch(running.http_addr, "rated/1").await.0, 200);
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -91,6 +91,8 @@ pub struct Reads {
     pub index_columns: Vec<(String, Option<Vec<String>>)>,
     /// The columns of each table the plan scans (filled by [`reads`]).
     pub table_columns: Vec<(TableName, Vec<String>)>,
+    /// Foreign tables the plan scans (`Foreign Scan`): Postgres cannot publish their changes.
+    pub foreign: Vec<TableName>,
 }
 
 /// One join node of the plan.
@@ -151,6 +153,12 @@ pub enum PlanError {
          `ttl` or a `refresh_interval` (or compute the value in the client)"
     )]
     Volatile { primer: String, functions: String },
+    #[error(
+        "primer '{primer}' reads foreign table {tables}: Postgres cannot publish a foreign table's changes, so \
+         the stream would never say when its keys are stale. List it in the primer's `not_followed` and give \
+         the primer a `ttl` or `refresh_interval` (or cache the remote data in a local table)"
+    )]
+    Foreign { primer: String, tables: String },
 }
 
 /// Collect what a plan (`EXPLAIN (FORMAT JSON)` output: `[{"Plan": {...}}]`) reads.
@@ -311,6 +319,9 @@ fn walk(
             {
                 indexes.push(index.to_owned());
             }
+        }
+        if text("Node Type") == Some("Foreign Scan") && !reads.foreign.contains(&table) {
+            reads.foreign.push(table.clone());
         }
         let alias = text("Alias").unwrap_or(name).to_owned();
         aliases.push(alias.clone());
@@ -1235,6 +1246,18 @@ pub fn apply(primer: &mut Primer, reads: &Reads) -> Result<Vec<(TableName, Infer
         });
     }
     primer.columns_read = known_columns(reads, primer.template.params.len());
+    let foreign: Vec<TableName> = reads
+        .foreign
+        .iter()
+        .filter(|t| !primer.not_followed.contains(t))
+        .cloned()
+        .collect();
+    if !foreign.is_empty() {
+        return Err(PlanError::Foreign {
+            primer: primer.name.clone(),
+            tables: list(&foreign),
+        });
+    }
     let named = |t: &TableName| {
         primer.dependencies.iter().any(|d| &d.table == t) || primer.not_followed.contains(t)
     };
