@@ -384,7 +384,7 @@ CREATE PUBLICATION kck_test FOR TABLE t, t2;",
         joined["follows"]
             .as_array()
             .unwrap()
-            .contains(&json!({"table": "public.t2", "how": "columns", "columns": ["t_id → id"]})),
+            .contains(&json!({"table": "public.t2", "how": "columns", "columns": ["t_id → id"], "reads": ["t_id", "w"]})),
         "{joined}"
     );
     running.stop().await.unwrap();

@@ -151,10 +151,21 @@ pub struct Follows {
     /// The columns read from the changed row: `column → key parameter` pairs, or the lookup's arguments.
     #[serde(default)]
     pub columns: Vec<String>,
+    /// The columns the primer's query reads from the table (column relevance: an UPDATE that changes none
+    /// of them refreshes nothing); absent when kck cannot know them, and every UPDATE counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reads: Option<Vec<String>>,
 }
 
 impl Follows {
     pub fn of(primer: &Primer) -> Vec<Follows> {
+        let reads = |table: &crate::primer::TableName| {
+            primer
+                .columns_read
+                .iter()
+                .find(|(t, _)| t == table)
+                .map(|(_, c)| c.clone())
+        };
         primer
             .dependencies
             .iter()
@@ -173,16 +184,19 @@ impl Follows {
                             format!("{} → {param}", crate::primer::Ident(c))
                         })
                         .collect(),
+                    reads: reads(&d.table),
                 },
                 crate::primer::Mapping::Lookup { args, .. } => Follows {
                     table: d.table.to_string(),
                     how: "lookup".into(),
                     columns: args.clone(),
+                    reads: reads(&d.table),
                 },
                 crate::primer::Mapping::AllKeys => Follows {
                     table: d.table.to_string(),
                     how: "all_keys".into(),
                     columns: Vec::new(),
+                    reads: reads(&d.table),
                 },
             })
             .collect()
