@@ -73,7 +73,9 @@ pub enum ReplicationError {
     },
     #[error(
         "publication '{publication}' does not include table(s) that primers read: {tables}. Add them \
-         with: ALTER PUBLICATION \"{publication}\" ADD TABLE {tables};"
+         with: ALTER PUBLICATION \"{publication}\" ADD TABLE {tables}; (or, for a table that must not be \
+         published, list it in each such primer's `not_followed` and give the primer a ttl or \
+         refresh_interval)"
     )]
     TablesNotPublished { publication: String, tables: String },
     #[error(
