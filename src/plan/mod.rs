@@ -770,6 +770,10 @@ fn scan_mapping(
     Ok(mapping)
 }
 
+/// One step of a lookup's path: the scan's alias, its predecessor's index, and the pairs (predecessor's
+/// column, its column) that tie them.
+type Step = (String, usize, Vec<(String, String)>);
+
 /// How far a derived lookup may reach through the plan (tables joined between the changed one and the
 /// keyed one, the keyed one included).
 const MAX_HOPS: usize = 4;
@@ -854,8 +858,7 @@ fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Ve
     let scan_of = |alias: &str| reads.scans.iter().find(|s| s.alias == alias);
     // Breadth first: the shortest path, so the cheapest lookup. Each step: (alias, its predecessor's
     // index, the pairs (predecessor's column, its column)).
-    let mut steps: Vec<(String, usize, Vec<(String, String)>)> =
-        vec![(scan.alias.clone(), usize::MAX, Vec::new())];
+    let mut steps: Vec<Step> = vec![(scan.alias.clone(), usize::MAX, Vec::new())];
     let mut depth_of: Vec<usize> = vec![0];
     let mut next = 0;
     while next < steps.len() {
@@ -884,7 +887,7 @@ fn lookup_for(primer: &Primer, reads: &Reads, scan: &Scan) -> Option<(String, Ve
 fn lookup_sql(
     primer: &Primer,
     reads: &Reads,
-    steps: &[(String, usize, Vec<(String, String)>)],
+    steps: &[Step],
     last: usize,
     mapping: &[(usize, String)],
 ) -> (String, Vec<String>) {
