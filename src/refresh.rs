@@ -977,12 +977,19 @@ impl Refresher {
                     Err(e) => return Err(e),
                 };
                 self.stat(key.primer, |s| s.primes += 1);
-                match self.store.store_result(primer, text, entry.clone()).await? {
-                    Stored::Written => {
+                // Only while still registered: a key evicted (or removed) since it was registered is
+                // answered, not kept (the stream stopped queueing its changes when it left the index).
+                match self
+                    .store
+                    .store_if_registered(primer, text, entry.clone())
+                    .await?
+                {
+                    Some(Stored::Written) => {
                         self.hub.written(text);
                         Ok(entry)
                     }
-                    Stored::KeptNewer(_) => Ok(self.store.get(text).await?.unwrap_or(entry)),
+                    Some(Stored::KeptNewer(_)) => Ok(self.store.get(text).await?.unwrap_or(entry)),
+                    None => Ok(entry),
                 }
             })
             .await

@@ -30,7 +30,8 @@ pub use crate::refresh::{
     MAX_WORKERS, RefreshConfig,
 };
 pub use crate::store::{
-    Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig, StoreConfig,
+    Capacity, Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig,
+    StoreConfig,
 };
 use crate::update::{Statement, Updater, UpdaterParam, ValueType};
 
