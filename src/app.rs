@@ -415,7 +415,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             telemetry.clone(),
         )?
         .with_local_stream(state_rx.clone())
-        .with_claim_batch(config.refresh.claim_batch),
+        .with_claim_batch(config.refresh.claim_batch)
+        .with_absent_rows(config.refresh.absent_rows),
     );
     if options.paused {
         refresher.pause();

@@ -1019,6 +1019,42 @@ impl Loader<'_> {
                 parse_duration(&t.value).map_err(|m| self.err(line_of(t), "refresh.cold_after", m))
             })
             .transpose()?;
+        let window = section
+            .and_then(|s| s.absent_window.as_ref())
+            .map(|t| {
+                parse_duration(&t.value)
+                    .map_err(|m| self.err(line_of(t), "refresh.absent_window", m))
+            })
+            .transpose()?;
+        let absent_rows = match section.and_then(|s| s.absent_rows.as_ref()) {
+            Some(t) if t.value == "keep" => {
+                if let Some(w) = section.and_then(|s| s.absent_window.as_ref()) {
+                    return Err(self.err(
+                        line_of(w),
+                        "refresh.absent_window",
+                        "applies to `absent_rows: second_miss`; remove it, or set `absent_rows: second_miss`",
+                    ));
+                }
+                AbsentRows::Keep
+            }
+            None => AbsentRows::SecondMiss {
+                window: window.unwrap_or(DEFAULT_ABSENT_WINDOW),
+            },
+            Some(t) if t.value == "second_miss" => AbsentRows::SecondMiss {
+                window: window.unwrap_or(DEFAULT_ABSENT_WINDOW),
+            },
+            Some(t) => {
+                return Err(self.err(
+                    line_of(t),
+                    "refresh.absent_rows",
+                    format!(
+                        "unknown policy '{}': the policies are 'second_miss' (a key whose row does not exist \
+                         is kept from its second miss within absent_window) and 'keep' (kept at once)",
+                        t.value
+                    ),
+                ));
+            }
+        };
         Ok(RefreshConfig {
             workers,
             visibility_timeout,
@@ -1026,6 +1062,7 @@ impl Loader<'_> {
             max_queue,
             cold_after,
             claim_batch,
+            absent_rows,
         })
     }
 

@@ -359,6 +359,8 @@ pub(super) struct RawRefresh {
     pub(super) max_queue: Option<Spanned<i64>>,
     pub(super) cold_after: Option<Spanned<String>>,
     pub(super) claim_batch: Option<Spanned<i64>>,
+    pub(super) absent_rows: Option<Spanned<String>>,
+    pub(super) absent_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -163,7 +163,7 @@ pub struct QueueStats {
 }
 
 /// How full a store with a capacity is ([`Store::capacity`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct CapacityStats {
     /// Keys held (registered or stored).
     pub keys: u64,
