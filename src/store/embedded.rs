@@ -61,7 +61,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -275,6 +275,8 @@ enum Op {
         name: String,
         value: Bytes,
     },
+    /// Compact the file (outside any transaction: see [`Writer::compact`]).
+    Compact,
     TryLease {
         name: String,
         holder: String,
@@ -296,6 +298,7 @@ impl Op {
             Op::Finish { .. } => "finish",
             Op::Retry { .. } => "retry",
             Op::PutMeta { .. } => "put_meta",
+            Op::Compact => "compact",
             Op::TryLease { .. } => "try_lease",
             Op::ReleaseLease { .. } => "release_lease",
         }
@@ -773,6 +776,8 @@ impl<'t> Tables<'t> {
                     },
                 )
             }
+            // Handled by the writer before it opens a transaction.
+            Op::Compact => (Reply::Unit, Effect::None),
             Op::PutMeta { name, value } => {
                 self.meta
                     .insert(name.as_str(), &value[..])
@@ -818,12 +823,14 @@ impl<'t> Tables<'t> {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<RwLock<Database>>,
     shared: Arc<Shared>,
     hot: Arc<HotEntries>,
     rx: mpsc::Receiver<Request>,
     next_seq: u64,
     capacity: Capacity,
+    /// The database file (for its size).
+    path: PathBuf,
     /// The last access stamp handed out.
     last_stamp: u64,
     /// Bytes charged for every key, as committed.
@@ -831,6 +838,22 @@ struct Writer {
     last_durable: std::time::Instant,
     /// A commit since the last durable one was not durable.
     durable_pending: bool,
+    /// Keys were removed or evicted since the last look at the file's free space.
+    freed: bool,
+    /// When the writer last looked at the file's free space (`None`: not since open).
+    last_space_check: Option<Instant>,
+}
+
+/// How often, at most, the writer looks at the file's free space after removals or evictions (the
+/// look walks every table's pages).
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// A file smaller than this is never compacted on its own.
+const COMPACT_MIN_FILE: u64 = 16 << 20;
+
+/// Read access to the database: compaction ([`Writer::compact`]) needs it alone.
+fn shared_db(db: &RwLock<Database>) -> RwLockReadGuard<'_, Database> {
+    // A panic cannot leave the database half-changed through this lock (redb's own state is its own).
+    db.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The longest a non-durable commit waits for a durable one.
@@ -867,7 +890,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.process(batch);
+            let (compacts, batch): (Vec<Request>, Vec<Request>) =
+                batch.into_iter().partition(|r| matches!(r.op, Op::Compact));
+            self.freed |= batch.iter().any(|r| matches!(r.op, Op::RemoveKey { .. }));
+            if !batch.is_empty() {
+                self.process(batch);
+            }
+            if !compacts.is_empty() || self.space_check_due() {
+                let result = self.compact(!compacts.is_empty());
+                for req in compacts {
+                    let _ = req.reply.send(match &result {
+                        Ok(()) => Ok(Reply::Unit),
+                        Err(e) => Err(StoreError::failed(format!(
+                            "compact: {}",
+                            crate::report::Chain(e)
+                        ))),
+                    });
+                }
+            }
         }
         if self.durable_pending {
             self.make_durable();
@@ -875,10 +915,64 @@ impl Writer {
         // Every handle is gone and every request answered.
     }
 
+    fn space_check_due(&self) -> bool {
+        self.freed
+            && self
+                .last_space_check
+                .is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY)
+    }
+
+    /// Gives the file's free pages back to the system, when asked (`forced`) or when more than half of
+    /// a file of at least [`COMPACT_MIN_FILE`] is free. Readers of redb wait meanwhile (hits served from
+    /// memory do not); it is rare: after removals or evictions, at most every [`SPACE_CHECK_EVERY`].
+    fn compact(&mut self, forced: bool) -> Result<(), redb::Error> {
+        self.last_space_check = Some(Instant::now());
+        self.freed = false;
+        if !forced {
+            let stats = {
+                let db = shared_db(&self.db);
+                db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+                    let stats = txn.stats().map_err(redb::Error::from);
+                    let _ = txn.abort();
+                    stats
+                })
+            };
+            let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+            match stats {
+                Ok(stats) if file >= COMPACT_MIN_FILE && stats.fragmented_bytes() * 2 > file => {}
+                Ok(_) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the store's free space.");
+                    return Err(error);
+                }
+            }
+        }
+        if self.durable_pending {
+            self.make_durable();
+        }
+        let before = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let result = {
+            let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+            db.compact()
+        };
+        match result {
+            Ok(_) => {
+                let after = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+                self.shared.compactions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(before, after, "Compacted the store's file.");
+                Ok(())
+            }
+            Err(error) => {
+                let error = redb::Error::from(error);
+                tracing::warn!(error = %crate::report::Chain(&error), "Cannot compact the store's file.");
+                Err(error)
+            }
+        }
+    }
+
     /// An empty durable commit: makes the non-durable commits before it durable.
     fn make_durable(&mut self) {
-        let result = self
-            .db
+        let result = shared_db(&self.db)
             .begin_write()
             .map_err(|e| e.to_string())
             .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
@@ -920,7 +1014,8 @@ impl Writer {
     /// Applies `ops` in one transaction: durable when one of them must be (see [`Op::must_be_durable`]) or
     /// the last durable commit is a second old.
     fn commit(&mut self, ops: &[&Op]) -> StoreResult<Vec<(Reply, Effect)>> {
-        let mut txn = self.db.begin_write().ctx("begin write transaction")?;
+        let db = shared_db(&self.db);
+        let mut txn = db.begin_write().ctx("begin write transaction")?;
         let durable = ops.iter().any(|op| op.must_be_durable())
             || self.last_durable.elapsed() >= DURABLE_AT_LEAST_EVERY;
         if !durable {
@@ -965,6 +1060,7 @@ impl Writer {
         self.bytes = bytes;
         self.shared.keys.store(keys, Ordering::Relaxed);
         self.shared.bytes.store(bytes, Ordering::Relaxed);
+        self.freed |= evicted > 0;
         if evicted > 0 {
             self.shared.evictions.fetch_add(evicted, Ordering::Relaxed);
             tracing::debug!(
@@ -1018,6 +1114,19 @@ impl Writer {
 // ---------------------------------------------------------------------------------------------------
 // The store
 
+/// A read transaction, and the database shared with other readers while it lasts (compaction waits).
+struct Reading<'a> {
+    txn: ReadTransaction,
+    _db: RwLockReadGuard<'a, Database>,
+}
+
+impl std::ops::Deref for Reading<'_> {
+    type Target = ReadTransaction;
+    fn deref(&self) -> &ReadTransaction {
+        &self.txn
+    }
+}
+
 /// Where the writer starts, read from the file at open.
 struct Prepared {
     next_seq: u64,
@@ -1035,7 +1144,7 @@ pub struct EmbeddedStore {
 
 struct Inner {
     path: PathBuf,
-    db: Arc<Database>,
+    db: Arc<RwLock<Database>>,
     shared: Arc<Shared>,
     hot: Arc<HotEntries>,
     capacity: Capacity,
@@ -1105,7 +1214,7 @@ impl EmbeddedStore {
             }
             other => other.within(format_args!("opening the store {}", path.display())),
         })?;
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(db));
         let shared = Arc::new(Shared::default());
         shared.keys.store(prepared.keys, Ordering::Relaxed);
         shared.bytes.store(prepared.bytes, Ordering::Relaxed);
@@ -1122,6 +1231,9 @@ impl EmbeddedStore {
             bytes: prepared.bytes,
             last_durable: std::time::Instant::now(),
             durable_pending: false,
+            freed: false,
+            last_space_check: None,
+            path: path.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
@@ -1247,8 +1359,17 @@ impl EmbeddedStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    fn read(&self) -> StoreResult<ReadTransaction> {
-        self.inner.db.begin_read().ctx("begin read transaction")
+    fn read(&self) -> StoreResult<Reading<'_>> {
+        let db = shared_db(&self.inner.db);
+        let txn = db.begin_read().ctx("begin read transaction")?;
+        Ok(Reading { txn, _db: db })
+    }
+
+    /// Gives the file's free pages (left by removals and evictions) back to the system now, and
+    /// returns once it is done. The writer also does it on its own when more than half of a large file
+    /// is free. Reads that miss the memory front wait meanwhile.
+    pub async fn compact(&self) -> StoreResult<()> {
+        self.call(Op::Compact).await.map(|_| ())
     }
 
     /// How long until some task may be claimable: zero if one is now, `None` if the queue is empty.
@@ -1835,6 +1956,49 @@ mod tests {
             after.bytes > 0 && after.bytes <= capacity.max_bytes,
             "{after:?}"
         );
+    }
+
+    /// Space freed by evictions and removals goes back to the system with a compaction, and the store
+    /// reads and writes as before after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_gives_freed_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let capacity = Capacity {
+            max_entries: 100,
+            max_bytes: 1 << 30,
+        };
+        let s = EmbeddedStore::open_configured(dir.path(), 0, capacity).unwrap();
+        let value = "v".repeat(20_000);
+        for chunk in 0..10 {
+            let keys: Vec<String> = (0..200)
+                .map(|i| format!("p/{:04}", chunk * 200 + i))
+                .collect();
+            let writes = keys
+                .iter()
+                .map(|k| s.store_result("p", k, entry(1, &value)));
+            for w in futures_util::future::join_all(writes).await {
+                w.unwrap();
+            }
+        }
+        let grown = std::fs::metadata(s.path()).unwrap().len();
+        // Drop almost everything: the file keeps its size until compacted.
+        for i in 1_900..1_999 {
+            s.remove_key("p", &format!("p/{i:04}")).await.unwrap();
+        }
+        let before = std::fs::metadata(s.path()).unwrap().len();
+        s.compact().await.unwrap();
+        let after = std::fs::metadata(s.path()).unwrap().len();
+        eprintln!(
+            "store file: {grown} bytes at most 100 keys of 20 kB, {before} after removals, {after} compacted"
+        );
+        assert!(after * 4 < before, "{before} -> {after}");
+        assert_eq!(s.capacity().unwrap().compactions, 1);
+        assert_eq!(s.capacity().unwrap().keys, 1);
+        assert_eq!(s.get("p/1999").await.unwrap(), Some(entry(1, &value)));
+        s.store_result("p", "p/x", entry(2, "x")).await.unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.keys("p", None, 10).await.unwrap(), vec!["p/1999", "p/x"]);
     }
 
     /// The embedded store keeps floors exactly, not just a lower bound.

@@ -21,6 +21,12 @@
 //!   embedded store; readers compare `expires_at_ms` themselves). It is never changed.
 //! - **Removal.** After [`Store::remove_key`], a backend that orders by LSN without reading (ScyllaDB)
 //!   shadows the removed LSN: the key can be stored again from a higher LSN (kck's labels only grow).
+//! - **Capacity (embedded).** A backend with a capacity ([`Store::capacity`]) evicts the least recently
+//!   used keys past it, entry and index record together, as [`Store::remove_key`] would; a task queued
+//!   for an evicted key stays queued (its refresh finds the key unregistered). Such a backend writes the
+//!   result of [`Store::finish`] and [`Store::store_if_registered`] only for a key still registered, so
+//!   a computation that began before its key was evicted or removed never brings it back (the stream
+//!   stopped queueing its changes). A backend without a capacity may write them regardless.
 //! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash (of kck, and
 //!   for ScyllaDB of fewer replicas than the configured consistency needs). The replication stream
 //!   acknowledges a position to Postgres only after that.
