@@ -201,9 +201,15 @@ pub async fn init_store(config: &Config) -> Result<String, StoreError> {
 /// Open the configured store.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
     match &config.store {
-        StoreConfig::Embedded { path, memory_cache } => {
-            Ok(Arc::new(EmbeddedStore::open_with(path, *memory_cache)?))
-        }
+        StoreConfig::Embedded {
+            path,
+            memory_cache,
+            capacity,
+        } => Ok(Arc::new(EmbeddedStore::open_configured(
+            path,
+            *memory_cache,
+            *capacity,
+        )?)),
         #[cfg(feature = "scylla")]
         StoreConfig::Scylla(scylla) => Ok(Arc::new(
             crate::store::scylla::ScyllaStore::open(scylla).await?,
@@ -415,7 +421,8 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
             telemetry.clone(),
         )?
         .with_local_stream(state_rx.clone())
-        .with_claim_batch(config.refresh.claim_batch),
+        .with_claim_batch(config.refresh.claim_batch)
+        .with_absent_rows(config.refresh.absent_rows),
     );
     if options.paused {
         refresher.pause();

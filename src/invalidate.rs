@@ -181,7 +181,11 @@ async fn mark_expired(refresher: &Refresher, primer: &str, key: &str) -> Result<
     if entry.expires_at_ms.is_none_or(|at| at > now) {
         entry.expires_at_ms = Some(now);
         // The same LSN replaces; a newer entry (a refresh that just finished) is kept.
-        refresher.store.store_result(primer, key, entry).await?;
+        // Not into a key evicted or removed since the read.
+        refresher
+            .store
+            .store_if_registered(primer, key, entry)
+            .await?;
     }
     Ok(true)
 }

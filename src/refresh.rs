@@ -188,6 +188,33 @@ pub struct RefreshConfig {
     pub cold_after: Option<Duration>,
     /// How many tasks a worker claims at once and runs hottest first (and batches). Default 16.
     pub claim_batch: usize,
+    /// What a fetch miss whose primer finds no row (`null`) keeps. Default: kept from its second miss.
+    pub absent_rows: AbsentRows,
+}
+
+/// `refresh.absent_window` unless set.
+pub const DEFAULT_ABSENT_WINDOW: Duration = Duration::from_secs(60);
+/// How many absent keys `AbsentRows::SecondMiss` remembers (bounded; the older half is forgotten when
+/// full, and a forgotten key counts as a first miss again).
+const ABSENT_LOG_CAPACITY: usize = 100_000;
+
+/// What a fetch miss whose primer finds no row (the value `null`) leaves in the store
+/// (`refresh.absent_rows`), so that fetches of random ids cannot fill the store or the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbsentRows {
+    /// Kept like any other result (registered and refreshed).
+    Keep,
+    /// Answered (`null`) but not kept, unless the same key missed with `null` within `window` before:
+    /// a key fetched often while absent is kept (and refreshed) from its second miss.
+    SecondMiss { window: Duration },
+}
+
+impl Default for AbsentRows {
+    fn default() -> AbsentRows {
+        AbsentRows::SecondMiss {
+            window: DEFAULT_ABSENT_WINDOW,
+        }
+    }
 }
 
 type PrimeCell = Arc<OnceCell<Entry>>;
@@ -209,6 +236,9 @@ pub struct PrimerHealth {
     /// Keys dropped rather than recomputed because nobody read them for `cold_after`.
     #[serde(default)]
     pub dropped_cold: u64,
+    /// Misses that found no row and were answered but not kept (`refresh.absent_rows`).
+    #[serde(default)]
+    pub absent_not_kept: u64,
     /// Refreshes that failed (each is retried with backoff).
     pub failures: u64,
     /// Failures since the last refresh that worked: a primer with some is failing now.
@@ -343,6 +373,9 @@ pub struct Refresher {
     pub clock: Arc<VisibilityClock>,
     /// When each key was last fetched (hot keys first, cold keys dropped).
     pub access: AccessLog,
+    /// `refresh.absent_rows`, and the keys whose last miss found no row, and when.
+    absent_rows: AbsentRows,
+    absent: AccessLog,
     /// Told about every entry this refresher writes and every task it finishes (freshness waits).
     pub hub: Arc<Hub>,
     pool: Pool,
@@ -454,6 +487,8 @@ impl Refresher {
             clock,
             worker_queries,
             access: AccessLog::new(ACCESS_LOG_CAPACITY),
+            absent_rows: AbsentRows::default(),
+            absent: AccessLog::new(ABSENT_LOG_CAPACITY),
             hub: Arc::new(Hub::default()),
             pool,
             visibility_timeout,
@@ -654,6 +689,12 @@ impl Refresher {
                 .unwrap_or_else(|_| "unknown".into()),
             TaskKind::Lookup { primer, .. } | TaskKind::Primer { primer, .. } => primer.clone(),
         }
+    }
+
+    /// What a miss that finds no row keeps (`refresh.absent_rows`).
+    pub fn with_absent_rows(mut self, policy: AbsentRows) -> Refresher {
+        self.absent_rows = policy;
+        self
     }
 
     /// How many tasks a worker claims at once (`refresh.claim_batch`).
@@ -977,12 +1018,37 @@ impl Refresher {
                     Err(e) => return Err(e),
                 };
                 self.stat(key.primer, |s| s.primes += 1);
-                match self.store.store_result(primer, text, entry.clone()).await? {
-                    Stored::Written => {
+                if let AbsentRows::SecondMiss { window } = self.absent_rows
+                    && entry.value.as_ref() == b"null"
+                {
+                    let again = self
+                        .absent
+                        .was_read(text)
+                        .is_some_and(|at| at.elapsed() < window);
+                    self.absent.touch(text);
+                    if !again {
+                        // No row, first miss: answered, not kept. Its registration goes (with any
+                        // entry a refresh stored meanwhile, which a later fetch computes again), so a
+                        // queued refresh of it finds it unregistered and does nothing: the next fetch
+                        // computes it fresh, and sees a row inserted since.
+                        self.store.remove_key(primer, text).await?;
+                        self.stat(key.primer, |s| s.absent_not_kept += 1);
+                        return Ok(entry);
+                    }
+                }
+                // Only while still registered: a key evicted (or removed) since it was registered is
+                // answered, not kept (the stream stopped queueing its changes when it left the index).
+                match self
+                    .store
+                    .store_if_registered(primer, text, entry.clone())
+                    .await?
+                {
+                    Some(Stored::Written) => {
                         self.hub.written(text);
                         Ok(entry)
                     }
-                    Stored::KeptNewer(_) => Ok(self.store.get(text).await?.unwrap_or(entry)),
+                    Some(Stored::KeptNewer(_)) => Ok(self.store.get(text).await?.unwrap_or(entry)),
+                    None => Ok(entry),
                 }
             })
             .await

@@ -171,3 +171,130 @@ async fn slow_and_idle_connections_are_closed_and_the_server_keeps_answering() {
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// POST /fetch of `keys`; the `results` object.
+async fn fetch_batch(addr: std::net::SocketAddr, keys: &[String]) -> serde_json::Value {
+    let answer = reqwest::Client::new()
+        .post(format!("http://{addr}/fetch"))
+        .json(&serde_json::json!({ "keys": keys }))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    body["results"].clone()
+}
+
+/// Random ids that have no row: 20,000 misses leave the store within `store.max_entries` (most are not
+/// even kept: `refresh.absent_rows: second_miss`), those fetched twice are kept and evicted least
+/// recently used first, the server answers throughout, and present keys (and an absent one whose row
+/// appears) still converge.
+#[tokio::test]
+async fn absent_ids_leave_the_store_within_its_bound() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
+        .write(dir.path());
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "  kind: embedded\n",
+        "  kind: embedded\n  max_entries: 500\n  max_bytes: 1MB\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = crate::support::kck::load(&path);
+    let running = start(config).await;
+    let addr = running.http_addr;
+    let store = running.store.clone();
+
+    // Fetched once before the row exists: answered null, not kept; the row appears, the next fetch
+    // computes it fresh.
+    let (status, body) = fetch(addr, "item/5").await;
+    assert_eq!(
+        (status, body.clone()),
+        (200, serde_json::Value::Null),
+        "{body}"
+    );
+    assert!(!store.is_registered("item/5").await.unwrap());
+    // Fetched twice: kept (null), and refreshed when its row appears.
+    for _ in 0..2 {
+        let (status, _) = fetch(addr, "item/6").await;
+        assert_eq!(status, 200);
+    }
+    assert!(store.is_registered("item/6").await.unwrap());
+
+    // 20,000 absent ids, 1,000 per request.
+    let mut max_keys = 0;
+    for batch in 0..20 {
+        let keys: Vec<String> = (0..1000)
+            .map(|i| format!("item/{}", 1_000_000 + batch * 1000 + i))
+            .collect();
+        let results = fetch_batch(addr, &keys).await;
+        for k in &keys {
+            assert_eq!(results[k]["status"], 200, "{k}: {}", results[k]);
+        }
+        let cap = store.capacity().unwrap();
+        assert!(cap.keys <= 500, "{cap:?}");
+        max_keys = max_keys.max(cap.keys);
+    }
+    let after_once = store.capacity().unwrap();
+    eprintln!("after 20,000 absent misses: {after_once:?}, at most {max_keys} keys");
+    assert!(
+        after_once.keys <= 3,
+        "first misses are not kept: {after_once:?}"
+    );
+    // 2,000 absent ids fetched twice are kept, within the bound: the least recently used are evicted.
+    for round in 0..2 {
+        for batch in 0..2 {
+            let keys: Vec<String> = (0..1000)
+                .map(|i| format!("item/{}", 2_000_000 + batch * 1000 + i))
+                .collect();
+            let results = fetch_batch(addr, &keys).await;
+            assert_eq!(results[&keys[0]]["status"], 200, "round {round}");
+        }
+    }
+    let after_twice = store.capacity().unwrap();
+    eprintln!("after 2,000 ids fetched twice: {after_twice:?}");
+    assert!(after_twice.keys <= 500, "{after_twice:?}");
+    assert!(
+        after_twice.bytes <= after_twice.max_bytes,
+        "{after_twice:?}"
+    );
+    assert!(after_twice.evictions >= 1500, "{after_twice:?}");
+    // The queue holds no junk.
+    let queue = store.queue_stats().await.unwrap();
+    assert!(queue.depth <= 10, "{queue:?}");
+
+    // The server answers, and present keys converge.
+    let (status, body) = fetch(addr, "item/1").await;
+    assert_eq!((status, body), (200, serde_json::json!("one")));
+    let client = db.client().await;
+    let lsn: String = client
+        .query_one(
+            "WITH w AS (UPDATE items SET name = 'uno' WHERE id = 1 RETURNING 1), \
+             i AS (INSERT INTO items VALUES (5, 'five'), (6, 'six') RETURNING 1) \
+             SELECT pg_current_wal_insert_lsn()::text FROM (SELECT count(*) FROM w, i) x",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for (key, want) in [("item/1", "uno"), ("item/5", "five"), ("item/6", "six")] {
+        let answer = reqwest::get(format!(
+            "http://{addr}/fetch/{key}?min_lsn={lsn}&timeout=30s"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(answer.status(), 200, "{key}");
+        assert_eq!(answer.text().await.unwrap(), format!("\"{want}\""), "{key}");
+    }
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("kck_store_evictions_total"), "{metrics}");
+    assert!(metrics.contains("kck_store_max_keys 500"), "{metrics}");
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}

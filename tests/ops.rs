@@ -269,7 +269,12 @@ async fn check_says_what_to_do_when_the_database_cannot_be_reached() {
 async fn a_running_kck_reports_status_metrics_readiness_and_its_cache() {
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &db, PRIMERS, "");
+    // It lists a fetched key whose row does not exist: kept at once.
+    let path = ConfigYaml {
+        refresh_extra: "  absent_rows: keep\n",
+        ..ConfigYaml::new(&db.url, "kck_ops", &db.name, PRIMERS)
+    }
+    .write(dir.path());
     let config = load(&path);
     let running = start(config.clone()).await;
     let addr = running.http_addr;

@@ -646,7 +646,14 @@ async fn keys_due_together_are_refreshed_in_one_batch_query() {
       key_column: kck_key
       query: "SELECT u AS kck_key, (SELECT sum(total) FROM orders WHERE user_id = u) FROM unnest($1::bigint[]) u"
 "#;
-    let (config, _) = write(dir.path(), &db, primers, "  claim_batch: 50\n", "");
+    let (config, _) = write(
+        dir.path(),
+        &db,
+        primers,
+        // The absent keys it fetches are refreshed too: kept at once.
+        "  claim_batch: 50\n  absent_rows: keep\n",
+        "",
+    );
     let running = start(config.clone()).await;
     let addr = running.http_addr;
     for user in 1..=20 {

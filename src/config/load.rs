@@ -218,7 +218,7 @@ impl Loader<'_> {
                 return Err(self.err(
                     *line,
                     format!("store.{name}"),
-                    format!("`{name}` is a field of the scylla store; set `kind: scylla` to use it (the embedded store takes only `path` and `memory_cache`)"),
+                    format!("`{name}` is a field of the scylla store; set `kind: scylla` to use it (the embedded store takes only `path`, `memory_cache`, `max_entries` and `max_bytes`)"),
                 ));
             }
         }
@@ -247,7 +247,46 @@ impl Loader<'_> {
                 })
                 .map_err(|e| self.err(line_of(m), "store.memory_cache", e))?,
         };
-        Ok(StoreConfig::Embedded { path, memory_cache })
+        let mut capacity = crate::store::Capacity::default();
+        if let Some(m) = section.and_then(|s| s.max_entries.as_ref()) {
+            capacity.max_entries = m
+                .value
+                .0
+                .trim()
+                .replace('_', "")
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    self.err(
+                        line_of(m),
+                        "store.max_entries",
+                        format!(
+                            "'{}' is not a number of keys: give a whole number, at least 1 (e.g. 100000)",
+                            m.value.0
+                        ),
+                    )
+                })?;
+        }
+        if let Some(m) = section.and_then(|s| s.max_bytes.as_ref()) {
+            capacity.max_bytes = crate::ops::size::parse_byte_size(&m.value.0)
+                .and_then(|b| {
+                    if b == 0 {
+                        Err(
+                            "must be at least 1 byte (e.g. 512MB): the store is always bounded"
+                                .into(),
+                        )
+                    } else {
+                        Ok(b)
+                    }
+                })
+                .map_err(|e| self.err(line_of(m), "store.max_bytes", e))?;
+        }
+        Ok(StoreConfig::Embedded {
+            path,
+            memory_cache,
+            capacity,
+        })
     }
 
     pub(super) fn scylla_store(&self, raw: &RawConfig) -> Result<ScyllaConfig, ConfigError> {
@@ -270,6 +309,19 @@ impl Loader<'_> {
                 "`memory_cache` is a field of the embedded store; the scylla store reads every fetch \
                  from the cluster",
             ));
+        }
+        for (name, field) in [("max_entries", &s.max_entries), ("max_bytes", &s.max_bytes)] {
+            if let Some(m) = field {
+                return Err(self.err(
+                    line_of(m),
+                    format!("store.{name}"),
+                    format!(
+                        "`{name}` is not supported by the scylla store (it keeps no global count to evict \
+                         by): remove it, and bound the cluster's data with the primers' `ttl` and \
+                         `cold_after` instead"
+                    ),
+                ));
+            }
         }
         let nodes = match (self.env)("KCK_STORE_NODES") {
             Some(v) => {
@@ -967,6 +1019,42 @@ impl Loader<'_> {
                 parse_duration(&t.value).map_err(|m| self.err(line_of(t), "refresh.cold_after", m))
             })
             .transpose()?;
+        let window = section
+            .and_then(|s| s.absent_window.as_ref())
+            .map(|t| {
+                parse_duration(&t.value)
+                    .map_err(|m| self.err(line_of(t), "refresh.absent_window", m))
+            })
+            .transpose()?;
+        let absent_rows = match section.and_then(|s| s.absent_rows.as_ref()) {
+            Some(t) if t.value == "keep" => {
+                if let Some(w) = section.and_then(|s| s.absent_window.as_ref()) {
+                    return Err(self.err(
+                        line_of(w),
+                        "refresh.absent_window",
+                        "applies to `absent_rows: second_miss`; remove it, or set `absent_rows: second_miss`",
+                    ));
+                }
+                AbsentRows::Keep
+            }
+            None => AbsentRows::SecondMiss {
+                window: window.unwrap_or(DEFAULT_ABSENT_WINDOW),
+            },
+            Some(t) if t.value == "second_miss" => AbsentRows::SecondMiss {
+                window: window.unwrap_or(DEFAULT_ABSENT_WINDOW),
+            },
+            Some(t) => {
+                return Err(self.err(
+                    line_of(t),
+                    "refresh.absent_rows",
+                    format!(
+                        "unknown policy '{}': the policies are 'second_miss' (a key whose row does not exist \
+                         is kept from its second miss within absent_window) and 'keep' (kept at once)",
+                        t.value
+                    ),
+                ));
+            }
+        };
         Ok(RefreshConfig {
             workers,
             visibility_timeout,
@@ -974,6 +1062,7 @@ impl Loader<'_> {
             max_queue,
             cold_after,
             claim_batch,
+            absent_rows,
         })
     }
 

@@ -41,6 +41,8 @@ pub(super) struct RawStore {
     pub(super) kind: Option<Spanned<String>>,
     pub(super) path: Option<Spanned<String>>,
     pub(super) memory_cache: Option<Spanned<ScalarText>>,
+    pub(super) max_entries: Option<Spanned<ScalarText>>,
+    pub(super) max_bytes: Option<Spanned<ScalarText>>,
     pub(super) nodes: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) keyspace: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "present")]
@@ -357,6 +359,8 @@ pub(super) struct RawRefresh {
     pub(super) max_queue: Option<Spanned<i64>>,
     pub(super) cold_after: Option<Spanned<String>>,
     pub(super) claim_batch: Option<Spanned<i64>>,
+    pub(super) absent_rows: Option<Spanned<String>>,
+    pub(super) absent_window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

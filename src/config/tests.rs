@@ -470,6 +470,73 @@ fn other_section_errors() {
     assert_eq!(memory(BASE), 64 << 20);
     assert_eq!(memory(&at_end("store:\n  memory_cache: 16MiB\n")), 16 << 20);
     assert_eq!(memory(&at_end("store:\n  memory_cache: 0\n")), 0);
+    let capacity = |yaml: &str| match load(yaml).unwrap().store {
+        StoreConfig::Embedded { capacity, .. } => capacity,
+        other => panic!("expected the embedded store, got {other:?}"),
+    };
+    assert_eq!(capacity(BASE), crate::store::Capacity::default());
+    assert_eq!(
+        capacity(&at_end(
+            "store:\n  max_entries: 10_000\n  max_bytes: 64MB\n"
+        )),
+        crate::store::Capacity {
+            max_entries: 10_000,
+            max_bytes: 64 << 20
+        }
+    );
+    assert_invalid(
+        &at_end("store:\n  max_entries: 0\n"),
+        11,
+        "store.max_entries",
+        "at least 1",
+    );
+    assert_invalid(
+        &at_end("store:\n  path: x\n  max_bytes: many\n"),
+        12,
+        "store.max_bytes",
+        "many",
+    );
+    assert_invalid(
+        &at_end("store:\n  max_bytes: 0\n"),
+        11,
+        "store.max_bytes",
+        "at least 1 byte",
+    );
+    assert_invalid(
+        &at_end("store:\n  kind: scylla\n  nodes: [db:9042]\n  max_entries: 100\n"),
+        13,
+        "store.max_entries",
+        "not supported by the scylla store",
+    );
+    let absent = |yaml: &str| load(yaml).unwrap().refresh.absent_rows;
+    assert_eq!(
+        absent(BASE),
+        crate::refresh::AbsentRows::SecondMiss {
+            window: Duration::from_secs(60)
+        }
+    );
+    assert_eq!(
+        absent(&at_end("refresh:\n  absent_rows: keep\n")),
+        crate::refresh::AbsentRows::Keep
+    );
+    assert_eq!(
+        absent(&at_end("refresh:\n  absent_window: 5m\n")),
+        crate::refresh::AbsentRows::SecondMiss {
+            window: Duration::from_secs(300)
+        }
+    );
+    assert_invalid(
+        &at_end("refresh:\n  absent_rows: never\n"),
+        11,
+        "refresh.absent_rows",
+        "unknown policy 'never'",
+    );
+    assert_invalid(
+        &at_end("refresh:\n  absent_rows: keep\n  absent_window: 5s\n"),
+        12,
+        "refresh.absent_window",
+        "applies to `absent_rows: second_miss`",
+    );
     assert_invalid(
         &at_end("http:\n  bind: localhost:8080\n"),
         11,

@@ -332,6 +332,15 @@ pub fn set_gauges(ops: &Ops, reading: Option<&Reading>, queue: Option<&crate::st
         m::REPLICATION_TASKS_QUEUED,
         stats.tasks_queued.load(Ordering::Relaxed),
     );
+    if let Some(cap) = ops.store.capacity() {
+        metrics.gauge(m::STORE_KEYS, cap.keys as f64);
+        metrics.gauge(m::STORE_BYTES, cap.bytes as f64);
+        metrics.gauge(m::STORE_MAX_KEYS, cap.max_keys as f64);
+        metrics.gauge(m::STORE_MAX_BYTES, cap.max_bytes as f64);
+        metrics.gauge(m::STORE_FILE_BYTES, cap.file_bytes as f64);
+        metrics.counter_total(m::STORE_EVICTIONS, cap.evictions);
+        metrics.counter_total(m::STORE_COMPACTIONS, cap.compactions);
+    }
     if let Some(queue) = queue {
         metrics.gauge(m::QUEUE_DEPTH, queue.depth as f64);
         metrics.gauge(m::QUEUE_CLAIMED, queue.claimed as f64);

@@ -43,6 +43,9 @@ pub struct Status {
     /// The replication stream (a running kck only).
     pub stream: Option<StreamStatus>,
     pub queue: Option<QueueStatus>,
+    /// How full the store is (a store with a capacity: the embedded one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::store::CapacityStats>,
     pub fetch: Option<FetchStatus>,
     pub refresh: Option<RefreshStatus>,
     pub primers: Vec<PrimerStatus>,
@@ -410,6 +413,7 @@ impl Status {
             slot,
             stream: Some(stream),
             queue,
+            capacity: ops.store.capacity(),
             fetch: Some(fetch),
             refresh: Some(refresh),
             primers,
@@ -513,6 +517,7 @@ impl Status {
             slot,
             stream: None,
             queue,
+            capacity: None,
             fetch: None,
             refresh: None,
             primers,
@@ -604,6 +609,17 @@ impl Status {
                 }
             )),
             None => out.push_str("queue          unknown\n"),
+        }
+        if let Some(c) = &self.capacity {
+            out.push_str(&format!(
+                "store          {} of {}, {} of {} charged, file {}; {} evicted\n",
+                c.keys,
+                crate::report::count(c.max_keys, "key", "keys"),
+                crate::ops::size::format_bytes(c.bytes),
+                crate::ops::size::format_bytes(c.max_bytes),
+                crate::ops::size::format_bytes(c.file_bytes),
+                c.evictions,
+            ));
         }
         if let Some(f) = &self.fetch {
             out.push_str(&format!(

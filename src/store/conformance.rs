@@ -525,6 +525,7 @@ async fn finish_keeps_a_task_raised_after_its_claim<S: Store>(s: S) {
     let c = claim(&s, 1, LONG).await.remove(0);
     s.enqueue(vec![task("a", 8)]).await.unwrap();
     depth_is(&s, 1, "coalesced into the claimed task").await;
+    s.register_key("p", "p/a").await.unwrap();
     s.finish(&c, Some(("p", "p/a", entry(5, "five"))), Vec::new())
         .await
         .unwrap();
@@ -548,6 +549,7 @@ async fn finish_keeps_a_task_raised_after_its_claim<S: Store>(s: S) {
 }
 
 async fn finish_stores_result_and_follow_ups<S: Store>(s: S) {
+    s.register_key("p", "p/1").await.unwrap();
     s.enqueue(vec![task("refresh:p/1", 10)]).await.unwrap();
     let c = claim(&s, 1, LONG).await.remove(0);
     let stored = s
@@ -768,6 +770,108 @@ where
     .await;
 }
 
+/// The properties of a store with a capacity ([`Store::capacity`]), on stores from `make` that hold at
+/// most 3 keys (and many bytes). Panics at the first failure, naming it.
+pub async fn bounded<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    run_one("evicts_the_least_recently_used_keys", async {
+        evicts_the_least_recently_used_keys(make().await).await
+    })
+    .await;
+    run_one(
+        "a_refresh_in_flight_does_not_bring_an_evicted_key_back",
+        async { a_refresh_in_flight_does_not_bring_an_evicted_key_back(make().await).await },
+    )
+    .await;
+    run_one("registrations_alone_stay_within_the_bound", async {
+        registrations_alone_stay_within_the_bound(make().await).await
+    })
+    .await;
+}
+
+async fn held<S: Store>(s: &S, key: &str) -> bool {
+    s.is_registered(key).await.unwrap() || s.get(key).await.unwrap().is_some()
+}
+
+async fn evicts_the_least_recently_used_keys<S: Store>(s: S) {
+    let cap = s.capacity().expect("a bounded store reports its capacity");
+    assert_eq!(cap.max_keys, 3);
+    for k in ["p/1", "p/2", "p/3"] {
+        s.store_result("p", k, entry(1, k)).await.unwrap();
+    }
+    // Read p/1: p/2 is now the least recently used.
+    assert!(s.get("p/1").await.unwrap().is_some());
+    s.store_result("p", "p/4", entry(1, "p/4")).await.unwrap();
+    assert!(!held(&s, "p/2").await, "the coldest key is evicted whole");
+    assert_eq!(keys(&s, "p", None, 10).await, vec!["p/1", "p/3", "p/4"]);
+    let cap = s.capacity().unwrap();
+    assert_eq!(cap.keys, 3, "{cap:?}");
+    assert!(cap.evictions >= 1, "{cap:?}");
+    // An evicted key is a miss and can come back from a new computation.
+    s.store_result("p", "p/2", entry(2, "again")).await.unwrap();
+    assert_eq!(s.get("p/2").await.unwrap(), Some(entry(2, "again")));
+    assert!(!held(&s, "p/3").await, "p/3 was the coldest then");
+    // Removing frees its place.
+    s.remove_key("p", "p/1").await.unwrap();
+    let cap = s.capacity().unwrap();
+    assert_eq!(cap.keys, 2, "{cap:?}");
+}
+
+async fn a_refresh_in_flight_does_not_bring_an_evicted_key_back<S: Store>(s: S) {
+    s.register_key("p", "p/a").await.unwrap();
+    s.enqueue(vec![task("k:p/a", 5)]).await.unwrap();
+    let c = claim(&s, 1, LONG).await.remove(0);
+    // While it computes, three other keys push p/a out.
+    for k in ["p/1", "p/2", "p/3"] {
+        s.register_key("p", k).await.unwrap();
+    }
+    assert!(!s.is_registered("p/a").await.unwrap(), "p/a was evicted");
+    let stored = s
+        .finish(&c, Some(("p", "p/a", entry(5, "late"))), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(stored, None, "nothing stored for an evicted key");
+    assert!(
+        !held(&s, "p/a").await,
+        "the refresh did not register it again"
+    );
+    depth_is(&s, 0, "the task is finished all the same").await;
+    assert_eq!(floor(&s).await, None);
+    // A fetch's result for a key evicted while it computed: answered, not kept.
+    s.register_key("p", "p/b").await.unwrap();
+    for k in ["p/4", "p/5", "p/6"] {
+        s.register_key("p", k).await.unwrap();
+    }
+    assert_eq!(
+        s.store_if_registered("p", "p/b", entry(6, "b"))
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(!held(&s, "p/b").await);
+    // And a registered key's is stored.
+    assert_eq!(
+        s.store_if_registered("p", "p/6", entry(6, "six"))
+            .await
+            .unwrap(),
+        Some(Stored::Written)
+    );
+    assert_eq!(s.get("p/6").await.unwrap(), Some(entry(6, "six")));
+}
+
+async fn registrations_alone_stay_within_the_bound<S: Store>(s: S) {
+    for i in 0..50 {
+        s.register_key("p", &format!("p/{i}")).await.unwrap();
+        assert!(s.capacity().unwrap().keys <= 3);
+    }
+    assert_eq!(keys(&s, "p", None, 100).await, vec!["p/47", "p/48", "p/49"]);
+    assert_eq!(s.capacity().unwrap().evictions, 47);
+}
+
 async fn pending_floor_is_the_oldest_change_still_owed<S: Store>(s: S, exact: bool) {
     check_floor(&s, exact, None, "an empty queue has no floor").await;
     s.enqueue(vec![task("a", 5), task("b", 3)]).await.unwrap();
@@ -962,6 +1066,10 @@ async fn concurrent_enqueue_and_finish_lose_nothing<S: Store>(s: S) {
                     } else {
                         ("conc", Vec::new())
                     };
+                    // A refresh runs for a registered key (the embedded store writes no other).
+                    s.register_key(primer, &c.id)
+                        .await
+                        .expect("concurrent register failed");
                     let stored = s
                         .finish(&c, Some((primer, &c.id, entry(c.lsn.0, &c.id))), follow_up)
                         .await

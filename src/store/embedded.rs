@@ -59,8 +59,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -74,7 +75,9 @@ use tokio::sync::{Notify, oneshot};
 
 use super::codec::Layout;
 use super::hot::HotEntries;
-use super::{Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task};
+use super::{
+    Capacity, CapacityStats, Claim, Entry, QueueStats, Store, StoreError, StoreResult, Stored, Task,
+};
 use crate::clock::now_ms;
 use crate::lsn::Lsn;
 
@@ -100,6 +103,25 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LEASES: TableDefinition<&str, (&str, i64)> = TableDefinition::new("leases");
 const TASK_FLOOR: TableDefinition<&str, u64> = TableDefinition::new("queue_task_floor");
 const FLOORS: TableDefinition<(u64, &str), ()> = TableDefinition::new("queue_floor");
+/// key → (access stamp, bytes charged): every key the index holds, for the capacity and eviction.
+const KEY_STAMP: TableDefinition<&str, (u64, u64)> = TableDefinition::new("key_stamp");
+/// (access stamp, key): the keys, least recently read or written first.
+const KEY_ORDER: TableDefinition<(u64, &str), ()> = TableDefinition::new("key_order");
+/// The `meta` row holding the bytes charged for every key (u64 LE). Missing in a store written before
+/// capacities existed: then [`EmbeddedStore::prepare`] stamps every key.
+const CAPACITY_BYTES_META: &str = "kck.capacity_bytes";
+/// Most keys one commit evicts (the rest go with the next commits), so a lowered limit never makes one
+/// huge transaction.
+const MAX_EVICTIONS_PER_COMMIT: u64 = 4096;
+/// What a key costs beyond its bytes: its rows in five tables and their B-tree slots.
+const KEY_OVERHEAD: u64 = 64;
+/// A key is kept in five tables (`entries`, both indexes, both access-order tables).
+const KEY_COPIES: u64 = 5;
+
+/// What [`Capacity`] charges a key: its copies, its encoded entry (if any) and [`KEY_OVERHEAD`].
+fn charge(key: &str, entry_len: usize) -> u64 {
+    KEY_COPIES * key.len() as u64 + entry_len as u64 + KEY_OVERHEAD
+}
 
 /// (seq, lsn, enqueued_at_ms, attempts, not_before_ms); `not_before_ms == 0` means ready.
 type TaskRow = (u64, u64, i64, u32, i64);
@@ -160,6 +182,55 @@ struct Shared {
     claims: Mutex<HashMap<String, ClaimRecord>>,
     /// Woken after every commit that may have made a task claimable.
     tasks_changed: Notify,
+    /// Keys read since the last commit, for the access order.
+    touched: Touches,
+    /// What the last commit left (see [`CapacityStats`]).
+    keys: AtomicU64,
+    bytes: AtomicU64,
+    evictions: AtomicU64,
+    compactions: AtomicU64,
+}
+
+/// Keys read (hits) since the writer last moved them to the front of the access order: a read costs
+/// one shard lock and, the first time a key is read between two commits, one allocation. Bounded: when
+/// a shard is full, further reads of new keys are not recorded (those keys keep their older place).
+struct Touches {
+    shards: Box<[Mutex<std::collections::HashSet<String>>]>,
+}
+
+const TOUCH_SHARDS: usize = 16;
+/// Keys one shard remembers between two commits.
+const TOUCHES_PER_SHARD: usize = 4096;
+
+impl Default for Touches {
+    fn default() -> Touches {
+        Touches {
+            shards: (0..TOUCH_SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl Touches {
+    fn touch(&self, key: &str) {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in key.as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100000001b3);
+        }
+        let shard = &self.shards[(h % TOUCH_SHARDS as u64) as usize];
+        let mut set = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if set.len() < TOUCHES_PER_SHARD && !set.contains(key) {
+            set.insert(key.to_owned());
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let mut set = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(set.drain());
+        }
+        out
+    }
 }
 
 impl Shared {
@@ -181,6 +252,8 @@ enum Op {
         primer: String,
         key: String,
         entry: Entry,
+        /// Only if the key is registered (else nothing is written: [`Reply::Finished`] `None`).
+        if_registered: bool,
     },
     RemoveKey {
         primer: String,
@@ -202,6 +275,8 @@ enum Op {
         name: String,
         value: Bytes,
     },
+    /// Compact the file (outside any transaction: see [`Writer::compact`]).
+    Compact,
     TryLease {
         name: String,
         holder: String,
@@ -223,6 +298,7 @@ impl Op {
             Op::Finish { .. } => "finish",
             Op::Retry { .. } => "retry",
             Op::PutMeta { .. } => "put_meta",
+            Op::Compact => "compact",
             Op::TryLease { .. } => "try_lease",
             Op::ReleaseLease { .. } => "release_lease",
         }
@@ -293,6 +369,14 @@ struct Tables<'t> {
     leases: Table<'t, &'static str, (&'static str, i64)>,
     task_floor: Table<'t, &'static str, u64>,
     floors: Table<'t, (u64, &'static str), ()>,
+    key_stamp: Table<'t, &'static str, (u64, u64)>,
+    key_order: Table<'t, (u64, &'static str), ()>,
+    /// The next access stamp (the writer's, copied back after a commit).
+    next_stamp: u64,
+    /// Bytes charged for every key (see [`charge`]).
+    bytes: u64,
+    /// Keys evicted in this transaction.
+    evicted: u64,
     /// Entries written (`Some`) and removed (`None`) in this transaction, for [`HotEntries::committed`].
     changes: Vec<(String, Option<Entry>)>,
 }
@@ -312,6 +396,11 @@ impl<'t> Tables<'t> {
             leases: txn.open_table(LEASES).ctx(op)?,
             task_floor: txn.open_table(TASK_FLOOR).ctx(op)?,
             floors: txn.open_table(FLOORS).ctx(op)?,
+            key_stamp: txn.open_table(KEY_STAMP).ctx(op)?,
+            key_order: txn.open_table(KEY_ORDER).ctx(op)?,
+            next_stamp: 0,
+            bytes: 0,
+            evicted: 0,
             changes: Vec::new(),
         })
     }
@@ -327,7 +416,15 @@ impl<'t> Tables<'t> {
         Ok(())
     }
 
-    fn store_result(&mut self, primer: &str, key: &str, entry: &Entry) -> StoreResult<Stored> {
+    /// `bump`: the key moves to the front of the access order (a fetch's result or a registration);
+    /// a refresh (`finish`) leaves its place as it is.
+    fn store_result(
+        &mut self,
+        primer: &str,
+        key: &str,
+        entry: &Entry,
+        bump: bool,
+    ) -> StoreResult<Stored> {
         let op = "store_result";
         let stored_lsn = match self.entries.get(key).ctx(op)? {
             Some(bytes) => Some(LAYOUT.decode_lsn(key, bytes.value())?),
@@ -346,16 +443,137 @@ impl<'t> Tables<'t> {
         drop(slot);
         self.changes.push((key.to_owned(), Some(entry.clone())));
         self.index_key(primer, key)?;
+        self.stamp(key, Some(charge(key, Layout::encoded_len(entry))), bump)?;
         Ok(Stored::Written)
     }
 
     fn remove_key(&mut self, primer: &str, key: &str) -> StoreResult<()> {
         let op = "remove_key";
-        if self.entries.remove(key).ctx(op)?.is_some() {
+        let had_entry = self.entries.remove(key).ctx(op)?.is_some();
+        if had_entry {
             self.changes.push((key.to_owned(), None));
         }
         self.key_index.remove((primer, key)).ctx(op)?;
         self.key_primers.remove((key, primer)).ctx(op)?;
+        if self.registered(key)? {
+            // Still indexed under another primer: charged for its key alone now.
+            if had_entry {
+                self.stamp(key, Some(charge(key, 0)), false)?;
+            }
+        } else {
+            self.unstamp(key)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `key` is in the index under any primer.
+    fn registered(&self, key: &str) -> StoreResult<bool> {
+        let op = "is_registered";
+        let mut range = self.key_primers.range((key, "")..).ctx(op)?;
+        match range.next() {
+            Some(item) => Ok(item.ctx(op)?.0.value().0 == key),
+            None => Ok(false),
+        }
+    }
+
+    /// Records `key` in the access order, charged `bytes` (`None`: what it was charged, or its key
+    /// alone when new). `bump`: it becomes the most recently used key; else a new key does, and a known
+    /// key keeps its place.
+    fn stamp(&mut self, key: &str, bytes: Option<u64>, bump: bool) -> StoreResult<()> {
+        let op = "access order";
+        let old = self.key_stamp.get(key).ctx(op)?.map(|g| g.value());
+        let bytes = bytes
+            .or(old.map(|(_, b)| b))
+            .unwrap_or_else(|| charge(key, 0));
+        let stamp = match old {
+            Some((stamp, _)) if !bump => stamp,
+            _ => {
+                self.next_stamp += 1;
+                self.next_stamp
+            }
+        };
+        if old == Some((stamp, bytes)) {
+            return Ok(());
+        }
+        if let Some((old_stamp, old_bytes)) = old {
+            self.bytes = self.bytes.saturating_sub(old_bytes);
+            if old_stamp != stamp {
+                self.key_order.remove((old_stamp, key)).ctx(op)?;
+                self.key_order.insert((stamp, key), ()).ctx(op)?;
+            }
+        } else {
+            self.key_order.insert((stamp, key), ()).ctx(op)?;
+        }
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.key_stamp.insert(key, (stamp, bytes)).ctx(op)?;
+        Ok(())
+    }
+
+    /// Takes `key` out of the access order (it is no longer indexed).
+    fn unstamp(&mut self, key: &str) -> StoreResult<()> {
+        let op = "access order";
+        if let Some((stamp, bytes)) = self.key_stamp.remove(key).ctx(op)?.map(|g| g.value()) {
+            self.key_order.remove((stamp, key)).ctx(op)?;
+            self.bytes = self.bytes.saturating_sub(bytes);
+        }
+        Ok(())
+    }
+
+    /// Moves keys read since the last commit to the front of the access order (those still held).
+    fn touch(&mut self, keys: &[String]) -> StoreResult<()> {
+        for key in keys {
+            if self
+                .key_stamp
+                .get(key.as_str())
+                .ctx("access order")?
+                .is_some()
+            {
+                self.stamp(key, None, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Evicts the least recently used keys (entry and registration) while the store holds more than
+    /// `capacity`, at most [`MAX_EVICTIONS_PER_COMMIT`] of them. A task queued for an evicted key finds
+    /// it unregistered and does nothing; its next fetch is a miss.
+    fn evict(&mut self, capacity: Capacity) -> StoreResult<()> {
+        let op = "evict";
+        let mut evicted = 0;
+        while evicted < MAX_EVICTIONS_PER_COMMIT
+            && (self.key_stamp.len().ctx(op)? > capacity.max_entries
+                || self.bytes > capacity.max_bytes)
+        {
+            let Some(key) = self
+                .key_order
+                .first()
+                .ctx(op)?
+                .map(|(k, _)| k.value().1.to_owned())
+            else {
+                break;
+            };
+            if self.entries.remove(key.as_str()).ctx(op)?.is_some() {
+                self.changes.push((key.clone(), None));
+            }
+            let mut primers = Vec::new();
+            for item in self.key_primers.range((key.as_str(), "")..).ctx(op)? {
+                let (k, _) = item.ctx(op)?;
+                let (k, p) = k.value();
+                if k != key {
+                    break;
+                }
+                primers.push(p.to_owned());
+            }
+            for p in primers {
+                self.key_index.remove((p.as_str(), key.as_str())).ctx(op)?;
+                self.key_primers
+                    .remove((key.as_str(), p.as_str()))
+                    .ctx(op)?;
+            }
+            self.unstamp(&key)?;
+            evicted += 1;
+        }
+        self.evicted += evicted;
         Ok(())
     }
 
@@ -486,12 +704,31 @@ impl<'t> Tables<'t> {
         Ok(match op {
             Op::RegisterKey { primer, key } => {
                 self.index_key(primer, key)?;
+                self.stamp(key, None, true)?;
                 (Reply::Unit, Effect::None)
             }
-            Op::StoreResult { primer, key, entry } => (
-                Reply::Stored(self.store_result(primer, key, entry)?),
+            Op::StoreResult {
+                primer,
+                key,
+                entry,
+                if_registered: false,
+            } => (
+                Reply::Stored(self.store_result(primer, key, entry, true)?),
                 Effect::None,
             ),
+            Op::StoreResult {
+                primer,
+                key,
+                entry,
+                if_registered: true,
+            } => {
+                let stored = if self.registered(key)? {
+                    Some(self.store_result(primer, key, entry, true)?)
+                } else {
+                    None
+                };
+                (Reply::Finished(stored), Effect::None)
+            }
             Op::RemoveKey { primer, key } => {
                 self.remove_key(primer, key)?;
                 (Reply::Unit, Effect::None)
@@ -505,9 +742,13 @@ impl<'t> Tables<'t> {
                 result,
                 follow_up,
             } => {
+                // Only for a key still registered: one removed or evicted since its refresh began
+                // stays out (the stream no longer queues its changes, so it would go stale).
                 let stored = match result {
-                    Some((primer, key, entry)) => Some(self.store_result(primer, key, entry)?),
-                    None => None,
+                    Some((primer, key, entry)) if self.registered(key)? => {
+                        Some(self.store_result(primer, key, entry, false)?)
+                    }
+                    _ => None,
                 };
                 // The task goes first, so that a follow-up with the same id is a new task.
                 let (task_gone, floor) = self.finish_task(claim)?;
@@ -535,6 +776,8 @@ impl<'t> Tables<'t> {
                     },
                 )
             }
+            // Handled by the writer before it opens a transaction.
+            Op::Compact => (Reply::Unit, Effect::None),
             Op::PutMeta { name, value } => {
                 self.meta
                     .insert(name.as_str(), &value[..])
@@ -580,14 +823,37 @@ impl<'t> Tables<'t> {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<RwLock<Database>>,
     shared: Arc<Shared>,
     hot: Arc<HotEntries>,
     rx: mpsc::Receiver<Request>,
     next_seq: u64,
+    capacity: Capacity,
+    /// The database file (for its size).
+    path: PathBuf,
+    /// The last access stamp handed out.
+    last_stamp: u64,
+    /// Bytes charged for every key, as committed.
+    bytes: u64,
     last_durable: std::time::Instant,
     /// A commit since the last durable one was not durable.
     durable_pending: bool,
+    /// Keys were removed or evicted since the last look at the file's free space.
+    freed: bool,
+    /// When the writer last looked at the file's free space (`None`: not since open).
+    last_space_check: Option<Instant>,
+}
+
+/// How often, at most, the writer looks at the file's free space after removals or evictions (the
+/// look walks every table's pages).
+const SPACE_CHECK_EVERY: Duration = Duration::from_secs(60);
+/// A file smaller than this is never compacted on its own.
+const COMPACT_MIN_FILE: u64 = 16 << 20;
+
+/// Read access to the database: compaction ([`Writer::compact`]) needs it alone.
+fn shared_db(db: &RwLock<Database>) -> RwLockReadGuard<'_, Database> {
+    // A panic cannot leave the database half-changed through this lock (redb's own state is its own).
+    db.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The longest a non-durable commit waits for a durable one.
@@ -624,7 +890,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.process(batch);
+            let (compacts, batch): (Vec<Request>, Vec<Request>) =
+                batch.into_iter().partition(|r| matches!(r.op, Op::Compact));
+            self.freed |= batch.iter().any(|r| matches!(r.op, Op::RemoveKey { .. }));
+            if !batch.is_empty() {
+                self.process(batch);
+            }
+            if !compacts.is_empty() || self.space_check_due() {
+                let result = self.compact(!compacts.is_empty());
+                for req in compacts {
+                    let _ = req.reply.send(match &result {
+                        Ok(()) => Ok(Reply::Unit),
+                        Err(e) => Err(StoreError::failed(format!(
+                            "compact: {}",
+                            crate::report::Chain(e)
+                        ))),
+                    });
+                }
+            }
         }
         if self.durable_pending {
             self.make_durable();
@@ -632,10 +915,64 @@ impl Writer {
         // Every handle is gone and every request answered.
     }
 
+    fn space_check_due(&self) -> bool {
+        self.freed
+            && self
+                .last_space_check
+                .is_none_or(|at| at.elapsed() >= SPACE_CHECK_EVERY)
+    }
+
+    /// Gives the file's free pages back to the system, when asked (`forced`) or when more than half of
+    /// a file of at least [`COMPACT_MIN_FILE`] is free. Readers of redb wait meanwhile (hits served from
+    /// memory do not); it is rare: after removals or evictions, at most every [`SPACE_CHECK_EVERY`].
+    fn compact(&mut self, forced: bool) -> Result<(), redb::Error> {
+        self.last_space_check = Some(Instant::now());
+        self.freed = false;
+        if !forced {
+            let stats = {
+                let db = shared_db(&self.db);
+                db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+                    let stats = txn.stats().map_err(redb::Error::from);
+                    let _ = txn.abort();
+                    stats
+                })
+            };
+            let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+            match stats {
+                Ok(stats) if file >= COMPACT_MIN_FILE && stats.fragmented_bytes() * 2 > file => {}
+                Ok(_) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(error = %crate::report::Chain(&error), "Cannot read the store's free space.");
+                    return Err(error);
+                }
+            }
+        }
+        if self.durable_pending {
+            self.make_durable();
+        }
+        let before = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let result = {
+            let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+            db.compact()
+        };
+        match result {
+            Ok(_) => {
+                let after = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+                self.shared.compactions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(before, after, "Compacted the store's file.");
+                Ok(())
+            }
+            Err(error) => {
+                let error = redb::Error::from(error);
+                tracing::warn!(error = %crate::report::Chain(&error), "Cannot compact the store's file.");
+                Err(error)
+            }
+        }
+    }
+
     /// An empty durable commit: makes the non-durable commits before it durable.
     fn make_durable(&mut self) {
-        let result = self
-            .db
+        let result = shared_db(&self.db)
             .begin_write()
             .map_err(|e| e.to_string())
             .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
@@ -677,7 +1014,8 @@ impl Writer {
     /// Applies `ops` in one transaction: durable when one of them must be (see [`Op::must_be_durable`]) or
     /// the last durable commit is a second old.
     fn commit(&mut self, ops: &[&Op]) -> StoreResult<Vec<(Reply, Effect)>> {
-        let mut txn = self.db.begin_write().ctx("begin write transaction")?;
+        let db = shared_db(&self.db);
+        let mut txn = db.begin_write().ctx("begin write transaction")?;
         let durable = ops.iter().any(|op| op.must_be_durable())
             || self.last_durable.elapsed() >= DURABLE_AT_LEAST_EVERY;
         if !durable {
@@ -687,19 +1025,51 @@ impl Writer {
         let now = now_ms();
         let mut next_seq = self.next_seq;
         let mut outcomes = Vec::with_capacity(ops.len());
-        let changes = {
+        let touched = self.shared.touched.take();
+        let (changes, last_stamp, bytes, evicted, keys) = {
             let mut tables = Tables::open(&txn)?;
+            tables.next_stamp = self.last_stamp;
+            tables.bytes = self.bytes;
+            tables.touch(&touched)?;
             for op in ops {
                 let outcome = tables
                     .apply(op, &mut next_seq, now)
                     .map_err(|e| e.within(op.name()))?;
                 outcomes.push(outcome);
             }
-            std::mem::take(&mut tables.changes)
+            tables.evict(self.capacity)?;
+            if tables.bytes != self.bytes {
+                tables
+                    .meta
+                    .insert(CAPACITY_BYTES_META, &tables.bytes.to_le_bytes()[..])
+                    .ctx("capacity")?;
+            }
+            let keys = tables.key_stamp.len().ctx("capacity")?;
+            (
+                std::mem::take(&mut tables.changes),
+                tables.next_stamp,
+                tables.bytes,
+                tables.evicted,
+                keys,
+            )
         };
-        // Seqs handed to a transaction that then fails to commit are skipped, never reused.
+        // Seqs and stamps handed to a transaction that then fails to commit are skipped, never reused.
         self.next_seq = next_seq;
+        self.last_stamp = last_stamp;
         txn.commit().ctx("commit")?;
+        self.bytes = bytes;
+        self.shared.keys.store(keys, Ordering::Relaxed);
+        self.shared.bytes.store(bytes, Ordering::Relaxed);
+        self.freed |= evicted > 0;
+        if evicted > 0 {
+            self.shared.evictions.fetch_add(evicted, Ordering::Relaxed);
+            tracing::debug!(
+                evicted,
+                keys,
+                bytes,
+                "Evicted the least recently used keys."
+            );
+        }
         // Committed: readers of redb see these now, and so do readers of the hot entries.
         self.hot.committed(changes);
         if durable {
@@ -744,6 +1114,27 @@ impl Writer {
 // ---------------------------------------------------------------------------------------------------
 // The store
 
+/// A read transaction, and the database shared with other readers while it lasts (compaction waits).
+struct Reading<'a> {
+    txn: ReadTransaction,
+    _db: RwLockReadGuard<'a, Database>,
+}
+
+impl std::ops::Deref for Reading<'_> {
+    type Target = ReadTransaction;
+    fn deref(&self) -> &ReadTransaction {
+        &self.txn
+    }
+}
+
+/// Where the writer starts, read from the file at open.
+struct Prepared {
+    next_seq: u64,
+    last_stamp: u64,
+    bytes: u64,
+    keys: u64,
+}
+
 /// The redb-backed [`Store`]. Cloning gives another handle to the same store; when the last handle
 /// is dropped, the writer finishes the queued writes and the file is closed.
 #[derive(Clone)]
@@ -753,9 +1144,10 @@ pub struct EmbeddedStore {
 
 struct Inner {
     path: PathBuf,
-    db: Arc<Database>,
+    db: Arc<RwLock<Database>>,
     shared: Arc<Shared>,
     hot: Arc<HotEntries>,
+    capacity: Capacity,
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -789,6 +1181,16 @@ impl EmbeddedStore {
     /// [`EmbeddedStore::open`] keeping at most about `memory_cache` bytes of entries in memory (see
     /// [`super::hot`]; 0: every read is a redb read).
     pub fn open_with(dir: &Path, memory_cache: usize) -> StoreResult<EmbeddedStore> {
+        EmbeddedStore::open_configured(dir, memory_cache, Capacity::default())
+    }
+
+    /// [`EmbeddedStore::open_with`], holding at most `capacity` (the least recently used keys are
+    /// evicted past it).
+    pub fn open_configured(
+        dir: &Path,
+        memory_cache: usize,
+        capacity: Capacity,
+    ) -> StoreResult<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::backend(
                 format!("cannot create the store directory {}", dir.display()),
@@ -806,14 +1208,16 @@ impl EmbeddedStore {
                 )),
                 other => redb_error(&format!("cannot open the store {}", path.display()), other),
             })?;
-        let next_seq = Self::prepare(&db).map_err(|e| match e {
+        let prepared = Self::prepare(&db).map_err(|e| match e {
             StoreError::Corrupt(m) => {
                 StoreError::Corrupt(format!("opening the store {}: {m}", path.display()))
             }
             other => other.within(format_args!("opening the store {}", path.display())),
         })?;
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(db));
         let shared = Arc::new(Shared::default());
+        shared.keys.store(prepared.keys, Ordering::Relaxed);
+        shared.bytes.store(prepared.bytes, Ordering::Relaxed);
         let hot = Arc::new(HotEntries::new(memory_cache));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -821,9 +1225,15 @@ impl EmbeddedStore {
             shared: shared.clone(),
             hot: hot.clone(),
             rx,
-            next_seq,
+            next_seq: prepared.next_seq,
+            capacity,
+            last_stamp: prepared.last_stamp,
+            bytes: prepared.bytes,
             last_durable: std::time::Instant::now(),
             durable_pending: false,
+            freed: false,
+            last_space_check: None,
+            path: path.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("kck-store-writer".into())
@@ -835,6 +1245,7 @@ impl EmbeddedStore {
                 db,
                 shared,
                 hot,
+                capacity,
                 tx: Some(tx),
                 writer: Some(writer),
             }),
@@ -846,12 +1257,15 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
-    /// Creates every table (so that readers can open them) and returns the next task seq.
-    fn prepare(db: &Database) -> StoreResult<u64> {
+    /// Creates every table (so that readers can open them) and returns what the writer starts from.
+    fn prepare(db: &Database) -> StoreResult<Prepared> {
         let txn = db.begin_write().ctx("begin write transaction")?;
         let next_seq;
+        let (last_stamp, bytes, keys);
         {
-            let tables = Tables::open(&txn)?;
+            let mut tables = Tables::open(&txn)?;
+            (last_stamp, bytes) = Self::prepare_access_order(&mut tables)?;
+            keys = tables.key_stamp.len().ctx("capacity")?;
             let last_ready = tables
                 .ready
                 .last()
@@ -866,7 +1280,56 @@ impl EmbeddedStore {
             Self::backfill_floors(tables)?;
         }
         txn.commit().ctx("commit")?;
-        Ok(next_seq)
+        Ok(Prepared {
+            next_seq,
+            last_stamp,
+            bytes,
+            keys,
+        })
+    }
+
+    /// The last access stamp and the bytes charged. A store written before capacities existed (no
+    /// bytes row in `meta`) gets every indexed key stamped, in key order, and charged.
+    fn prepare_access_order(tables: &mut Tables<'_>) -> StoreResult<(u64, u64)> {
+        let op = "prepare the access order";
+        let last_stamp = tables
+            .key_order
+            .last()
+            .ctx(op)?
+            .map_or(0, |(k, _)| k.value().0);
+        let stored = tables
+            .meta
+            .get(CAPACITY_BYTES_META)
+            .ctx(op)?
+            .and_then(|g| <[u8; 8]>::try_from(g.value()).ok())
+            .map(u64::from_le_bytes);
+        if let Some(bytes) = stored {
+            return Ok((last_stamp, bytes));
+        }
+        let mut keys: Vec<(String, usize)> = Vec::new();
+        for item in tables.key_primers.iter().ctx(op)? {
+            let (k, _) = item.ctx(op)?;
+            let key = k.value().0;
+            if keys.last().is_some_and(|(last, _)| last == key) {
+                continue;
+            }
+            let len = tables
+                .entries
+                .get(key)
+                .ctx(op)?
+                .map_or(0, |g| g.value().len());
+            keys.push((key.to_owned(), len));
+        }
+        tables.next_stamp = last_stamp;
+        tables.bytes = 0;
+        for (key, len) in keys {
+            tables.stamp(&key, Some(charge(&key, len)), false)?;
+        }
+        tables
+            .meta
+            .insert(CAPACITY_BYTES_META, &tables.bytes.to_le_bytes()[..])
+            .ctx(op)?;
+        Ok((tables.next_stamp, tables.bytes))
     }
 
     /// Gives every task without a floor (a store written before floors existed) the floor = its LSN.
@@ -896,8 +1359,17 @@ impl EmbeddedStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    fn read(&self) -> StoreResult<ReadTransaction> {
-        self.inner.db.begin_read().ctx("begin read transaction")
+    fn read(&self) -> StoreResult<Reading<'_>> {
+        let db = shared_db(&self.inner.db);
+        let txn = db.begin_read().ctx("begin read transaction")?;
+        Ok(Reading { txn, _db: db })
+    }
+
+    /// Gives the file's free pages (left by removals and evictions) back to the system now, and
+    /// returns once it is done. The writer also does it on its own when more than half of a large file
+    /// is free. Reads that miss the memory front wait meanwhile.
+    pub async fn compact(&self) -> StoreResult<()> {
+        self.call(Op::Compact).await.map(|_| ())
     }
 
     /// How long until some task may be claimable: zero if one is now, `None` if the queue is empty.
@@ -943,6 +1415,7 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Entry>> {
         let hot = &self.inner.hot;
         if let Some(entry) = hot.get(key) {
+            self.inner.shared.touched.touch(key);
             return Ok(Some(entry));
         }
         // Read before the transaction opens: see `super::hot` for why.
@@ -953,6 +1426,7 @@ impl Store for EmbeddedStore {
             Some(bytes) => {
                 let entry = LAYOUT.decode(key, bytes.value())?;
                 hot.offer(key, &entry, epoch);
+                self.inner.shared.touched.touch(key);
                 Ok(Some(entry))
             }
             None => Ok(None),
@@ -988,12 +1462,46 @@ impl Store for EmbeddedStore {
                 primer: primer.to_owned(),
                 key: key.to_owned(),
                 entry,
+                if_registered: false,
             })
             .await?
         {
             Reply::Stored(stored) => Ok(stored),
             other => Err(unexpected("store_result", other)),
         }
+    }
+
+    async fn store_if_registered(
+        &self,
+        primer: &str,
+        key: &str,
+        entry: Entry,
+    ) -> StoreResult<Option<Stored>> {
+        match self
+            .call(Op::StoreResult {
+                primer: primer.to_owned(),
+                key: key.to_owned(),
+                entry,
+                if_registered: true,
+            })
+            .await?
+        {
+            Reply::Finished(stored) => Ok(stored),
+            other => Err(unexpected("store_if_registered", other)),
+        }
+    }
+
+    fn capacity(&self) -> Option<CapacityStats> {
+        let shared = &self.inner.shared;
+        Some(CapacityStats {
+            keys: shared.keys.load(Ordering::Relaxed),
+            bytes: shared.bytes.load(Ordering::Relaxed),
+            max_keys: self.inner.capacity.max_entries,
+            max_bytes: self.inner.capacity.max_bytes,
+            evictions: shared.evictions.load(Ordering::Relaxed),
+            compactions: shared.compactions.load(Ordering::Relaxed),
+            file_bytes: std::fs::metadata(&self.inner.path).map_or(0, |m| m.len()),
+        })
     }
 
     async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()> {
@@ -1379,6 +1887,120 @@ mod tests {
         }
     }
 
+    /// Past its capacity it evicts the least recently used keys, and nothing brings one back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_bounded_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        for memory in [DEFAULT_MEMORY_CACHE, 0] {
+            conformance::bounded(|| {
+                let path = numbered(dir.path(), &n);
+                async move {
+                    let capacity = Capacity {
+                        max_entries: 3,
+                        max_bytes: 1 << 30,
+                    };
+                    EmbeddedStore::open_configured(&path, memory, capacity).unwrap()
+                }
+            })
+            .await;
+        }
+    }
+
+    /// `max_bytes` bounds what the keys and entries are charged; the count and the charge survive a
+    /// reopen, and a store written before capacities existed is charged at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn max_bytes_evicts_and_the_charge_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let capacity = Capacity {
+            max_entries: 1_000,
+            max_bytes: 10 * charge("p/00", 26 + 100),
+        };
+        let big = "x".repeat(100);
+        {
+            let s = EmbeddedStore::open_configured(dir.path(), 0, capacity).unwrap();
+            for i in 0..30 {
+                s.store_result("p", &format!("p/{i:02}"), entry(1, &big))
+                    .await
+                    .unwrap();
+            }
+            let cap = s.capacity().unwrap();
+            assert_eq!(cap.keys, 10, "{cap:?}");
+            assert!(cap.bytes <= capacity.max_bytes, "{cap:?}");
+            assert_eq!(cap.evictions, 20);
+            assert_eq!(s.keys("p", None, 100).await.unwrap()[0], "p/20");
+        }
+        let s = EmbeddedStore::open_configured(dir.path(), 0, capacity).unwrap();
+        let cap = s.capacity().unwrap();
+        assert_eq!((cap.keys, cap.bytes), (10, 10 * charge("p/00", 26 + 100)));
+        // The oldest of the survivors goes first after the reopen too.
+        s.store_result("p", "p/99", entry(1, &big)).await.unwrap();
+        assert_eq!(s.get("p/20").await.unwrap(), None);
+        drop(s);
+        // Without the bytes row (a store from before capacities): charged again at open.
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(KEY_STAMP).unwrap();
+            txn.delete_table(KEY_ORDER).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .remove(CAPACITY_BYTES_META)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let s = EmbeddedStore::open_configured(dir.path(), 0, capacity).unwrap();
+        let after = s.capacity().unwrap();
+        assert_eq!(after.keys, 10);
+        assert!(
+            after.bytes > 0 && after.bytes <= capacity.max_bytes,
+            "{after:?}"
+        );
+    }
+
+    /// Space freed by evictions and removals goes back to the system with a compaction, and the store
+    /// reads and writes as before after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_gives_freed_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let capacity = Capacity {
+            max_entries: 100,
+            max_bytes: 1 << 30,
+        };
+        let s = EmbeddedStore::open_configured(dir.path(), 0, capacity).unwrap();
+        let value = "v".repeat(20_000);
+        for chunk in 0..10 {
+            let keys: Vec<String> = (0..200)
+                .map(|i| format!("p/{:04}", chunk * 200 + i))
+                .collect();
+            let writes = keys
+                .iter()
+                .map(|k| s.store_result("p", k, entry(1, &value)));
+            for w in futures_util::future::join_all(writes).await {
+                w.unwrap();
+            }
+        }
+        let grown = std::fs::metadata(s.path()).unwrap().len();
+        // Drop almost everything: the file keeps its size until compacted.
+        for i in 1_900..1_999 {
+            s.remove_key("p", &format!("p/{i:04}")).await.unwrap();
+        }
+        let before = std::fs::metadata(s.path()).unwrap().len();
+        s.compact().await.unwrap();
+        let after = std::fs::metadata(s.path()).unwrap().len();
+        eprintln!(
+            "store file: {grown} bytes at most 100 keys of 20 kB, {before} after removals, {after} compacted"
+        );
+        assert!(after * 4 < before, "{before} -> {after}");
+        assert_eq!(s.capacity().unwrap().compactions, 1);
+        assert_eq!(s.capacity().unwrap().keys, 1);
+        assert_eq!(s.get("p/1999").await.unwrap(), Some(entry(1, &value)));
+        s.store_result("p", "p/x", entry(2, "x")).await.unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.keys("p", None, 10).await.unwrap(), vec!["p/1999", "p/x"]);
+    }
+
     /// The embedded store keeps floors exactly, not just a lower bound.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn its_pending_floor_is_exact() {
@@ -1682,6 +2304,7 @@ mod tests {
                 db: s.inner.db.clone(),
                 shared: s.inner.shared.clone(),
                 hot: s.inner.hot.clone(),
+                capacity: s.inner.capacity,
                 tx: Some(tx),
                 writer: None,
             }),

@@ -21,6 +21,12 @@
 //!   embedded store; readers compare `expires_at_ms` themselves). It is never changed.
 //! - **Removal.** After [`Store::remove_key`], a backend that orders by LSN without reading (ScyllaDB)
 //!   shadows the removed LSN: the key can be stored again from a higher LSN (kck's labels only grow).
+//! - **Capacity (embedded).** A backend with a capacity ([`Store::capacity`]) evicts the least recently
+//!   used keys past it, entry and index record together, as [`Store::remove_key`] would; a task queued
+//!   for an evicted key stays queued (its refresh finds the key unregistered). Such a backend writes the
+//!   result of [`Store::finish`] and [`Store::store_if_registered`] only for a key still registered, so
+//!   a computation that began before its key was evicted or removed never brings it back (the stream
+//!   stopped queueing its changes). A backend without a capacity may write them regardless.
 //! - **Enqueue is durable.** When [`Store::enqueue`] returns `Ok`, the tasks survive a crash (of kck, and
 //!   for ScyllaDB of fewer replicas than the configured consistency needs). The replication stream
 //!   acknowledges a position to Postgres only after that.
@@ -76,7 +82,8 @@ mod settings;
 pub mod slow;
 
 pub use settings::{
-    Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig, StoreConfig,
+    Capacity, Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig,
+    StoreConfig,
 };
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -161,6 +168,23 @@ pub struct QueueStats {
     pub estimated: bool,
 }
 
+/// How full a store with a capacity is ([`Store::capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CapacityStats {
+    /// Keys held (registered or stored).
+    pub keys: u64,
+    /// Bytes charged for them (keys and entries; see `store.max_bytes`).
+    pub bytes: u64,
+    pub max_keys: u64,
+    pub max_bytes: u64,
+    /// Keys evicted since the process started.
+    pub evictions: u64,
+    /// Compactions of the file since the process started.
+    pub compactions: u64,
+    /// The size of the store's file on disk.
+    pub file_bytes: u64,
+}
+
 /// The cause of a [`StoreError::Backend`]: the error of the database, driver or system call underneath.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -230,6 +254,26 @@ pub trait Store: Send + Sync + 'static {
 
     /// Store `entry` for `key` (and index it under `primer`) unless a newer entry is stored.
     async fn store_result(&self, primer: &str, key: &str, entry: Entry) -> StoreResult<Stored>;
+
+    /// [`Store::store_result`], but only while `key` is registered: `None` (nothing written) when it is
+    /// not, because it was removed or evicted after it was registered. A fetch's miss stores its result
+    /// this way, so that a key evicted while its value was computed stays out (the stream stopped
+    /// queueing its changes when it left the index; stored again, it would go stale). The default is
+    /// `store_result`: right for a backend that never removes keys on its own (the scylla store).
+    async fn store_if_registered(
+        &self,
+        primer: &str,
+        key: &str,
+        entry: Entry,
+    ) -> StoreResult<Option<Stored>> {
+        self.store_result(primer, key, entry).await.map(Some)
+    }
+
+    /// How full the store is, for a backend with a capacity (the embedded store); `None` otherwise.
+    /// Cheap: counters the backend keeps, read without I/O (but the file's size).
+    fn capacity(&self) -> Option<CapacityStats> {
+        None
+    }
 
     /// Remove `key`'s entry and its index record.
     async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()>;

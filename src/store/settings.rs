@@ -13,10 +13,43 @@ pub const DEFAULT_CQL_PORT: u16 = 9042;
 pub enum StoreConfig {
     /// redb in one file under `path` (a directory; created if missing). One process at a time.
     /// `memory_cache`: bytes of entries kept in memory in front of redb (`store.memory_cache`, default
-    /// 64 MiB; 0 turns it off).
-    Embedded { path: PathBuf, memory_cache: usize },
+    /// 64 MiB; 0 turns it off). `capacity`: how many keys and bytes it holds at most (the coldest keys
+    /// are evicted past it).
+    Embedded {
+        path: PathBuf,
+        memory_cache: usize,
+        capacity: Capacity,
+    },
     /// A ScyllaDB or Cassandra cluster, shared by any number of kck processes.
     Scylla(ScyllaConfig),
+}
+
+/// How much the embedded store holds at most (`store.max_entries`, `store.max_bytes`): past either, the
+/// keys read or written least recently are evicted (entry and registration), so that a later fetch of
+/// one is a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    /// Keys (registered or stored). At least 1.
+    pub max_entries: u64,
+    /// Bytes of keys and encoded entries (what the store charges for them, not the file's size, which is
+    /// larger: indexes and free pages). At least 1.
+    pub max_bytes: u64,
+}
+
+impl Capacity {
+    /// `store.max_entries` unless set.
+    pub const DEFAULT_MAX_ENTRIES: u64 = 1_000_000;
+    /// `store.max_bytes` unless set: 1 GiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 1 << 30;
+}
+
+impl Default for Capacity {
+    fn default() -> Capacity {
+        Capacity {
+            max_entries: Capacity::DEFAULT_MAX_ENTRIES,
+            max_bytes: Capacity::DEFAULT_MAX_BYTES,
+        }
+    }
 }
 
 /// `store.kind: scylla`.

@@ -53,6 +53,17 @@ impl Store for SlowStore {
     async fn store_result(&self, primer: &str, key: &str, entry: Entry) -> StoreResult<Stored> {
         self.inner.store_result(primer, key, entry).await
     }
+    async fn store_if_registered(
+        &self,
+        primer: &str,
+        key: &str,
+        entry: Entry,
+    ) -> StoreResult<Option<Stored>> {
+        self.inner.store_if_registered(primer, key, entry).await
+    }
+    fn capacity(&self) -> Option<super::CapacityStats> {
+        self.inner.capacity()
+    }
     async fn remove_key(&self, primer: &str, key: &str) -> StoreResult<()> {
         self.inner.remove_key(primer, key).await
     }

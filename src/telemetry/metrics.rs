@@ -82,6 +82,20 @@ pub const JOB_LAST_FAILED: &str = "kck_job_last_failed";
 pub const QUEUE_BACKPRESSURE: &str = "kck_queue_backpressure";
 /// Times the replication reader waited for the queue to shrink.
 pub const QUEUE_BACKPRESSURE_WAITS: &str = "kck_queue_backpressure_waits_total";
+/// Keys the store holds (registered or stored), for a store with a capacity (embedded).
+pub const STORE_KEYS: &str = "kck_store_keys";
+/// Bytes the store charges for them (`store.max_bytes` bounds it; the file is larger).
+pub const STORE_BYTES: &str = "kck_store_bytes";
+/// `store.max_entries`.
+pub const STORE_MAX_KEYS: &str = "kck_store_max_keys";
+/// `store.max_bytes`.
+pub const STORE_MAX_BYTES: &str = "kck_store_max_bytes";
+/// The size of the store's file.
+pub const STORE_FILE_BYTES: &str = "kck_store_file_bytes";
+/// Keys evicted (least recently used) to keep the store within its capacity.
+pub const STORE_EVICTIONS: &str = "kck_store_evictions_total";
+/// Compactions of the store's file (space freed by removals and evictions given back).
+pub const STORE_COMPACTIONS: &str = "kck_store_compactions_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "kck_build_info";
 
@@ -348,6 +362,31 @@ fn describe() {
     describe_gauge!(SLOT_ACTIVE, "1 when a session holds kck's slot.");
     describe_gauge!(SLOT_WAL_STATUS, "1 for the slot's current wal_status.");
     describe_gauge!(QUEUE_DEPTH, "Refresh tasks in the queue.");
+    describe_gauge!(STORE_KEYS, "Keys the store holds (registered or stored).");
+    describe_gauge!(
+        STORE_BYTES,
+        Unit::Bytes,
+        "Bytes the store charges for its keys and entries."
+    );
+    describe_gauge!(
+        STORE_MAX_KEYS,
+        "The store's capacity in keys (store.max_entries)."
+    );
+    describe_gauge!(
+        STORE_MAX_BYTES,
+        Unit::Bytes,
+        "The store's capacity in bytes (store.max_bytes)."
+    );
+    describe_gauge!(
+        STORE_FILE_BYTES,
+        Unit::Bytes,
+        "The size of the store's file."
+    );
+    describe_counter!(
+        STORE_EVICTIONS,
+        "Keys evicted, least recently used first, to keep the store within its capacity."
+    );
+    describe_counter!(STORE_COMPACTIONS, "Compactions of the store's file.");
     describe_gauge!(QUEUE_CLAIMED, "Refresh tasks being worked on.");
     describe_gauge!(
         QUEUE_OLDEST_AGE_SECONDS,
