@@ -519,10 +519,22 @@ pub fn connect_fix(text: &str, source: &Source) -> String {
 
 /// A Postgres error as a person needs it: the server's message, SQLSTATE, detail and hint, or the
 /// client-side cause (tokio-postgres's `Display` says only "db error" or "error connecting to server").
+///
+/// It goes into logs and `/status`, which never carry parameter or row values: for a data exception
+/// (SQLSTATE class 22, whose message quotes the value it refused: `invalid input syntax for type
+/// integer: "abc"`) quoted text is left out, and for classes 22 and 23 (integrity: `Key (id)=(1) already
+/// exists`) the detail too.
 pub fn error_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-        if let Some(d) = db.detail() {
+        let code = db.code().code();
+        let quotes_values = code.starts_with("22");
+        let message = if quotes_values {
+            without_quoted(db.message())
+        } else {
+            db.message().to_owned()
+        };
+        let mut s = format!("{message} (SQLSTATE {code})");
+        if let Some(d) = db.detail().filter(|_| !quotes_values && !code.starts_with("23")) {
             s.push_str(&format!("; {d}"));
         }
         if let Some(h) = db.hint() {
@@ -537,6 +549,25 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+/// `text` with every double-quoted part replaced by `"…"` (Postgres quotes the values it refuses).
+pub fn without_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !quoted {
+                out.push_str("\"…");
+            } else {
+                out.push('"');
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The ancestors of `table` when it is a partition, nearest first and the root last; empty for a table that
@@ -603,4 +634,21 @@ impl ToSql for TextParam<'_> {
     }
 
     postgres_types::to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quoted_values_are_left_out() {
+        assert_eq!(
+            super::without_quoted(r#"invalid input syntax for type integer: "abc""#),
+            r#"invalid input syntax for type integer: "…""#
+        );
+        assert_eq!(
+            super::without_quoted(r#"value "99999999999" is out of range for type integer"#),
+            r#"value "…" is out of range for type integer"#
+        );
+        assert_eq!(super::without_quoted("division by zero"), "division by zero");
+        assert_eq!(super::without_quoted(r#"open "x"#), r#"open "…"#);
+    }
 }

@@ -100,6 +100,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const LEASES: TableDefinition<&str, (&str, i64)> = TableDefinition::new("leases");
 const TASK_FLOOR: TableDefinition<&str, u64> = TableDefinition::new("queue_task_floor");
 const FLOORS: TableDefinition<(u64, &str), ()> = TableDefinition::new("queue_floor");
+/// Tasks parked after failing repeatedly ([`Store::park`]): they have no floor row.
+const PARKED: TableDefinition<&str, ()> = TableDefinition::new("queue_parked");
 
 /// (seq, lsn, enqueued_at_ms, attempts, not_before_ms); `not_before_ms == 0` means ready.
 type TaskRow = (u64, u64, i64, u32, i64);
@@ -198,6 +200,10 @@ enum Op {
         claim: Claim,
         not_before_ms: i64,
     },
+    Park {
+        claim: Claim,
+        not_before_ms: i64,
+    },
     PutMeta {
         name: String,
         value: Bytes,
@@ -222,6 +228,7 @@ impl Op {
             Op::Enqueue { .. } => "enqueue",
             Op::Finish { .. } => "finish",
             Op::Retry { .. } => "retry",
+            Op::Park { .. } => "park",
             Op::PutMeta { .. } => "put_meta",
             Op::TryLease { .. } => "try_lease",
             Op::ReleaseLease { .. } => "release_lease",
@@ -237,7 +244,11 @@ impl Op {
     fn must_be_durable(&self) -> bool {
         matches!(
             self,
-            Op::Enqueue { .. } | Op::Retry { .. } | Op::RemoveKey { .. } | Op::PutMeta { .. }
+            Op::Enqueue { .. }
+                | Op::Retry { .. }
+                | Op::Park { .. }
+                | Op::RemoveKey { .. }
+                | Op::PutMeta { .. }
         )
     }
 
@@ -293,6 +304,7 @@ struct Tables<'t> {
     leases: Table<'t, &'static str, (&'static str, i64)>,
     task_floor: Table<'t, &'static str, u64>,
     floors: Table<'t, (u64, &'static str), ()>,
+    parked: Table<'t, &'static str, ()>,
     /// Entries written (`Some`) and removed (`None`) in this transaction, for [`HotEntries::committed`].
     changes: Vec<(String, Option<Entry>)>,
 }
@@ -312,6 +324,7 @@ impl<'t> Tables<'t> {
             leases: txn.open_table(LEASES).ctx(op)?,
             task_floor: txn.open_table(TASK_FLOOR).ctx(op)?,
             floors: txn.open_table(FLOORS).ctx(op)?,
+            parked: txn.open_table(PARKED).ctx(op)?,
             changes: Vec::new(),
         })
     }
@@ -375,8 +388,16 @@ impl<'t> Tables<'t> {
             let existing = self.tasks.get(id).ctx(op)?.map(|g| g.value());
             match existing {
                 Some((seq, lsn, enqueued_at, attempts, not_before)) => {
-                    if task.lsn.0 > lsn {
-                        let row: TaskRow = (seq, task.lsn.0, enqueued_at, attempts, not_before);
+                    // A parked task asked for again owes this change: unparked, and due at once.
+                    let unparked = self.parked.remove(id).ctx(op)?.is_some();
+                    if unparked && not_before != 0 {
+                        self.unorder(seq, not_before, op)?;
+                        self.ready.insert(seq, id).ctx(op)?;
+                    }
+                    if task.lsn.0 > lsn || unparked {
+                        let not_before = if unparked { 0 } else { not_before };
+                        let row: TaskRow =
+                            (seq, task.lsn.0.max(lsn), enqueued_at, attempts, not_before);
                         self.tasks.insert(id, row).ctx(op)?;
                     }
                     let old = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
@@ -445,6 +466,7 @@ impl<'t> Tables<'t> {
             return Ok((true, None));
         };
         let floor = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
+        self.parked.remove(id).ctx(op)?;
         if lsn > claim.lsn.0 {
             // Every change up to the claim's LSN was seen by the refresh just done.
             let raised = floor
@@ -479,6 +501,20 @@ impl<'t> Tables<'t> {
             .insert((not_before, seq), claim.id.as_str())
             .ctx(op)?;
         self.delayed_by_seq.insert(seq, claim.id.as_str()).ctx(op)?;
+        Ok(())
+    }
+
+    /// A retry that also takes the task's floor away: it is parked until enqueued again.
+    fn park(&mut self, claim: &Claim, not_before_ms: i64) -> StoreResult<()> {
+        let op = "park";
+        let id = claim.id.as_str();
+        if self.tasks.get(id).ctx(op)?.is_none() {
+            return Ok(());
+        }
+        self.retry(claim, not_before_ms)?;
+        let floor = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
+        self.set_floor(id, floor, None, op)?;
+        self.parked.insert(id, ()).ctx(op)?;
         Ok(())
     }
 
@@ -526,6 +562,20 @@ impl<'t> Tables<'t> {
                 not_before_ms,
             } => {
                 self.retry(claim, *not_before_ms)?;
+                (
+                    Reply::Unit,
+                    Effect::Release {
+                        claim: claim.clone(),
+                        task_gone: false,
+                        wake: true,
+                    },
+                )
+            }
+            Op::Park {
+                claim,
+                not_before_ms,
+            } => {
+                self.park(claim, *not_before_ms)?;
                 (
                     Reply::Unit,
                     Effect::Release {
@@ -869,16 +919,20 @@ impl EmbeddedStore {
         Ok(next_seq)
     }
 
-    /// Gives every task without a floor (a store written before floors existed) the floor = its LSN.
+    /// Gives every task without a floor (a store written before floors existed) the floor = its LSN;
+    /// parked tasks have none on purpose.
     fn backfill_floors(mut tables: Tables<'_>) -> StoreResult<()> {
         let op = "backfill task floors";
-        if tables.task_floor.len().ctx(op)? == tables.tasks.len().ctx(op)? {
+        let owing = tables.task_floor.len().ctx(op)? + tables.parked.len().ctx(op)?;
+        if owing == tables.tasks.len().ctx(op)? {
             return Ok(());
         }
         let mut missing = Vec::new();
         for item in tables.tasks.iter().ctx(op)? {
             let (id, row) = item.ctx(op)?;
-            if tables.task_floor.get(id.value()).ctx(op)?.is_none() {
+            if tables.task_floor.get(id.value()).ctx(op)?.is_none()
+                && tables.parked.get(id.value()).ctx(op)?.is_none()
+            {
                 missing.push((id.value().to_owned(), row.value().1));
             }
         }
@@ -1164,6 +1218,28 @@ impl Store for EmbeddedStore {
         .map(|_| ())
     }
 
+    async fn park(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
+        let not_before_ms = now_ms().saturating_add(duration_ms(delay));
+        self.call(Op::Park {
+            claim: claim.clone(),
+            not_before_ms,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn parked(&self, limit: usize) -> StoreResult<Vec<String>> {
+        let op = "parked";
+        let txn = self.read()?;
+        let parked = txn.open_table(PARKED).ctx(op)?;
+        let mut out = Vec::new();
+        for item in parked.iter().ctx(op)?.take(limit) {
+            let (id, _) = item.ctx(op)?;
+            out.push(id.value().to_owned());
+        }
+        Ok(out)
+    }
+
     async fn wait_for_tasks(&self, timeout: Duration) {
         // Registered before looking, so that a commit after the look wakes us.
         let notified = self.inner.shared.tasks_changed.notified();
@@ -1213,10 +1289,12 @@ impl Store for EmbeddedStore {
             Some((_, id)) => tasks.get(id.as_str()).ctx(op)?.map(|g| g.value().2),
             None => None,
         };
+        let parked = txn.open_table(PARKED).ctx(op)?.len().ctx(op)?;
         Ok(QueueStats {
             depth,
             claimed: claimed.min(depth),
             oldest_enqueued_at_ms,
+            parked,
             estimated: false,
         })
     }
@@ -1310,6 +1388,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::run_all(|| {
+            let path = numbered(dir.path(), &n);
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parks_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::parking(|| {
             let path = numbered(dir.path(), &n);
             async move { EmbeddedStore::open(&path).unwrap() }
         })
@@ -1426,6 +1515,7 @@ mod tests {
                 depth: 3,
                 claimed: 0,
                 oldest_enqueued_at_ms: oldest,
+                parked: 0,
                 estimated: false,
             }
         );
