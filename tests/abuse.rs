@@ -459,3 +459,52 @@ async fn requests_for_hosts_not_allowed_are_refused() {
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// Issue 15: at `KCK_LOG=debug` the log carries no parameter or row value: an updater's argument, the
+/// row it writes and the cached value that reflects it appear nowhere (tokio-postgres prints every bound
+/// parameter at debug; the binary's subscriber leaves those lines out).
+#[tokio::test]
+async fn debug_logs_carry_no_parameter_or_row_values() {
+    const SECRET: &str = "zebra-secret-7731";
+    let db = database(PARKING_SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PARKING_PRIMERS)
+        .write(dir.path());
+    let log = dir.path().join("kck.log");
+    let (mut child, addr) =
+        crate::support::kck::spawn_kck_at(&path, Some((log.as_path(), "debug"))).await;
+    assert_eq!(fetch(addr, "item/1").await.0, 200);
+    let answer = reqwest::Client::new()
+        .post(format!("http://{addr}/update/rename?wait=fresh&timeout=30s"))
+        .json(&serde_json::json!({"id": 1, "name": SECRET}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(fetch(addr, "item/1").await.1, SECRET);
+    // A miss with a key value Postgres refuses, and one whose query fails: their errors are logged too.
+    assert_eq!(fetch(addr, "item/7731000000").await.0, 400);
+    assert_eq!(fetch(addr, "ratio/2").await.0, 502);
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The errors of the two misses are logged (without the values their Postgres messages quote).
+    assert!(
+        text.contains("SQLSTATE 22003") && text.contains("SQLSTATE 22012"),
+        "the misses' errors are not logged:\n{text}"
+    );
+    for value in [SECRET, "7731000000"] {
+        let found: Vec<&str> = text.lines().filter(|l| l.contains(value)).collect();
+        // The key's own text may be logged (keys are, by design); the value alone may not.
+        let outside_keys: Vec<&&str> = found
+            .iter()
+            .filter(|l| !l.contains(&format!("item/{value}")))
+            .collect();
+        assert!(
+            outside_keys.is_empty(),
+            "the log carries the value {value}:\n{}",
+            outside_keys.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
+        );
+    }
+    db.cleanup().await;
+}

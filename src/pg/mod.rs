@@ -526,21 +526,7 @@ pub fn connect_fix(text: &str, source: &Source) -> String {
 /// exists`) the detail too.
 pub fn error_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        let code = db.code().code();
-        let quotes_values = code.starts_with("22");
-        let message = if quotes_values {
-            without_quoted(db.message())
-        } else {
-            db.message().to_owned()
-        };
-        let mut s = format!("{message} (SQLSTATE {code})");
-        if let Some(d) = db.detail().filter(|_| !quotes_values && !code.starts_with("23")) {
-            s.push_str(&format!("; {d}"));
-        }
-        if let Some(h) = db.hint() {
-            s.push_str(&format!("; hint: {h}"));
-        }
-        return s;
+        return crate::report::db_error_text(db);
     }
     let mut s = e.to_string();
     let mut cause = std::error::Error::source(e);
@@ -551,24 +537,6 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     s
 }
 
-/// `text` with every double-quoted part replaced by `"…"` (Postgres quotes the values it refuses).
-pub fn without_quoted(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
-    for c in text.chars() {
-        if c == '"' {
-            if !quoted {
-                out.push_str("\"…");
-            } else {
-                out.push('"');
-            }
-            quoted = !quoted;
-        } else if !quoted {
-            out.push(c);
-        }
-    }
-    out
-}
 
 /// The ancestors of `table` when it is a partition, nearest first and the root last; empty for a table that
 /// is not a partition.
@@ -636,19 +604,3 @@ impl ToSql for TextParam<'_> {
     postgres_types::to_sql_checked!();
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn quoted_values_are_left_out() {
-        assert_eq!(
-            super::without_quoted(r#"invalid input syntax for type integer: "abc""#),
-            r#"invalid input syntax for type integer: "…""#
-        );
-        assert_eq!(
-            super::without_quoted(r#"value "99999999999" is out of range for type integer"#),
-            r#"value "…" is out of range for type integer"#
-        );
-        assert_eq!(super::without_quoted("division by zero"), "division by zero");
-        assert_eq!(super::without_quoted(r#"open "x"#), r#"open "…"#);
-    }
-}
