@@ -346,16 +346,12 @@ async fn check_host(
     request: Request,
     next: Next,
 ) -> Response {
-    let host = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-        });
+    let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    });
     if host.is_some_and(|h| host_allowed(&allowed, h)) {
         return next.run(request).await;
     }
@@ -1720,7 +1716,11 @@ mod tests {
 
     #[test]
     fn allowed_hosts_match_by_name_or_name_and_port() {
-        let allowed = ["localhost".to_string(), "kck.internal:8080".to_string(), "::1".to_string()];
+        let allowed = [
+            "localhost".to_string(),
+            "kck.internal:8080".to_string(),
+            "::1".to_string(),
+        ];
         assert!(host_allowed(&allowed, "localhost"));
         assert!(host_allowed(&allowed, "LOCALHOST:9000"));
         assert!(host_allowed(&allowed, "kck.internal:8080"));

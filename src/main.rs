@@ -224,9 +224,7 @@ fn init_logging(format: LogFormat) {
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(kept);
+    let registry = tracing_subscriber::registry().with(filter).with(kept);
     match format {
         LogFormat::Text => registry.with(fmt).init(),
         LogFormat::Json => registry.with(fmt.json()).init(),

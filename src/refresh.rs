@@ -1004,7 +1004,8 @@ impl Refresher {
             .get_or_try_init(|| async {
                 // One slot per key computed (requests for the same key share it): a flood of distinct
                 // misses waits here, not in Postgres, and past `miss_wait` is refused.
-                let _slot = match tokio::time::timeout(self.miss_wait, self.misses.acquire()).await {
+                let _slot = match tokio::time::timeout(self.miss_wait, self.misses.acquire()).await
+                {
                     Ok(Ok(slot)) => slot,
                     _ => {
                         return Err(RefreshError::TooManyMisses {
@@ -1370,7 +1371,8 @@ impl Refresher {
             }
             Err(error) => {
                 let delay = backoff(claim.attempts);
-                let park = persistent(&error) && claim.attempts.saturating_add(1) >= self.park_after;
+                let park =
+                    persistent(&error) && claim.attempts.saturating_add(1) >= self.park_after;
                 match &error {
                     _ if park => {
                         self.telemetry.metrics.refresh(&primer, "parked", None);

@@ -339,7 +339,10 @@ async fn a_batch_of_misses_computes_at_most_its_budget() {
     assert_eq!(refused.1["error"]["code"], "too_many_misses", "{body}");
     assert!(!running.store.is_registered(&refused.0).await.unwrap());
     let primes = running.refresher.primer_health("item").primes;
-    assert_eq!(primes, 51, "primer queries run for misses (item/1's first fetch included)");
+    assert_eq!(
+        primes, 51,
+        "primer queries run for misses (item/1's first fetch included)"
+    );
     running.stop().await.unwrap();
     db.cleanup().await;
 }
@@ -420,7 +423,10 @@ async fn requests_for_hosts_not_allowed_are_refused() {
     );
     std::fs::write(&path, text).unwrap();
     let config = crate::support::kck::load(&path);
-    assert_eq!(config.http.allowed_hosts, ["localhost", "kck.internal:8080"]);
+    assert_eq!(
+        config.http.allowed_hosts,
+        ["localhost", "kck.internal:8080"]
+    );
     let running = start(config).await;
     let addr = running.http_addr;
     let client = reqwest::Client::new();
@@ -475,7 +481,9 @@ async fn debug_logs_carry_no_parameter_or_row_values() {
         crate::support::kck::spawn_kck_at(&path, Some((log.as_path(), "debug"))).await;
     assert_eq!(fetch(addr, "item/1").await.0, 200);
     let answer = reqwest::Client::new()
-        .post(format!("http://{addr}/update/rename?wait=fresh&timeout=30s"))
+        .post(format!(
+            "http://{addr}/update/rename?wait=fresh&timeout=30s"
+        ))
         .json(&serde_json::json!({"id": 1, "name": SECRET}))
         .send()
         .await
@@ -503,7 +511,11 @@ async fn debug_logs_carry_no_parameter_or_row_values() {
         assert!(
             outside_keys.is_empty(),
             "the log carries the value {value}:\n{}",
-            outside_keys.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
+            outside_keys
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     db.cleanup().await;

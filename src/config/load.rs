@@ -641,18 +641,18 @@ impl Loader<'_> {
                 ));
             }
         }
-        let bounded = |field: Option<&Spanned<i64>>, name: &str, default: usize, max: usize| match field
-        {
-            None => Ok(default),
-            Some(n) => match usize::try_from(n.value) {
-                Ok(v) if (1..=max).contains(&v) => Ok(v),
-                _ => Err(self.err(
-                    line_of(n),
-                    name,
-                    format!("must be between 1 and {max}, got {}", n.value),
-                )),
-            },
-        };
+        let bounded =
+            |field: Option<&Spanned<i64>>, name: &str, default: usize, max: usize| match field {
+                None => Ok(default),
+                Some(n) => match usize::try_from(n.value) {
+                    Ok(v) if (1..=max).contains(&v) => Ok(v),
+                    _ => Err(self.err(
+                        line_of(n),
+                        name,
+                        format!("must be between 1 and {max}, got {}", n.value),
+                    )),
+                },
+            };
         let max_batch_misses = bounded(
             section.and_then(|s| s.max_batch_misses.as_ref()),
             "http.max_batch_misses",

@@ -537,7 +537,6 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
     s
 }
 
-
 /// The ancestors of `table` when it is a partition, nearest first and the root last; empty for a table that
 /// is not a partition.
 pub async fn partition_ancestors(
@@ -603,4 +602,3 @@ impl ToSql for TextParam<'_> {
 
     postgres_types::to_sql_checked!();
 }
-

@@ -777,10 +777,9 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = S>,
 {
-    run_one(
-        "a_parked_task_owes_no_floor_until_asked_for_again",
-        async { a_parked_task_owes_no_floor_until_asked_for_again(make().await).await },
-    )
+    run_one("a_parked_task_owes_no_floor_until_asked_for_again", async {
+        a_parked_task_owes_no_floor_until_asked_for_again(make().await).await
+    })
     .await;
 }
 
@@ -791,7 +790,11 @@ async fn a_parked_task_owes_no_floor_until_asked_for_again<S: Store>(s: S) {
     s.park(&claims[0], LONG).await.unwrap();
     check_floor(&s, true, Some(Lsn(7)), "a parked task owes no floor").await;
     let st = stats(&s).await;
-    assert_eq!((st.depth, st.parked), (2, 1), "a parked task stays queued: {st:?}");
+    assert_eq!(
+        (st.depth, st.parked),
+        (2, 1),
+        "a parked task stays queued: {st:?}"
+    );
     assert_eq!(s.parked(10).await.unwrap(), vec!["a".to_string()]);
     assert!(
         claim(&s, 10, LONG).await.is_empty(),
@@ -803,7 +806,13 @@ async fn a_parked_task_owes_no_floor_until_asked_for_again<S: Store>(s: S) {
 
     // Asked for again: it owes the new change and is due at once.
     s.enqueue(vec![task("a", 9)]).await.unwrap();
-    check_floor(&s, true, Some(Lsn(9)), "an unparked task owes its new change").await;
+    check_floor(
+        &s,
+        true,
+        Some(Lsn(9)),
+        "an unparked task owes its new change",
+    )
+    .await;
     assert_eq!(stats(&s).await.parked, 0);
     let again = claim_eventually(&s, "a").await;
     assert_eq!(again.lsn, Lsn(9));
