@@ -1642,6 +1642,25 @@ mod tests {
         assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
     }
 
+    /// A parked task stays parked across a restart: reopening (and its floor backfill) gives it no floor.
+    #[tokio::test]
+    async fn parked_tasks_stay_parked_when_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.enqueue(vec![task("a", 7), task("b", 4)]).await.unwrap();
+            let claims = s.claim(10, LONG).await.unwrap();
+            let b = claims.iter().find(|c| c.id == "b").unwrap();
+            s.park(b, LONG).await.unwrap();
+            assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
+        let stats = s.queue_stats().await.unwrap();
+        assert_eq!((stats.depth, stats.parked), (2, 1));
+        assert_eq!(s.parked(10).await.unwrap(), vec!["b".to_string()]);
+    }
+
     #[tokio::test]
     async fn opening_an_open_store_again_says_so() {
         let dir = tempfile::tempdir().unwrap();
