@@ -296,51 +296,48 @@ async fn a_key_whose_refresh_keeps_failing_is_parked_and_wait_fresh_still_ends()
     db.cleanup().await;
 }
 
-/// Issue 15: one `POST /fetch` of 300 distinct misses computes at most `http.max_batch_misses` of them;
-/// the rest answer `429 too_many_misses` in the results and are neither computed nor registered.
+/// Issue 15: one `POST /fetch` of 999 distinct misses (the audit's batch amplification) computes at most
+/// `http.max_batch_misses` (default 100) of them; the rest answer `429 too_many_misses` in the results
+/// and are neither computed nor registered.
 #[tokio::test]
 async fn a_batch_of_misses_computes_at_most_its_budget() {
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
-        .write(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "http:\n  bind: 127.0.0.1:0\n",
-        "http:\n  bind: 127.0.0.1:0\n  max_batch_misses: 50\n",
-    );
-    std::fs::write(&path, text).unwrap();
-    let config = crate::support::kck::load(&path);
-    assert_eq!(config.http.max_batch_misses, 50);
+    let config = config(dir.path(), &db.url, "kck_test", &db.name, PRIMERS);
+    assert_eq!(config.http.max_batch_misses, 100);
     let running = start(config).await;
     let addr = running.http_addr;
     assert_eq!(fetch(addr, "item/1").await.0, 200);
-    let mut keys: Vec<String> = (1000..1300).map(|i| format!("item/{i}")).collect();
+    let mut keys: Vec<String> = (1000..1999).map(|i| format!("item/{i}")).collect();
     keys.push("item/1".into());
-    let body: serde_json::Value = reqwest::Client::new()
+    let response = reqwest::Client::new()
         .post(format!("http://{addr}/fetch"))
         .json(&serde_json::json!({ "keys": keys }))
         .send()
         .await
-        .unwrap()
-        .json()
-        .await
         .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
     let results = body["results"].as_object().unwrap();
     let with = |status: u64| results.values().filter(|r| r["status"] == status).count();
-    // The hit costs nothing; 50 misses are computed, 250 are refused.
+    // The hit costs nothing; 100 misses are computed, 899 are refused.
     assert_eq!(results["item/1"]["status"], 200, "{body}");
-    assert_eq!(with(200), 51, "{body}");
-    assert_eq!(with(429), 250, "{body}");
-    let refused = results
+    assert_eq!((with(200), with(429)), (101, 899));
+    let refused: Vec<&String> = results
         .iter()
-        .find(|(_, r)| r["status"] == 429)
-        .map(|(k, r)| (k.clone(), r.clone()))
-        .unwrap();
-    assert_eq!(refused.1["error"]["code"], "too_many_misses", "{body}");
-    assert!(!running.store.is_registered(&refused.0).await.unwrap());
+        .filter(|(_, r)| r["status"] == 429)
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        results[refused[0].as_str()]["error"]["code"],
+        "too_many_misses"
+    );
+    for key in refused {
+        assert!(!running.store.is_registered(key).await.unwrap(), "{key}");
+    }
     let primes = running.refresher.primer_health("item").primes;
     assert_eq!(
-        primes, 51,
+        primes, 101,
         "primer queries run for misses (item/1's first fetch included)"
     );
     running.stop().await.unwrap();
