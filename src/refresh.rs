@@ -30,7 +30,10 @@
 //!   primer's permit does not hold up the worker's other units).
 //! - **Failures.** A failed task is retried with backoff (100 ms doubling to 30 s) and does not hold a
 //!   worker meanwhile, so a primer whose query keeps failing does not block the others; its failures and
-//!   last error are kept per primer ([`Refresher::primer_health`]) and logged.
+//!   last error are kept per primer ([`Refresher::primer_health`]) and logged. A task whose query
+//!   Postgres refused `refresh.park_after` times in a row is parked ([`Store::park`]): it stops holding
+//!   freshness waits and is tried every `refresh.parked_retry`, or at once when a change to it is queued.
+//!   Connection, resource, cancel and timeout errors never park (during an outage every key is behind).
 //! - **Batching.** Key tasks of a primer with a `batch` query that are claimed together are computed in
 //!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
