@@ -21,6 +21,11 @@ const PRIMERS: &str = r#"
     key: "named/{name}"
     shape: value
     query: "SELECT id FROM items WHERE name = $1"
+updaters:
+  - name: rename
+    params: [id:int, name:text]
+    statements:
+      - UPDATE items SET name = $2 WHERE id = $1
 "#;
 
 #[tokio::test]
@@ -81,6 +86,22 @@ async fn poisoned_keys_are_refused_and_never_hold_freshness_waits() {
     assert_eq!(answer.text().await.unwrap(), "\"uno\"");
     let queue = running.store.queue_stats().await.unwrap();
     assert_eq!(queue.depth, 0, "{queue:?}");
+    // The issue's own case: `/fetch/x/%00` is a 400, and `wait=fresh` still answers `fresh: true`.
+    let (status, body) = fetch(addr, "named/%00").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!running.store.is_registered("named/%00").await.unwrap());
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "http://{addr}/update/rename?wait=fresh&timeout=30s"
+        ))
+        .json(&serde_json::json!({"id": 1, "name": "eins"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["fresh"], true, "{body}");
+    assert_eq!(fetch(addr, "item/1").await.1, "eins");
     tokio::time::sleep(Duration::from_millis(10)).await;
     running.stop().await.unwrap();
     db.cleanup().await;
