@@ -422,7 +422,9 @@ pub async fn start(config: Config, options: RunOptions) -> Result<Running, AppEr
         )?
         .with_local_stream(state_rx.clone())
         .with_claim_batch(config.refresh.claim_batch)
-        .with_absent_rows(config.refresh.absent_rows),
+        .with_absent_rows(config.refresh.absent_rows)
+        .with_parking(config.refresh.park_after, config.refresh.parked_retry)
+        .with_miss_limit(config.http.max_concurrent_misses, config.http.miss_wait),
     );
     if options.paused {
         refresher.pause();

@@ -98,7 +98,20 @@ pub struct HttpConfig {
     pub header_read_timeout: Duration,
     /// The most bytes of request line and headers. Default 64 KiB.
     pub max_header_bytes: usize,
+    /// The most misses one `POST /fetch` computes; the keys past it answer `429 too_many_misses` in
+    /// its results (nothing is computed or registered for them). Default 100.
+    pub max_batch_misses: usize,
+    /// The most misses computed at once, all requests together (requests for one key share one). Default
+    /// 32.
+    pub max_concurrent_misses: usize,
+    /// How long a miss waits for one of those before it answers `503 too_many_misses`. Default 5 s.
+    pub miss_wait: Duration,
+    /// The names (and `name:port`) a request's `Host` may give; others answer `421 host_not_allowed`.
+    /// Lower case. Empty (the default): any.
+    pub allowed_hosts: Vec<String>,
 }
+
+pub const DEFAULT_MAX_BATCH_MISSES: usize = 100;
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -128,6 +141,10 @@ impl Default for HttpConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_batch_misses: DEFAULT_MAX_BATCH_MISSES,
+            max_concurrent_misses: crate::refresh::DEFAULT_MAX_CONCURRENT_MISSES,
+            miss_wait: crate::refresh::DEFAULT_MISS_WAIT,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -278,6 +295,7 @@ pub fn app(state: AppState, operations: Router) -> Router {
     };
     let body_limit = state.limits.body_limit;
     let cors_origins = state.limits.cors_origins.clone();
+    let allowed_hosts = Arc::new(state.limits.allowed_hosts.clone());
     let auth = state.auth.clone();
     let mut router = routes()
         .with_state(Arc::new(state))
@@ -307,8 +325,56 @@ pub fn app(state: AppState, operations: Router) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     };
+    // Outside CORS and authentication: a request for another host (DNS rebinding: a browser page of
+    // evil.example whose name now points at 127.0.0.1) gets nothing, not even a preflight answer.
+    let router = if allowed_hosts.is_empty() {
+        router
+    } else {
+        router.layer(axum::middleware::from_fn_with_state(
+            allowed_hosts,
+            check_host,
+        ))
+    };
     // Outermost: whatever answered with an error, the body has the stable shape.
     router.layer(axum::middleware::map_response(json_errors))
+}
+
+/// `421 host_not_allowed` unless the request's host (HTTP/2's `:authority`, else `Host`) is one of
+/// `http.allowed_hosts`.
+async fn check_host(
+    State(allowed): State<Arc<Vec<String>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let host = request.uri().authority().map(|a| a.as_str()).or_else(|| {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+    });
+    if host.is_some_and(|h| host_allowed(&allowed, h)) {
+        return next.run(request).await;
+    }
+    ApiError::new(
+        StatusCode::MISDIRECTED_REQUEST,
+        "host_not_allowed",
+        "this kck does not serve that host name (http.allowed_hosts)",
+    )
+    .into_response()
+}
+
+/// Whether `host` (`name` or `name:port`, any case) is listed: as it is, or by its name alone.
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    let name = match host.strip_prefix('[') {
+        // [::1]:8080
+        Some(rest) => rest.split_once(']').map_or(host.as_str(), |(n, _)| n),
+        None => match host.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => host.as_str(),
+        },
+    };
+    allowed.iter().any(|a| *a == host || a == name)
 }
 
 /// The CORS layer for `http.cors_origins` (`None` when there are none): GET and POST, with the headers
@@ -489,14 +555,37 @@ fn internal(error: &dyn std::fmt::Display) -> ApiError {
 const NOT_VISIBLE_RETRY_AFTER_S: u32 = 1;
 
 fn prime_error(e: RefreshError) -> ApiError {
+    // Postgres's own text stays in kck's log (without the values it quotes: `pg::error_text`): the answer
+    // gives the SQLSTATE and says what happened in kck's words.
     match e {
-        e @ RefreshError::Query { .. } => {
-            // The answer says "details in kck's log": here they are, with the cause.
+        RefreshError::Query { ref primer, ref source } => {
             tracing::error!(error = %crate::report::Chain(&e), "A primer's query failed in Postgres; answered 502 primer_failed.");
-            ApiError::new(StatusCode::BAD_GATEWAY, "primer_failed", e.to_string())
+            let code = source.code().map(|c| c.code().to_owned());
+            let error = ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "primer_failed",
+                format!(
+                    "the query of primer '{primer}' failed in Postgres{}; details are in kck's log",
+                    code.as_ref().map(|c| format!(" (SQLSTATE {c})")).unwrap_or_default()
+                ),
+            );
+            match code {
+                Some(c) => error.with("sqlstate", c),
+                None => error,
+            }
         }
-        e @ RefreshError::BadKeyValue { .. } => {
-            ApiError::new(StatusCode::BAD_REQUEST, "bad_key_parameter", e.to_string())
+        RefreshError::BadKeyValue { ref primer, ref source } => {
+            tracing::info!(error = %crate::report::Chain(&e), "Postgres refused a key's values; answered 400 bad_key_parameter, the key is not cached.");
+            let code = source.code().map_or("22000", |c| c.code()).to_owned();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_key_parameter",
+                format!(
+                    "Postgres refused this key's values for primer '{primer}' (SQLSTATE {code}: a value out of \
+                     range or not valid input for its type); the key is not cached"
+                ),
+            )
+            .with("sqlstate", code)
         }
         // The miss needs a change this process cannot prove visible yet: no replication process is
         // publishing the visible watermark (an http-only process with none running), or it is far behind.
@@ -512,6 +601,11 @@ fn prime_error(e: RefreshError) -> ApiError {
         .with("needed_lsn", needed.to_string())
         .with("visible_lsn", visible.to_string())
         .retry_after(NOT_VISIBLE_RETRY_AFTER_S),
+        // Shed: a flood of misses must not become a flood of queries (nor an unbounded line of them).
+        e @ RefreshError::TooManyMisses { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too_many_misses", e.to_string())
+                .retry_after(1)
+        }
         e => internal(&crate::report::Chain(&e)),
     }
 }
@@ -721,6 +815,16 @@ impl AppState {
     /// hit: within its primer's `stale_while_revalidate` it is answered as `stale` while it is recomputed
     /// in the background, else it is computed now like a miss.
     async fn lookup(&self, key: &Key, text: &str) -> Result<(Entry, &'static str), ApiError> {
+        self.lookup_within(key, text, None).await
+    }
+
+    /// [`AppState::lookup`], a miss taking one of `budget`'s (`None`: no budget).
+    async fn lookup_within(
+        &self,
+        key: &Key,
+        text: &str,
+        budget: Option<&MissBudget>,
+    ) -> Result<(Entry, &'static str), ApiError> {
         if let Some(refresher) = &self.refresher {
             refresher.touch(text);
         }
@@ -759,13 +863,36 @@ impl AppState {
                 ),
             ));
         }
-        Ok((self.prime(key, text).await?, "miss"))
+        Ok((self.prime_within(key, text, budget).await?, "miss"))
     }
 
     async fn prime(&self, key: &Key, text: &str) -> Result<Entry, ApiError> {
+        self.prime_within(key, text, None).await
+    }
+
+    async fn prime_within(
+        &self,
+        key: &Key,
+        text: &str,
+        budget: Option<&MissBudget>,
+    ) -> Result<Entry, ApiError> {
         let Some(refresher) = &self.primer else {
             return Err(not_cached(text));
         };
+        if let Some(budget) = budget
+            && !budget.take()
+        {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_misses",
+                format!(
+                    "this request already computed {} misses (http.max_batch_misses): '{text}' was not \
+                     computed; ask for it again",
+                    budget.limit
+                ),
+            )
+            .retry_after(1));
+        }
         refresher.prime(key, text).await.map_err(prime_error)
     }
 
@@ -778,6 +905,7 @@ impl AppState {
         min: Lsn,
         deadline: Instant,
         timeout: Duration,
+        budget: Option<&MissBudget>,
     ) -> Result<(Entry, &'static str), ApiError> {
         let waited = self
             .hub
@@ -798,7 +926,7 @@ impl AppState {
                     Some(_) => Ok(None),
                     // A miss is computed once the stream has decoded `min`: priming then sees it.
                     None if self.progress.decoded() >= min => {
-                        let entry = self.prime(key, text).await?;
+                        let entry = self.prime_within(key, text, budget).await?;
                         let fresh = entry.lsn >= min
                             || self
                                 .progress
@@ -892,6 +1020,30 @@ impl AppState {
     }
 }
 
+/// The misses one request may still compute (`http.max_batch_misses`): one `POST /fetch` of a thousand
+/// absent ids must not run a thousand primer queries.
+struct MissBudget {
+    left: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+impl MissBudget {
+    fn new(limit: usize) -> MissBudget {
+        MissBudget {
+            left: std::sync::atomic::AtomicUsize::new(limit),
+            limit,
+        }
+    }
+
+    /// Takes one miss; false when none is left.
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 fn not_cached(text: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -969,7 +1121,7 @@ async fn fetch(
     }
     if let Some(min) = min {
         let (entry, cache) = state
-            .lookup_fresh(&key, &text, min, deadline, timeout)
+            .lookup_fresh(&key, &text, min, deadline, timeout, None)
             .await?;
         return Ok(entry_response(entry, cache, primer, &headers));
     }
@@ -1237,6 +1389,7 @@ async fn fetch_many(
     };
     let state = &state;
     let principal = &principal;
+    let budget = &MissBudget::new(state.limits.max_batch_misses);
     let results: BTreeMap<String, FetchManyItem> = futures_util::stream::iter(keys)
         .map(|asked| async move {
             let item = async {
@@ -1246,10 +1399,10 @@ async fn fetch_many(
                 let (entry, cache) = match (min, wait) {
                     (Some(min), Some((deadline, timeout))) => {
                         state
-                            .lookup_fresh(&key, &text, min, deadline, timeout)
+                            .lookup_fresh(&key, &text, min, deadline, timeout, Some(budget))
                             .await?
                     }
-                    _ => state.lookup(&key, &text).await?,
+                    _ => state.lookup_within(&key, &text, Some(budget)).await?,
                 };
                 Ok::<_, ApiError>(FetchManyItem::entry(entry, cache))
             }
@@ -1339,12 +1492,13 @@ fn update_error(e: UpdateError) -> ApiError {
                 None => error,
             }
         }
+        // Postgres's message quotes the value it refused: not echoed (the SQLSTATE says which kind).
         ("22", _) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_parameter_value",
             format!(
-                "Postgres refused a value: {}; nothing was written",
-                db.message()
+                "Postgres refused a value (SQLSTATE {code}: out of range, or not valid input for its \
+                 type); nothing was written"
             ),
         ),
         ("P0", _) => ApiError::new(
@@ -1559,6 +1713,24 @@ async fn openapi() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_hosts_match_by_name_or_name_and_port() {
+        let allowed = [
+            "localhost".to_string(),
+            "kck.internal:8080".to_string(),
+            "::1".to_string(),
+        ];
+        assert!(host_allowed(&allowed, "localhost"));
+        assert!(host_allowed(&allowed, "LOCALHOST:9000"));
+        assert!(host_allowed(&allowed, "kck.internal:8080"));
+        assert!(!host_allowed(&allowed, "kck.internal:8081"));
+        assert!(!host_allowed(&allowed, "kck.internal"));
+        assert!(host_allowed(&allowed, "[::1]:8080"));
+        assert!(!host_allowed(&allowed, "localhost.evil.example"));
+        assert!(!host_allowed(&allowed, "evil.example:localhost"));
+        assert!(!host_allowed(&allowed, ""));
+    }
 
     /// Only a non-loopback bind with authentication off is an exposure worth a warning.
     #[test]

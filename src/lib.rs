@@ -35,6 +35,9 @@ pub(crate) mod telemetry;
 pub(crate) mod update;
 pub mod visibility;
 
+/// What the binary's log subscriber keeps (no bound parameter values; see [`telemetry::log_keeps`]).
+pub use telemetry::log_keeps;
+
 /// Entry points for the fuzz targets in `fuzz/` (not an API).
 #[doc(hidden)]
 pub mod fuzzing {

@@ -218,18 +218,13 @@ fn init_logging(format: LogFormat) {
     // honoured).
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    // The CQL driver logs every warning a database response carries, once per response (a tombstone
-    // warning on a hot query is thousands of lines a minute). The scylla store logs them itself, once
-    // per kind with a count, so the driver's own event is left out.
-    let per_response_warnings = tracing_subscriber::filter::filter_fn(|meta| {
-        !(meta.target().starts_with("scylla::") && meta.fields().field("warning").is_some())
-    });
+    // Never bound parameter values (tokio-postgres at debug), nor the CQL driver's per-response warnings:
+    // see `telemetry::log_keeps`.
+    let kept = tracing_subscriber::filter::filter_fn(kck::log_keeps);
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(per_response_warnings);
+    let registry = tracing_subscriber::registry().with(filter).with(kept);
     match format {
         LogFormat::Text => registry.with(fmt).init(),
         LogFormat::Json => registry.with(fmt.json()).init(),

@@ -75,7 +75,7 @@ pub fn document() -> Value {
                         "403": error("The token does not grant access to this key."),
                         "404": error("Not cached and `prime_on_cache_miss` is off."),
                         "502": error("The primer's query failed in Postgres."),
-                        "503": error("kck is shutting down, or `not_visible`: a miss needs a change not proven visible yet (no replication process publishing, or it is behind); `Retry-After` says when to retry."),
+                        "503": error("kck is shutting down, or `not_visible`: a miss needs a change not proven visible yet (no replication process publishing, or it is behind), or `too_many_misses`: every miss slot (`http.max_concurrent_misses`) stayed taken for `http.miss_wait`; `Retry-After` says when to retry."),
                         "504": error("`not_fresh`: the value did not reach `min_lsn` in time; says how far behind kck is.")
                     }
                 }

@@ -30,7 +30,10 @@
 //!   primer's permit does not hold up the worker's other units).
 //! - **Failures.** A failed task is retried with backoff (100 ms doubling to 30 s) and does not hold a
 //!   worker meanwhile, so a primer whose query keeps failing does not block the others; its failures and
-//!   last error are kept per primer ([`Refresher::primer_health`]) and logged.
+//!   last error are kept per primer ([`Refresher::primer_health`]) and logged. A task whose query
+//!   Postgres refused `refresh.park_after` times in a row is parked ([`Store::park`]): it stops holding
+//!   freshness waits and is tried every `refresh.parked_retry`, or at once when a change to it is queued.
+//!   Connection, resource, cancel and timeout errors never park (during an outage every key is behind).
 //! - **Batching.** Key tasks of a primer with a `batch` query that are claimed together are computed in
 //!   one query ([`Refresher::compute_batch`]), each labelled with the watermark read before it started.
 
@@ -129,6 +132,12 @@ pub enum RefreshError {
     },
     #[error("the change at {needed} is not visible yet (visible up to {visible})")]
     NotVisible { needed: Lsn, visible: Lsn },
+    /// Every miss slot (`http.max_concurrent_misses`) stayed taken for `waited`: Postgres is not asked.
+    #[error(
+        "{limit} misses were being computed and none finished within {}: this one was not \
+         (http.max_concurrent_misses, http.miss_wait)", humantime::format_duration(*waited)
+    )]
+    TooManyMisses { limit: usize, waited: Duration },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -170,6 +179,11 @@ pub const MAX_WORKERS: usize = 256;
 pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_QUEUE: u64 = 1_000_000;
 pub const DEFAULT_CLAIM_BATCH: usize = 16;
+pub const DEFAULT_PARK_AFTER: u32 = 5;
+pub const DEFAULT_PARKED_RETRY: Duration = Duration::from_secs(300);
+/// `http.max_concurrent_misses` and `http.miss_wait` (the HTTP section's, applied here, where misses run).
+pub const DEFAULT_MAX_CONCURRENT_MISSES: usize = 32;
+pub const DEFAULT_MISS_WAIT: Duration = Duration::from_secs(5);
 
 /// Refresh workers.
 #[derive(Debug, Clone)]
@@ -190,6 +204,12 @@ pub struct RefreshConfig {
     pub claim_batch: usize,
     /// What a fetch miss whose primer finds no row (`null`) keeps. Default: kept from its second miss.
     pub absent_rows: AbsentRows,
+    /// A task whose refresh failed this many times in a row, each time with an error of the query itself
+    /// (not a lost connection), is parked: it stops holding freshness waits and is retried every
+    /// `parked_retry`. Default 5.
+    pub park_after: u32,
+    /// How often a parked task is tried again. Default 5 min.
+    pub parked_retry: Duration,
 }
 
 /// `refresh.absent_window` unless set.
@@ -385,6 +405,13 @@ pub struct Refresher {
     local_stream: Option<watch::Receiver<ReplicationState>>,
     paused: watch::Sender<bool>,
     claim_batch: usize,
+    /// `refresh.park_after` and `refresh.parked_retry`.
+    park_after: u32,
+    parked_retry: Duration,
+    /// Misses computed at once (`http.max_concurrent_misses`), and how long a miss waits for a slot.
+    misses: Semaphore,
+    miss_limit: usize,
+    miss_wait: Duration,
     /// Per primer: its `concurrency` limit.
     limits: Vec<Option<Arc<Semaphore>>>,
     /// How many of the workers' queries may hold a pool connection at once: all but
@@ -496,6 +523,11 @@ impl Refresher {
             local_stream: None,
             paused: watch::Sender::new(false),
             claim_batch: DEFAULT_CLAIM_BATCH,
+            park_after: DEFAULT_PARK_AFTER,
+            parked_retry: DEFAULT_PARKED_RETRY,
+            misses: Semaphore::new(DEFAULT_MAX_CONCURRENT_MISSES),
+            miss_limit: DEFAULT_MAX_CONCURRENT_MISSES,
+            miss_wait: DEFAULT_MISS_WAIT,
             limits,
             recent: Mutex::new(VecDeque::new()),
             health: RefreshHealth::default(),
@@ -700,6 +732,24 @@ impl Refresher {
     /// How many tasks a worker claims at once (`refresh.claim_batch`).
     pub fn with_claim_batch(mut self, n: usize) -> Refresher {
         self.claim_batch = n.max(1);
+        self
+    }
+
+    /// How many misses run their queries at once, and how long one more waits for a slot before it is
+    /// refused ([`RefreshError::TooManyMisses`]).
+    pub fn with_miss_limit(mut self, limit: usize, wait: Duration) -> Refresher {
+        let limit = limit.max(1);
+        self.misses = Semaphore::new(limit);
+        self.miss_limit = limit;
+        self.miss_wait = wait;
+        self
+    }
+
+    /// When a failing task is parked, and how often it is tried then (`refresh.park_after`,
+    /// `refresh.parked_retry`).
+    pub fn with_parking(mut self, after: u32, retry: Duration) -> Refresher {
+        self.park_after = after.max(1);
+        self.parked_retry = retry;
         self
     }
 
@@ -996,6 +1046,18 @@ impl Refresher {
         };
         let result = cell
             .get_or_try_init(|| async {
+                // One slot per key computed (requests for the same key share it): a flood of distinct
+                // misses waits here, not in Postgres, and past `miss_wait` is refused.
+                let _slot = match tokio::time::timeout(self.miss_wait, self.misses.acquire()).await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => {
+                        return Err(RefreshError::TooManyMisses {
+                            limit: self.miss_limit,
+                            waited: self.miss_wait,
+                        });
+                    }
+                };
                 let primer = &self.catalog.primers[key.primer].name;
                 // Registered first: the stream queues refreshes only for registered keys, so a change it
                 // decodes from now on is refreshed. Then the computation waits until everything the stream
@@ -1378,7 +1440,26 @@ impl Refresher {
             }
             Err(error) => {
                 let delay = backoff(claim.attempts);
+                let park =
+                    persistent(&error) && claim.attempts.saturating_add(1) >= self.park_after;
                 match &error {
+                    _ if park => {
+                        self.telemetry.metrics.refresh(&primer, "parked", None);
+                        self.record_failure(&primer, &error);
+                        if let Some(p) = index {
+                            self.failed(p, &error);
+                        }
+                        tracing::warn!(
+                            task = %claim.id,
+                            %primer,
+                            attempts = claim.attempts + 1,
+                            retry_in = ?self.parked_retry,
+                            "Refresh parked: it failed the same way every time, so it no longer holds \
+                             freshness waits (kck status lists parked tasks). Fix the primer's query or the \
+                             data; a change to the key, or the slow retry, refreshes it again: {}",
+                            crate::report::Chain(&error)
+                        )
+                    }
                     RefreshError::NotVisible { .. } => {
                         self.telemetry.metrics.refresh(&primer, "not_visible", None);
                         tracing::debug!(task = %claim.id, error = %crate::report::Chain(&error), "Retrying later.")
@@ -1401,7 +1482,11 @@ impl Refresher {
                         )
                     }
                 }
-                self.store.retry(claim, delay).await
+                if park {
+                    self.store.park(claim, self.parked_retry).await
+                } else {
+                    self.store.retry(claim, delay).await
+                }
             }
         };
         if let Err(error) = written {
@@ -1578,6 +1663,28 @@ fn first_field_value(row: &str) -> Option<String> {
 }
 
 /// 100 ms, doubling per attempt, at most 30 s.
+/// Whether a failed refresh would fail again the same way: Postgres refused the query itself (a data
+/// exception, an undefined column, a constraint), not the connection, the server's resources or a
+/// conflict with other sessions. Only those are parked after `refresh.park_after` attempts: an outage
+/// must keep holding freshness waits, since every key is behind then.
+fn persistent(error: &RefreshError) -> bool {
+    let source = match error {
+        RefreshError::Query { source, .. }
+        | RefreshError::BadKeyValue { source, .. }
+        | RefreshError::Lookup { source, .. }
+        | RefreshError::Batch { source, .. } => source,
+        RefreshError::BatchShape { .. } => return true,
+        _ => return false,
+    };
+    let Some(code) = source.code() else {
+        return false;
+    };
+    // 08 connection, 40 rollback (serialization, deadlock), 53 resources, 55 object in use (lock not
+    // available), 57 operator intervention (cancel, shutdown, statement timeout), 58 system, XX internal.
+    let class = code.code().get(..2).unwrap_or("");
+    !matches!(class, "08" | "40" | "53" | "55" | "57" | "58" | "XX")
+}
+
 fn backoff(attempts: u32) -> Duration {
     let ms = 100u64.saturating_mul(1u64 << attempts.min(16));
     Duration::from_millis(ms.min(30_000))

@@ -693,6 +693,66 @@ impl Loader<'_> {
                 ));
             }
         }
+        let bounded =
+            |field: Option<&Spanned<i64>>, name: &str, default: usize, max: usize| match field {
+                None => Ok(default),
+                Some(n) => match usize::try_from(n.value) {
+                    Ok(v) if (1..=max).contains(&v) => Ok(v),
+                    _ => Err(self.err(
+                        line_of(n),
+                        name,
+                        format!("must be between 1 and {max}, got {}", n.value),
+                    )),
+                },
+            };
+        let max_batch_misses = bounded(
+            section.and_then(|s| s.max_batch_misses.as_ref()),
+            "http.max_batch_misses",
+            crate::http::DEFAULT_MAX_BATCH_MISSES,
+            100_000,
+        )?;
+        let max_concurrent_misses = bounded(
+            section.and_then(|s| s.max_concurrent_misses.as_ref()),
+            "http.max_concurrent_misses",
+            crate::refresh::DEFAULT_MAX_CONCURRENT_MISSES,
+            10_000,
+        )?;
+        let miss_wait = duration(
+            section.and_then(|s| s.miss_wait.as_ref()),
+            "http.miss_wait",
+            crate::refresh::DEFAULT_MISS_WAIT,
+        )?;
+        let mut allowed_hosts = Vec::new();
+        if let Some(list) = section.and_then(|s| s.allowed_hosts.as_ref()) {
+            for (i, h) in list.value.iter().enumerate() {
+                let host = h.value.trim().to_ascii_lowercase();
+                if host.is_empty()
+                    || host.contains("://")
+                    || host.contains('/')
+                    || host.contains(char::is_whitespace)
+                {
+                    return Err(self.err(
+                        line_of(h),
+                        format!("http.allowed_hosts[{i}]"),
+                        format!(
+                            "'{}' is not a host name: give the name a Host header carries, such as \
+                             localhost, 127.0.0.1, kck.example.com or kck.example.com:8080 (no scheme, no path; \
+                             IPv6 without brackets)",
+                            h.value
+                        ),
+                    ));
+                }
+                allowed_hosts.push(host);
+            }
+            if allowed_hosts.is_empty() {
+                return Err(self.err(
+                    line_of(list),
+                    "http.allowed_hosts",
+                    "is empty, so no request could be answered: list the host names kck is reached by, or \
+                     leave the setting out to answer any",
+                ));
+            }
+        }
         Ok(HttpConfig {
             bind,
             request_timeout,
@@ -704,6 +764,10 @@ impl Loader<'_> {
             max_connections,
             header_read_timeout,
             max_header_bytes,
+            max_batch_misses,
+            max_concurrent_misses,
+            miss_wait,
+            allowed_hosts,
         })
     }
 
@@ -1055,6 +1119,18 @@ impl Loader<'_> {
                 ));
             }
         };
+        let park_after = count(
+            "park_after",
+            section.and_then(|s| s.park_after.as_ref()),
+            1,
+            1000,
+        )?
+        .map_or(DEFAULT_PARK_AFTER, |n| n as u32);
+        let parked_retry = match section.and_then(|s| s.parked_retry.as_ref()) {
+            None => DEFAULT_PARKED_RETRY,
+            Some(t) => parse_duration(&t.value)
+                .map_err(|m| self.err(line_of(t), "refresh.parked_retry", m))?,
+        };
         Ok(RefreshConfig {
             workers,
             visibility_timeout,
@@ -1063,6 +1139,8 @@ impl Loader<'_> {
             cold_after,
             claim_batch,
             absent_rows,
+            park_after,
+            parked_retry,
         })
     }
 

@@ -26,8 +26,8 @@ use crate::pg::redact_url;
 pub use crate::pg::{SlotLostPolicy, SourceConfig};
 use crate::primer::{Catalog, Dependency, KeyTemplate, Mapping, Primer, Shape, TableName};
 pub use crate::refresh::{
-    AbsentRows, DEFAULT_ABSENT_WINDOW, DEFAULT_CLAIM_BATCH, DEFAULT_MAX_QUEUE,
-    DEFAULT_VISIBILITY_TIMEOUT, DEFAULT_WORKERS, MAX_WORKERS, RefreshConfig,
+    AbsentRows, DEFAULT_ABSENT_WINDOW, DEFAULT_CLAIM_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PARK_AFTER,
+    DEFAULT_PARKED_RETRY, DEFAULT_VISIBILITY_TIMEOUT, DEFAULT_WORKERS, MAX_WORKERS, RefreshConfig,
 };
 pub use crate::store::{
     Capacity, Consistency, DEFAULT_CQL_PORT, DEFAULT_KEYSPACE, KeyspaceReplication, ScyllaConfig,

@@ -112,6 +112,10 @@ pub(super) struct RawHttp {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) header_read_timeout: Option<Spanned<String>>,
     pub(super) max_header_bytes: Option<Spanned<ScalarText>>,
+    pub(super) max_batch_misses: Option<Spanned<i64>>,
+    pub(super) max_concurrent_misses: Option<Spanned<i64>>,
+    pub(super) miss_wait: Option<Spanned<String>>,
+    pub(super) allowed_hosts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,6 +365,8 @@ pub(super) struct RawRefresh {
     pub(super) claim_batch: Option<Spanned<i64>>,
     pub(super) absent_rows: Option<Spanned<String>>,
     pub(super) absent_window: Option<Spanned<String>>,
+    pub(super) park_after: Option<Spanned<i64>>,
+    pub(super) parked_retry: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1667,6 +1667,30 @@ fn http_and_write_fields() {
         "between 1 and 100000",
     );
     assert_invalid(
+        &format!("{BASE}http:\n  max_batch_misses: 0\n"),
+        11,
+        "http.max_batch_misses",
+        "between 1 and 100000",
+    );
+    assert_invalid(
+        &format!("{BASE}http:\n  allowed_hosts: [localhost, \"https://kck.example.com\"]\n"),
+        11,
+        "http.allowed_hosts[1]",
+        "not a host name",
+    );
+    assert_invalid(
+        &format!("{BASE}http:\n  allowed_hosts: []\n"),
+        11,
+        "http.allowed_hosts",
+        "no request could be answered",
+    );
+    assert_invalid(
+        &format!("{BASE}refresh:\n  park_after: 0\n"),
+        11,
+        "refresh.park_after",
+        "between 1 and 1000",
+    );
+    assert_invalid(
         &format!("{BASE}write:\n  connections: 0\n"),
         11,
         "write.connections",

@@ -344,6 +344,7 @@ pub fn set_gauges(ops: &Ops, reading: Option<&Reading>, queue: Option<&crate::st
     if let Some(queue) = queue {
         metrics.gauge(m::QUEUE_DEPTH, queue.depth as f64);
         metrics.gauge(m::QUEUE_CLAIMED, queue.claimed as f64);
+        metrics.gauge(m::QUEUE_PARKED, queue.parked as f64);
         let age = queue
             .oldest_enqueued_at_ms
             .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);

@@ -104,6 +104,13 @@ pub struct QueueStatus {
     pub depth: u64,
     pub claimed: u64,
     pub oldest_age_seconds: Option<f64>,
+    /// Of `depth`, tasks parked after failing the same way `refresh.park_after` times: they no longer
+    /// hold freshness waits and are retried every `refresh.parked_retry`.
+    #[serde(default)]
+    pub parked: u64,
+    /// The first parked task ids (at most [`PARKED_LISTED`]), in id order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parked_tasks: Vec<String>,
     /// The figures are estimates (the scylla store keeps counters instead of scanning its queue).
     #[serde(default)]
     pub estimated: bool,
@@ -290,10 +297,15 @@ async fn count_keys(store: &dyn Store, primers: &[crate::primer::Primer]) -> Vec
     counts
 }
 
+/// How many parked task ids `/status` lists.
+pub const PARKED_LISTED: usize = 20;
+
 fn queue_status(queue: &QueueStats) -> QueueStatus {
     QueueStatus {
         depth: queue.depth,
         claimed: queue.claimed,
+        parked: queue.parked,
+        parked_tasks: Vec::new(),
         oldest_age_seconds: queue
             .oldest_enqueued_at_ms
             .map(|t| (now_ms() - t).max(0) as f64 / 1000.0),
@@ -365,7 +377,10 @@ impl Status {
             .as_ref()
             .err()
             .map(|e| crate::report::Chain(e).to_string());
-        let queue = queue.ok().map(|q| queue_status(&q));
+        let mut queue = queue.ok().map(|q| queue_status(&q));
+        if let Some(q) = queue.as_mut().filter(|q| q.parked > 0) {
+            q.parked_tasks = ops.store.parked(PARKED_LISTED).await.unwrap_or_default();
+        }
         let f = &ops.telemetry.fetches;
         let (hits, misses, not_cached, errors) = (
             f.hits.load(Ordering::Relaxed),
@@ -619,6 +634,19 @@ impl Status {
                 crate::ops::size::format_bytes(c.max_bytes),
                 crate::ops::size::format_bytes(c.file_bytes),
                 c.evictions,
+            ));
+        }
+        if let Some(q) = self.queue.as_ref().filter(|q| q.parked > 0) {
+            out.push_str(&format!(
+                "parked         {} failing the same way, retried slowly, not holding freshness \
+                 waits: {}{}\n",
+                crate::report::count(q.parked, "task", "tasks"),
+                q.parked_tasks.join(", "),
+                if q.parked > q.parked_tasks.len() as u64 {
+                    ", ..."
+                } else {
+                    ""
+                }
             ));
         }
         if let Some(f) = &self.fetch {

@@ -519,16 +519,14 @@ pub fn connect_fix(text: &str, source: &Source) -> String {
 
 /// A Postgres error as a person needs it: the server's message, SQLSTATE, detail and hint, or the
 /// client-side cause (tokio-postgres's `Display` says only "db error" or "error connecting to server").
+///
+/// It goes into logs and `/status`, which never carry parameter or row values: for a data exception
+/// (SQLSTATE class 22, whose message quotes the value it refused: `invalid input syntax for type
+/// integer: "abc"`) quoted text is left out, and for classes 22 and 23 (integrity: `Key (id)=(1) already
+/// exists`) the detail too.
 pub fn error_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-        if let Some(d) = db.detail() {
-            s.push_str(&format!("; {d}"));
-        }
-        if let Some(h) = db.hint() {
-            s.push_str(&format!("; hint: {h}"));
-        }
-        return s;
+        return crate::report::db_error_text(db);
     }
     let mut s = e.to_string();
     let mut cause = std::error::Error::source(e);

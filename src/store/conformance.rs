@@ -872,6 +872,66 @@ async fn registrations_alone_stay_within_the_bound<S: Store>(s: S) {
     assert_eq!(s.capacity().unwrap().evictions, 47);
 }
 
+/// Parking ([`Store::park`]), for backends that implement it (the embedded store): a parked task stays
+/// queued and claimable after its delay but owes no floor, until its id is enqueued again. Panics at the
+/// first failure, naming it.
+pub async fn parking<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    run_one("a_parked_task_owes_no_floor_until_asked_for_again", async {
+        a_parked_task_owes_no_floor_until_asked_for_again(make().await).await
+    })
+    .await;
+}
+
+async fn a_parked_task_owes_no_floor_until_asked_for_again<S: Store>(s: S) {
+    s.enqueue(vec![task("a", 5), task("b", 7)]).await.unwrap();
+    let claims = claim(&s, 10, LONG).await;
+    assert_eq!(ids(&claims), vec!["a", "b"]);
+    s.park(&claims[0], LONG).await.unwrap();
+    check_floor(&s, true, Some(Lsn(7)), "a parked task owes no floor").await;
+    let st = stats(&s).await;
+    assert_eq!(
+        (st.depth, st.parked),
+        (2, 1),
+        "a parked task stays queued: {st:?}"
+    );
+    assert_eq!(s.parked(10).await.unwrap(), vec!["a".to_string()]);
+    assert!(
+        claim(&s, 10, LONG).await.is_empty(),
+        "a parked task waits out its delay"
+    );
+    s.finish(&claims[1], None, Vec::new()).await.unwrap();
+    check_floor(&s, true, None, "only a parked task is left").await;
+    depth_is(&s, 1, "the parked task").await;
+
+    // Asked for again: it owes the new change and is due at once.
+    s.enqueue(vec![task("a", 9)]).await.unwrap();
+    check_floor(
+        &s,
+        true,
+        Some(Lsn(9)),
+        "an unparked task owes its new change",
+    )
+    .await;
+    assert_eq!(stats(&s).await.parked, 0);
+    let again = claim_eventually(&s, "a").await;
+    assert_eq!(again.lsn, Lsn(9));
+    assert!(again.attempts >= 1, "attempts are kept: {again:?}");
+
+    // Parked with no delay: claimable again, and finishing it empties the queue.
+    s.park(&again, Duration::ZERO).await.unwrap();
+    check_floor(&s, true, None, "parked again").await;
+    let last = claim_eventually(&s, "a").await;
+    s.finish(&last, None, Vec::new()).await.unwrap();
+    is_empty(&s, "a finished parked task is gone").await;
+    assert_eq!(stats(&s).await.parked, 0);
+    assert!(s.parked(10).await.unwrap().is_empty());
+}
+
 async fn pending_floor_is_the_oldest_change_still_owed<S: Store>(s: S, exact: bool) {
     check_floor(&s, exact, None, "an empty queue has no floor").await;
     s.enqueue(vec![task("a", 5), task("b", 3)]).await.unwrap();

@@ -1038,6 +1038,7 @@ impl<B: QueueBackend> CqlQueue<B> {
             depth: c.events.max(0) as u64 + c.open.max(0) as u64,
             claimed: c.claimed.max(0) as u64,
             oldest_enqueued_at_ms: a.oldest.map(|o| o.div_euclid(1000)),
+            parked: 0,
             estimated: true,
         })
     }

@@ -122,6 +122,8 @@ const KEY_COPIES: u64 = 5;
 fn charge(key: &str, entry_len: usize) -> u64 {
     KEY_COPIES * key.len() as u64 + entry_len as u64 + KEY_OVERHEAD
 }
+/// Tasks parked after failing repeatedly ([`Store::park`]): they have no floor row.
+const PARKED: TableDefinition<&str, ()> = TableDefinition::new("queue_parked");
 
 /// (seq, lsn, enqueued_at_ms, attempts, not_before_ms); `not_before_ms == 0` means ready.
 type TaskRow = (u64, u64, i64, u32, i64);
@@ -271,6 +273,10 @@ enum Op {
         claim: Claim,
         not_before_ms: i64,
     },
+    Park {
+        claim: Claim,
+        not_before_ms: i64,
+    },
     PutMeta {
         name: String,
         value: Bytes,
@@ -297,6 +303,7 @@ impl Op {
             Op::Enqueue { .. } => "enqueue",
             Op::Finish { .. } => "finish",
             Op::Retry { .. } => "retry",
+            Op::Park { .. } => "park",
             Op::PutMeta { .. } => "put_meta",
             Op::Compact => "compact",
             Op::TryLease { .. } => "try_lease",
@@ -313,7 +320,11 @@ impl Op {
     fn must_be_durable(&self) -> bool {
         matches!(
             self,
-            Op::Enqueue { .. } | Op::Retry { .. } | Op::RemoveKey { .. } | Op::PutMeta { .. }
+            Op::Enqueue { .. }
+                | Op::Retry { .. }
+                | Op::Park { .. }
+                | Op::RemoveKey { .. }
+                | Op::PutMeta { .. }
         )
     }
 
@@ -377,6 +388,7 @@ struct Tables<'t> {
     bytes: u64,
     /// Keys evicted in this transaction.
     evicted: u64,
+    parked: Table<'t, &'static str, ()>,
     /// Entries written (`Some`) and removed (`None`) in this transaction, for [`HotEntries::committed`].
     changes: Vec<(String, Option<Entry>)>,
 }
@@ -401,6 +413,7 @@ impl<'t> Tables<'t> {
             next_stamp: 0,
             bytes: 0,
             evicted: 0,
+            parked: txn.open_table(PARKED).ctx(op)?,
             changes: Vec::new(),
         })
     }
@@ -593,8 +606,16 @@ impl<'t> Tables<'t> {
             let existing = self.tasks.get(id).ctx(op)?.map(|g| g.value());
             match existing {
                 Some((seq, lsn, enqueued_at, attempts, not_before)) => {
-                    if task.lsn.0 > lsn {
-                        let row: TaskRow = (seq, task.lsn.0, enqueued_at, attempts, not_before);
+                    // A parked task asked for again owes this change: unparked, and due at once.
+                    let unparked = self.parked.remove(id).ctx(op)?.is_some();
+                    if unparked && not_before != 0 {
+                        self.unorder(seq, not_before, op)?;
+                        self.ready.insert(seq, id).ctx(op)?;
+                    }
+                    if task.lsn.0 > lsn || unparked {
+                        let not_before = if unparked { 0 } else { not_before };
+                        let row: TaskRow =
+                            (seq, task.lsn.0.max(lsn), enqueued_at, attempts, not_before);
                         self.tasks.insert(id, row).ctx(op)?;
                     }
                     let old = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
@@ -663,6 +684,7 @@ impl<'t> Tables<'t> {
             return Ok((true, None));
         };
         let floor = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
+        self.parked.remove(id).ctx(op)?;
         if lsn > claim.lsn.0 {
             // Every change up to the claim's LSN was seen by the refresh just done.
             let raised = floor
@@ -697,6 +719,20 @@ impl<'t> Tables<'t> {
             .insert((not_before, seq), claim.id.as_str())
             .ctx(op)?;
         self.delayed_by_seq.insert(seq, claim.id.as_str()).ctx(op)?;
+        Ok(())
+    }
+
+    /// A retry that also takes the task's floor away: it is parked until enqueued again.
+    fn park(&mut self, claim: &Claim, not_before_ms: i64) -> StoreResult<()> {
+        let op = "park";
+        let id = claim.id.as_str();
+        if self.tasks.get(id).ctx(op)?.is_none() {
+            return Ok(());
+        }
+        self.retry(claim, not_before_ms)?;
+        let floor = self.task_floor.get(id).ctx(op)?.map(|g| g.value());
+        self.set_floor(id, floor, None, op)?;
+        self.parked.insert(id, ()).ctx(op)?;
         Ok(())
     }
 
@@ -778,6 +814,20 @@ impl<'t> Tables<'t> {
             }
             // Handled by the writer before it opens a transaction.
             Op::Compact => (Reply::Unit, Effect::None),
+            Op::Park {
+                claim,
+                not_before_ms,
+            } => {
+                self.park(claim, *not_before_ms)?;
+                (
+                    Reply::Unit,
+                    Effect::Release {
+                        claim: claim.clone(),
+                        task_gone: false,
+                        wake: true,
+                    },
+                )
+            }
             Op::PutMeta { name, value } => {
                 self.meta
                     .insert(name.as_str(), &value[..])
@@ -1332,16 +1382,20 @@ impl EmbeddedStore {
         Ok((tables.next_stamp, tables.bytes))
     }
 
-    /// Gives every task without a floor (a store written before floors existed) the floor = its LSN.
+    /// Gives every task without a floor (a store written before floors existed) the floor = its LSN;
+    /// parked tasks have none on purpose.
     fn backfill_floors(mut tables: Tables<'_>) -> StoreResult<()> {
         let op = "backfill task floors";
-        if tables.task_floor.len().ctx(op)? == tables.tasks.len().ctx(op)? {
+        let owing = tables.task_floor.len().ctx(op)? + tables.parked.len().ctx(op)?;
+        if owing == tables.tasks.len().ctx(op)? {
             return Ok(());
         }
         let mut missing = Vec::new();
         for item in tables.tasks.iter().ctx(op)? {
             let (id, row) = item.ctx(op)?;
-            if tables.task_floor.get(id.value()).ctx(op)?.is_none() {
+            if tables.task_floor.get(id.value()).ctx(op)?.is_none()
+                && tables.parked.get(id.value()).ctx(op)?.is_none()
+            {
                 missing.push((id.value().to_owned(), row.value().1));
             }
         }
@@ -1672,6 +1726,28 @@ impl Store for EmbeddedStore {
         .map(|_| ())
     }
 
+    async fn park(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
+        let not_before_ms = now_ms().saturating_add(duration_ms(delay));
+        self.call(Op::Park {
+            claim: claim.clone(),
+            not_before_ms,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn parked(&self, limit: usize) -> StoreResult<Vec<String>> {
+        let op = "parked";
+        let txn = self.read()?;
+        let parked = txn.open_table(PARKED).ctx(op)?;
+        let mut out = Vec::new();
+        for item in parked.iter().ctx(op)?.take(limit) {
+            let (id, _) = item.ctx(op)?;
+            out.push(id.value().to_owned());
+        }
+        Ok(out)
+    }
+
     async fn wait_for_tasks(&self, timeout: Duration) {
         // Registered before looking, so that a commit after the look wakes us.
         let notified = self.inner.shared.tasks_changed.notified();
@@ -1721,10 +1797,12 @@ impl Store for EmbeddedStore {
             Some((_, id)) => tasks.get(id.as_str()).ctx(op)?.map(|g| g.value().2),
             None => None,
         };
+        let parked = txn.open_table(PARKED).ctx(op)?.len().ctx(op)?;
         Ok(QueueStats {
             depth,
             claimed: claimed.min(depth),
             oldest_enqueued_at_ms,
+            parked,
             estimated: false,
         })
     }
@@ -1818,6 +1896,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = AtomicUsize::new(0);
         conformance::run_all(|| {
+            let path = numbered(dir.path(), &n);
+            async move { EmbeddedStore::open(&path).unwrap() }
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parks_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicUsize::new(0);
+        conformance::parking(|| {
             let path = numbered(dir.path(), &n);
             async move { EmbeddedStore::open(&path).unwrap() }
         })
@@ -2048,6 +2137,7 @@ mod tests {
                 depth: 3,
                 claimed: 0,
                 oldest_enqueued_at_ms: oldest,
+                parked: 0,
                 estimated: false,
             }
         );
@@ -2172,6 +2262,25 @@ mod tests {
         let b = claims.iter().find(|c| c.id == "b").unwrap();
         s.finish(b, None, Vec::new()).await.unwrap();
         assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
+    }
+
+    /// A parked task stays parked across a restart: reopening (and its floor backfill) gives it no floor.
+    #[tokio::test]
+    async fn parked_tasks_stay_parked_when_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = EmbeddedStore::open(dir.path()).unwrap();
+            s.enqueue(vec![task("a", 7), task("b", 4)]).await.unwrap();
+            let claims = s.claim(10, LONG).await.unwrap();
+            let b = claims.iter().find(|c| c.id == "b").unwrap();
+            s.park(b, LONG).await.unwrap();
+            assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.pending_floor().await.unwrap(), Some(Lsn(7)));
+        let stats = s.queue_stats().await.unwrap();
+        assert_eq!((stats.depth, stats.parked), (2, 1));
+        assert_eq!(s.parked(10).await.unwrap(), vec!["b".to_string()]);
     }
 
     #[tokio::test]

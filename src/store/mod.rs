@@ -67,6 +67,12 @@
 //!     atomic write (a backend whose `finish` is not atomic must queue the follow-ups before it removes
 //!     the task, so that the debt is never unaccounted for);
 //!   - [`Store::retry`] leaves the floor as it is.
+//! - **Parking.** [`Store::park`] gives a claim back like [`Store::retry`], but the task no longer owes
+//!   its floor: a task that keeps failing the same way (a key whose query Postgres refuses every time)
+//!   must not hold every freshness wait. A parked task stays queued (and counted in
+//!   [`QueueStats::parked`]) and is claimed again after its delay; enqueuing its id again unparks it
+//!   (the new change's floor counts, and it is due at once). Finishing it removes it as usual. A backend
+//!   that cannot drop a floor may keep the default (a plain retry: safe, waits last until it works).
 
 pub mod codec;
 pub mod cql;
@@ -162,6 +168,9 @@ pub struct QueueStats {
     pub claimed: u64,
     /// `enqueued_at_ms` of the oldest pending task.
     pub oldest_enqueued_at_ms: Option<i64>,
+    /// Of `depth`, tasks parked after failing repeatedly ([`Store::park`]): they do not hold the pending
+    /// floor.
+    pub parked: u64,
     /// The figures are estimates, not counts (the CQL store keeps counters rather than scanning): `depth`
     /// also counts enqueues no claimer has looked at yet (several of one id count several times until
     /// then), and a counter write lost in a crash, or repeated by a retry, stays off by that much.
@@ -321,6 +330,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Give a claim back to be retried no sooner than `delay` from now.
     async fn retry(&self, claim: &Claim, delay: Duration) -> StoreResult<()>;
+
+    /// Give a claim that keeps failing back to be retried no sooner than `delay` from now, parked: it no
+    /// longer holds the pending floor until its id is enqueued again (see "Parking" in the module docs).
+    /// The default is [`Store::retry`] (the task keeps its floor).
+    async fn park(&self, claim: &Claim, delay: Duration) -> StoreResult<()> {
+        self.retry(claim, delay).await
+    }
+
+    /// Up to `limit` ids of parked tasks, in id order (for `/status`). The default knows of none.
+    async fn parked(&self, limit: usize) -> StoreResult<Vec<String>> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
 
     /// Wait until a task may be claimable or `timeout` passes.
     async fn wait_for_tasks(&self, timeout: Duration);

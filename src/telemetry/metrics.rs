@@ -48,13 +48,17 @@ pub const SLOT_WAL_STATUS: &str = "kck_slot_wal_status";
 pub const QUEUE_DEPTH: &str = "kck_queue_depth";
 /// Refresh tasks being worked on.
 pub const QUEUE_CLAIMED: &str = "kck_queue_claimed";
+/// Refresh tasks parked after failing the same way `refresh.park_after` times (they do not hold
+/// freshness waits; `/status` lists the first ones).
+pub const QUEUE_PARKED: &str = "kck_queue_parked";
 /// Age of the oldest task in the queue (0 when empty).
 pub const QUEUE_OLDEST_AGE_SECONDS: &str = "kck_queue_oldest_age_seconds";
 /// 1 when the three queue gauges are estimates (the scylla store counts instead of scanning), else 0.
 pub const QUEUE_STATS_ESTIMATED: &str = "kck_queue_stats_estimated";
 /// Refresh tasks finished, by `primer` and `outcome`: `ok` (value stored, or lookup / key listing done),
 /// `kept_newer` (a newer value was already stored), `not_cached` (the key is no longer cached),
-/// `not_visible` (the change was not visible yet: retried), `failed` (retried with backoff).
+/// `not_visible` (the change was not visible yet: retried), `failed` (retried with backoff), `parked`
+/// (failed `refresh.park_after` times the same way: retried every `refresh.parked_retry`).
 pub const REFRESHES: &str = "kck_refreshes_total";
 /// Time to refresh one key (from claim to result: visibility wait and the primer query), by `primer`.
 pub const REFRESH_DURATION_SECONDS: &str = "kck_refresh_duration_seconds";
@@ -388,6 +392,10 @@ fn describe() {
     );
     describe_counter!(STORE_COMPACTIONS, "Compactions of the store's file.");
     describe_gauge!(QUEUE_CLAIMED, "Refresh tasks being worked on.");
+    describe_gauge!(
+        QUEUE_PARKED,
+        "Refresh tasks parked after failing repeatedly (they do not hold freshness waits)."
+    );
     describe_gauge!(
         QUEUE_OLDEST_AGE_SECONDS,
         Unit::Seconds,

@@ -136,6 +136,14 @@ pub fn free_port() -> u16 {
 /// `/healthz`. With `log`, it logs at `info` to that file (and the file is shown if it does not
 /// start); without, at `warn` to this process's stderr.
 pub async fn spawn_kck(config: &Path, log: Option<&Path>) -> (tokio::process::Child, SocketAddr) {
+    spawn_kck_at(config, log.map(|l| (l, "info"))).await
+}
+
+/// [`spawn_kck`], logging at `level` (a `KCK_LOG` filter) to the file when one is given.
+pub async fn spawn_kck_at(
+    config: &Path,
+    log: Option<(&Path, &str)>,
+) -> (tokio::process::Child, SocketAddr) {
     let port = free_port();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kck"));
     command
@@ -143,9 +151,15 @@ pub async fn spawn_kck(config: &Path, log: Option<&Path>) -> (tokio::process::Ch
         .arg(config)
         .env("KCK_HTTP_BIND", format!("127.0.0.1:{port}"))
         .kill_on_drop(true);
+    let log = match log {
+        Some((log, level)) => {
+            command.env("KCK_LOG", level);
+            Some(log)
+        }
+        None => None,
+    };
     match log {
         Some(log) => command
-            .env("KCK_LOG", "info")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(log).expect("log file")),
         None => command.env("KCK_LOG", "warn"),
