@@ -98,6 +98,8 @@ pub struct HttpConfig {
     pub header_read_timeout: Duration,
     /// The most bytes of request line and headers. Default 64 KiB.
     pub max_header_bytes: usize,
+    /// Live keys (`/subscribe`).
+    pub subscribe: subscribe::SubscribeConfig,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -128,6 +130,7 @@ impl Default for HttpConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            subscribe: subscribe::SubscribeConfig::default(),
         }
     }
 }
@@ -462,15 +465,15 @@ pub fn exposure_warning(
     ))
 }
 
-/// `400 too_many_keys` when `asked` distinct keys exceed `http.max_batch_keys` (`max`) for one `per`.
-fn within_key_limit(asked: usize, max: usize, per: &str) -> Result<(), ApiError> {
+/// `400 too_many_keys` when `asked` distinct keys exceed `max` (the setting `setting`) for one `per`.
+fn within_key_limit(asked: usize, max: usize, per: &str, setting: &str) -> Result<(), ApiError> {
     if asked <= max {
         return Ok(());
     }
     Err(ApiError::new(
         StatusCode::BAD_REQUEST,
         "too_many_keys",
-        format!("{asked} distinct keys asked for; at most {max} per {per} (http.max_batch_keys)"),
+        format!("{asked} distinct keys asked for; at most {max} per {per} ({setting})"),
     ))
 }
 
@@ -1220,7 +1223,12 @@ async fn fetch_many(
     let mut keys = request.keys;
     keys.sort();
     keys.dedup();
-    within_key_limit(keys.len(), state.limits.max_batch_keys, "request")?;
+    within_key_limit(
+        keys.len(),
+        state.limits.max_batch_keys,
+        "request",
+        "http.max_batch_keys",
+    )?;
     let min = parse_min_lsn(query.min_lsn.as_deref())?;
     let wait = match (min, &query.timeout) {
         (Some(_), timeout) => Some(state.deadline(timeout.as_deref())?),

@@ -110,6 +110,17 @@ pub(super) struct RawHttp {
     pub(super) max_connections: Option<Spanned<i64>>,
     pub(super) header_read_timeout: Option<Spanned<String>>,
     pub(super) max_header_bytes: Option<Spanned<ScalarText>>,
+    pub(super) subscribe: Option<Spanned<RawSubscribe>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSubscribe {
+    pub(super) heartbeat: Option<Spanned<String>>,
+    pub(super) max_subscriptions: Option<Spanned<i64>>,
+    pub(super) max_keys: Option<Spanned<i64>>,
+    pub(super) buffer: Option<Spanned<i64>>,
+    pub(super) poll: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
