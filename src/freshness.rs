@@ -18,6 +18,8 @@
 //!
 //! [`Store::pending_floor`]: crate::store::Store::pending_floor
 
+pub mod live;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -47,6 +49,8 @@ pub struct Hub {
     /// When `any` was last notified, in microseconds since `born`.
     any_at_us: std::sync::atomic::AtomicU64,
     born: std::time::Instant,
+    /// Live keys' subscriptions (`/subscribe`): key → who follows it.
+    pub live: live::Registry,
 }
 
 impl Default for Hub {
@@ -56,6 +60,7 @@ impl Default for Hub {
             any: Notify::new(),
             any_at_us: std::sync::atomic::AtomicU64::new(0),
             born: std::time::Instant::now(),
+            live: live::Registry::default(),
         }
     }
 }
@@ -101,6 +106,7 @@ impl Hub {
         if let Some(notify) = self.lock().get(key) {
             notify.notify_waiters();
         }
+        self.live.written(key);
         self.progressed();
     }
 
@@ -242,6 +248,12 @@ impl Progress {
             shared,
             published: Arc::default(),
         }
+    }
+
+    /// Whether the store is shared: other processes may write it, and this process's [`Hub`] does not
+    /// hear of their writes.
+    pub fn shared(&self) -> bool {
+        self.shared
     }
 
     /// The position the streaming process (this one or, with a shared store, whichever streams) last

@@ -109,6 +109,8 @@ pub struct HttpConfig {
     /// The names (and `name:port`) a request's `Host` may give; others answer `421 host_not_allowed`.
     /// Lower case. Empty (the default): any.
     pub allowed_hosts: Vec<String>,
+    /// Live keys (`/subscribe`).
+    pub subscribe: subscribe::SubscribeConfig,
 }
 
 pub const DEFAULT_MAX_BATCH_MISSES: usize = 100;
@@ -145,6 +147,7 @@ impl Default for HttpConfig {
             max_concurrent_misses: crate::refresh::DEFAULT_MAX_CONCURRENT_MISSES,
             miss_wait: crate::refresh::DEFAULT_MISS_WAIT,
             allowed_hosts: Vec::new(),
+            subscribe: subscribe::SubscribeConfig::default(),
         }
     }
 }
@@ -530,15 +533,15 @@ pub fn exposure_warning(
     ))
 }
 
-/// `400 too_many_keys` when `asked` distinct keys exceed `http.max_batch_keys` (`max`) for one `per`.
-fn within_key_limit(asked: usize, max: usize, per: &str) -> Result<(), ApiError> {
+/// `400 too_many_keys` when `asked` distinct keys exceed `max` (the setting `setting`) for one `per`.
+fn within_key_limit(asked: usize, max: usize, per: &str, setting: &str) -> Result<(), ApiError> {
     if asked <= max {
         return Ok(());
     }
     Err(ApiError::new(
         StatusCode::BAD_REQUEST,
         "too_many_keys",
-        format!("{asked} distinct keys asked for; at most {max} per {per} (http.max_batch_keys)"),
+        format!("{asked} distinct keys asked for; at most {max} per {per} ({setting})"),
     ))
 }
 
@@ -1374,7 +1377,12 @@ async fn fetch_many(
     let mut keys = request.keys;
     keys.sort();
     keys.dedup();
-    within_key_limit(keys.len(), state.limits.max_batch_keys, "request")?;
+    within_key_limit(
+        keys.len(),
+        state.limits.max_batch_keys,
+        "request",
+        "http.max_batch_keys",
+    )?;
     let min = parse_min_lsn(query.min_lsn.as_deref())?;
     let wait = match (min, &query.timeout) {
         (Some(_), timeout) => Some(state.deadline(timeout.as_deref())?),

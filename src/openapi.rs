@@ -84,10 +84,10 @@ pub fn document() -> Value {
                 "get": {
                     "operationId": "subscribe",
                     "summary": "Live keys as Server-Sent Events",
-                    "description": "One `value` event per key with its current value, then one whenever a key's value changes (its ETag differs). Data: `{key, value, etag, lsn, computed_at}`; the event id is the LSN. Reconnecting with `Last-Event-ID` sends every key's current value again. Comments every 15 s keep the stream open.",
+                    "description": "One `value` event per key with its current value, then one whenever a key's value changes (its ETag differs). Data: `{key, value, etag, lsn, computed_at}`; the event id is the LSN. Reconnecting with `Last-Event-ID` sends every key's current value again. Comments every `http.subscribe.heartbeat` (15 s) keep the stream open. Other events, data JSON: `resync` `{reason: \"slow_reader\", keys, message}` (the client read too slowly; every key's current value follows), `expired` `{reason: \"token_expired\", exp, message}` (the token expired; the stream ends), `end` `{reason: \"shutdown\", message}` (kck is stopping; the stream ends), `error` `{error: {code, message}}` (a key could not be read; the stream ends).",
                     "parameters": [{"name": "key", "in": "query", "required": true, "style": "form", "explode": true,
                         "schema": {"type": "array", "items": {"type": "string"}},
-                        "description": "A key to watch; repeat for more (at most `http.max_batch_keys`)."}],
+                        "description": "A key to watch; repeat for more (at most `http.subscribe.max_keys`)."}],
                     "responses": {
                         "200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                         "400": error("A key or the query string is invalid, or too many keys."),

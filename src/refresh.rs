@@ -829,9 +829,13 @@ impl Refresher {
         }
     }
 
-    /// Remove a key (entry and index): its next fetch is a miss.
+    /// Remove a key (entry and index): its next fetch is a miss. Its subscribers (`/subscribe`) are told,
+    /// so that they compute it again (and it stays followed by the stream) instead of waiting on a key
+    /// nothing refreshes any more.
     pub async fn drop_key(&self, primer: &str, key: &str) -> Result<(), StoreError> {
-        self.store.remove_key(primer, key).await
+        self.store.remove_key(primer, key).await?;
+        self.hub.written(key);
+        Ok(())
     }
 
     /// Recompute `key` in the background (single flight with fetch misses), for a stale entry served
@@ -1521,6 +1525,12 @@ impl Refresher {
                 for ((claim, _, text), (computed, finished)) in items.iter().zip(finished) {
                     match finished {
                         Ok(stored) => {
+                            // As for one key: waiters and live-key subscribers of a written key are
+                            // woken (they would otherwise learn it only by polling, or never).
+                            match stored {
+                                Some(Stored::Written) => self.hub.written(text),
+                                _ => self.hub.progressed(),
+                            }
                             if computed {
                                 self.refreshed(index, text);
                                 let label = match stored {

@@ -1808,3 +1808,351 @@ async fn subscribe_streams_current_values_then_changes() {
     running.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// Reads SSE events (`(event, data)`; comments skipped) from `response` until `until` holds for the last
+/// one, or the stream ends (`None` at the end of the list).
+async fn sse_until(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    until: impl Fn(&str, &Value) -> bool,
+) -> Vec<Option<(String, Value)>> {
+    let mut out = Vec::new();
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let Some(event) = block.lines().find_map(|l| l.strip_prefix("event: ")) else {
+                continue;
+            };
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap();
+            let data: Value = serde_json::from_str(data).unwrap();
+            let done = until(event, &data);
+            out.push(Some((event.to_owned(), data)));
+            if done {
+                return out;
+            }
+        }
+        match tokio::time::timeout(TIMEOUT, response.chunk())
+            .await
+            .unwrap()
+        {
+            Ok(Some(chunk)) => buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
+            _ => {
+                out.push(None);
+                return out;
+            }
+        }
+    }
+}
+
+async fn status_subscribe(http: &Http) -> Value {
+    let a = http.get("/status").await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    a.json()["subscribe"].clone()
+}
+
+#[tokio::test]
+async fn subscribe_registry_wakes_only_the_changed_keys_subscribers_and_counts_them() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(test_config(dir.path(), &db, "", &[])).await;
+    let http = Http::new(&running);
+    let pg = db.client().await;
+    pg.batch_execute("INSERT INTO settings VALUES ('a', 'a1'), ('b', 'b1')")
+        .await
+        .unwrap();
+    let mut a = reqwest::get(format!("{}/subscribe?key=setting/a", http.base))
+        .await
+        .unwrap();
+    let mut b = reqwest::get(format!("{}/subscribe?key=setting/b", http.base))
+        .await
+        .unwrap();
+    let (mut ba, mut bb) = (String::new(), String::new());
+    assert_eq!(sse_values(&mut a, &mut ba, 1).await[0]["value"], "a1");
+    assert_eq!(sse_values(&mut b, &mut bb, 1).await[0]["value"], "b1");
+    let live = status_subscribe(&http).await;
+    assert_eq!(live["subscribers"], 2, "{live}");
+    assert_eq!(live["keys"], 2, "{live}");
+
+    pg.batch_execute("UPDATE settings SET v = 'a2' WHERE k = 'a'")
+        .await
+        .unwrap();
+    let change = sse_values(&mut a, &mut ba, 1).await.remove(0);
+    assert_eq!(
+        (&change["key"], &change["value"]),
+        (&json!("setting/a"), &json!("a2"))
+    );
+    wait_drained(&running, &pg, TIMEOUT).await;
+    // Then b changes: b's first event after its initial value is that change, nothing about a.
+    pg.batch_execute("UPDATE settings SET v = 'b2' WHERE k = 'b'")
+        .await
+        .unwrap();
+    let change = sse_values(&mut b, &mut bb, 1).await.remove(0);
+    assert_eq!(
+        (&change["key"], &change["value"]),
+        (&json!("setting/b"), &json!("b2"))
+    );
+    // Two initial values and two changes: one event each, no more.
+    let live = status_subscribe(&http).await;
+    assert_eq!(live["events_sent"], 4, "{live}");
+    assert_eq!(live["resyncs"], 0, "{live}");
+    let metrics = http.get("/metrics").await.text;
+    assert!(metrics.contains("kck_subscribers 2"), "{metrics}");
+    assert!(
+        metrics.contains("kck_subscribe_events_total 4"),
+        "{metrics}"
+    );
+    drop(a);
+    drop(b);
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn subscribe_limits_come_from_the_config_and_answer_json() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &db, "", &[]);
+    config.http.subscribe.max_subscriptions = 1;
+    config.http.subscribe.max_keys = 2;
+    let running = start(config).await;
+    let http = Http::new(&running);
+    let a = http
+        .get("/subscribe?key=setting/a&key=setting/b&key=setting/c")
+        .await;
+    assert_eq!((a.status.as_u16(), a.code()), (400, "too_many_keys".into()));
+    assert!(a.text.contains("http.subscribe.max_keys"), "{}", a.text);
+    let mut first = reqwest::get(format!("{}/subscribe?key=setting/a", http.base))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let mut buffer = String::new();
+    sse_values(&mut first, &mut buffer, 1).await;
+    let a = http.get("/subscribe?key=setting/b").await;
+    assert_eq!(
+        (a.status.as_u16(), a.code()),
+        (503, "too_many_subscriptions".into())
+    );
+    assert!(
+        a.text.contains("http.subscribe.max_subscriptions"),
+        "{}",
+        a.text
+    );
+    assert_eq!(a.header("retry-after"), "5");
+    // Closing the first frees its place.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let a = http.get("/status").await.json();
+        if a["subscribe"]["subscribers"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = reqwest::get(format!("{}/subscribe?key=setting/b", http.base))
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 200);
+    drop(second);
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn subscribe_ends_with_an_expired_event_when_the_token_expires() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "test-only-secret-0123456789abcdef0123456789";
+    let auth = "auth:\n  jwt:\n    algorithms: [HS256]\n    secret_env: KCK_TEST_JWT_SECRET\n  \
+                operator: { require: { role: ops } }\n";
+    let mut config = test_config(dir.path(), &db, auth, &[("KCK_TEST_JWT_SECRET", secret)]);
+    if let Some(jwt) = config.auth.jwt.as_mut() {
+        jwt.leeway = Duration::ZERO;
+    }
+    let running = start(config).await;
+    let base = format!("http://{}", running.http_addr);
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    let short = sign(
+        Algorithm::HS256,
+        &key,
+        &json!({"sub": "1", "exp": now() + 3}),
+        None,
+    );
+    let mut response = reqwest::Client::new()
+        .get(format!("{base}/subscribe?key=setting/mode"))
+        .header("authorization", bearer(&short))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut buffer = String::new();
+    let events = sse_until(&mut response, &mut buffer, |event, _| event == "expired").await;
+    let (event, data) = events.iter().flatten().last().cloned().expect("some event");
+    assert_eq!(event, "expired", "{events:?}");
+    assert_eq!(data["reason"], "token_expired");
+    assert!(
+        data["exp"].is_i64() && data["message"].is_string(),
+        "{data}"
+    );
+    // And the stream ends there.
+    let rest = sse_until(&mut response, &mut buffer, |_, _| false).await;
+    assert_eq!(rest, vec![None]);
+    let ops = sign(
+        Algorithm::HS256,
+        &key,
+        &json!({"sub": "ops", "role": "ops", "exp": now() + 600}),
+        None,
+    );
+    let status: Value = reqwest::Client::new()
+        .get(format!("{base}/status"))
+        .header("authorization", bearer(&ops))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["subscribe"]["expired"], 1, "{status}");
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn subscribe_streams_end_with_an_end_event_on_shutdown() {
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start(test_config(dir.path(), &db, "", &[])).await;
+    let base = format!("http://{}", running.http_addr);
+    let mut response = reqwest::get(format!("{base}/subscribe?key=setting/mode"))
+        .await
+        .unwrap();
+    let mut buffer = String::new();
+    sse_values(&mut response, &mut buffer, 1).await;
+    let stopping = tokio::spawn(running.stop());
+    let events = sse_until(&mut response, &mut buffer, |event, _| event == "end").await;
+    let last = events.iter().flatten().last().cloned().expect("an event");
+    assert_eq!(last.0, "end", "{events:?}");
+    assert_eq!(last.1["reason"], "shutdown");
+    assert_eq!(
+        sse_until(&mut response, &mut buffer, |_, _| false).await,
+        vec![None]
+    );
+    tokio::time::timeout(TIMEOUT, stopping)
+        .await
+        .expect("kck stops")
+        .unwrap()
+        .unwrap();
+    db.cleanup().await;
+}
+
+/// A client that does not read: its socket's receive buffer is tiny, and each value is large, so kck's
+/// stream is stuck behind the first values; more keys then change than `http.subscribe.buffer` holds.
+#[tokio::test]
+async fn a_subscriber_too_slow_to_read_gets_resync_then_every_value() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const KEYS: usize = 16;
+    let db = database(SCHEMA).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), &db, "", &[]);
+    config.http.subscribe.buffer = 1;
+    let running = start(config).await;
+    let http = Http::new(&running);
+    let pg = db.client().await;
+    // 16 values of 512 KiB: 8 MiB, more than the kernel and hyper buffer between kck and a reader that
+    // reads nothing.
+    pg.batch_execute(&format!(
+        "INSERT INTO settings SELECT 'big' || i, repeat('x', 524288) FROM generate_series(1, {KEYS}) i"
+    ))
+    .await
+    .unwrap();
+    let query: Vec<String> = (1..=KEYS).map(|i| format!("key=setting/big{i}")).collect();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(running.http_addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /subscribe?{} HTTP/1.1\r\nhost: kck\r\n\r\n",
+                query.join("&")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // The answer's head: kck read every first value and answers (the stream is stuck behind them).
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(TIMEOUT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    pg.batch_execute("UPDATE settings SET v = 'new' WHERE k LIKE 'big%'")
+        .await
+        .unwrap();
+    for i in 1..=KEYS {
+        eventually_equals(
+            running.http_addr,
+            &format!("setting/big{i}"),
+            &json!("new"),
+            TIMEOUT,
+        )
+        .await;
+    }
+    // Now read: the first values, then resync, then every key's new value.
+    let text = read_until_count(&mut stream, &mut seen, "\"value\":\"new\"", KEYS).await;
+    let resync = text.find("event: resync").expect("a resync event");
+    assert!(
+        text[..resync].matches("\"value\":\"new\"").count() == 0,
+        "new values before resync"
+    );
+    assert!(text[resync..].contains("\"reason\":\"slow_reader\""));
+    let live = status_subscribe(&http).await;
+    assert!(live["resyncs"].as_u64().unwrap() >= 1, "{live}");
+    drop(stream);
+    running.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// Reads from `stream` (appending to `seen`) until `needle` occurs `count` times; the text so far.
+async fn read_until_count(
+    stream: &mut tokio::net::TcpStream,
+    seen: &mut Vec<u8>,
+    needle: &str,
+    count: usize,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let needle = needle.as_bytes();
+    let mut chunk = vec![0u8; 1 << 16];
+    let (mut found, mut scanned) = (0, 0);
+    loop {
+        while let Some(at) = seen[scanned..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+        {
+            found += 1;
+            scanned += at + needle.len();
+        }
+        scanned = scanned.max(seen.len().saturating_sub(needle.len()));
+        if found >= count {
+            return String::from_utf8_lossy(seen).into_owned();
+        }
+        let n = tokio::time::timeout(TIMEOUT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "connection closed before {count} of the needle");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+}

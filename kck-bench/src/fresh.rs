@@ -219,7 +219,7 @@ pub fn measure(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn write_at_rate(
+pub async fn write_at_rate(
     client: Client,
     start: tokio::time::Instant,
     period: Duration,
@@ -250,7 +250,7 @@ async fn write_at_rate(
 }
 
 /// Probe until `stop`: (latencies in ms, probes not seen within 10 s).
-fn probe(url: &str, addr: SocketAddr, id: i64, stop: &AtomicBool) -> Result<(Vec<f64>, usize)> {
+pub fn probe(url: &str, addr: SocketAddr, id: i64, stop: &AtomicBool) -> Result<(Vec<f64>, usize)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -16,6 +16,7 @@ mod floor;
 mod fresh;
 mod http;
 mod kck;
+mod live;
 mod memory;
 mod pg;
 mod recovery;
@@ -56,7 +57,7 @@ struct Cli {
     /// The kck commit measured, for the report.
     #[arg(long, default_value = "unknown")]
     commit: String,
-    /// Run only these scenarios (comma-separated: decode, serve, fresh, coalesce, memory, recovery).
+    /// Run only these scenarios (comma-separated: decode, serve, fresh, coalesce, memory, recovery, live).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// A line added to the report (for example what else ran on the machine).
@@ -165,8 +166,8 @@ pub struct Tools {
     pub redis_benchmark: PathBuf,
 }
 
-const SCENARIOS: [&str; 7] = [
-    "decode", "fresh", "serve", "coalesce", "memory", "recovery", "scylla",
+const SCENARIOS: [&str; 8] = [
+    "decode", "fresh", "serve", "coalesce", "memory", "recovery", "scylla", "live",
 ];
 
 /// The same allocator as the kck binary: the in-process decode figures and the HTTP floor measure what
@@ -377,7 +378,7 @@ fn run_scenarios(
     // serving next (on a quiet table); the report keeps the order.
     let mut sections: Vec<(usize, Section)> = Vec::new();
     type Scenario = fn(&Ctx) -> Result<Section>;
-    let plan: [(usize, &str, Scenario); 7] = [
+    let plan: [(usize, &str, Scenario); 8] = [
         (1, "decode", decode::run),
         (3, "serve", serve::run),
         (2, "fresh", fresh::run),
@@ -385,6 +386,7 @@ fn run_scenarios(
         (5, "memory", memory::run),
         (6, "recovery", recovery::run),
         (7, "scylla", scylla::run),
+        (8, "live", live::run),
     ];
     for (index, name, scenario) in plan {
         if !wanted(name) {

@@ -753,6 +753,7 @@ impl Loader<'_> {
                 ));
             }
         }
+        let subscribe = self.subscribe(section.and_then(|s| s.subscribe.as_ref()))?;
         Ok(HttpConfig {
             bind,
             request_timeout,
@@ -768,6 +769,95 @@ impl Loader<'_> {
             max_concurrent_misses,
             miss_wait,
             allowed_hosts,
+            subscribe,
+        })
+    }
+
+    /// `http.subscribe`: live keys.
+    fn subscribe(
+        &self,
+        section: Option<&Spanned<RawSubscribe>>,
+    ) -> Result<crate::http::subscribe::SubscribeConfig, ConfigError> {
+        use crate::http::subscribe as d;
+        let raw = section.map(|s| &s.value);
+        let count = |field: Option<&Spanned<i64>>,
+                     name: &str,
+                     range: std::ops::RangeInclusive<usize>,
+                     default: usize|
+         -> Result<usize, ConfigError> {
+            match field {
+                None => Ok(default),
+                Some(n) => match usize::try_from(n.value) {
+                    Ok(v) if range.contains(&v) => Ok(v),
+                    _ => Err(self.err(
+                        line_of(n),
+                        name,
+                        format!(
+                            "must be between {} and {}, got {}",
+                            range.start(),
+                            range.end(),
+                            n.value
+                        ),
+                    )),
+                },
+            }
+        };
+        let duration = |field: Option<&Spanned<String>>,
+                        name: &str,
+                        min: Duration,
+                        default: Duration|
+         -> Result<Duration, ConfigError> {
+            match field {
+                None => Ok(default),
+                Some(t) => {
+                    let d = parse_duration(&t.value).map_err(|m| self.err(line_of(t), name, m))?;
+                    if d < min {
+                        return Err(self.err(
+                            line_of(t),
+                            name,
+                            format!(
+                                "must be at least {}, got {}",
+                                humantime::format_duration(min),
+                                humantime::format_duration(d)
+                            ),
+                        ));
+                    }
+                    Ok(d)
+                }
+            }
+        };
+        let max_subscriptions = count(
+            raw.and_then(|s| s.max_subscriptions.as_ref()),
+            "http.subscribe.max_subscriptions",
+            1..=1_000_000,
+            d::DEFAULT_MAX_SUBSCRIPTIONS,
+        )?;
+        Ok(crate::http::subscribe::SubscribeConfig {
+            heartbeat: duration(
+                raw.and_then(|s| s.heartbeat.as_ref()),
+                "http.subscribe.heartbeat",
+                Duration::from_secs(1),
+                d::DEFAULT_HEARTBEAT,
+            )?,
+            max_subscriptions,
+            max_keys: count(
+                raw.and_then(|s| s.max_keys.as_ref()),
+                "http.subscribe.max_keys",
+                1..=100_000,
+                d::DEFAULT_MAX_KEYS,
+            )?,
+            buffer: count(
+                raw.and_then(|s| s.buffer.as_ref()),
+                "http.subscribe.buffer",
+                1..=1_000_000,
+                d::DEFAULT_BUFFER,
+            )?,
+            poll: duration(
+                raw.and_then(|s| s.poll.as_ref()),
+                "http.subscribe.poll",
+                Duration::from_millis(10),
+                d::DEFAULT_POLL,
+            )?,
         })
     }
 

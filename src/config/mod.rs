@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_saphyr::Spanned;
 
 use crate::auth::{Access, AccessRule, AuthConfig, JwtConfig};
+pub use crate::http::subscribe::SubscribeConfig;
 pub use crate::http::{
     DEFAULT_BODY_LIMIT, DEFAULT_CACHE_CONTROL, DEFAULT_HTTP_BIND, DEFAULT_MAX_BATCH_KEYS,
     DEFAULT_MAX_WAIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_WAIT_TIMEOUT, HttpConfig,

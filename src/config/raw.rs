@@ -116,6 +116,17 @@ pub(super) struct RawHttp {
     pub(super) max_concurrent_misses: Option<Spanned<i64>>,
     pub(super) miss_wait: Option<Spanned<String>>,
     pub(super) allowed_hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) subscribe: Option<Spanned<RawSubscribe>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSubscribe {
+    pub(super) heartbeat: Option<Spanned<String>>,
+    pub(super) max_subscriptions: Option<Spanned<i64>>,
+    pub(super) max_keys: Option<Spanned<i64>>,
+    pub(super) buffer: Option<Spanned<i64>>,
+    pub(super) poll: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

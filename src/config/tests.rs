@@ -1586,6 +1586,10 @@ fn http_write_and_auth_defaults() {
     assert_eq!(c.http.request_timeout, Duration::from_secs(30));
     assert_eq!(c.http.body_limit, 1 << 20);
     assert_eq!(c.http.max_batch_keys, 1000);
+    assert_eq!(
+        c.http.subscribe,
+        crate::http::subscribe::SubscribeConfig::default()
+    );
     assert_eq!(c.http.wait_timeout, Duration::from_secs(5));
     assert_eq!(c.http.max_wait, Duration::from_secs(60));
     assert_eq!(c.write.url, c.source.url);
@@ -1689,6 +1693,24 @@ fn http_and_write_fields() {
         11,
         "refresh.park_after",
         "between 1 and 1000",
+    );
+    assert_invalid(
+        &format!("{BASE}http:\n  subscribe:\n    max_keys: 0\n"),
+        12,
+        "http.subscribe.max_keys",
+        "between 1 and 100000",
+    );
+    assert_invalid(
+        &format!("{BASE}http:\n  subscribe:\n    buffer: -1\n"),
+        12,
+        "http.subscribe.buffer",
+        "between 1 and 1000000",
+    );
+    assert_invalid(
+        &format!("{BASE}http:\n  subscribe:\n    heartbeat: 10ms\n"),
+        12,
+        "http.subscribe.heartbeat",
+        "at least 1s",
     );
     assert_invalid(
         &format!("{BASE}write:\n  connections: 0\n"),

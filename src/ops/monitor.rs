@@ -318,6 +318,19 @@ pub fn set_gauges(ops: &Ops, reading: Option<&Reading>, queue: Option<&crate::st
         m::QUEUE_BACKPRESSURE_WAITS,
         stats.backpressure_waits.load(Ordering::Relaxed),
     );
+    let hub = &ops.refresher.hub;
+    let live = &hub.live.stats;
+    metrics.gauge(
+        m::SUBSCRIBERS,
+        live.subscribers.load(Ordering::Relaxed) as f64,
+    );
+    metrics.gauge(m::SUBSCRIBED_KEYS, hub.live.followed_keys() as f64);
+    metrics.counter_total(
+        m::SUBSCRIBE_EVENTS,
+        live.events_sent.load(Ordering::Relaxed),
+    );
+    metrics.counter_total(m::SUBSCRIBE_RESYNCS, live.resyncs.load(Ordering::Relaxed));
+    metrics.counter_total(m::SUBSCRIBE_EXPIRED, live.expired.load(Ordering::Relaxed));
     for job in ops.jobs.status() {
         metrics.job(&m::JobReading {
             name: &job.name,

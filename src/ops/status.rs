@@ -47,6 +47,9 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<crate::store::CapacityStats>,
     pub fetch: Option<FetchStatus>,
+    /// Live keys (`/subscribe`) in this process (a running kck only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<SubscribeStatus>,
     pub refresh: Option<RefreshStatus>,
     pub primers: Vec<PrimerStatus>,
     /// The process worker's jobs, as this process saw them.
@@ -124,6 +127,33 @@ pub struct FetchStatus {
     pub errors: u64,
     /// hits / (hits + misses + not_cached); `None` before the first fetch.
     pub hit_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SubscribeStatus {
+    /// Streams open now.
+    pub subscribers: u64,
+    /// Distinct keys they follow.
+    pub keys: u64,
+    /// Events sent since start (values, `resync`, `expired`, `end`, `error`; heartbeats not counted).
+    pub events_sent: u64,
+    /// Times a client too slow to read got `resync` instead of a growing buffer.
+    pub resyncs: u64,
+    /// Streams ended because their token expired.
+    pub expired: u64,
+}
+
+impl SubscribeStatus {
+    pub fn of(hub: &crate::freshness::Hub) -> SubscribeStatus {
+        let s = &hub.live.stats;
+        SubscribeStatus {
+            subscribers: s.subscribers.load(Ordering::Relaxed) as u64,
+            keys: hub.live.followed_keys() as u64,
+            events_sent: s.events_sent.load(Ordering::Relaxed),
+            resyncs: s.resyncs.load(Ordering::Relaxed),
+            expired: s.expired.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -430,6 +460,7 @@ impl Status {
             queue,
             capacity: ops.store.capacity(),
             fetch: Some(fetch),
+            subscribe: Some(SubscribeStatus::of(&ops.refresher.hub)),
             refresh: Some(refresh),
             primers,
             jobs: ops.jobs.status().into_iter().map(JobStatus::from).collect(),
@@ -534,6 +565,7 @@ impl Status {
             queue,
             capacity: None,
             fetch: None,
+            subscribe: None,
             refresh: None,
             primers,
             jobs: Vec::new(),
@@ -658,6 +690,12 @@ impl Status {
                 f.errors,
                 f.hit_ratio
                     .map_or_else(|| "-".to_string(), |r| format!("{:.1}%", r * 100.0))
+            ));
+        }
+        if let Some(l) = &self.subscribe {
+            out.push_str(&format!(
+                "subscribe      {} streams on {} keys; {} events sent, {} resyncs, {} expired\n",
+                l.subscribers, l.keys, l.events_sent, l.resyncs, l.expired
             ));
         }
         if let Some(r) = &self.refresh {

@@ -100,6 +100,16 @@ pub const STORE_FILE_BYTES: &str = "kck_store_file_bytes";
 pub const STORE_EVICTIONS: &str = "kck_store_evictions_total";
 /// Compactions of the store's file (space freed by removals and evictions given back).
 pub const STORE_COMPACTIONS: &str = "kck_store_compactions_total";
+/// Live-key streams (`/subscribe`) open now.
+pub const SUBSCRIBERS: &str = "kck_subscribers";
+/// Distinct keys the open streams follow.
+pub const SUBSCRIBED_KEYS: &str = "kck_subscribed_keys";
+/// Events sent on live-key streams (heartbeats not counted).
+pub const SUBSCRIBE_EVENTS: &str = "kck_subscribe_events_total";
+/// `resync` events: a client too slow to read got every key again instead of a growing buffer.
+pub const SUBSCRIBE_RESYNCS: &str = "kck_subscribe_resyncs_total";
+/// Live-key streams ended because their token expired.
+pub const SUBSCRIBE_EXPIRED: &str = "kck_subscribe_expired_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "kck_build_info";
 
@@ -328,6 +338,23 @@ fn describe() {
     describe_gauge!(
         QUEUE_BACKPRESSURE,
         "1 while the replication reader waits because the queue holds refresh.max_queue tasks."
+    );
+    describe_gauge!(SUBSCRIBERS, "Live-key streams (/subscribe) open now.");
+    describe_gauge!(
+        SUBSCRIBED_KEYS,
+        "Distinct keys the open live-key streams follow."
+    );
+    describe_counter!(
+        SUBSCRIBE_EVENTS,
+        "Events sent on live-key streams (heartbeats not counted)."
+    );
+    describe_counter!(
+        SUBSCRIBE_RESYNCS,
+        "resync events: a client too slow to read got every key again."
+    );
+    describe_counter!(
+        SUBSCRIBE_EXPIRED,
+        "Live-key streams ended because their token expired."
     );
     describe_counter!(
         QUEUE_BACKPRESSURE_WAITS,
