@@ -231,17 +231,7 @@ async fn kck_explain_says_what_each_primer_reads_and_how_it_is_followed() {
     );
     let path =
         crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, &primers, "");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
-        .args(["explain", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = kck_explain(&path);
     assert!(
         text.contains("primer joined (key joined/{id:int})"),
         "{text}"
@@ -549,13 +539,7 @@ CREATE PUBLICATION kck_test FOR TABLE t;",
 "#;
     let path =
         crate::support::kck::write_config(dir.path(), &db.url, "kck_test", &db.name, primers, "");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
-        .args(["explain", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{text}");
+    let text = kck_explain(&path);
     assert!(
         text.contains("reads columns id, v: an UPDATE that changes none of them refreshes nothing"),
         "{text}"
@@ -702,12 +686,7 @@ CREATE PUBLICATION kck_test FOR TABLE a, b, c, r;",
     let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, primers)
         .write(dir.path());
     let config = crate::support::kck::load(&path);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
-        .args(["explain", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
+    let text = kck_explain(&path);
     for (table, primer) in [("public.c", "chain"), ("public.r", "rated")] {
         let section = text
             .split("\n\n")
@@ -819,4 +798,20 @@ CREATE FOREIGN TABLE remote_rates (id bigint, rate text) SERVER files OPTIONS (f
     assert_eq!(fetch(running.http_addr, "rated/1").await.0, 200);
     running.stop().await.unwrap();
     db.cleanup().await;
+}
+
+/// `kck explain --config PATH`'s output; panics, with what it printed, when it fails.
+fn kck_explain(path: &std::path::Path) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_kck"))
+        .args(["explain", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
 }

@@ -215,6 +215,22 @@ fn column_conjuncts(condition: &str, out: &mut Vec<ColumnPair>, depth: usize) {
     });
 }
 
+/// `s` (which starts with a quote) after the string literal it starts with (`''` is a quote inside); empty
+/// when the literal does not end.
+fn after_literal(s: &str) -> &str {
+    let mut chars = s.char_indices().skip(1);
+    while let Some((i, c)) = chars.next() {
+        if c == '\'' {
+            if s[i + 1..].starts_with('\'') {
+                chars.next();
+            } else {
+                return &s[i + 1..];
+            }
+        }
+    }
+    ""
+}
+
 /// The functions `expr` calls, as `name` or `schema.name` (lower case as printed, quotes removed), and the
 /// SQL value keywords it uses (`CURRENT_USER`, `CURRENT_TIMESTAMP`...), outside string literals.
 pub fn functions(expr: &str) -> Vec<String> {
@@ -234,20 +250,7 @@ pub fn functions(expr: &str) -> Vec<String> {
     let mut rest = expr;
     while let Some(c) = rest.chars().next() {
         if c == '\'' {
-            // A literal: skip to its end ('' is a quote inside).
-            let mut chars = rest.char_indices().skip(1);
-            let mut end = rest.len();
-            while let Some((i, c)) = chars.next() {
-                if c == '\'' {
-                    if rest[i + 1..].starts_with('\'') {
-                        chars.next();
-                    } else {
-                        end = i + 1;
-                        break;
-                    }
-                }
-            }
-            rest = &rest[end..];
+            rest = after_literal(rest);
             continue;
         }
         if c == '"' || c.is_ascii_lowercase() || c == '_' {
@@ -317,19 +320,7 @@ pub fn refs(expr: &str, out: &mut Refs) {
     let mut rest = expr;
     while let Some(c) = rest.chars().next() {
         if c == '\'' {
-            let mut chars = rest.char_indices().skip(1);
-            let mut end = rest.len();
-            while let Some((i, c)) = chars.next() {
-                if c == '\'' {
-                    if rest[i + 1..].starts_with('\'') {
-                        chars.next();
-                    } else {
-                        end = i + 1;
-                        break;
-                    }
-                }
-            }
-            rest = &rest[end..];
+            rest = after_literal(rest);
             continue;
         }
         if let Some(after) = rest.strip_prefix("::") {
