@@ -160,6 +160,13 @@ pub struct Primer {
     pub access: Option<Access>,
 }
 
+impl Primer {
+    /// The name of key parameter `i` (by index into the template's params), or `?` for none.
+    pub fn param_name(&self, i: usize) -> &str {
+        self.template.params.get(i).map_or("?", |p| p.name.as_str())
+    }
+}
+
 /// A typed parameter value of a key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ParamValue {

@@ -77,11 +77,7 @@ async fn explain_one(client: &Client, primer: &Primer, out: &mut String) {
                 let pairs: Vec<String> = columns
                     .iter()
                     .map(|(param, column)| {
-                        let name = completed
-                            .template
-                            .params
-                            .get(*param)
-                            .map_or("?", |p| p.name.as_str());
+                        let name = completed.param_name(*param);
                         format!("{column} → {name}")
                     })
                     .collect();

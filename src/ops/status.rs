@@ -216,11 +216,7 @@ impl Follows {
                     columns: pairs
                         .iter()
                         .map(|(i, c)| {
-                            let param = primer
-                                .template
-                                .params
-                                .get(*i)
-                                .map_or("?", |p| p.name.as_str());
+                            let param = primer.param_name(*i);
                             format!("{} → {param}", crate::primer::Ident(c))
                         })
                         .collect(),

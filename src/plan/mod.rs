@@ -1096,11 +1096,7 @@ impl Inferred {
                     .map(|m| {
                         m.iter()
                             .map(|(i, c)| {
-                                let name = primer
-                                    .template
-                                    .params
-                                    .get(*i)
-                                    .map_or("?", |p| p.name.as_str());
+                                let name = primer.param_name(*i);
                                 format!("{} → {name}", crate::primer::Ident(c))
                             })
                             .collect::<Vec<_>>()
@@ -1365,11 +1361,7 @@ pub fn contradictions(primer: &Primer, reads: &Reads) -> Vec<String> {
     let describe = |m: &[(usize, String)]| {
         m.iter()
             .map(|(i, c)| {
-                let name = primer
-                    .template
-                    .params
-                    .get(*i)
-                    .map_or("?", |p| p.name.as_str());
+                let name = primer.param_name(*i);
                 format!("{name}: {}", crate::primer::Ident(c))
             })
             .collect::<Vec<_>>()
