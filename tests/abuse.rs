@@ -115,13 +115,11 @@ async fn slow_and_idle_connections_are_closed_and_the_server_keeps_answering() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
-        .write(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "http:\n  bind: 127.0.0.1:0\n",
-        "http:\n  bind: 127.0.0.1:0\n  header_read_timeout: 1s\n  max_connections: 16\n",
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = crate::support::kck::ConfigYaml {
+        http_extra: "  header_read_timeout: 1s\n  max_connections: 16\n",
+        ..crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
+    }
+    .write(dir.path());
     let config = crate::support::kck::load(&path);
     assert_eq!(config.http.max_connections, 16);
     let running = start(config).await;
@@ -379,13 +377,11 @@ const SLOW_PRIMERS: &str = r#"
 async fn misses_past_the_global_limit_are_shed_with_retry_after() {
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, SLOW_PRIMERS)
-        .write(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "http:\n  bind: 127.0.0.1:0\n",
-        "http:\n  bind: 127.0.0.1:0\n  max_concurrent_misses: 1\n  miss_wait: 100ms\n",
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = crate::support::kck::ConfigYaml {
+        http_extra: "  max_concurrent_misses: 1\n  miss_wait: 100ms\n",
+        ..crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, SLOW_PRIMERS)
+    }
+    .write(dir.path());
     let running = start(crate::support::kck::load(&path)).await;
     let addr = running.http_addr;
     // Five distinct misses at once, each query taking a second, one slot.
@@ -433,13 +429,11 @@ async fn misses_past_the_global_limit_are_shed_with_retry_after() {
 async fn requests_for_hosts_not_allowed_are_refused() {
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
-        .write(dir.path());
-    let text = std::fs::read_to_string(&path).unwrap().replace(
-        "http:\n  bind: 127.0.0.1:0\n",
-        "http:\n  bind: 127.0.0.1:0\n  allowed_hosts: [localhost, KCK.internal:8080]\n",
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = crate::support::kck::ConfigYaml {
+        http_extra: "  allowed_hosts: [localhost, KCK.internal:8080]\n",
+        ..crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
+    }
+    .write(dir.path());
     let config = crate::support::kck::load(&path);
     assert_eq!(
         config.http.allowed_hosts,
@@ -561,20 +555,13 @@ async fn fetch_batch(addr: std::net::SocketAddr, keys: &[String]) -> serde_json:
 async fn absent_ids_leave_the_store_within_its_bound() {
     let db = database(SCHEMA).await;
     let dir = tempfile::tempdir().unwrap();
-    let path = crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
-        .write(dir.path());
     // 1,000 misses per request (the default budget is 100): this test is about the store's bound.
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace(
-            "  kind: embedded\n",
-            "  kind: embedded\n  max_entries: 500\n  max_bytes: 1MB\n",
-        )
-        .replace(
-            "  bind: 127.0.0.1:0\n",
-            "  bind: 127.0.0.1:0\n  max_batch_misses: 1000\n",
-        );
-    std::fs::write(&path, text).unwrap();
+    let path = crate::support::kck::ConfigYaml {
+        store_extra: "  max_entries: 500\n  max_bytes: 1MB\n",
+        http_extra: "  max_batch_misses: 1000\n",
+        ..crate::support::kck::ConfigYaml::new(&db.url, "kck_test", &db.name, PRIMERS)
+    }
+    .write(dir.path());
     let config = crate::support::kck::load(&path);
     let running = start(config).await;
     let addr = running.http_addr;

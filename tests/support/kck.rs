@@ -58,6 +58,10 @@ pub struct ConfigYaml<'a> {
     pub slot: &'a str,
     /// Lines inside `source:` (each indented by two spaces and ending in a newline).
     pub source_extra: &'a str,
+    /// Lines inside `store:` after `path:` (for example `  max_entries: 500\n`).
+    pub store_extra: &'a str,
+    /// Lines inside `http:` after `bind:` (for example `  max_connections: 16\n`).
+    pub http_extra: &'a str,
     pub workers: u32,
     /// Lines inside `refresh:` after `workers:`.
     pub refresh_extra: &'a str,
@@ -75,6 +79,8 @@ impl<'a> ConfigYaml<'a> {
             publication,
             slot,
             source_extra: "",
+            store_extra: "",
+            http_extra: "",
             workers: 2,
             refresh_extra: "",
             extra: "",
@@ -89,6 +95,8 @@ impl<'a> ConfigYaml<'a> {
             publication,
             slot,
             source_extra,
+            store_extra,
+            http_extra,
             workers,
             refresh_extra,
             extra,
@@ -96,8 +104,8 @@ impl<'a> ConfigYaml<'a> {
         } = self;
         let text = format!(
             "source:\n  url: \"{url}\"\n  publication: {publication}\n  slot: {slot}\n{source_extra}\
-             store:\n  kind: embedded\n  path: {store}\n\
-             http:\n  bind: 127.0.0.1:0\n\
+             store:\n  kind: embedded\n  path: {store}\n{store_extra}\
+             http:\n  bind: 127.0.0.1:0\n{http_extra}\
              refresh:\n  workers: {workers}\n{refresh_extra}\n\
              {extra}\n\
              primers:\n{primers}\n",
